@@ -1,0 +1,327 @@
+"""Read a PEFT LoRA adapter directory exactly as PEFT wrote it.
+
+An adapter is adapter_config.json plus adapter_model.safetensors (or a pickle .bin, read
+weights-only). This module turns them into plain data: one `LoraModule` per adapted layer
+with its factors, rank, alpha and scaling resolved the way PEFT resolves them, plus the
+whole tensors that replace base tensors (modules_to_save, trained biases). No model is
+built and nothing is merged here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import AdapterError, NonFiniteError
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+SAVED_PREFIX = "base_model.model."
+
+# Initialisations that rewrite the base weights during training: the adapter is only
+# correct on that rewritten base, which the user's base checkpoint is not.
+BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
+# Config fields that turn on behaviour a plain additive merge cannot represent.
+UNMERGEABLE_FIELDS = {
+    "layer_replication": "layer_replication duplicates base layers",
+    "target_parameters": "target_parameters adapts raw nn.Parameters (MoE experts)",
+    "alora_invocation_tokens": "activated LoRA applies only after invocation tokens and cannot be merged",
+    "trainable_token_indices": "trainable_token_indices (trainable tokens) is not supported yet",
+    "use_qalora": "QA-LoRA adapters target quantized bases",
+    "arrow_config": "Arrow routing mixes several adapters per token",
+    "monteclora_config": "MonteCLoRA samples its weights",
+    "use_bdlora": "block-diagonal LoRA is not supported yet",
+    "lora_ga_config": "LoRA-GA initialisation rewrites the base weights",
+    "velora_config": "VeLoRA is not supported yet",
+    "kasa_config": "KaSA is not supported yet",
+}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The fields of a PEFT LoraConfig that decide the merged weights."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
+    bias: str = "none"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_modules: object = None
+    modules_to_save: tuple[str, ...] = ()
+    base_model_name_or_path: str | None = None
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def rank_for(self, module: str) -> int:
+        key = pattern_key(self.rank_pattern, module)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module: str) -> float:
+        key = pattern_key(self.alpha_pattern, module)
+        return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
+
+    def scaling_for(self, module: str) -> float:
+        r, alpha = self.rank_for(module), self.alpha_for(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """The first pattern key matching module, with PEFT's rule: the key, regex-matched
+    against the end of the module path at a dot boundary."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: factors and the resolved scaling.
+
+    `name` is the module path inside the model PEFT wrapped (e.g.
+    "model.layers.0.self_attn.q_proj"). For embeddings `a` is [r, num_embeddings] and
+    `b` is [embedding_dim, r], as PEFT stores them.
+    """
+
+    name: str
+    a: torch.Tensor
+    b: torch.Tensor
+    r: int
+    alpha: float
+    scaling: float
+    embedding: bool = False
+    bias: torch.Tensor | None = None  # lora_B.bias, when trained with lora_bias
+    magnitude: torch.Tensor | None = None  # DoRA's m, one per output feature
+
+    @property
+    def variant(self) -> str:
+        return "dora" if self.magnitude is not None else "lora"
+
+    def num_parameters(self) -> int:
+        extra = [t.numel() for t in (self.bias, self.magnitude) if t is not None]
+        return self.a.numel() + self.b.numel() + sum(extra)
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: AdapterConfig
+    modules: dict[str, LoraModule]
+    # Whole tensors that replace base tensors, by name inside the model
+    # (modules_to_save, and biases trained with bias="all" / "lora_only").
+    replacements: dict[str, torch.Tensor]
+    files: list[Path]
+
+    def num_parameters(self) -> int:
+        return sum(m.num_parameters() for m in self.modules.values()) + sum(
+            t.numel() for t in self.replacements.values()
+        )
+
+    @property
+    def variant(self) -> str:
+        """A short description such as "lora", "rslora+dora", "lora+bias"."""
+        parts = ["rslora" if self.config.use_rslora else "lora"]
+        if self.config.use_dora:
+            parts.append("dora")
+        if self.config.lora_bias:
+            parts.append("lora_bias")
+        if self.config.rank_pattern or self.config.alpha_pattern:
+            parts.append("patterns")
+        if any(m.embedding for m in self.modules.values()):
+            parts.append("embedding")
+        if self.replacements:
+            parts.append("modules_to_save")
+        return "+".join(parts)
+
+
+def load_adapter(path: str | os.PathLike) -> Adapter:
+    """Read and validate an adapter directory. Raises AdapterError on anything unusable."""
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterError(f"{root}: adapter directory not found")
+    config = read_config(root)
+    tensors, files = read_tensors(root)
+    modules, replacements = group_tensors(tensors, config, root)
+    check_finite(modules, replacements, root)
+    return Adapter(root, config, modules, replacements, files)
+
+
+def read_config(root: Path) -> AdapterConfig:
+    path = root / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{root}: no {CONFIG_FILE} (is this a PEFT adapter directory?)") from None
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path}: not a JSON object")
+    refuse_unsupported(raw, path)
+    try:
+        return AdapterConfig(
+            r=int(raw.get("r", 8)),
+            lora_alpha=float(raw.get("lora_alpha", 8)),
+            use_rslora=bool(raw.get("use_rslora", False)),
+            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+            use_dora=bool(raw.get("use_dora", False)),
+            lora_bias=bool(raw.get("lora_bias", False)),
+            bias=str(raw.get("bias", "none")),
+            rank_pattern=dict(raw.get("rank_pattern") or {}),
+            alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            target_modules=raw.get("target_modules"),
+            modules_to_save=tuple(raw.get("modules_to_save") or ()),
+            base_model_name_or_path=raw.get("base_model_name_or_path"),
+            raw=raw,
+        )
+    except (TypeError, ValueError) as exc:
+        raise AdapterError(f"{path}: malformed LoRA config ({exc})") from None
+
+
+def refuse_unsupported(raw: dict, path: Path) -> None:
+    peft_type = str(raw.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{path}: adapter type {peft_type} is not LoRA; lora-deploy handles LoRA adapters only")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
+        raise AdapterError(
+            f"{path}: init_lora_weights={init!r} rewrote the base weights during training; "
+            "this adapter is only valid on that rewritten base (convert it to a plain LoRA first)"
+        )
+    if raw.get("loftq_config"):
+        raise AdapterError(f"{path}: LoftQ adapters are only valid on their LoftQ-initialised base")
+    for key, why in UNMERGEABLE_FIELDS.items():
+        if raw.get(key):
+            raise AdapterError(f"{path}: unsupported adapter: {why}")
+    if int(raw.get("r", 8)) <= 0:
+        raise AdapterError(f"{path}: r must be positive")
+
+
+def read_tensors(root: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    st_path, bin_path = root / SAFETENSORS_FILE, root / PICKLE_FILE
+    if st_path.is_file():
+        return read_safetensors(st_path), [root / CONFIG_FILE, st_path]
+    if bin_path.is_file():
+        return read_pickle_weights_only(bin_path), [root / CONFIG_FILE, bin_path]
+    raise AdapterError(f"{root}: no {SAFETENSORS_FILE} (or {PICKLE_FILE})")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .checkpoint import read_header
+    from .errors import CheckpointError
+
+    try:
+        read_header(path)  # validates header and byte ranges, so truncation is named clearly
+        return load_file(str(path))
+    except CheckpointError as exc:
+        raise AdapterError(str(exc)) from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{path}: corrupt safetensors file ({exc})") from None
+
+
+def read_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    """Load a .bin adapter without executing pickled code: only tensors are allowed."""
+    import pickle
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AdapterError(
+            f"{path}: refused to load pickle: it holds more than plain tensors or is corrupt ({reason[:120]})"
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise AdapterError(f"{path}: not a mapping of tensor names to tensors")
+    return data
+
+
+# Suffixes PEFT writes for each part of a LoRA layer (adapter name already stripped).
+PARTS = {
+    ".lora_A.weight": "a",
+    ".lora_B.weight": "b",
+    ".lora_B.bias": "bias",
+    ".lora_embedding_A": "a_emb",
+    ".lora_embedding_B": "b_emb",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+}
+
+
+def group_tensors(
+    tensors: dict[str, torch.Tensor], config: AdapterConfig, root: Path
+) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key[len(SAVED_PREFIX):] if key.startswith(SAVED_PREFIX) else key
+        module, part = split_part(name)
+        if part is not None:
+            parts.setdefault(module, {})[part] = tensor
+        elif ".lora_" in name or name.startswith("lora_"):
+            raise AdapterError(f"{root}: unrecognised LoRA tensor {key!r}")
+        else:
+            # modules_to_save copies and saved base embeddings carry a wrapper segment.
+            base_name = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
+            replacements[base_name] = tensor
+    if not parts:
+        raise AdapterError(f"{root}: the adapter contains no LoRA weights")
+    modules = {name: build_module(name, p, config, root) for name, p in parts.items()}
+    return modules, replacements
+
+
+def split_part(name: str) -> tuple[str, str | None]:
+    for suffix, part in PARTS.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], part
+    return name, None
+
+
+def build_module(name: str, parts: dict[str, torch.Tensor], config: AdapterConfig, root: Path) -> LoraModule:
+    embedding = "a_emb" in parts or "b_emb" in parts
+    a = parts.get("a_emb" if embedding else "a")
+    b = parts.get("b_emb" if embedding else "b")
+    if a is None or b is None:
+        raise AdapterError(f"{root}: module {name} has only one of its two LoRA factors")
+    r = config.rank_for(name)
+    if a.shape[0] != r or b.shape[1] != r:
+        raise AdapterError(
+            f"{root}: module {name} has rank {a.shape[0]} (A) / {b.shape[1]} (B) but the config says r={r}"
+        )
+    magnitude = parts.get("magnitude")
+    if magnitude is not None and not config.use_dora:
+        raise AdapterError(f"{root}: module {name} has a DoRA magnitude but use_dora is false")
+    if magnitude is None and config.use_dora:
+        raise AdapterError(f"{root}: use_dora is set but module {name} has no magnitude vector")
+    return LoraModule(
+        name=name,
+        a=a,
+        b=b,
+        r=r,
+        alpha=config.alpha_for(name),
+        scaling=config.scaling_for(name),
+        embedding=embedding,
+        bias=parts.get("bias"),
+        magnitude=magnitude,
+    )
+
+
+def check_finite(modules: dict[str, LoraModule], replacements: dict[str, torch.Tensor], root: Path) -> None:
+    for m in modules.values():
+        for label, t in (("lora_A", m.a), ("lora_B", m.b), ("lora_B.bias", m.bias), ("magnitude", m.magnitude)):
+            if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteError(f"{root}: NaN or Inf in {m.name}.{label}")
+    for name, t in replacements.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"{root}: NaN or Inf in {name}")

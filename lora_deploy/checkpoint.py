@@ -1,0 +1,356 @@
+"""Lazy, sharded access to a Hugging Face safetensors checkpoint, and a streaming writer.
+
+The reader parses only the safetensors headers up front; tensor data is read on demand
+from one shard at a time, so a 70B checkpoint costs a few kilobytes
+until a tensor is asked for. The writer knows every output tensor's dtype and shape
+before it starts (the merge plans them), so it writes each shard's header first and then
+streams tensor bytes straight to disk: peak memory is one tensor, not one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Header sizes beyond this are not a real checkpoint; refuse before allocating.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype names <-> torch dtypes (the subset checkpoints use).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard, dtype, shape and absolute byte range."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors file's header; returns tensors and metadata."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header")
+            header = json.loads(f.read(header_len))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(path, name, entry, data_start, size)
+    return tensors, metadata
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{path}: corrupt header entry for {name!r}") from None
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    if end - begin != expected or begin < 0:
+        raise CheckpointError(f"{path}: tensor {name!r} has a byte range that does not match its shape")
+    if data_start + end > size:
+        raise CheckpointError(f"{path}: truncated (tensor {name!r} runs past the end of the file)")
+    return TensorInfo(name, path, dtype, shape, data_start + begin, data_start + end)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in index order."""
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a directory")
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
+        names = list(dict.fromkeys(weight_map.values()))
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{model_dir}: shard {missing[0]} named in the index is missing")
+        return [model_dir / n for n in names]
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise CheckpointError(
+            f"{model_dir}: only pickle weights found; lora-deploy reads safetensors checkpoints "
+            "(convert with transformers' save_pretrained(safe_serialization=True))"
+        )
+    raise CheckpointError(f"{model_dir}: no model.safetensors or {INDEX_FILE}")
+
+
+class Checkpoint:
+    """A lazy index over a checkpoint's tensors; keeps at most one shard open."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.dir = Path(model_dir)
+        self.files = weight_files(self.dir)
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in self.files:
+            tensors, _ = read_header(path)
+            for name, info in tensors.items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{self.dir}: tensor {name!r} appears in two shards")
+                self.tensors[name] = info
+        self._open_file: tuple[Path, int] | None = None  # one shard open at a time
+
+    @property
+    def config(self) -> dict:
+        path = self.dir / "config.json"
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise CheckpointError(f"{path}: not valid JSON") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, as a torch tensor that owns a private copy of its bytes."""
+        info = self.tensors[name]
+        data = bytearray(self.read_bytes(info))
+        if not data:
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        return torch.frombuffer(data, dtype=info.torch_dtype).reshape(info.shape)
+
+    def read_bytes(self, info: TensorInfo) -> bytes:
+        # pread rather than mmap: mapped pages of a multi-GB shard would count towards
+        # this process's resident memory, while the page cache does not.
+        fd = self._open(info.file)
+        data = os.pread(fd, info.nbytes, info.start)
+        if len(data) != info.nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading {info.name}")
+        return data
+
+    def _open(self, path: Path) -> int:
+        if self._open_file is None or self._open_file[0] != path:
+            self.close()
+            try:
+                self._open_file = (path, os.open(path, os.O_RDONLY))
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
+        return self._open_file[1]
+
+    def close(self) -> None:
+        if self._open_file is not None:
+            os.close(self._open_file[1])
+            self._open_file = None
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '200KiB' -> 204_800 (the units transformers accepts)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper().replace(" ", "")
+    digits = s.rstrip("KMGTIB")
+    unit = s[len(digits):]
+    try:
+        value = float(digits)
+    except ValueError:
+        raise CheckpointError(f"cannot parse size {text!r} (use e.g. 5GB, 500MB, 200KiB)") from None
+    if unit not in units or value <= 0:
+        raise CheckpointError(f"cannot parse size {text!r} (use e.g. 5GB, 500MB, 200KiB)")
+    return int(value * units[unit])
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor the writer will emit: its name, dtype, shape and how to produce its bytes.
+
+    `produce` writes the tensor's bytes to an open binary file; it is called exactly once.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[["BinaryFile"], None]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+
+
+class BinaryFile:
+    """A write-only file that hashes what passes through it (for the manifest)."""
+
+    def __init__(self, path: Path):
+        import hashlib
+
+        self.path = path
+        self._f = open(path, "wb")
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._sha.update(data)
+        self._f.write(data)
+        self.size += len(data)
+
+    def close(self) -> str:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._sha.hexdigest()
+
+
+def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
+    """Group tensors into shards in order, starting a new shard when one would overflow."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards if shards[0] else []
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_checkpoint(
+    out_dir: Path,
+    tensors: list[OutputTensor],
+    max_shard_size: int,
+    on_tensor: Callable[[OutputTensor], None] | None = None,
+) -> dict[str, str]:
+    """Write tensors as safetensors shards (+ index when sharded); returns {file: sha256}."""
+    shards = plan_shards(tensors, max_shard_size)
+    names = shard_names(len(shards))
+    hashes = {}
+    for name, shard in zip(names, shards):
+        hashes[name] = _write_shard(out_dir / name, shard, on_tensor)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": {t.name: n for n, shard in zip(names, shards) for t in shard},
+        }
+        path = out_dir / INDEX_FILE
+        path.write_text(json.dumps(index, indent=2) + "\n")
+        hashes[INDEX_FILE] = file_sha256(path)
+    return hashes
+
+
+def _write_shard(path: Path, shard: list[OutputTensor], on_tensor) -> str:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in shard:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns tensor data to 8 bytes
+    out = BinaryFile(path)
+    try:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for t in shard:
+            before = out.size
+            t.produce(out)
+            if out.size - before != t.nbytes:
+                raise CheckpointError(f"internal error: {t.name} wrote {out.size - before} bytes, expected {t.nbytes}")
+            if on_tensor:
+                on_tensor(t)
+    finally:
+        digest = out.close()
+    return digest
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a CPU tensor (bfloat16 and float8 included)."""
+    t = tensor.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def copy_range(src: Path, start: int, end: int, out: BinaryFile, chunk: int = 16 * 1024 * 1024) -> None:
+    """Copy bytes [start, end) of src to out in chunks (hashing them on the way)."""
+    with open(src, "rb") as f:
+        f.seek(start)
+        remaining = end - start
+        while remaining:
+            data = f.read(min(chunk, remaining))
+            if not data:
+                raise CheckpointError(f"{src}: truncated while copying")
+            out.write(data)
+            remaining -= len(data)
+
+
+def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    import hashlib
+
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+

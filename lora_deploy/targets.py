@@ -1,0 +1,206 @@
+"""Match an adapter's modules to the base checkpoint's tensors.
+
+PEFT names modules inside the model it wrapped (say LlamaForCausalLM: "model.layers.0...")
+while the base checkpoint may be a bare backbone ("layers.0...") or the other way round.
+Like transformers, we accept a base-model prefix on either side, pick the one mapping that
+places every module, and fail loudly when none does.
+
+Which layers store their weight transposed (GPT-2's Conv1D) and which weights are tied is
+read from the architecture itself, built on the meta device (no memory, no weights), when
+transformers knows it; otherwise from shapes and the adapter config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .adapter import Adapter, LoraModule
+from .checkpoint import Checkpoint
+from .delta import expected_shapes
+from .errors import AdapterError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    """Where one LoRA module lands in the base checkpoint."""
+
+    module: LoraModule
+    weight_key: str
+    kind: str  # see delta.KINDS
+    bias_key: str | None = None  # set when the module carries a lora_B bias
+    delta_norm: float | None = None  # ||W - W0||, filled in by the merge for the manifest
+
+
+@dataclass
+class Layout:
+    """What the architecture says beyond tensor shapes."""
+
+    transposed: set[str] = field(default_factory=set)  # module names of Conv1D-style layers
+    tied: dict[str, str] = field(default_factory=dict)  # tied weight key -> source key
+    known: bool = False  # False when the architecture could not be built
+
+
+@dataclass
+class MergePlan:
+    targets: dict[str, Target]  # by weight key
+    replacements: dict[str, torch.Tensor]  # by base key
+    untie: dict[str, str]  # weight key to write explicitly -> base key it was tied to
+    rename: Callable[[str], str]
+    layout: Layout
+
+
+def read_layout(config: dict) -> Layout:
+    """Build the architecture on the meta device to learn Conv1D layers and tied weights."""
+    archs = config.get("architectures") or []
+    if not archs or "model_type" not in config:
+        return Layout()
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+
+        cls = getattr(transformers, archs[0])
+        hf_config = transformers.AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = cls(hf_config)
+    except Exception as exc:  # any failure just means "unknown architecture": fall back to shapes
+        log.debug("cannot build %s on the meta device: %s", archs, exc)
+        return Layout()
+    transposed = {name for name, mod in model.named_modules() if isinstance(mod, Conv1D)}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {})
+    if not isinstance(tied, dict) or not getattr(hf_config, "tie_word_embeddings", True):
+        tied = {}
+    return Layout(transposed=transposed, tied={str(k): str(v) for k, v in tied.items()}, known=True)
+
+
+def candidate_renames(module_names: list[str], base_keys: list[str]) -> list[tuple[str, Callable[[str], str]]]:
+    """Ways to turn an adapter module path into a base module path, most literal first."""
+    renames: list[tuple[str, Callable[[str], str]]] = [("as is", lambda n: n)]
+    firsts = {n.split(".", 1)[0] for n in module_names}
+    if len(firsts) == 1:
+        head = firsts.pop()
+        renames.append((f"strip '{head}.'", lambda n, h=head: n[len(h) + 1:] if n.startswith(h + ".") else n))
+    for prefix in sorted({k.split(".", 1)[0] for k in base_keys if "." in k}):
+        renames.append((f"add '{prefix}.'", lambda n, p=prefix: f"{p}.{n}"))
+    return renames
+
+
+def choose_rename(adapter: Adapter, base: Checkpoint) -> Callable[[str], str]:
+    modules = list(adapter.modules)
+    base_keys = base.names()
+    best, best_hits = None, -1
+    for _label, rename in candidate_renames(modules, base_keys):
+        hits = sum(f"{rename(m)}.weight" in base for m in modules)
+        if hits > best_hits:
+            best, best_hits = rename, hits
+        if hits == len(modules):
+            return rename
+    missing = next(m for m in modules if f"{best(m)}.weight" not in base)
+    raise AdapterError(
+        f"adapter module {missing!r} has no weight in the base checkpoint "
+        f"({best_hits}/{len(modules)} modules found): is this adapter for another base model?"
+    )
+
+
+def layer_kind(module: LoraModule, key: str, shape: tuple[int, ...], layout: Layout, fan_in_fan_out: bool) -> str:
+    if module.embedding:
+        return "embedding"
+    if len(shape) > 2:
+        return "conv"
+    out_f, in_f = module.b.shape[0], module.a.shape[1]
+    if shape == (out_f, in_f) and shape != (in_f, out_f):
+        return "linear"
+    if shape == (in_f, out_f) and shape != (out_f, in_f):
+        return "transposed"
+    # Square (or mismatched) weights: the architecture decides, else the adapter config.
+    module_name = key.rsplit(".", 1)[0]
+    if layout.known:
+        return "transposed" if module_name in layout.transposed else "linear"
+    return "transposed" if fan_in_fan_out else "linear"
+
+
+def plan_merge(adapter: Adapter, base: Checkpoint) -> MergePlan:
+    """Resolve every module and replacement to base keys; raise on anything that doesn't fit."""
+    config = base.config
+    layout = read_layout(config) if needs_layout(adapter, base, config) else Layout()
+    rename = choose_rename(adapter, base)
+    targets = {}
+    for name, module in adapter.modules.items():
+        target = resolve_target(module, rename(name), base, layout, adapter.config.fan_in_fan_out)
+        targets[target.weight_key] = target
+    replacements = resolve_replacements(adapter, base, rename)
+    untie = tied_to_write(targets, replacements, layout, base)
+    return MergePlan(targets, replacements, untie, rename, layout)
+
+
+def needs_layout(adapter: Adapter, base: Checkpoint, config: dict) -> bool:
+    """Building the architecture costs seconds of imports: do it only when shapes can't decide.
+
+    PEFT saves fan_in_fan_out=True whenever it met a Conv1D layer, so with it false every
+    square weight is an ordinary Linear. Tied weights matter only when an embedding changes.
+    """
+    ambiguous = adapter.config.fan_in_fan_out and any(
+        m.a.shape[1] == m.b.shape[0] and not m.embedding for m in adapter.modules.values()
+    )
+    touches_embeddings = any(m.embedding for m in adapter.modules.values()) or bool(adapter.replacements)
+    return ambiguous or (touches_embeddings and config.get("tie_word_embeddings", True) is not False)
+
+
+def resolve_target(module: LoraModule, base_name: str, base: Checkpoint, layout: Layout, fan_in_fan_out: bool) -> Target:
+    key = f"{base_name}.weight"
+    shape = base.tensors[key].shape
+    kind = layer_kind(module, key, shape, layout, fan_in_fan_out)
+    if shape not in expected_shapes(module, kind):
+        raise AdapterError(
+            f"adapter module {module.name!r} does not fit the base: weight {key} is {list(shape)}, "
+            f"LoRA factors A {list(module.a.shape)} and B {list(module.b.shape)}"
+        )
+    if module.magnitude is not None and module.magnitude.numel() != (shape[1] if kind in ("transposed", "embedding") else shape[0]):
+        raise AdapterError(f"adapter module {module.name!r}: DoRA magnitude has the wrong length for {key}")
+    bias_key = None
+    if module.bias is not None:
+        bias_key = f"{base_name}.bias"
+        if bias_key not in base:
+            raise AdapterError(f"adapter module {module.name!r} has a lora_B bias but base layer {base_name} has no bias")
+        if tuple(base.tensors[bias_key].shape) != tuple(module.bias.shape):
+            raise AdapterError(f"adapter module {module.name!r}: lora_B bias shape does not match {bias_key}")
+    return Target(module, key, kind, bias_key)
+
+
+def resolve_replacements(adapter: Adapter, base: Checkpoint, rename: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in adapter.replacements.items():
+        key = next((k for k in (rename(name), name) if k in base), None)
+        if key is None:
+            raise AdapterError(
+                f"adapter tensor {name!r} (modules_to_save or trained bias) has no counterpart in the base "
+                "checkpoint: save the base with the same task head the adapter was trained on"
+            )
+        if tuple(base.tensors[key].shape) != tuple(tensor.shape):
+            raise AdapterError(
+                f"adapter tensor {name!r} is {list(tensor.shape)} but base {key} is {list(base.tensors[key].shape)}"
+            )
+        out[key] = tensor
+    return out
+
+
+def tied_to_write(targets: dict[str, Target], replacements: dict, layout: Layout, base: Checkpoint) -> dict[str, str]:
+    """Tied weights that must be written out untied so the merged model stays exact.
+
+    Unmerged, an embedding LoRA changes only the lookup; the tied output projection keeps
+    W0. Merging into the shared tensor would silently change the output layer too (as
+    PEFT's merge_and_unload does), so we store the output weight as W0 and untie.
+    """
+    untie = {}
+    changed = set(targets) | set(replacements)
+    for tied_key, source_key in layout.tied.items():
+        if source_key in changed and tied_key not in base and source_key in base:
+            untie[tied_key] = source_key
+        if tied_key in targets and tied_key not in base:
+            raise AdapterError(f"{tied_key} is tied to {source_key} and not stored; cannot merge a LoRA into it")
+    return untie
