@@ -1,0 +1,314 @@
+"""Statistics for `lora-deploy bench`: robust summaries, bootstrap CIs, gates.
+
+Pure functions, no I/O. Latency on shared machines is noisy and skewed, so
+every decision here is made on medians with a bootstrap confidence interval,
+and a gate only fails when the data *prove* the slowdown: the whole interval
+sits above the allowed limit. Noise widens the interval and so can never fail
+a gate on its own; it can only make the result inconclusive.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from lora_deploy.errors import BadInputError, LoraDeployError
+
+# Resample matrices are built in chunks of about this many elements so that
+# 10k resamples of a long sample list do not allocate gigabytes at once.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+class GateFailed(LoraDeployError):
+    """A latency gate ran and found a real overhead or regression."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Outcome of one gate: a verdict, a sentence, and the numbers behind it.
+
+    `median`, `low` and `high` are the ratio (candidate / reference, or
+    current / baseline) and its confidence interval; `limit` is 1 + the
+    allowed overhead. `gate` is "overhead" or "regression"; `subject` names
+    what was compared, e.g. "8x128/merged".
+    """
+
+    passed: bool
+    message: str
+    gate: str = ""
+    subject: str = ""
+    median: float = math.nan
+    low: float = math.nan
+    high: float = math.nan
+    limit: float = math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the JSON report; NaN (unset numbers) becomes null."""
+        return {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GateResult:
+        """Inverse of `to_dict`; unknown keys are ignored, null numbers become NaN."""
+        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        for name in ("median", "low", "high", "limit"):
+            if known.get(name) is None:
+                known.pop(name, None)
+        return cls(**known)
+
+
+def _as_samples(values: Sequence[float] | np.ndarray, what: str = "samples") -> np.ndarray:
+    """1-D float array of finite values, or BadInputError."""
+    arr = np.asarray(values, dtype=float)
+    if arr.ndim != 1 or arr.size == 0:
+        raise BadInputError(f"{what}: need a non-empty list of numbers, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise BadInputError(f"{what}: contains NaN or Inf")
+    return arr
+
+
+def percentiles(samples: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """p50, p90, p99, mean and min of `samples`, in the samples' own unit."""
+    arr = _as_samples(samples)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "mean": float(arr.mean()),
+        "min": float(arr.min()),
+    }
+
+
+def paired_ratios(reference: Sequence[float], candidate: Sequence[float]) -> np.ndarray:
+    """Per-round candidate / reference.
+
+    Rounds are measured back to back (see `timing.measure_interleaved`), so a
+    slow moment on the machine hits both members of a pair; dividing within
+    the round cancels it, which is why ratios are paired and not pooled.
+    """
+    ref = _as_samples(reference, "reference")
+    cand = _as_samples(candidate, "candidate")
+    if ref.shape != cand.shape:
+        raise BadInputError(
+            f"paired ratios need the same number of rounds: reference has {ref.size}, "
+            f"candidate has {cand.size}"
+        )
+    if np.any(ref <= 0):
+        raise BadInputError("reference: timings must be positive to form ratios")
+    return cand / ref
+
+
+def _check_ci_args(confidence: float, resamples: int) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise BadInputError(f"confidence must be between 0 and 1, got {confidence}")
+    if resamples < 1:
+        raise BadInputError(f"resamples must be at least 1, got {resamples}")
+
+
+def _bootstrap_medians(
+    arr: np.ndarray, resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`resamples` medians of `arr` resampled with replacement."""
+    n = arr.size
+    rows = max(1, _CHUNK_ELEMENTS // n)
+    out = np.empty(resamples)
+    for start in range(0, resamples, rows):
+        stop = min(resamples, start + rows)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        out[start:stop] = np.median(arr[idx], axis=1)
+    return out
+
+
+def _interval(
+    point: float, boot: np.ndarray, confidence: float
+) -> tuple[float, float, float]:
+    """Percentile interval of `boot` around `point`."""
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(boot, [tail, 100.0 - tail])
+    # Monte Carlo error can leave the point estimate a hair outside the
+    # interval on tiny samples; widening (never narrowing) keeps reports
+    # coherent and only makes the gates more cautious about failing.
+    return point, float(min(low, point)), float(max(high, point))
+
+
+def bootstrap_median_ci(
+    values: Sequence[float] | np.ndarray,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(median, low, high): percentile-bootstrap CI of the median of `values`.
+
+    Deterministic for a given seed, so a report can be recomputed exactly.
+    """
+    arr = _as_samples(values, "values")
+    _check_ci_args(confidence, resamples)
+    rng = np.random.default_rng(seed)
+    boot = _bootstrap_medians(arr, resamples, rng)
+    return _interval(float(np.median(arr)), boot, confidence)
+
+
+def bootstrap_ratio_of_medians_ci(
+    current: Sequence[float] | np.ndarray,
+    baseline: Sequence[float] | np.ndarray,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(ratio, low, high) for median(current) / median(baseline).
+
+    The two runs are independent (different processes, maybe different
+    days), so there is no pairing: each sample set is resampled on its own.
+    """
+    cur = _as_samples(current, "current")
+    base = _as_samples(baseline, "baseline")
+    _check_ci_args(confidence, resamples)
+    if np.any(base <= 0):
+        raise BadInputError("baseline: timings must be positive to form ratios")
+    rng = np.random.default_rng(seed)
+    boot_cur = _bootstrap_medians(cur, resamples, rng)
+    boot_base = _bootstrap_medians(base, resamples, rng)
+    point = float(np.median(cur) / np.median(base))
+    return _interval(point, boot_cur / boot_base, confidence)
+
+
+def _check_limit(value: float, name: str) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise BadInputError(f"{name} must be a finite fraction >= 0, got {value}")
+    return value
+
+
+def _label(subject: str) -> str:
+    return f"{subject}: " if subject else ""
+
+
+def _pct(ratio: float) -> str:
+    """1.034 -> '+3.4%'."""
+    return f"{(ratio - 1.0) * 100:+.1f}%"
+
+
+def _ratio_gate(
+    gate: str,
+    ratio_ci: Sequence[float],
+    max_fraction: float,
+    subject: str,
+    confidence: float,
+    noun: str,
+) -> GateResult:
+    """Shared verdict logic for the overhead and regression gates."""
+    median, low, high = (float(x) for x in ratio_ci)
+    if not all(math.isfinite(x) for x in (median, low, high)) or not low <= median <= high:
+        raise BadInputError(f"ratio CI must be finite with low <= median <= high, got {ratio_ci}")
+    limit = 1.0 + max_fraction
+    ci = f"{confidence:.0%} CI {low:.3f}-{high:.3f}"
+    head = f"{_label(subject)}{noun} {_pct(median)} (ratio {median:.3f}, {ci})"
+    allowed = f"allowed {max_fraction:.1%}"
+    if low > limit:
+        passed = False
+        msg = f"{head}: FAIL, the whole interval is above the {allowed}."
+    elif high > limit:
+        passed = True
+        msg = (
+            f"{head}: pass, but inconclusive: the interval reaches past the {allowed}; "
+            f"more rounds or a quieter machine would settle it."
+        )
+    else:
+        passed = True
+        msg = f"{head}: pass, within the {allowed}."
+    return GateResult(passed, msg, gate, subject, median, low, high, limit)
+
+
+def overhead_gate(
+    ratio_ci: Sequence[float],
+    max_overhead: float,
+    *,
+    subject: str = "",
+    confidence: float = 0.95,
+) -> GateResult:
+    """Gate on candidate / reference latency.
+
+    `ratio_ci` is (median, low, high) from `bootstrap_median_ci` of the paired
+    ratios. Fails only when the lower bound exceeds 1 + max_overhead, i.e. the
+    overhead is both real and above the threshold; `confidence` is only used
+    to word the message.
+    """
+    max_overhead = _check_limit(max_overhead, "max overhead")
+    return _ratio_gate("overhead", ratio_ci, max_overhead, subject, confidence, "overhead")
+
+
+def _entry_samples(entry: Mapping[str, Any] | Sequence[float], what: str) -> np.ndarray:
+    """Samples (seconds) from a report variant entry or a bare list."""
+    if isinstance(entry, Mapping):
+        if "samples_s" not in entry:
+            raise BadInputError(f"{what}: report entry has no 'samples_s'")
+        entry = entry["samples_s"]
+    return _as_samples(entry, what)
+
+
+def regression_gate(
+    current_report_entry: Mapping[str, Any] | Sequence[float],
+    baseline_entry: Mapping[str, Any] | Sequence[float],
+    max_regression: float,
+    *,
+    subject: str = "",
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> GateResult:
+    """Gate this run against an earlier one for the same shape and variant.
+
+    Entries are report variant entries (with 'samples_s') or bare sample
+    lists. Fails only when the bootstrap CI of median(current) /
+    median(baseline) lies wholly above 1 + max_regression.
+    """
+    max_regression = _check_limit(max_regression, "max regression")
+    cur = _entry_samples(current_report_entry, "current")
+    base = _entry_samples(baseline_entry, "baseline")
+    ci = bootstrap_ratio_of_medians_ci(
+        cur, base, confidence=confidence, resamples=resamples, seed=seed
+    )
+    return _ratio_gate("regression", ci, max_regression, subject, confidence, "regression")
+
+
+def enforce_gates(gates: Sequence[GateResult | Mapping[str, Any]]) -> None:
+    """Raise GateFailed (exit 1) naming every failed gate; return if all passed."""
+    results = [g if isinstance(g, GateResult) else GateResult.from_dict(g) for g in gates]
+    failed = [g.message for g in results if not g.passed]
+    if failed:
+        raise GateFailed(f"{len(failed)} latency gate(s) failed: " + " | ".join(failed))
+
+
+_PERCENT_RE = re.compile(r"^\s*([+]?\d+(?:\.\d*)?|[+]?\.\d+)\s*(%?)\s*$")
+
+
+def parse_percent(text: str | float) -> float:
+    """'2%' -> 0.02, '2 %' -> 0.02, '0.02' -> 0.02.
+
+    A bare number is a fraction and must be at most 1: '2' is almost always
+    a forgotten '%', and silently allowing 200% would disable the gate.
+    """
+    raw = str(text)
+    match = _PERCENT_RE.match(raw)
+    if not match:
+        raise BadInputError(f"not a percentage: {raw!r} (use e.g. '2%' or '0.02')")
+    number, percent = float(match.group(1)), match.group(2)
+    if percent:
+        if number > 100:
+            raise BadInputError(f"percentage above 100%: {raw!r}")
+        return number / 100.0
+    if number > 1:
+        raise BadInputError(f"fraction above 1: {raw!r}; did you mean '{match.group(1)}%'?")
+    return number
