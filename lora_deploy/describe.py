@@ -1,0 +1,53 @@
+"""`inspect`: what an adapter contains, and what it costs relative to its base."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .adapter import load_adapter
+from .checkpoint import Checkpoint
+from .targets import plan_merge
+
+
+def describe_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict:
+    """A JSON-ready summary: variant, targets, per-module r/alpha/scaling, parameter counts.
+
+    With a base, every module is also resolved against the checkpoint (so a mismatched
+    adapter fails here, before any merge) and the trainable fraction is reported.
+    """
+    adapter = load_adapter(adapter_dir)
+    cfg = adapter.config
+    info = {
+        "adapter": str(Path(adapter_dir)),
+        "variant": adapter.variant,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "lora_bias": cfg.lora_bias,
+        "target_modules": cfg.target_modules,
+        "modules_to_save": list(cfg.modules_to_save),
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "modules": [
+            {"module": m.name, "r": m.r, "alpha": m.alpha, "scaling": m.scaling,
+             "variant": m.variant, "embedding": m.embedding, "parameters": m.num_parameters()}
+            for m in adapter.modules.values()
+        ],
+        "replaced_tensors": sorted(adapter.replacements),
+        "trainable_parameters": adapter.num_parameters(),
+    }
+    if base_dir is not None:
+        with Checkpoint(base_dir) as base:
+            plan = plan_merge(adapter, base)
+            base_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in base.tensors.values())
+        kinds = {t.module.name: (key, t.kind) for key, t in plan.targets.items()}
+        for m in info["modules"]:
+            m["weight"], m["kind"] = kinds[m["module"]]
+        info["base"] = str(Path(base_dir))
+        info["base_parameters"] = base_params
+        info["trainable_fraction"] = adapter.num_parameters() / base_params
+        info["untied"] = plan.untie
+    return info

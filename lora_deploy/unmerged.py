@@ -1,0 +1,155 @@
+"""Run base + adapter unmerged on any torch module: the reference the merge is checked against.
+
+`attach(model, adapter)` adds h = W0 x + s B A x to each adapted layer through forward
+hooks, computing what PEFT's LoRA layers compute (DoRA's magnitude rescaling included),
+without PEFT and without touching the base weights. It works on Hugging Face models and
+on a robot controller alike: anything whose submodule names match the adapter's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import Adapter, LoraModule, load_adapter
+from .errors import AdapterError
+
+
+@dataclass
+class AttachedAdapter:
+    """Handle returned by `attach`; `detach()` restores the model exactly."""
+
+    model: nn.Module
+    hooks: list = field(default_factory=list)
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)  # replaced params, originals
+
+    def detach(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, original in self.saved.items():
+                params[name].copy_(original)
+        self.hooks.clear()
+        self.saved.clear()
+
+    def __enter__(self) -> "AttachedAdapter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def attach(model: nn.Module, adapter: Adapter | str | os.PathLike) -> AttachedAdapter:
+    """Hook every adapted layer of `model`; returns a handle that can detach again."""
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter)
+    modules = dict(model.named_modules())
+    rename = choose_prefix(list(adapter.modules), modules)
+    handle = AttachedAdapter(model)
+    for name, lora in adapter.modules.items():
+        layer = modules[rename(name)]
+        handle.hooks.append(layer.register_forward_hook(lora_hook(layer, lora)))
+    replace_parameters(model, adapter, rename, handle)
+    return handle
+
+
+def choose_prefix(names: list[str], modules: dict[str, nn.Module]):
+    """Adapter module paths may carry one extra or one missing leading component."""
+    heads = {n.split(".", 1)[0] for n in names}
+    candidates = [lambda n: n]
+    if len(heads) == 1:
+        head = next(iter(heads))
+        candidates.append(lambda n: n[len(head) + 1:] if n.startswith(head + ".") else n)
+    prefixes = {m.split(".", 1)[0] for m in modules if m}
+    candidates += [lambda n, p=p: f"{p}.{n}" for p in sorted(prefixes)]
+    for rename in candidates:
+        if all(rename(n) in modules for n in names):
+            return rename
+    missing = next(n for n in names if n not in modules)
+    raise AdapterError(f"adapter module {missing!r} not found in the model: is this adapter for another model?")
+
+
+def layer_kind(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Embedding):
+        return "embedding"
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):  # transformers' GPT-2 layer
+        return "transposed"
+    raise AdapterError(f"LoRA on {type(layer).__name__} layers is not supported")
+
+
+def lora_hook(layer: nn.Module, lora: LoraModule):
+    kind = layer_kind(layer)
+    if kind == "conv" and layer.groups != 1:
+        raise AdapterError(f"{lora.name}: LoRA on grouped convolutions is not supported")
+
+    def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        update = lora_update(mod, kind, lora, x).to(output.dtype)
+        if lora.magnitude is None:
+            return output + update
+        return dora_output(mod, kind, lora, output, update)
+
+    return hook
+
+
+def lora_update(layer: nn.Module, kind: str, lora: LoraModule, x: torch.Tensor) -> torch.Tensor:
+    """s * B A x (plus s * lora_B bias), in the adapter's precision (float32 for half bases)."""
+    dtype = torch.promote_types(lora.a.dtype, torch.float32)
+    a, b = lora.a.to(x.device, dtype), lora.b.to(x.device, dtype)
+    bias = None if lora.bias is None else lora.bias.to(x.device, dtype)
+    if kind == "embedding":
+        looked_up = F.embedding(x, a.T, padding_idx=layer.padding_idx, max_norm=layer.max_norm,
+                                norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq,
+                                sparse=layer.sparse)
+        return looked_up @ b.T * lora.scaling
+    if kind == "conv":
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
+        hidden = conv(x.to(dtype), a, None, layer.stride, layer.padding, layer.dilation)
+        return conv(hidden, b, bias) * lora.scaling
+    return F.linear(F.linear(x.to(dtype), a), b, bias) * lora.scaling
+
+
+def dora_output(layer: nn.Module, kind: str, lora: LoraModule, output: torch.Tensor, update: torch.Tensor):
+    """DoRA: scale (W0 x + s B A x) per output feature by m / ||W0 + s B A||, keep the bias.
+
+    Like PEFT, the norm is of the unmerged weight and treated as a constant.
+    """
+    from .delta import delta_weight
+
+    w0 = layer.weight.detach().float()
+    w = w0 + delta_weight(lora, kind).to(w0.device)
+    m = lora.magnitude.float().flatten().to(w0.device)
+    if kind == "linear":
+        scale = m / w.norm(dim=1)
+    elif kind in ("transposed", "embedding"):
+        scale = m / w.norm(dim=0)
+    else:
+        scale = m / w.flatten(1).norm(dim=1)
+    bias = getattr(layer, "bias", None)
+    bias_shape = (1, -1) + (1,) * (output.dim() - 2) if kind == "conv" else (-1,)
+    scale = scale.reshape(bias_shape).to(output.dtype)
+    b = 0 if bias is None else bias.reshape(bias_shape)
+    return scale * (output - b + update) + b
+
+
+def replace_parameters(model: nn.Module, adapter: Adapter, rename, handle: AttachedAdapter) -> None:
+    """modules_to_save and trained biases replace the base tensors outright."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, tensor in adapter.replacements.items():
+            key = next((k for k in (rename(name), name) if k in params), None)
+            if key is None:
+                raise AdapterError(f"adapter tensor {name!r} has no counterpart in the model")
+            if tuple(params[key].shape) != tuple(tensor.shape):
+                raise AdapterError(f"adapter tensor {name!r} does not fit {key}")
+            handle.saved[key] = params[key].detach().clone()
+            params[key].copy_(tensor.to(params[key].dtype))
