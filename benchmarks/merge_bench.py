@@ -1,0 +1,198 @@
+"""Merge throughput and memory: lora-deploy vs a plain copy vs PEFT, on one machine, one run.
+
+Builds a synthetic sharded float16 LLaMA-shaped checkpoint (default about 2.1 GB) and an
+r=16 q_proj/v_proj adapter, then times, interleaved round by round:
+  copy   - copying the same shard files (shutil.copyfile)
+  ours   - `lora-deploy merge` (the CLI, process start-up included)
+  peft   - AutoModelForCausalLM.from_pretrained -> PeftModel -> merge_and_unload -> save_pretrained
+Each runs in its own process so its peak RSS (ru_maxrss) is its own. Ratios are per round
+against that round's copy, and the medians are reported.
+
+    python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 3 --json benchmarks/results/merge.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+
+CHILD = r"""
+import resource, sys, time, json
+mode, base, adapter, out = sys.argv[1:5]
+t = time.perf_counter()
+if mode == "copy":
+    import os, shutil
+    os.makedirs(out)
+    for name in os.listdir(base):
+        shutil.copyfile(os.path.join(base, name), os.path.join(out, name))
+elif mode == "peft":
+    import torch
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.save_pretrained(out, max_shard_size="500MB")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak}))
+"""
+
+
+def llama_config(layers: int, hidden: int, intermediate: int, vocab: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": hidden // 128,
+        "num_key_value_heads": hidden // 128, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "float16", "hidden_act": "silu",
+    }
+
+
+def layer_shapes(i: int, h: int, inter: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{i}."
+    return {
+        p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        **{p + f"self_attn.{n}.weight": (h, h) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+        p + "mlp.down_proj.weight": (h, inter),
+    }
+
+
+def build_base(path: Path, layers: int, hidden: int, inter: int, vocab: int, shard_bytes: int) -> None:
+    """Write shards one at a time so building a 2 GB model never holds more than a shard."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(llama_config(layers, hidden, inter, vocab), indent=2))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        shapes.update(layer_shapes(i, hidden, inter))
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    gen = torch.Generator().manual_seed(0)
+    shards, current, size = [], {}, 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(torch.tensor(shape).prod())
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = shape
+        size += nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: (torch.randn(s, generator=gen) * 0.02).half() for n, s in shard.items()}
+        save_file(tensors, path / fname, metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        weight_map.update({n: fname for n in shard})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_adapter(path: Path, layers: int, hidden: int, r: int = 16) -> None:
+    path.mkdir(parents=True)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"],
+              "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False, "lora_dropout": 0.0}
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for i in range(layers):
+        for n in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.layers.{i}.self_attn.{n}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, hidden, generator=gen) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(hidden, r, generator=gen) * 0.01
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def run_child(mode: str, base: Path, adapter: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    if mode == "ours":
+        # The CLI as users run it; peak RSS from the child's rusage via a wrapper.
+        cmd = [sys.executable, "-c",
+               "import resource,sys,time,json,subprocess;t=time.perf_counter();"
+               "subprocess.run(sys.argv[1:],check=True,stdout=subprocess.DEVNULL);"
+               "print(json.dumps({'seconds':time.perf_counter()-t,"
+               "'peak_rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024}))",
+               shutil.which("lora-deploy") or "lora-deploy", "merge", str(base), str(adapter), "-o", str(out),
+               "--max-shard-size", "500MB"]
+    else:
+        cmd = [sys.executable, "-c", CHILD, mode, str(base), str(adapter), str(out)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**30, 1), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lora-deploy-mergebench"))
+    ap.add_argument("--layers", type=int, default=18)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shard", default="500MB", help="base shard size")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--peft-rounds", type=int, default=1)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    base, adapter = args.work / "base", args.work / "adapter"
+    if not base.exists():
+        shard_bytes = int(float(args.shard.rstrip("MB")) * 1e6)
+        build_base(base, args.layers, args.hidden, args.intermediate, args.vocab, shard_bytes)
+        build_adapter(adapter, args.layers, args.hidden)
+    files = [p for p in base.iterdir() if p.suffix == ".safetensors"]
+    model_bytes = sum(p.stat().st_size for p in files)
+    largest = max(p.stat().st_size for p in files)
+    out = args.work / "out"
+    rows = {"copy": [], "ours": [], "peft": []}
+    for r in range(args.rounds):
+        order = ["copy", "ours"] if r % 2 == 0 else ["ours", "copy"]
+        if r < args.peft_rounds:
+            order.append("peft")
+        for mode in order:
+            rows[mode].append(run_child(mode, base, adapter, out))
+            print(f"round {r} {mode}: {rows[mode][-1]['seconds']:.2f}s, peak RSS {rows[mode][-1]['peak_rss'] / 1e9:.2f} GB",
+                  flush=True)
+    ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows["ours"], rows["copy"])]
+    summary = {
+        "machine": machine(),
+        "model_bytes": model_bytes, "largest_shard_bytes": largest, "shards": len(files),
+        "copy_s": statistics.median(x["seconds"] for x in rows["copy"]),
+        "ours_s": statistics.median(x["seconds"] for x in rows["ours"]),
+        "ours_over_copy": statistics.median(ratio),
+        "ours_peak_rss": max(x["peak_rss"] for x in rows["ours"]),
+        "rounds": rows,
+    }
+    if rows["peft"]:
+        summary["peft_s"] = statistics.median(x["seconds"] for x in rows["peft"])
+        summary["peft_over_copy"] = summary["peft_s"] / summary["copy_s"]
+        summary["peft_peak_rss"] = max(x["peak_rss"] for x in rows["peft"])
+    print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
