@@ -3,9 +3,9 @@
 Builds a synthetic sharded float16 LLaMA-shaped checkpoint (default about 2.1 GB) and an
 r=16 q_proj/v_proj adapter, then times, interleaved round by round:
   copy   - copying the same shard files (shutil.copyfile)
-  ours   - `lora-deploy merge` (the CLI, process start-up included)
+  ours   - `lora-deploy merge` (the CLI's entry point, interpreter start-up included)
   peft   - AutoModelForCausalLM.from_pretrained -> PeftModel -> merge_and_unload -> save_pretrained
-Each runs in its own process so its peak RSS (ru_maxrss) is its own. Ratios are per round
+Each runs in its own process so its peak RSS (VmHWM) is its own. Ratios are per round
 against that round's copy, and the medians are reported.
 
     python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 3 --json benchmarks/results/merge.json
@@ -29,11 +29,20 @@ from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 
+# Peak RSS is read from /proc/self/status (VmHWM, this process's own address space):
+# ru_maxrss would include the parent's memory inherited at fork.
 CHILD = r"""
-import resource, sys, time, json
+import sys, time, json
 mode, base, adapter, out = sys.argv[1:5]
 t = time.perf_counter()
-if mode == "copy":
+if mode == "ours":
+    from lora_deploy.cli import main
+    try:
+        main(["merge", base, adapter, "-o", out, "--max-shard-size", "500MB"], standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code:
+            raise
+elif mode == "copy":
     import os, shutil
     os.makedirs(out)
     for name in os.listdir(base):
@@ -45,7 +54,7 @@ elif mode == "peft":
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.save_pretrained(out, max_shard_size="500MB")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak}))
 """
 
@@ -116,17 +125,7 @@ def build_adapter(path: Path, layers: int, hidden: int, r: int = 16) -> None:
 
 def run_child(mode: str, base: Path, adapter: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    if mode == "ours":
-        # The CLI as users run it; peak RSS from the child's rusage via a wrapper.
-        cmd = [sys.executable, "-c",
-               "import resource,sys,time,json,subprocess;t=time.perf_counter();"
-               "subprocess.run(sys.argv[1:],check=True,stdout=subprocess.DEVNULL);"
-               "print(json.dumps({'seconds':time.perf_counter()-t,"
-               "'peak_rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024}))",
-               shutil.which("lora-deploy") or "lora-deploy", "merge", str(base), str(adapter), "-o", str(out),
-               "--max-shard-size", "500MB"]
-    else:
-        cmd = [sys.executable, "-c", CHILD, mode, str(base), str(adapter), str(out)]
+    cmd = [sys.executable, "-c", CHILD, mode, str(base), str(adapter), str(out)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)

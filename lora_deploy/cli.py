@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def main(debug: bool) -> None:
         logging.getLogger().setLevel(logging.ERROR)
         for name in ("transformers", "torch", "onnxscript", "peft"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @main.command("inspect")
@@ -118,3 +121,77 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str,
         emit_json(result.manifest)
     else:
         click.echo(result.summary())
+
+
+@main.command()
+@click.argument("base", type=existing_dir)
+@click.argument("adapter", type=existing_dir)
+@click.option("--merged", type=existing_dir, help="Merged checkpoint to check (weights and outputs).")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), help="ONNX model to check in ONNX Runtime.")
+@click.option("--atol", type=float, help="Absolute output tolerance (default by dtype).")
+@click.option("--rtol", type=float, help="Relative output tolerance (default by dtype).")
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--seq", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--task", default="auto", show_default=True, help="Model task (see export onnx --task).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@run_guarded
+def verify(base, adapter, merged, onnx_path, atol, rtol, batch, seq, seed, task, report, as_json) -> None:
+    """Check that artifacts compute what BASE + ADAPTER compute (exit 1 if not)."""
+    from .verify import verify as run_verify
+
+    result = run_verify(base, adapter, merged_dir=merged, onnx_path=onnx_path, atol=atol, rtol=rtol,
+                        batch=batch, seq=seq, seed=seed, task=task)
+    if report:
+        write_json_atomic(report, result.to_dict())
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        print_checks(result)
+    result.raise_if_different()
+
+
+def print_checks(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("check", "result", "max abs", "cosine", "top-1")
+    for c in result.checks:
+        table.add_row(c.name, "[green]pass[/]" if c.passed else "[red]FAIL[/]", f"{c.max_abs:.3g}",
+                      "" if c.cosine is None else f"{c.cosine:.7f}", "" if c.top1 is None else f"{100 * c.top1:.1f}%")
+    Console().print(table)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@main.group()
+def export() -> None:
+    """Export a checkpoint to a deployable format."""
+
+
+@export.command("onnx")
+@click.argument("model", type=existing_dir)
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--task", type=click.Choice(["auto", "causal-lm", "sequence-classification", "token-classification",
+                                           "feature-extraction"]), default="auto", show_default=True)
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@run_guarded
+def export_onnx(model, out, task, opset, dtype, as_json) -> None:
+    """Export MODEL (an HF checkpoint directory) to ONNX, checked in ONNX Runtime."""
+    from dataclasses import asdict
+
+    from .export import export_checkpoint
+
+    result = export_checkpoint(model, out, task=task, opset=opset, dtype=dtype)
+    if as_json:
+        emit_json(asdict(result))
+    else:
+        click.echo(f"exported {result.task} model to {result.path} (opset {result.opset}); "
+                   f"ONNX Runtime vs torch max abs error {result.max_abs_error:.2e}")

@@ -1,0 +1,249 @@
+"""Verify stage: prove that an artifact computes what base + adapter computed.
+
+Two levels:
+- weights (with a merged checkpoint): every adapted tensor equals W0 + dW recomputed from
+  the adapter within one rounding of its dtype; every other tensor is the base, bit for bit.
+- outputs: base + adapter run unmerged in torch (the way PEFT computes it) is the
+  reference; the merged model (torch) and the ONNX model (ONNX Runtime) are compared with
+  it on deterministic inputs: max abs / rel error, cosine similarity, top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapter import Adapter, load_adapter
+from .checkpoint import Checkpoint
+from .delta import merged_bias, merged_weight
+from .errors import BadInputError, NotEquivalentError
+from .targets import plan_merge
+
+# Output tolerances by the dtype the merged weights are stored in: the merged model is
+# run in float32, so what differs from the reference is one rounding of each weight.
+OUTPUT_TOLERANCE = {"F32": (1e-4, 1e-3), "F16": (2e-2, 2e-2), "BF16": (1.5e-1, 1e-1)}
+MIN_COSINE = {"F32": 0.99999, "F16": 0.9995, "BF16": 0.995}
+# Mantissa bits and smallest normal exponent, for "within one ulp" of a weight.
+FLOAT_FORMAT = {"F32": (23, -126), "F16": (10, -14), "BF16": (7, -126), "F64": (52, -1022)}
+
+
+@dataclass
+class Check:
+    """One comparison: passed or not, with the numbers that decided it."""
+
+    name: str
+    passed: bool
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    cosine: float | None = None
+    top1: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    checks: list[Check] = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)
+
+    @property
+    def equivalent(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return {"equivalent": self.equivalent, "inputs": self.inputs, "checks": [asdict(c) for c in self.checks]}
+
+    def raise_if_different(self) -> None:
+        bad = sorted(self.failures(), key=lambda c: -c.max_abs)
+        if bad:
+            worst = "; ".join(f"{c.name} (max abs {c.max_abs:.3g}{', ' + c.detail if c.detail else ''})" for c in bad[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise NotEquivalentError(f"not equivalent: {worst}{more}")
+
+
+def verify(
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    *,
+    merged_dir: str | os.PathLike | None = None,
+    onnx_path: str | os.PathLike | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    batch: int = 2,
+    seq: int = 16,
+    seed: int = 0,
+    task: str = "auto",
+) -> VerifyReport:
+    """Run every check that the given artifacts allow; never raises on a mismatch."""
+    adapter = load_adapter(adapter_dir)
+    report = VerifyReport(inputs={"base": str(base_dir), "adapter": str(adapter_dir), "merged": _str(merged_dir),
+                                  "onnx": _str(onnx_path), "batch": batch, "seq": seq, "seed": seed})
+    dtype = "F32"
+    if merged_dir is not None:
+        report.checks += check_weights(base_dir, adapter, merged_dir)
+        dtype = stored_dtype(merged_dir)
+    report.checks += check_outputs(base_dir, adapter, merged_dir, onnx_path, dtype, atol, rtol, batch, seq, seed, task)
+    return report
+
+
+def _str(path) -> str | None:
+    return None if path is None else str(path)
+
+
+def stored_dtype(model_dir) -> str:
+    """The widest-error float dtype among a checkpoint's tensors (decides tolerances)."""
+    with Checkpoint(model_dir) as ckpt:
+        dtypes = {t.dtype for t in ckpt.tensors.values()}
+    for name in ("BF16", "F16", "F32"):
+        if name in dtypes:
+            return name
+    return "F32"
+
+
+# ------------------------------------------------------------------ weights ----
+
+
+def check_weights(base_dir, adapter: Adapter, merged_dir) -> list[Check]:
+    """Each merged tensor against its expected value; a missing or extra tensor fails."""
+    with Checkpoint(base_dir) as base, Checkpoint(merged_dir) as merged:
+        plan = plan_merge(adapter, base)
+        expected_names = set(base.tensors) | set(plan.untie)
+        checks = name_checks("missing from the merged checkpoint", expected_names - set(merged.tensors))
+        checks += name_checks("in the merged checkpoint but not the base", set(merged.tensors) - expected_names)
+        bias_of = {t.bias_key: t for t in plan.targets.values() if t.bias_key}
+        worst, copied = 0.0, 0
+        for name in sorted(expected_names & set(merged.tensors)):
+            got = merged.read(name)
+            expected = expected_tensor(name, base, plan, bias_of)
+            if expected is None:  # untouched: must be the base tensor itself
+                copied += 1
+                check = compare_exact(name, got, base.read(plan.untie.get(name, name)))
+            else:
+                check = compare_weight(name, got, expected, merged.tensors[name].dtype)
+                worst = max(worst, check.max_abs)
+            if not check.passed:
+                checks.append(check)
+    changed = len(plan.targets) + len(bias_of)
+    summary = Check(f"weights: {changed} merged tensors within one rounding, {copied} others equal to the base",
+                    not checks, max_abs=worst)
+    return [summary] + checks
+
+
+def name_checks(what: str, names: set[str]) -> list[Check]:
+    if not names:
+        return []
+    listed = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [Check(f"weights: {len(names)} tensors {what}", False, max_abs=float("inf"), detail=listed)]
+
+
+def expected_tensor(name: str, base: Checkpoint, plan, bias_of) -> torch.Tensor | None:
+    """W0 + dW (or the merged bias, or a replacement) in float32; None for untouched tensors."""
+    if name in plan.targets:
+        w0 = plan.replacements.get(name)
+        w0 = base.read(name) if w0 is None else w0
+        return merged_weight(plan.targets[name].module, plan.targets[name].kind, w0)
+    if name in bias_of:
+        return merged_bias(bias_of[name], base.read(name))
+    if name in plan.replacements:
+        return plan.replacements[name].float()
+    return None
+
+
+def compare_exact(name: str, got: torch.Tensor, base: torch.Tensor) -> Check:
+    """Untouched tensors: bit-exact, or exactly the base converted to the output dtype."""
+    want = base.to(got.dtype)
+    if got.shape == want.shape and torch.equal(got, want):
+        return Check(f"weights: {name}", True)
+    diff = float((got.double() - want.double()).abs().max()) if got.shape == want.shape else float("inf")
+    return Check(f"weights: {name}", False, max_abs=diff, detail="should equal the base tensor")
+
+
+def ulp(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    bits, min_exp = FLOAT_FORMAT[dtype]
+    _, exponent = torch.frexp(x.double().abs())
+    return torch.pow(2.0, (torch.clamp(exponent - 1, min=min_exp) - bits).double())
+
+
+def compare_weight(name: str, got: torch.Tensor, want: torch.Tensor, dtype: str) -> Check:
+    """Within one ulp of the exact float32 result (1e-6 abs + 1e-5 rel for float32)."""
+    if got.shape != want.shape:
+        return Check(f"weights: {name}", False, max_abs=float("inf"), detail=f"shape {list(got.shape)} != {list(want.shape)}")
+    diff = (got.double() - want.double()).abs()
+    if dtype == "F32":
+        allowed = 1e-6 + 1e-5 * want.double().abs()
+    else:
+        allowed = ulp(want, dtype)
+    passed = bool((diff <= allowed).all()) and bool(torch.isfinite(got).all())
+    return Check(f"weights: {name}", passed, max_abs=float(diff.max()) if diff.numel() else 0.0,
+                 max_rel=float((diff / want.double().abs().clamp_min(1e-12)).max()) if diff.numel() else 0.0,
+                 detail="" if passed else f"more than one {dtype} rounding from W0 + dW")
+
+
+# ------------------------------------------------------------------ outputs ----
+
+
+def check_outputs(base_dir, adapter, merged_dir, onnx_path, dtype, atol, rtol, batch, seq, seed, task) -> list[Check]:
+    from .export import wrap_checkpoint
+    from .runners import OnnxrtRunner, TorchRunner
+    from .samples import sample_inputs
+    from .unmerged import attach
+
+    default_atol, default_rtol = OUTPUT_TOLERANCE[dtype]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    reference_model = wrap_checkpoint(base_dir, task, "float32")
+    feed = sample_inputs(reference_model.model.config, batch=batch, seq=seq, seed=seed)
+    with attach(reference_model.model, adapter), TorchRunner(reference_model, name="unmerged") as runner:
+        reference = runner.infer(feed)
+    candidates = {}
+    if merged_dir is not None:
+        with TorchRunner(wrap_checkpoint(merged_dir, task, "float32"), name="merged") as runner:
+            candidates["merged (torch)"] = runner.infer(feed)
+    if onnx_path is not None:
+        if not Path(onnx_path).is_file():
+            raise BadInputError(f"{onnx_path}: ONNX file not found")
+        with OnnxrtRunner(onnx_path, name="onnx") as runner:
+            candidates["onnx (onnxruntime)"] = runner.infer(feed)
+    if not candidates:
+        raise BadInputError("nothing to verify: give --merged and/or --onnx")
+    mask = feed.get("attention_mask")
+    checks = []
+    for label, outputs in candidates.items():
+        for name, want in reference.items():
+            if name not in outputs:
+                checks.append(Check(f"outputs: {label} lacks output {name}", False))
+                continue
+            checks.append(compare_outputs(f"outputs: {label} {name} vs unmerged", outputs[name], want, mask,
+                                          atol, rtol, MIN_COSINE[dtype]))
+    return checks
+
+
+def compare_outputs(label, got, want, mask, atol, rtol, min_cosine) -> Check:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return Check(label, False, max_abs=float("inf"), detail=f"shape {got.shape} != {want.shape}")
+    keep = valid_positions(mask, got.shape)
+    g, w = got[keep], want[keep]
+    diff = np.abs(g - w)
+    cosine = float(np.dot(g.ravel(), w.ravel()) / max(np.linalg.norm(g) * np.linalg.norm(w), 1e-300))
+    top1 = float(np.mean(np.argmax(g, -1) == np.argmax(w, -1))) if g.ndim >= 2 else None
+    close = bool(np.all(diff <= atol + rtol * np.abs(w))) and bool(np.all(np.isfinite(g)))
+    passed = close and cosine >= min_cosine
+    return Check(label, passed, max_abs=float(diff.max()), max_rel=float((diff / np.maximum(np.abs(w), 1e-6)).max()),
+                 cosine=cosine, top1=top1, atol=atol, rtol=rtol,
+                 detail="" if passed else f"beyond atol={atol:g} rtol={rtol:g} or cosine < {min_cosine}")
+
+
+def valid_positions(mask, shape) -> tuple | np.ndarray:
+    """Compare only real tokens: padded positions of a sequence output are undefined."""
+    if mask is None or len(shape) < 3 or tuple(mask.shape) != tuple(shape[:2]):
+        return (...,)
+    return mask.astype(bool)
