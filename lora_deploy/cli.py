@@ -195,3 +195,27 @@ def export_onnx(model, out, task, opset, dtype, as_json) -> None:
     else:
         click.echo(f"exported {result.task} model to {result.path} (opset {result.opset}); "
                    f"ONNX Runtime vs torch max abs error {result.max_abs_error:.2e}")
+
+
+@main.command()
+@click.option("-o", "--output", "out", type=existing_dir, default=Path("lora-deploy-demo"), show_default=True,
+              help="Working directory for the example's files.")
+@click.option("--family", type=click.Choice(["llama", "gpt2", "bert"]), default="llama", show_default=True)
+@click.option("--variant", default="plain", show_default=True,
+              help="Adapter recipe: plain, rslora, patterns, lora_bias, dora, modules_to_save, embedding, all_linear.")
+@run_guarded
+def demo(out: Path, family: str, variant: str) -> None:
+    """Run the whole deploy path on a built-in reference model and adapter."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .demo import run_demo
+
+    console = Console()
+    table = Table("stage", "time", "result", title=f"lora-deploy demo: {family} / {variant}")
+    steps = run_demo(out, family=family, variant=variant,
+                     on_step=lambda s: console.print(f"[green]done[/] {s.name} ({s.seconds:.1f}s)"))
+    for s in steps:
+        table.add_row(s.name, f"{s.seconds:.1f}s", s.result)
+    console.print(table)
+    console.print(f"all stages passed; artifacts in {out}")
