@@ -65,8 +65,7 @@ def dora_rescale(w: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.T
     if kind in ("transposed", "embedding"):
         return w * (magnitude / w.norm(dim=0)).unsqueeze(0)
     if kind == "conv":
-        dims = tuple(range(1, w.dim()))
-        norm = w.norm(dim=dims)
+        norm = w.flatten(1).norm(dim=1)
         return w * (magnitude / norm).reshape(-1, *([1] * (w.dim() - 1)))
     raise ValueError(f"unknown layer kind {kind!r}")
 
