@@ -236,22 +236,37 @@ class OutputTensor:
 
 
 class BinaryFile:
-    """A write-only file that hashes what passes through it (for the manifest)."""
+    """A write-only file whose SHA-256 (for the manifest) is computed on a helper thread.
+
+    hashlib releases the GIL on large buffers, so hashing chunk n overlaps writing chunk
+    n+1; a bounded queue keeps at most a few chunks in flight.
+    """
 
     def __init__(self, path: Path):
         import hashlib
+        import queue
+        import threading
 
         self.path = path
         self._f = open(path, "wb")
         self._sha = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._hash_loop, daemon=True)
+        self._thread.start()
         self.size = 0
 
+    def _hash_loop(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._sha.update(data)
+
     def write(self, data: bytes | memoryview) -> None:
-        self._sha.update(data)
         self._f.write(data)
+        self._queue.put(data)
         self.size += len(data)
 
     def close(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
