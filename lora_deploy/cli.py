@@ -219,3 +219,55 @@ def demo(out: Path, family: str, variant: str) -> None:
         table.add_row(s.name, f"{s.seconds:.1f}s", s.result)
     console.print(table)
     console.print(f"all stages passed; artifacts in {out}")
+
+
+out_file = click.Path(dir_okay=False, path_type=Path)
+
+
+@main.command("bench")
+@click.option("--model", "models", multiple=True, required=True, metavar="NAME=PATH",
+              help="A variant to time: an .onnx file (onnxruntime) or an HF checkpoint directory (torch). Repeat.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="Adapter for model NAME: an .onnx_adapter file active on every run (onnxruntime), "
+                   "or a PEFT adapter directory attached unmerged (torch).")
+@click.option("--reference", help="Variant the others are compared with.  [default: base, else the first model]")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--shapes", default="1x1,1x128,8x128", show_default=True, help="Comma-separated BATCHxSEQ.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="ONNX Runtime intra-op threads (inter-op is 1) / torch.set_num_threads.")
+@click.option("--rounds", type=click.IntRange(min=1), default=50, show_default=True, help="Timed rounds per shape.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per variant.")
+@click.option("--inner", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Calls per timed sample (raise it for sub-millisecond shapes).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs.")
+@click.option("--cuda-graphs", is_flag=True, help="torch on cuda: replay each shape's forward from a CUDA graph.")
+@click.option("--json", "json_path", type=out_file, help="Write the JSON report (schema lora-deploy.bench/1).")
+@click.option("--markdown", "markdown_path", type=out_file, help="Write a Markdown summary.")
+@click.option("--plot", "plot_path", type=out_file, help="Write a PNG plot of p50 latency.")
+@click.option("--max-overhead", help="Exit 1 if a variant is provably slower than the reference by more, e.g. 2%.")
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path),
+              help="Earlier JSON report to check for regressions.")
+@click.option("--max-regression", help="Allowed slowdown against --baseline, e.g. 5%.  [default with --baseline: 5%]")
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary table.")
+@run_guarded
+def bench_cmd(models, adapters, reference, backend, device, shapes, threads, rounds, warmup, inner, seed,
+              cuda_graphs, json_path, markdown_path, plot_path, max_overhead, baseline, max_regression, quiet) -> None:
+    """Time model variants interleaved and gate the overhead (exit 1 when a gate fails).
+
+    Files are written before the gates are checked, so a failure keeps its evidence.
+    """
+    from .bench import bench_progress, check_gates, parse_adapter_specs, parse_model_specs, run_bench, write_outputs
+    from .report import to_markdown
+
+    with bench_progress(enabled=not quiet) as progress:
+        report = run_bench(
+            parse_model_specs(models), adapters=parse_adapter_specs(adapters), backend=backend, device=device,
+            shapes=shapes, reference=reference, threads=threads, rounds=rounds, warmup=warmup, inner=inner,
+            seed=seed, max_overhead=max_overhead, baseline_path=baseline, max_regression=max_regression,
+            cuda_graphs=cuda_graphs, progress=progress,
+        )
+    write_outputs(report, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
+    if not quiet:
+        click.echo(to_markdown(report), nl=False)
+    check_gates(report)
