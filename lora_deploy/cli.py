@@ -66,6 +66,8 @@ def main(debug: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "transformers" in sys.modules:  # already imported (embedding apps, tests): env is read too late
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 @main.command("inspect")

@@ -1,0 +1,114 @@
+"""verify: equivalent artifacts pass, tampered ones fail naming the culprit, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from lora_deploy.cli import main
+from lora_deploy.export import export_checkpoint
+from lora_deploy.merge import merge
+from lora_deploy.verify import verify
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def merged_llama(reference, tmp_path_factory):
+    base, adapter = reference("llama", "plain")
+    out = tmp_path_factory.mktemp("verify") / "merged"
+    merge(base, adapter, out)
+    onnx_path = out.parent / "merged.onnx"
+    export_checkpoint(out, onnx_path)
+    return base, adapter, out, onnx_path
+
+
+def test_equivalent_artifacts_pass_with_a_report(merged_llama, tmp_path):
+    base, adapter, merged, onnx_path = merged_llama
+    result = cli("verify", base, adapter, "--merged", merged, "--onnx", onnx_path, "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["equivalent"] is True
+    names = [c["name"] for c in report["checks"]]
+    assert any(n.startswith("weights:") for n in names)
+    assert any("merged (torch)" in n for n in names) and any("onnx" in n for n in names)
+    outputs = [c for c in report["checks"] if c["name"].startswith("outputs")]
+    assert all(c["top1"] == 1.0 and c["cosine"] > 0.99999 for c in outputs)
+
+
+def test_tampered_weight_is_named(merged_llama, tmp_path):
+    base, adapter, merged, _ = merged_llama
+    bad = tmp_path / "bad"
+    shutil.copytree(merged, bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = "model.layers.1.self_attn.v_proj.weight"
+    tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    result = cli("verify", base, adapter, "--merged", bad)
+    assert result.exit_code == 1
+    assert key in result.stderr and result.stderr.startswith("error: not equivalent")
+
+
+def test_merge_without_adapter_is_not_equivalent(reference, tmp_path):
+    """A model that is just the base must fail the output check: the adapter changed outputs."""
+    base, adapter = reference("gpt2", "plain")
+    onnx_path = tmp_path / "base.onnx"
+    export_checkpoint(base, onnx_path)
+    report = verify(base, adapter, onnx_path=onnx_path)
+    assert not report.equivalent
+    assert report.failures()[0].max_abs > 1e-3
+
+
+def test_half_precision_merge_passes_with_dtype_tolerances(reference, tmp_path):
+    base, adapter = reference("bert", "dora", dtype="float16")
+    merge(base, adapter, tmp_path / "out")
+    report = verify(base, adapter, merged_dir=tmp_path / "out")
+    assert report.equivalent, [c for c in report.checks if not c.passed]
+    weight_summary = report.checks[0]
+    assert weight_summary.passed and weight_summary.max_abs > 0
+
+
+def test_untouched_tensor_change_is_caught(merged_llama, tmp_path):
+    base, adapter, merged, _ = merged_llama
+    bad = tmp_path / "bad"
+    shutil.copytree(merged, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].clone()
+    tensors["model.norm.weight"][0] = torch.nextafter(tensors["model.norm.weight"][0], torch.tensor(9.0))
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    report = verify(base, adapter, merged_dir=bad)
+    assert any("model.norm.weight" in c.name for c in report.failures())
+
+
+def test_verify_bad_input(merged_llama, tmp_path):
+    base, adapter, merged, _ = merged_llama
+    for args, word in [
+        (("verify", base, adapter), "nothing to verify"),
+        (("verify", base, adapter, "--onnx", tmp_path / "missing.onnx"), "not found"),
+        (("verify", base, tmp_path / "nope", "--merged", merged), "nope"),
+    ]:
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and word in result.stderr
+
+
+def test_cli_basics(reference, tmp_path):
+    from lora_deploy import __version__
+
+    assert __version__ in cli("--version").output
+    for command in ("inspect", "merge", "verify", "export", "bench", "demo"):
+        assert cli(command, "--help").exit_code == 0
+    base, adapter = reference("llama", "patterns")
+    info = json.loads(cli("inspect", adapter, "--base", base, "--json").output)
+    v_proj = [m for m in info["modules"] if m["module"].endswith("v_proj")]
+    assert v_proj and all(m["r"] == 4 and m["scaling"] == pytest.approx(16 / 4) for m in v_proj)
+    assert 0 < info["trainable_fraction"] < 1
+    manifest = json.loads(cli("merge", base, adapter, "-o", tmp_path / "m", "--json").output)
+    assert manifest["output"]["files"]
