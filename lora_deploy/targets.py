@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .adapter import Adapter, LoraModule
-from .checkpoint import Checkpoint
+from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .delta import expected_shapes
 from .errors import AdapterError
 
@@ -154,6 +154,8 @@ def needs_layout(adapter: Adapter, base: Checkpoint, config: dict) -> bool:
 def resolve_target(module: LoraModule, base_name: str, base: Checkpoint, layout: Layout, fan_in_fan_out: bool) -> Target:
     key = f"{base_name}.weight"
     shape = base.tensors[key].shape
+    if base.tensors[key].dtype not in FLOAT_DTYPES:
+        raise AdapterError(f"base weight {key} is {base.tensors[key].dtype}: merging into quantized weights is not supported")
     kind = layer_kind(module, key, shape, layout, fan_in_fan_out)
     if shape not in expected_shapes(module, kind):
         raise AdapterError(
