@@ -1,0 +1,811 @@
+"""One ONNX graph, many LoRA adapters: ONNX Runtime's multi-LoRA convention.
+
+`export_dynamic` exports the base model once. Every targeted layer (nn.Linear, or
+GPT-2's Conv1D) computes
+
+    y = base(x) + (x @ A) @ B  [+ bias]
+
+where A and B are graph inputs named after the base model's module path:
+
+    <module>.lora_A.weight   [in_features, rank]   = PEFT's lora_A.weight transposed
+    <module>.lora_B.weight   [rank, out_features]  = (scaling * PEFT's lora_B.weight) transposed
+    <module>.lora_B.bias     [out_features]        = scaling * PEFT's lora_B.bias
+                                                     (only in graphs exported with lora_bias)
+
+`rank` is a symbolic dimension of its own per layer (rank_<module with _ for .>), so
+adapters of different ranks, rank_pattern included, fit one graph. Each of these inputs
+also has a same-named initializer holding a rank-0 default ([in, 0] and [0, out], zero
+bias): a run that feeds nothing is exactly the base model (a MatMul with K=0 yields
+zeros). Inputs with a default are ONNX Runtime's "overridable initializers": they are
+listed by session.get_overridable_initializers(), not get_inputs(), and ONNX Runtime
+never constant-folds them.
+
+`pack_adapter` writes a PEFT adapter in ONNX Runtime's adapter format (.onnx_adapter)
+with those names and orientations, the scaling already folded into B. `DynamicSession`
+loads the graph once and activates any loaded adapter per call through
+RunOptions.add_active_adapter. ONNX Runtime ignores active adapters when IO binding is
+used, so the session never binds.
+
+DoRA and embedding LoRA are refused: DoRA rescales every output feature by a norm of
+the merged weight, and an embedding LoRA is a lookup, not x @ A; neither is an additive
+low-rank term on a layer's input. Adapters that replace whole base tensors
+(modules_to_save, trained biases) are refused for the same reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapter import Adapter, LoraModule, load_adapter
+from .errors import AdapterError, BadInputError, ExportError, NonFiniteError
+from .unmerged import choose_prefix, layer_kind
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+BIAS_SUFFIX = ".lora_B.bias"
+METADATA_KEY = "lora_deploy"
+FORMAT_VERSION = 1
+
+PACK_DTYPES = {"float32": np.float32, "float16": np.float16}
+ONNX_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+# Graphs above this size keep their weights in a side file (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+# Example sizes for tracing; none may be 0 or 1 (the exporter would specialise them)
+# and they differ from each other so no two dynamic dimensions look related.
+EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_RANK = 2, 5, 3
+
+
+@dataclass(frozen=True)
+class LoraSlot:
+    """One targeted layer of a graph: where its LoRA inputs go and what shapes they take."""
+
+    module: str
+    kind: str  # "linear" (nn.Linear) or "transposed" (GPT-2 Conv1D)
+    in_features: int
+    out_features: int
+
+    @property
+    def a_name(self) -> str:
+        return self.module + A_SUFFIX
+
+    @property
+    def b_name(self) -> str:
+        return self.module + B_SUFFIX
+
+    @property
+    def bias_name(self) -> str:
+        return self.module + BIAS_SUFFIX
+
+    @property
+    def rank_dim(self) -> str:
+        return "rank_" + self.module.replace(".", "_")
+
+
+@dataclass
+class DynamicGraph:
+    """What an export wrote: the file, its targeted layers and its named inputs/outputs."""
+
+    path: Path
+    slots: dict[str, LoraSlot]  # by module path
+    inputs: list[str]  # model inputs (input_ids, attention_mask, ...), not LoRA inputs
+    output: str  # logits or last_hidden_state
+    task: str
+    lora_bias: bool
+    adapters: list[str] = field(default_factory=list)  # multi-adapter graphs: names by id
+    seconds: float = 0.0
+
+    def lora_inputs(self) -> list[str]:
+        """Names of the overridable LoRA inputs (dynamic graphs)."""
+        names = []
+        for slot in self.slots.values():
+            names += [slot.a_name, slot.b_name] + ([slot.bias_name] if self.lora_bias else [])
+        return names
+
+    def metadata(self, kind: str) -> dict:
+        return {
+            "format": kind,
+            "version": FORMAT_VERSION,
+            "task": self.task,
+            "inputs": self.inputs,
+            "output": self.output,
+            "lora_bias": self.lora_bias,
+            "modules": {s.module: [s.kind, s.in_features, s.out_features] for s in self.slots.values()},
+            "adapters": self.adapters,
+        }
+
+
+# --------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------
+
+
+def export_dynamic(
+    model_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    adapters: Iterable[str | os.PathLike] = (),
+    targets: Sequence[str] | str | None = None,
+    task: str = "auto",
+    opset: int | None = None,
+    lora_bias: bool | None = None,
+) -> DynamicGraph:
+    """Export the base model with LoRA A/B inputs on every targeted layer.
+
+    Targets are the union of the given adapters' layers and `targets` (PEFT's
+    target_modules rule: a list matches module-name suffixes at a dot boundary, a string
+    is a full regex). `lora_bias` adds `<module>.lora_B.bias` inputs; by default it is on
+    when one of the adapters was trained with lora_bias.
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    check_output_path(path)
+    if isinstance(adapters, (str, os.PathLike)):  # one directory, not its characters
+        adapters = [adapters]
+    loaded = [load_adapter(d) for d in adapters]
+    for adapter in loaded:
+        check_additive(adapter)
+    if not loaded and not targets:
+        raise BadInputError("nothing to target: give adapters or targets (e.g. ['q_proj', 'v_proj'])")
+    model, task, inputs, output = load_model(model_dir, task)
+    slots = resolve_slots(model, loaded, targets)
+    with_bias = any(a.config.lora_bias for a in loaded) if lora_bias is None else lora_bias
+    graph = DynamicGraph(path, slots, inputs, output, task, with_bias)
+    shapes = [lora_dims(slot, with_bias) for slot in slots.values()]
+    wrapper = LoraExport(model, graph, 3 if with_bias else 2, low_rank_update)
+    defaults = {name: default_value(name, graph) for name in graph.lora_inputs()}
+    build_graph(wrapper, graph, flatten(example_lora(slots, with_bias)), flatten(shapes), defaults, "dynamic", opset)
+    graph.seconds = time.perf_counter() - start
+    return graph
+
+
+def check_additive(adapter: Adapter) -> None:
+    """Refuse what is not an additive low-rank term on a layer's input."""
+    where = adapter.path
+    if adapter.config.use_dora:
+        raise AdapterError(f"{where}: DoRA cannot be expressed as an additive low-rank input (merge it instead)")
+    embedded = next((m.name for m in adapter.modules.values() if m.embedding), None)
+    if embedded is not None:
+        raise AdapterError(
+            f"{where}: embedding LoRA on {embedded} cannot be expressed as an additive low-rank input "
+            "(merge it instead)"
+        )
+    if adapter.replacements:
+        first = sorted(adapter.replacements)[0]
+        raise AdapterError(
+            f"{where}: the adapter replaces base tensors ({first}, modules_to_save or trained bias); "
+            "that cannot be expressed as an additive low-rank input (merge it instead)"
+        )
+
+
+def check_output_path(path: Path) -> None:
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise BadInputError(f"{path.parent}: directory does not exist")
+
+
+def load_model(model_dir: str | os.PathLike, task: str) -> tuple[nn.Module, str, list[str], str]:
+    """The base model as export.py loads it (float32, eval, eager attention), so dynamic
+    and merged graphs are built alike; returns (model, task, input names, output name)."""
+    from .export import TASK_OUTPUT, load_config, load_for_task, resolve_task
+    from .samples import model_input_names
+
+    config = load_config(model_dir)
+    task = resolve_task(task, config)
+    model = load_for_task(model_dir, task, "float32")
+    return model, task, model_input_names(config), TASK_OUTPUT[task]
+
+
+def resolve_slots(model: nn.Module, adapters: list[Adapter], targets) -> dict[str, LoraSlot]:
+    """Targeted layers: the adapters' layers (renamed to the model's paths) plus `targets`."""
+    modules = dict(model.named_modules())
+    placed: list[tuple[Adapter, LoraModule, str]] = []  # (adapter, module, model path)
+    for adapter in adapters:
+        try:
+            rename = choose_prefix(list(adapter.modules), modules)
+        except AdapterError as exc:
+            raise AdapterError(f"{adapter.path}: {exc}") from None
+        placed += [(adapter, lora, rename(lora.name)) for lora in adapter.modules.values()]
+    names = {path for _, _, path in placed}
+    if targets:
+        matched = {n for n in modules if n and matches_target(n, targets)}
+        if not matched:
+            raise BadInputError(f"targets {targets!r} match no module of the model")
+        names |= matched
+    slots = {name: make_slot(name, modules[name]) for name in sorted(names)}
+    for adapter, lora, path in placed:
+        check_fits(lora, slots[path], adapter.path)
+    return slots
+
+
+def matches_target(name: str, targets: Sequence[str] | str) -> bool:
+    """PEFT's target_modules rule."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def make_slot(name: str, layer: nn.Module) -> LoraSlot:
+    kind = layer_kind(layer)
+    if kind == "linear":
+        return LoraSlot(name, kind, layer.in_features, layer.out_features)
+    if kind == "transposed":
+        in_features, out_features = layer.weight.shape
+        return LoraSlot(name, kind, int(in_features), int(out_features))
+    raise AdapterError(f"{name}: LoRA on a {kind} layer cannot be expressed as an additive low-rank input")
+
+
+def check_fits(lora: LoraModule, slot: LoraSlot, where) -> None:
+    if lora.a.shape[1] != slot.in_features or lora.b.shape[0] != slot.out_features:
+        raise AdapterError(
+            f"{where}: module {lora.name} is {lora.a.shape[1]} -> {lora.b.shape[0]} features "
+            f"but layer {slot.module} is {slot.in_features} -> {slot.out_features}"
+        )
+
+
+def example_lora(slots: Mapping[str, LoraSlot], with_bias: bool) -> list[list[torch.Tensor]]:
+    """Tracing values for each layer's (A, B[, bias]); random so nothing looks constant."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for s in slots.values():
+        tensors = [small_random((s.in_features, EXAMPLE_RANK), gen), small_random((EXAMPLE_RANK, s.out_features), gen)]
+        out.append(tensors + ([small_random((s.out_features,), gen)] if with_bias else []))
+    return out
+
+
+def small_random(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Seeded, and small enough that a dozen LoRA layers keep activations in range."""
+    return torch.randn(shape, generator=gen) * 0.1
+
+
+def lora_dims(slot: LoraSlot, with_bias: bool) -> list:
+    rank = torch.export.Dim(slot.rank_dim)
+    return [{1: rank}, {0: rank}] + ([{}] if with_bias else [])
+
+
+def flatten(nested: list[list]) -> list:
+    return [x for group in nested for x in group]
+
+
+def low_rank_update(x: torch.Tensor, tensors: list[torch.Tensor], _ids) -> torch.Tensor:
+    """(x @ A) @ B (+ bias), A [in, r], B [r, out]."""
+    y = torch.matmul(torch.matmul(x, tensors[0]), tensors[1])
+    return y + tensors[2] if len(tensors) == 3 else y
+
+
+class LoraExport(nn.Module):
+    """The module handed to the exporter: the HF model plus LoRA tensors as extra inputs.
+
+    Forward hooks on the targeted layers (the base modules themselves, not wrappers)
+    add `update(x, tensors, ids)`, so every base parameter keeps its name. Tensors for a
+    call are parked on the module for the duration of forward; non-strict export traces
+    plain Python, so this plumbing leaves no trace in the graph.
+    """
+
+    PREFIX = "base."  # the model's attribute below: traced weight names start with it
+
+    def __init__(self, model: nn.Module, graph: DynamicGraph, per_layer: int, update: Callable):
+        super().__init__()
+        self.base = model
+        self.input_names = graph.inputs
+        self.output_name = graph.output
+        self.layers = list(graph.slots)
+        self.per_layer = per_layer  # LoRA tensors per layer, in input order
+        self.update = update
+        # Decoders would otherwise trace and return their key/value cache.
+        self.extra_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        self.current: dict[str, list[torch.Tensor]] = {}
+        self.ids: torch.Tensor | None = None
+        modules = dict(model.named_modules())
+        self.hooks = [modules[name].register_forward_hook(self.hook(name)) for name in graph.slots]
+
+    def hook(self, name: str):
+        def add_lora(_layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if name not in self.current:
+                return output
+            return output + self.update(args[0], self.current[name], self.ids)
+
+        return add_lora
+
+    def forward(self, inputs: list[torch.Tensor], lora: list[torch.Tensor]):
+        # Inputs past the model's own are adapter ids (multi-adapter graphs).
+        self.ids = inputs[len(self.input_names)] if len(inputs) > len(self.input_names) else None
+        k = self.per_layer
+        self.current = {name: lora[i * k:(i + 1) * k] for i, name in enumerate(self.layers)}
+        try:
+            named = dict(zip(self.input_names, inputs[: len(self.input_names)]))
+            out = self.base(**named, **self.extra_kwargs, return_dict=True)
+        finally:
+            self.current, self.ids = {}, None
+        return getattr(out, self.output_name)
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
+def build_graph(wrapper: LoraExport, graph: DynamicGraph, lora: list[torch.Tensor], lora_shapes: list,
+                defaults: dict[str, np.ndarray], kind: str, opset: int | None,
+                extra: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Trace, name the graph exactly, prove it against PyTorch on the example, move it into place.
+
+    `lora` are tracing values of the LoRA inputs (in `defaults` order), `defaults` the
+    initializers they get; `extra` inputs sit between the model's inputs and the LoRA
+    ones (adapter_ids). Two runs are proven: the LoRA inputs fed, and left at their
+    defaults. Hooks are removed before returning, whatever happens.
+    """
+    extra = dict(extra or {})
+    inputs = example_inputs(graph.inputs)
+    try:
+        wrapper.eval()
+        with torch.no_grad():
+            expected_fed = wrapper(inputs + list(extra.values()), lora).numpy()
+            as_default = [torch.from_numpy(a) for a in defaults.values()]
+            expected_default = wrapper(inputs + list(extra.values()), as_default).numpy()
+        ir_model = run_exporter(wrapper, inputs, list(extra.values()), lora, lora_shapes, opset)
+    finally:
+        wrapper.remove_hooks()
+    finish_graph(ir_model, graph, list(defaults), list(defaults.values()), kind, wrapper.base, list(extra))
+    feeds = {n: t.numpy() for n, t in zip(graph.inputs + list(extra), inputs + list(extra.values()))}
+    fed = {**feeds, **{n: t.numpy() for n, t in zip(defaults, lora)}}
+
+    def prove(tmp: Path) -> None:
+        try:
+            session = make_session(tmp, None)
+            with_fed, with_default = (run_session(session, f)[graph.output] for f in (fed, feeds))
+        except BadInputError as exc:  # here a failure of the export, not of the user's input
+            raise ExportError(f"ONNX Runtime cannot run the exported graph: {exc}") from None
+        check_close(with_fed, expected_fed, "with LoRA inputs fed")
+        check_close(with_default, expected_default, "with default LoRA inputs")
+
+    save_model(ir_model, graph.path, prove)
+
+
+def example_inputs(names: list[str]) -> list[torch.Tensor]:
+    """Token ids, a mask with one padded position, zero token types: [batch, sequence] each."""
+    gen = torch.Generator().manual_seed(0)
+    values = {"input_ids": torch.randint(3, 100, (EXAMPLE_BATCH, EXAMPLE_SEQUENCE), generator=gen)}
+    mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_SEQUENCE, dtype=torch.long)
+    mask[-1, -1] = 0  # right padding: rows stay partly unmasked, so outputs are defined
+    values["attention_mask"] = mask
+    values["token_type_ids"] = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQUENCE, dtype=torch.long)
+    unknown = [n for n in names if n not in values]
+    if unknown:
+        raise ExportError(f"no example values for model input(s) {', '.join(unknown)}")
+    return [values[n] for n in names]
+
+
+def check_close(actual: np.ndarray, expected: np.ndarray, label: str) -> None:
+    """float32 parity between ONNX Runtime and PyTorch (the tolerance export.py uses)."""
+    if actual.shape != expected.shape or not np.allclose(actual, expected, atol=1e-4, rtol=1e-3):
+        worst = float(np.abs(actual - expected).max()) if actual.shape == expected.shape else float("nan")
+        raise ExportError(f"exported graph differs from PyTorch {label} (max abs error {worst:.3g})")
+
+
+def run_exporter(wrapper: LoraExport, inputs: list[torch.Tensor], extra: list[torch.Tensor],
+                 lora: list[torch.Tensor], lora_shapes: list, opset: int | None):
+    """torch.onnx.export (dynamo, non-strict) -> onnx_ir model.
+
+    The exporter's graph optimiser is off: it folds Transpose(weight) into new
+    anonymous initializers and merges identical ones, which would rename base weights.
+    ONNX Runtime performs the same folding at session load, on the base weights only,
+    since overridable initializers are never treated as constants.
+    """
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dims = [{0: batch, 1: sequence} for _ in inputs] + [{0: batch} for _ in extra]
+    try:
+        with torch.no_grad(), quiet_exporter():
+            program = torch.onnx.export(
+                wrapper,
+                (inputs + extra, lora),
+                dynamic_shapes=(dims, lora_shapes),
+                dynamo=True,
+                optimize=False,
+                opset_version=opset,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"torch.onnx.export failed: {first[:300]}") from exc
+    return program.model
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """Hide the exporter's known harmless noise: A and B of a layer share their rank
+    dimension ("axis name ... shares the same shape constraints"), torchvision ops are
+    absent, a pytree deprecation."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*shares the same shape constraints")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+            yield
+    finally:
+        registry.setLevel(level)
+
+
+# --------------------------------------------------------------------------
+# Post-processing: exact names and rank-0 defaults
+# --------------------------------------------------------------------------
+
+
+def default_value(name: str, graph: DynamicGraph) -> np.ndarray:
+    """The rank-0 default of a dynamic graph's LoRA input: the base model, exactly."""
+    module, suffix = split_lora_name(name)
+    slot = graph.slots[module]
+    if suffix == A_SUFFIX:
+        return np.zeros((slot.in_features, 0), np.float32)
+    if suffix == B_SUFFIX:
+        return np.zeros((0, slot.out_features), np.float32)
+    return np.zeros((slot.out_features,), np.float32)
+
+
+def split_lora_name(name: str) -> tuple[str, str]:
+    for suffix in (A_SUFFIX, B_SUFFIX, BIAS_SUFFIX):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    raise ValueError(f"{name!r} is not a LoRA input name")
+
+
+def finish_graph(ir_model, graph: DynamicGraph, lora_names: list[str], defaults: list[np.ndarray], kind: str,
+                 model: nn.Module, extra_names: Sequence[str]) -> None:
+    """Name inputs/outputs exactly, strip the wrapper prefix, add overridable defaults."""
+    import onnx_ir as ir
+
+    g = ir_model.graph
+    names = list(graph.inputs) + list(extra_names) + list(lora_names)
+    if len(g.inputs) != len(names) or len(g.outputs) != 1:
+        raise ExportError(f"exported graph has {len(g.inputs)} inputs / {len(g.outputs)} outputs, "
+                          f"expected {len(names)} / 1")
+    for value, name in zip(g.inputs, names):
+        value.name = name
+    g.outputs[0].name = graph.output
+    strip_prefix(g, LoraExport.PREFIX)
+    untangle_tied(g, model)
+    lora_values = g.inputs[len(names) - len(lora_names):]
+    for value, array in zip(lora_values, defaults):
+        if not value.uses():
+            # An input nobody reads means the exporter folded the LoRA path away.
+            raise ExportError(f"exported graph does not use LoRA input {value.name}")
+        value.const_value = ir.tensor(array, name=value.name)
+        g.register_initializer(value)  # also a graph input: ONNX Runtime may override it
+    ir_model.metadata_props[METADATA_KEY] = json.dumps(graph.metadata(kind))
+    ir_model.producer_name = "lora-deploy"
+
+
+def strip_prefix(g, prefix: str) -> None:
+    """Base weights were traced as `base.<name>` (the wrapper's attribute): restore <name>."""
+    for value in list(g.initializers.values()):
+        if value.name.startswith(prefix) and value.name[len(prefix):] not in g.initializers:
+            value.name = value.name[len(prefix):]
+
+
+def untangle_tied(g, model: nn.Module) -> None:
+    """Tied tensors appear once, under whichever alias the exporter picked (GPT-2 gives
+    lm_head.weight); use the first name named_parameters() gives, the checkpoint's key."""
+    first: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    for name, tensor in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                        model.named_buffers(remove_duplicate=False)):
+        canonical[name] = first.setdefault(id(tensor), name)
+    for value in list(g.initializers.values()):
+        target = canonical.get(value.name)
+        if target and target != value.name and target not in g.initializers:
+            value.name = target
+
+
+def save_model(ir_model, path: Path, check: Callable[[Path], None] | None = None) -> None:
+    """Write the graph (and its external data when large) in a hidden sibling directory,
+    run `check` on it there, then rename into place: nothing is left behind on error."""
+    import onnx_ir as ir
+
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+        external = f"{path.name}.data" if size > EXTERNAL_DATA_BYTES else None
+        try:
+            ir.save(ir_model, tmp / path.name, external_data=external)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot write {path.name}: {str(exc).splitlines()[0]}") from None
+        if check is not None:
+            check(tmp / path.name)
+        if external:
+            os.replace(tmp / external, path.parent / external)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Reading a graph back
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class GraphInputs:
+    """Overridable inputs of a saved graph: name -> (dims, element type)."""
+
+    path: Path
+    overridable: dict[str, tuple[list, str]]
+
+
+def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
+    """Inputs that have a default initializer, read without loading the weights."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise BadInputError(f"{onnx_path}: ONNX graph not found")
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # OSError, protobuf's DecodeError and friends
+        raise BadInputError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__})") from None
+    initialized = {t.name for t in proto.graph.initializer}
+    overridable = {}
+    for value in proto.graph.input:
+        if value.name in initialized:
+            tensor = value.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+            overridable[value.name] = (dims, onnx_elem_type(tensor.elem_type))
+    return GraphInputs(onnx_path, overridable)
+
+
+def onnx_elem_type(elem_type: int) -> str:
+    import onnx
+
+    return {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}.get(elem_type, str(elem_type))
+
+
+# --------------------------------------------------------------------------
+# Packing adapters
+# --------------------------------------------------------------------------
+
+
+def pack_adapter(
+    adapter_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    onnx_path: str | os.PathLike | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write a PEFT adapter as an ONNX Runtime adapter file (.onnx_adapter).
+
+    Parameters are named and oriented as the module docstring says, scaling folded into
+    B (and the lora_B bias). Layers the adapter does not target are absent and keep
+    their rank-0 defaults. With `onnx_path`, every name must be an overridable input of
+    that graph and fit its shape and dtype; adapter module paths are renamed to the
+    graph's (one leading component added or stripped) when needed.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if dtype not in PACK_DTYPES:
+        raise BadInputError(f"unknown dtype {dtype!r} (choose {', '.join(PACK_DTYPES)})")
+    check_output_path(path)
+    adapter = load_adapter(adapter_dir)
+    check_additive(adapter)
+    params = adapter_parameters(adapter, PACK_DTYPES[dtype])
+    if onnx_path is not None:
+        params = fit_to_graph(params, adapter, read_graph_inputs(onnx_path), dtype)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in params.items()})
+    write_atomic(path, lambda tmp: fmt.export_adapter(str(tmp)))
+    return path
+
+
+def adapter_parameters(adapter: Adapter, dtype) -> dict[str, np.ndarray]:
+    """A^T, (s B)^T and s bias per module, computed in float32 and rounded once."""
+    out = {}
+    for lora in adapter.modules.values():
+        arrays = {
+            lora.name + A_SUFFIX: lora.a.float().T,
+            lora.name + B_SUFFIX: (lora.b.float() * lora.scaling).T,
+        }
+        if lora.bias is not None:
+            arrays[lora.name + BIAS_SUFFIX] = lora.bias.float() * lora.scaling
+        for name, tensor in arrays.items():
+            array = np.ascontiguousarray(tensor.numpy().astype(dtype))
+            if not np.isfinite(array).all():
+                raise NonFiniteError(f"{adapter.path}: {name} overflows {np.dtype(dtype).name}")
+            out[name] = array
+    return out
+
+
+def fit_to_graph(params: dict[str, np.ndarray], adapter: Adapter, graph: GraphInputs,
+                 dtype: str) -> dict[str, np.ndarray]:
+    """Rename parameters to the graph's module paths and check shapes and dtype."""
+    modules = {split_lora_name(n)[0]: None for n in graph.overridable if n.endswith(A_SUFFIX)}
+    if not modules:
+        raise AdapterError(f"{graph.path}: the graph has no LoRA inputs (export it with export_dynamic)")
+    try:
+        rename = choose_prefix(list(adapter.modules), modules)
+    except AdapterError:
+        missing = first_unplaced(list(adapter.modules), modules)
+        raise AdapterError(
+            f"{adapter.path}: module {missing} has no LoRA input in {graph.path.name} "
+            "(adapter for another base, or a layer the graph was not exported to target)"
+        ) from None
+    out = {}
+    for name, array in params.items():
+        module, suffix = split_lora_name(name)
+        out[rename(module) + suffix] = array
+    shapes = {n: (list(a.shape), dtype) for n, a in out.items()}
+    check_parameters(shapes, graph.overridable, adapter.path, graph.path.name)
+    return out
+
+
+def first_unplaced(names: list[str], modules: Mapping[str, object]) -> str:
+    """The first adapter module no graph layer matches, even with a prefix added or stripped."""
+    for name in names:
+        if not any(m == name or m.endswith("." + name) or name.endswith("." + m) for m in modules):
+            return name
+    return names[0]
+
+
+def check_parameters(params: Mapping[str, tuple[list, str]], graph_inputs: Mapping[str, tuple[list, str]],
+                     where, graph_name: str) -> None:
+    """Adapter parameters (name -> (shape, dtype)) against a graph's overridable inputs.
+
+    Names must exist, static dims and dtype must match, and each module's A and B come
+    together with one rank: ONNX Runtime would otherwise fail mid-run in a MatMul.
+    """
+    for name, (shape, dtype) in params.items():
+        if name not in graph_inputs:
+            hint = " (export the graph with lora_bias=True)" if name.endswith(BIAS_SUFFIX) else ""
+            raise AdapterError(f"{where}: {name} is not a LoRA input of {graph_name}{hint}")
+        dims, graph_dtype = graph_inputs[name]
+        if len(dims) != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(dims, shape)):
+            shown = [d if isinstance(d, int) else "rank" for d in dims]
+            raise AdapterError(f"{where}: {name} is {list(shape)} but {graph_name} expects {shown}")
+        if dtype != graph_dtype:
+            raise AdapterError(f"{where}: {name} is {dtype} but {graph_name} expects {graph_dtype}")
+    for name, (shape, _) in params.items():
+        if not name.endswith(A_SUFFIX):
+            continue
+        b_name = name[: -len(A_SUFFIX)] + B_SUFFIX
+        if b_name not in params or params[b_name][0][0] != shape[1]:
+            other = "missing" if b_name not in params else f"rank {params[b_name][0][0]}"
+            raise AdapterError(f"{where}: {name} has rank {shape[1]} but {b_name} is {other}")
+    for name in params:
+        if name.endswith(B_SUFFIX) and name[: -len(B_SUFFIX)] + A_SUFFIX not in params:
+            raise AdapterError(f"{where}: {name} comes without its lora_A")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a hidden temporary sibling and rename; nothing is left on error."""
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------
+# Running: task switching per call
+# --------------------------------------------------------------------------
+
+
+def make_session(onnx_path: str | os.PathLike, providers: Sequence[str] | None, options=None):
+    import onnxruntime as ort
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise BadInputError(f"{onnx_path}: ONNX graph not found")
+    if options is None:
+        options = ort.SessionOptions()
+        # Every overridable initializer draws a "will not be treated as constant" warning.
+        options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BadInputError(f"{onnx_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+
+
+def check_feeds(session, feeds: Mapping[str, np.ndarray], reserved: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """Known names only; overridable feeds must fit their static dims."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    overridable = {i.name: i for i in session.get_overridable_initializers()}
+    reserved = set(reserved)
+    out = {}
+    for name, value in feeds.items():
+        if name in reserved:
+            raise BadInputError(f"{name} is set through its own argument, not feeds")
+        if name not in inputs and name not in overridable:
+            raise BadInputError(f"unknown input {name!r} (the graph takes {', '.join(sorted(inputs))})")
+        value = np.asarray(value)
+        if name in overridable:
+            check_dims(name, value, overridable[name].shape)
+        out[name] = value
+    missing = sorted(set(inputs) - set(out) - reserved)
+    if missing:
+        raise BadInputError(f"missing input(s): {', '.join(missing)}")
+    return out
+
+
+def check_dims(name: str, value: np.ndarray, dims: list) -> None:
+    if len(dims) != value.ndim or any(isinstance(d, int) and d != n for d, n in zip(dims, value.shape)):
+        raise BadInputError(f"{name} is {list(value.shape)} but the graph expects {dims}")
+
+
+def run_session(session, feeds: dict, options=None) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, feeds, options)
+    except Exception as exc:  # ONNX Runtime's InvalidArgument/Fail
+        raise BadInputError(f"ONNX Runtime rejected the inputs: {str(exc).splitlines()[0][:300]}") from None
+    return dict(zip(names, values))
+
+
+class DynamicSession:
+    """A dynamic graph loaded once; adapters loaded by name and chosen per call.
+
+    >>> s = DynamicSession("model.onnx")
+    >>> s.load_adapter("task-a", "a.onnx_adapter")
+    >>> s.run({"input_ids": ids, "attention_mask": mask}, adapter="task-a")["logits"]
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, *, providers: Sequence[str] | None = None, options=None):
+        self.path = Path(onnx_path)
+        self.session = make_session(self.path, providers, options)
+        self.overridable = {
+            i.name: (i.shape, ONNX_FLOAT_TYPES.get(i.type, i.type)) for i in self.session.get_overridable_initializers()
+        }
+        self.adapters: dict[str, object] = {}
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load a packed adapter (once, memory-mapped) under `name`, after checking it fits the graph."""
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise AdapterError(f"{path}: adapter file not found")
+        try:
+            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        except Exception as exc:  # a corrupt flatbuffer
+            raise AdapterError(f"{path}: not an ONNX Runtime adapter file ({str(exc).splitlines()[0][:200]})") from None
+        shapes = {n: (list(v.shape()), ONNX_FLOAT_TYPES.get(v.data_type(), v.data_type())) for n, v in params.items()}
+        check_parameters(shapes, self.overridable, path, self.path.name)
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        self.adapters[name] = adapter
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
+
+    def run(self, feeds: Mapping[str, np.ndarray], adapter: str | None = None) -> dict[str, np.ndarray]:
+        """One forward pass with `adapter` active (None: the base model). Returns outputs by name."""
+        import onnxruntime as ort
+
+        feeds = check_feeds(self.session, feeds)
+        options = ort.RunOptions()
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise BadInputError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self.adapters) or 'none'})")
+            options.add_active_adapter(self.adapters[adapter])
+        return run_session(self.session, feeds, options)

@@ -1,0 +1,230 @@
+"""One ONNX graph serving several adapters in one batch: row i uses adapter adapter_ids[i].
+
+`export_multi` exports the base model with an extra input
+
+    adapter_ids   int64 [batch]   position of the adapter in the list given at export;
+                                  -1 = the base model alone
+
+and, on every layer any of the adapters targets, two weight banks (three with lora_bias):
+
+    <module>.lora_A.bank       [n_adapters, in_features, rank]   A^T of each adapter
+    <module>.lora_B.bank       [n_adapters, rank, out_features]  (scaling * B)^T of each adapter
+    <module>.lora_B.bias_bank  [n_adapters, out_features]        scaling * lora_B bias
+                                                                  (only when an adapter has one)
+
+`rank` is the largest rank any adapter uses on that layer (a symbolic dimension, one per
+layer); smaller ranks are zero-padded, and an adapter that does not target the layer has
+an all-zero slice. Row i adds (x_i @ A[id_i]) @ B[id_i]. The banks are initializers that
+are also graph inputs, so a bank can be replaced at run time by feeding it (same
+n_adapters, any rank) without re-exporting.
+
+In the graph an id outside [0, n_adapters) selects no adapter: the row's A slice is
+multiplied by zero, so it runs as the base model. `MultiSession.run` refuses such ids
+before running (BadInputError); only -1 means "base" there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapter import Adapter, load_adapter
+from .dynamic import (
+    EXAMPLE_BATCH,
+    EXAMPLE_RANK,
+    METADATA_KEY,
+    DynamicGraph,
+    LoraExport,
+    LoraSlot,
+    adapter_parameters,
+    build_graph,
+    check_additive,
+    check_feeds,
+    check_output_path,
+    flatten,
+    load_model,
+    make_session,
+    resolve_slots,
+    run_session,
+    small_random,
+    split_lora_name,
+)
+from .errors import BadInputError
+from .unmerged import choose_prefix
+
+IDS_INPUT = "adapter_ids"
+A_BANK = ".lora_A.bank"
+B_BANK = ".lora_B.bank"
+BIAS_BANK = ".lora_B.bias_bank"
+BASE_ID = -1
+
+
+def bank_names(slot: LoraSlot, with_bias: bool) -> list[str]:
+    names = [slot.module + A_BANK, slot.module + B_BANK]
+    return names + ([slot.module + BIAS_BANK] if with_bias else [])
+
+
+def export_multi(
+    model_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    adapter_dirs: Sequence[str | os.PathLike],
+    *,
+    task: str = "auto",
+    opset: int | None = None,
+) -> DynamicGraph:
+    """Export one graph holding every adapter of `adapter_dirs`; the id of each is its position."""
+    start = time.perf_counter()
+    path = Path(path)
+    check_output_path(path)
+    adapter_dirs = [adapter_dirs] if isinstance(adapter_dirs, (str, os.PathLike)) else list(adapter_dirs)
+    if not adapter_dirs:
+        raise BadInputError("export_multi needs at least one adapter")
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    for adapter in adapters:
+        check_additive(adapter)
+    model, task, inputs, output = load_model(model_dir, task)
+    slots = resolve_slots(model, adapters, None)
+    with_bias = any(a.config.lora_bias for a in adapters)
+    names = adapter_names(adapter_dirs)
+    graph = DynamicGraph(path, slots, inputs, output, task, with_bias, adapters=names)
+    banks = build_banks(model, adapters, slots, with_bias)
+    wrapper = LoraExport(model, graph, 3 if with_bias else 2, banked_update)
+    # Row 0 uses the last adapter, row 1 the base model: both paths are proven.
+    ids = torch.tensor([len(adapters) - 1, BASE_ID][:EXAMPLE_BATCH])
+    example = flatten(example_banks(slots, len(adapters), with_bias))
+    shapes = flatten([bank_dims(slot, with_bias) for slot in slots.values()])
+    build_graph(wrapper, graph, example, shapes, banks, "multi", opset, extra={IDS_INPUT: ids})
+    graph.seconds = time.perf_counter() - start
+    return graph
+
+
+def adapter_names(adapter_dirs: list) -> list[str]:
+    """Directory names, made unique with "#<id>" so each names exactly one id."""
+    names = [Path(d).resolve().name for d in adapter_dirs]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def build_banks(model: nn.Module, adapters: list[Adapter], slots: Mapping[str, LoraSlot],
+                with_bias: bool) -> dict[str, np.ndarray]:
+    """Every layer's banks, adapters stacked in order, zero-padded to the layer's largest rank."""
+    modules = dict(model.named_modules())
+    per_adapter = [renamed_parameters(a, modules) for a in adapters]
+    n = len(adapters)
+    banks: dict[str, np.ndarray] = {}
+    for slot in slots.values():
+        ranks = [p[slot.a_name].shape[1] for p in per_adapter if slot.a_name in p]
+        rank = max(ranks)
+        a_bank = np.zeros((n, slot.in_features, rank), np.float32)
+        b_bank = np.zeros((n, rank, slot.out_features), np.float32)
+        bias_bank = np.zeros((n, slot.out_features), np.float32)
+        for k, params in enumerate(per_adapter):
+            if slot.a_name in params:
+                r = params[slot.a_name].shape[1]
+                a_bank[k, :, :r] = params[slot.a_name]
+                b_bank[k, :r, :] = params[slot.b_name]
+            if slot.bias_name in params:
+                bias_bank[k] = params[slot.bias_name]
+        for name, bank in zip(bank_names(slot, with_bias), (a_bank, b_bank, bias_bank)):
+            banks[name] = bank
+    return banks
+
+
+def renamed_parameters(adapter: Adapter, modules: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
+    """The adapter's packed parameters (A^T, (sB)^T, s*bias), keyed by the model's module paths."""
+    rename = choose_prefix(list(adapter.modules), modules)
+    out = {}
+    for name, array in adapter_parameters(adapter, np.float32).items():
+        module, suffix = split_lora_name(name)
+        out[rename(module) + suffix] = array
+    return out
+
+
+def example_banks(slots: Mapping[str, LoraSlot], n: int, with_bias: bool) -> list[list[torch.Tensor]]:
+    """Random tracing values at a rank of 3: real ranks may be 1, which the exporter would specialise."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for s in slots.values():
+        tensors = [small_random((n, s.in_features, EXAMPLE_RANK), gen),
+                   small_random((n, EXAMPLE_RANK, s.out_features), gen)]
+        out.append(tensors + ([small_random((n, s.out_features), gen)] if with_bias else []))
+    return out
+
+
+def bank_dims(slot: LoraSlot, with_bias: bool) -> list:
+    rank = torch.export.Dim(slot.rank_dim)
+    return [{2: rank}, {1: rank}] + ([{}] if with_bias else [])
+
+
+def banked_update(x: torch.Tensor, banks: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Row i: (x_i @ A[ids_i]) @ B[ids_i] (+ bias[ids_i]); ids outside the bank add exactly 0."""
+    n = banks[0].shape[0]
+    valid = (ids >= 0) & (ids < n)
+    pick = torch.where(valid, ids, torch.zeros_like(ids))  # a safe index for the gather
+    keep = valid.to(x.dtype)
+    # Zeroing the (smaller) A slice makes the whole update 0 for base rows.
+    a = banks[0][pick] * keep.reshape(-1, 1, 1)
+    b = banks[1][pick]
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
+    y = torch.matmul(torch.matmul(rows, a), b)
+    if len(banks) == 3:
+        y = y + (banks[2][pick] * keep.reshape(-1, 1)).unsqueeze(1)
+    return y.reshape(*x.shape[:-1], b.shape[-1])
+
+
+class MultiSession:
+    """A multi-adapter graph loaded once; each call picks an adapter per batch row.
+
+    >>> s = MultiSession("multi.onnx")
+    >>> s.run({"input_ids": ids, "attention_mask": mask}, adapter_ids=[0, 1, -1, 1])["logits"]
+
+    Ids may also be adapter names (as listed in `adapters`) or None for the base model.
+    Feeding `<module>.lora_A.bank` etc. in `feeds` replaces that bank for the call.
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, *, providers: Sequence[str] | None = None, options=None):
+        self.path = Path(onnx_path)
+        self.session = make_session(self.path, providers, options)
+        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        info = json.loads(meta) if meta else {}
+        if info.get("format") != "multi":
+            raise BadInputError(f"{self.path}: not a multi-adapter graph (export it with export_multi)")
+        self.adapters: list[str] = list(info["adapters"])
+        self.batch_input: str = info["inputs"][0]
+
+    def run(self, feeds: Mapping[str, np.ndarray], adapter_ids: Sequence[int | str | None]) -> dict[str, np.ndarray]:
+        """One forward pass; returns outputs by name."""
+        checked = check_feeds(self.session, feeds, reserved=[IDS_INPUT])
+        checked[IDS_INPUT] = self.ids_array(adapter_ids, np.asarray(checked[self.batch_input]).shape[0])
+        return run_session(self.session, checked)
+
+    def ids_array(self, adapter_ids: Sequence[int | str | None], batch: int) -> np.ndarray:
+        """Validated int64 ids, one per row: BadInputError for anything out of range."""
+        ids = [self.adapter_id(x) for x in adapter_ids]
+        if len(ids) != batch:
+            raise BadInputError(f"adapter_ids has {len(ids)} entries but the batch has {batch} rows")
+        return np.asarray(ids, dtype=np.int64)
+
+    def adapter_id(self, value: int | str | None) -> int:
+        if value is None:
+            return BASE_ID
+        if isinstance(value, str):
+            if value not in self.adapters:
+                raise BadInputError(f"unknown adapter {value!r} (the graph holds {', '.join(self.adapters)})")
+            return self.adapters.index(value)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise BadInputError(f"adapter id {value!r} is not an integer")
+        if not BASE_ID <= int(value) < len(self.adapters):
+            raise BadInputError(
+                f"adapter id {int(value)} is out of range: use 0..{len(self.adapters) - 1}, or -1 for the base model"
+            )
+        return int(value)
+
+
+__all__ = ["export_multi", "MultiSession", "IDS_INPUT", "A_BANK", "B_BANK", "BIAS_BANK", "BASE_ID"]
