@@ -130,6 +130,12 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str,
 @click.argument("adapter", type=existing_dir)
 @click.option("--merged", type=existing_dir, help="Merged checkpoint to check (weights and outputs).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), help="ONNX model to check in ONNX Runtime.")
+@click.option("--dynamic", "dynamic_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Dynamic-adapter graph: checked with the adapter active and with none.")
+@click.option("--packed", "packed_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The .onnx_adapter to activate on --dynamic (default: pack ADAPTER on the fly).")
+@click.option("--multi", "multi_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Multi-adapter graph holding ADAPTER: its rows, no-adapter rows and a mixed batch.")
 @click.option("--atol", type=float, help="Absolute output tolerance (default by dtype).")
 @click.option("--rtol", type=float, help="Relative output tolerance (default by dtype).")
 @click.option("--batch", type=int, default=2, show_default=True)
@@ -139,11 +145,13 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str,
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @run_guarded
-def verify(base, adapter, merged, onnx_path, atol, rtol, batch, seq, seed, task, report, as_json) -> None:
+def verify(base, adapter, merged, onnx_path, dynamic_path, packed_path, multi_path, atol, rtol, batch, seq, seed,
+           task, report, as_json) -> None:
     """Check that artifacts compute what BASE + ADAPTER compute (exit 1 if not)."""
     from .verify import verify as run_verify
 
-    result = run_verify(base, adapter, merged_dir=merged, onnx_path=onnx_path, atol=atol, rtol=rtol,
+    result = run_verify(base, adapter, merged_dir=merged, onnx_path=onnx_path, dynamic_path=dynamic_path,
+                        packed_path=packed_path, multi_path=multi_path, atol=atol, rtol=rtol,
                         batch=batch, seq=seq, seed=seed, task=task)
     if report:
         write_json_atomic(report, result.to_dict())
@@ -183,14 +191,31 @@ def export() -> None:
                                            "feature-extraction"]), default="auto", show_default=True)
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--dynamic-adapters", is_flag=True,
+              help="Keep LoRA separate: A/B of every targeted layer become overridable graph inputs (ONNX Runtime multi-LoRA).")
+@click.option("--multi-adapter", is_flag=True,
+              help="One graph serving every --adapter at once; input adapter_ids picks one per batch row (-1 = base).")
+@click.option("--adapter", "adapters", multiple=True, type=existing_dir,
+              help="PEFT adapter whose targets (dynamic) or weights (multi) the graph takes. Repeat.")
+@click.option("--targets", help="Dynamic graph targets without an adapter, e.g. q_proj,v_proj.")
 @click.option("--json", "as_json", is_flag=True)
 @run_guarded
-def export_onnx(model, out, task, opset, dtype, as_json) -> None:
+def export_onnx(model, out, task, opset, dtype, dynamic_adapters, multi_adapter, adapters, targets, as_json) -> None:
     """Export MODEL (an HF checkpoint directory) to ONNX, checked in ONNX Runtime."""
     from dataclasses import asdict
 
+    from .errors import BadInputError
     from .export import export_checkpoint
 
+    if dynamic_adapters or multi_adapter:
+        if dynamic_adapters and multi_adapter:
+            raise BadInputError("choose one of --dynamic-adapters and --multi-adapter")
+        if dtype != "float32":
+            raise BadInputError("dynamic and multi-adapter graphs are exported in float32")
+        export_adapter_graph(model, out, task, opset, multi_adapter, adapters, targets, as_json)
+        return
+    if adapters or targets:
+        raise BadInputError("--adapter and --targets need --dynamic-adapters or --multi-adapter")
     result = export_checkpoint(model, out, task=task, opset=opset, dtype=dtype)
     if as_json:
         emit_json(asdict(result))
@@ -273,3 +298,44 @@ def bench_cmd(models, adapters, reference, backend, device, shapes, threads, rou
     if not quiet:
         click.echo(to_markdown(report), nl=False)
     check_gates(report)
+
+
+def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_json) -> None:
+    from .errors import BadInputError
+
+    if multi:
+        from .multi import export_multi
+
+        if not adapters:
+            raise BadInputError("--multi-adapter needs at least one --adapter")
+        graph = export_multi(model, out, list(adapters), task=task, opset=opset)
+    else:
+        from .dynamic import export_dynamic
+
+        if not adapters and not targets:
+            raise BadInputError("--dynamic-adapters needs --adapter ADAPTER or --targets q_proj,v_proj")
+        target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+        graph = export_dynamic(model, out, adapters=list(adapters), targets=target_list, task=task, opset=opset)
+    info = {"path": str(graph.path), "task": graph.task, "output": graph.output, "modules": sorted(graph.slots),
+            "adapters": graph.adapters, "lora_inputs": graph.lora_inputs() if not multi else []}
+    if as_json:
+        emit_json(info)
+    else:
+        kind = f"multi-adapter graph ({len(graph.adapters)} adapters)" if multi else "dynamic-adapter graph"
+        click.echo(f"exported {kind} to {graph.path}: {len(graph.slots)} LoRA layers, checked in ONNX Runtime")
+
+
+@main.command()
+@click.argument("adapter", type=existing_dir)
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .onnx_adapter file to write.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Dynamic graph to check names and shapes against.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@run_guarded
+def pack(adapter, out, onnx_path, dtype) -> None:
+    """Write ADAPTER in ONNX Runtime's adapter format for a dynamic-adapter graph."""
+    from .dynamic import pack_adapter
+
+    path = pack_adapter(adapter, out, onnx_path=onnx_path, dtype=dtype)
+    click.echo(f"packed {adapter} into {path} ({path.stat().st_size / 1e3:.1f} kB); scaling folded into B")

@@ -75,6 +75,9 @@ def verify(
     *,
     merged_dir: str | os.PathLike | None = None,
     onnx_path: str | os.PathLike | None = None,
+    dynamic_path: str | os.PathLike | None = None,
+    packed_path: str | os.PathLike | None = None,
+    multi_path: str | os.PathLike | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     batch: int = 2,
@@ -84,18 +87,39 @@ def verify(
 ) -> VerifyReport:
     """Run every check that the given artifacts allow; never raises on a mismatch."""
     adapter = load_adapter(adapter_dir)
+    graphs = Graphs(_path(onnx_path), _path(dynamic_path), _path(packed_path), _path(multi_path), Path(adapter_dir))
     report = VerifyReport(inputs={"base": str(base_dir), "adapter": str(adapter_dir), "merged": _str(merged_dir),
-                                  "onnx": _str(onnx_path), "batch": batch, "seq": seq, "seed": seed})
+                                  "onnx": _str(onnx_path), "dynamic": _str(dynamic_path), "multi": _str(multi_path),
+                                  "batch": batch, "seq": seq, "seed": seed})
     dtype = "F32"
     if merged_dir is not None:
         report.checks += check_weights(base_dir, adapter, merged_dir)
         dtype = stored_dtype(merged_dir)
-    report.checks += check_outputs(base_dir, adapter, merged_dir, onnx_path, dtype, atol, rtol, batch, seq, seed, task)
+    report.checks += check_outputs(base_dir, adapter, merged_dir, graphs, dtype, atol, rtol, batch, seq, seed, task)
     return report
+
+
+@dataclass
+class Graphs:
+    """The ONNX artifacts to check: a merged/plain graph, a dynamic one, a multi-adapter one."""
+
+    onnx: Path | None
+    dynamic: Path | None
+    packed: Path | None  # a .onnx_adapter for the dynamic graph; packed on the fly when None
+    multi: Path | None
+    adapter_dir: Path
 
 
 def _str(path) -> str | None:
     return None if path is None else str(path)
+
+
+def _path(path) -> Path | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise BadInputError(f"{path}: file not found")
+    return Path(path)
 
 
 def stored_dtype(model_dir) -> str:
@@ -190,39 +214,101 @@ def compare_weight(name: str, got: torch.Tensor, want: torch.Tensor, dtype: str)
 # ------------------------------------------------------------------ outputs ----
 
 
-def check_outputs(base_dir, adapter, merged_dir, onnx_path, dtype, atol, rtol, batch, seq, seed, task) -> list[Check]:
+def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rtol, batch, seq, seed, task) -> list[Check]:
     from .export import wrap_checkpoint
     from .runners import OnnxrtRunner, TorchRunner
     from .samples import sample_inputs
     from .unmerged import attach
 
     default_atol, default_rtol = OUTPUT_TOLERANCE[dtype]
-    atol = default_atol if atol is None else atol
-    rtol = default_rtol if rtol is None else rtol
-    reference_model = wrap_checkpoint(base_dir, task, "float32")
-    feed = sample_inputs(reference_model.model.config, batch=batch, seq=seq, seed=seed)
-    with attach(reference_model.model, adapter), TorchRunner(reference_model, name="unmerged") as runner:
-        reference = runner.infer(feed)
+    tol = (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
+    model = wrap_checkpoint(base_dir, task, "float32")
+    feed = sample_inputs(model.model.config, batch=batch, seq=seq, seed=seed)
+    with TorchRunner(model, name="base") as runner:
+        base_out = runner.infer(feed)
+        with attach(model.model, adapter):
+            reference = runner.infer(feed)
     candidates = {}
     if merged_dir is not None:
         with TorchRunner(wrap_checkpoint(merged_dir, task, "float32"), name="merged") as runner:
             candidates["merged (torch)"] = runner.infer(feed)
-    if onnx_path is not None:
-        if not Path(onnx_path).is_file():
-            raise BadInputError(f"{onnx_path}: ONNX file not found")
-        with OnnxrtRunner(onnx_path, name="onnx") as runner:
+    if graphs.onnx is not None:
+        with OnnxrtRunner(graphs.onnx, name="onnx") as runner:
             candidates["onnx (onnxruntime)"] = runner.infer(feed)
+    if graphs.dynamic is not None:
+        candidates.update(dynamic_outputs(graphs, feed))
+    if graphs.multi is not None:
+        candidates.update(multi_outputs(graphs, feed))
     if not candidates:
-        raise BadInputError("nothing to verify: give --merged and/or --onnx")
+        raise BadInputError("nothing to verify: give --merged, --onnx, --dynamic and/or --multi")
     mask = feed.get("attention_mask")
     checks = []
     for label, outputs in candidates.items():
-        for name, want in reference.items():
+        # Labels ending in "(no adapter)" must equal the base model, the rest base + adapter.
+        want_all = base_out if label.endswith("(no adapter)") else reference
+        against = "base" if want_all is base_out else "unmerged"
+        for name, want in want_all.items():
             if name not in outputs:
                 checks.append(Check(f"outputs: {label} lacks output {name}", False))
                 continue
-            checks.append(compare_outputs(f"outputs: {label} {name} vs unmerged", outputs[name], want, mask,
-                                          atol, rtol, MIN_COSINE[dtype]))
+            checks.append(compare_outputs(f"outputs: {label} {name} vs {against}", outputs[name], want, mask,
+                                          *tol, MIN_COSINE[dtype]))
+    if graphs.multi is not None:
+        checks += mixed_batch_checks(graphs, feed, mask, tol)
+    return checks
+
+
+def dynamic_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
+    """The dynamic graph with the adapter active, and with none (must be the base)."""
+    import tempfile
+
+    from .dynamic import DynamicSession, pack_adapter
+
+    session = DynamicSession(graphs.dynamic)
+    with tempfile.TemporaryDirectory() as tmp:
+        packed = graphs.packed
+        if packed is None:
+            packed = pack_adapter(graphs.adapter_dir, Path(tmp) / "adapter.onnx_adapter", onnx_path=graphs.dynamic)
+        session.load_adapter("adapter", packed)
+        return {"dynamic (adapter active)": session.run(feed, adapter="adapter"),
+                "dynamic (no adapter)": session.run(feed)}
+
+
+def multi_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
+    """The multi-adapter graph with every row on this adapter, and every row on none."""
+    from .multi import MultiSession
+
+    session = MultiSession(graphs.multi)
+    rows = len(next(iter(feed.values())))
+    own = multi_id(session, graphs)
+    return {f"multi (adapter_ids={own})": session.run(feed, [own] * rows),
+            "multi (no adapter)": session.run(feed, [None] * rows)}
+
+
+def multi_id(session, graphs: Graphs) -> int:
+    name = graphs.adapter_dir.resolve().name
+    matches = [i for i, n in enumerate(session.adapters) if n == name or n.startswith(f"{name}#")]
+    if len(matches) != 1:
+        raise BadInputError(f"{graphs.multi}: holds adapters {session.adapters}, none named {name!r} exactly once")
+    return matches[0]
+
+
+def mixed_batch_checks(graphs: Graphs, feed: dict, mask, tol) -> list[Check]:
+    """Every row of a batch mixing all adapters (and the base) equals that row run alone."""
+    from .multi import MultiSession
+
+    session = MultiSession(graphs.multi)
+    rows = len(next(iter(feed.values())))
+    choices = list(range(len(session.adapters))) + [-1]
+    ids = [choices[i % len(choices)] for i in range(rows)]
+    mixed = session.run(feed, ids)
+    checks = []
+    for row, adapter_id in enumerate(ids):
+        alone = session.run(feed, [adapter_id] * rows)
+        for name, want in alone.items():
+            row_mask = None if mask is None else mask[row:row + 1]
+            checks.append(compare_outputs(f"outputs: multi mixed batch row {row} (id {adapter_id}) {name} vs same id alone",
+                                          mixed[name][row:row + 1], want[row:row + 1], row_mask, *tol, 0.99999))
     return checks
 
 
