@@ -2,8 +2,9 @@
 
 Builds a synthetic sharded float16 LLaMA-shaped checkpoint (default about 2.1 GB) and an
 r=16 q_proj/v_proj adapter, then times, interleaved round by round:
-  copy   - copying the same shard files (shutil.copyfile)
+  copy   - copying the same shard files (shutil.copyfile), left in the page cache
   ours   - `lora-deploy merge` (the CLI's entry point, interpreter start-up included)
+  copy-fsync, ours-fsync - the same, made durable (fsync; `lora-deploy merge --fsync`)
   peft   - AutoModelForCausalLM.from_pretrained -> PeftModel -> merge_and_unload -> save_pretrained
 Each runs in its own process so its peak RSS (VmHWM) is its own. Ratios are per round
 against that round's copy, and the medians are reported.
@@ -35,18 +36,23 @@ CHILD = r"""
 import sys, time, json
 mode, base, adapter, out = sys.argv[1:5]
 t = time.perf_counter()
-if mode == "ours":
+if mode.startswith("ours"):
     from lora_deploy.cli import main
+    extra = ["--fsync"] if mode == "ours-fsync" else []
     try:
-        main(["merge", base, adapter, "-o", out, "--max-shard-size", "500MB"], standalone_mode=False)
+        main(["merge", base, adapter, "-o", out, "--max-shard-size", "500MB"] + extra, standalone_mode=False)
     except SystemExit as exc:
         if exc.code:
             raise
-elif mode == "copy":
+elif mode.startswith("copy"):
     import os, shutil
     os.makedirs(out)
     for name in os.listdir(base):
         shutil.copyfile(os.path.join(base, name), os.path.join(out, name))
+        if mode == "copy-fsync":
+            fd = os.open(os.path.join(out, name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
 elif mode == "peft":
     import torch
     from transformers import AutoModelForCausalLM
@@ -164,9 +170,10 @@ def main() -> None:
     model_bytes = sum(p.stat().st_size for p in files)
     largest = max(p.stat().st_size for p in files)
     out = args.work / "out"
-    rows = {"copy": [], "ours": [], "peft": []}
+    rows = {"copy": [], "ours": [], "copy-fsync": [], "ours-fsync": [], "peft": []}
     for r in range(args.rounds):
-        order = ["copy", "ours"] if r % 2 == 0 else ["ours", "copy"]
+        order = ["copy", "ours", "copy-fsync", "ours-fsync"]
+        order = order if r % 2 == 0 else order[::-1]
         if r < args.peft_rounds:
             order.append("peft")
         for mode in order:
@@ -174,12 +181,16 @@ def main() -> None:
             print(f"round {r} {mode}: {rows[mode][-1]['seconds']:.2f}s, peak RSS {rows[mode][-1]['peak_rss'] / 1e9:.2f} GB",
                   flush=True)
     ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows["ours"], rows["copy"])]
+    durable_ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows["ours-fsync"], rows["copy-fsync"])]
     summary = {
         "machine": machine(),
         "model_bytes": model_bytes, "largest_shard_bytes": largest, "shards": len(files),
         "copy_s": statistics.median(x["seconds"] for x in rows["copy"]),
         "ours_s": statistics.median(x["seconds"] for x in rows["ours"]),
         "ours_over_copy": statistics.median(ratio),
+        "copy_fsync_s": statistics.median(x["seconds"] for x in rows["copy-fsync"]),
+        "ours_fsync_s": statistics.median(x["seconds"] for x in rows["ours-fsync"]),
+        "ours_over_copy_fsync": statistics.median(durable_ratio),
         "ours_peak_rss": max(x["peak_rss"] for x in rows["ours"]),
         "rounds": rows,
     }

@@ -238,38 +238,84 @@ class OutputTensor:
 class BinaryFile:
     """A write-only file whose SHA-256 (for the manifest) is computed on a helper thread.
 
-    hashlib releases the GIL on large buffers, so hashing chunk n overlaps writing chunk
-    n+1; a bounded queue keeps at most a few chunks in flight.
+    Bytes copied unchanged from another file go through the kernel (copy_file_range)
+    without entering Python; the hashing thread reads the same range back from the page
+    cache. hashlib releases the GIL, so hashing overlaps writing; a bounded queue keeps
+    at most a few chunks in flight.
     """
 
-    def __init__(self, path: Path):
+    CHUNK = 16 * 1024 * 1024
+
+    def __init__(self, path: Path, durable: bool = False):
         import hashlib
         import queue
         import threading
 
         self.path = path
+        self.durable = durable
         self._f = open(path, "wb")
         self._sha = hashlib.sha256()
         self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._hash_loop, daemon=True)
         self._thread.start()
         self.size = 0
 
     def _hash_loop(self) -> None:
-        while (data := self._queue.get()) is not None:
-            self._sha.update(data)
+        while (item := self._queue.get()) is not None:
+            try:
+                if isinstance(item, tuple):
+                    self._hash_range(*item)
+                else:
+                    self._sha.update(item)
+            except OSError as exc:  # reported by close(); keep draining so writers never block
+                self._error = exc
+
+    def _hash_range(self, src: Path, start: int, end: int) -> None:
+        with open(src, "rb") as f:
+            f.seek(start)
+            while start < end:
+                block = f.read(min(self.CHUNK, end - start))
+                if not block:
+                    raise OSError(f"{src}: truncated while hashing")
+                self._sha.update(block)
+                start += len(block)
 
     def write(self, data: bytes | memoryview) -> None:
         self._f.write(data)
         self._queue.put(data)
         self.size += len(data)
 
+    def copy_from(self, src: Path, start: int, end: int) -> None:
+        """Append bytes [start, end) of src, copied by the kernel where it can."""
+        self._f.flush()
+        with open(src, "rb") as f:
+            offset = start
+            while offset < end:
+                try:
+                    n = os.copy_file_range(f.fileno(), self._f.fileno(), end - offset, offset)
+                except OSError:  # e.g. across file systems on old kernels: copy through Python
+                    n = 0
+                if n == 0:
+                    f.seek(offset)
+                    data = f.read(min(self.CHUNK, end - offset))
+                    if not data:
+                        raise CheckpointError(f"{src}: truncated while copying")
+                    n = os.write(self._f.fileno(), data)
+                offset += n
+        self._f.seek(0, os.SEEK_END)
+        self._queue.put((src, start, end))
+        self.size += end - start
+
     def close(self) -> str:
         self._queue.put(None)
         self._thread.join()
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if self.durable:
+            os.fsync(self._f.fileno())
         self._f.close()
+        if self._error is not None:
+            raise CheckpointError(f"{self.path}: hashing failed ({self._error})")
         return self._sha.hexdigest()
 
 
@@ -297,13 +343,17 @@ def write_checkpoint(
     tensors: list[OutputTensor],
     max_shard_size: int,
     on_tensor: Callable[[OutputTensor], None] | None = None,
+    durable: bool = False,
 ) -> dict[str, str]:
-    """Write tensors as safetensors shards (+ index when sharded); returns {file: sha256}."""
+    """Write tensors as safetensors shards (+ index when sharded); returns {file: sha256}.
+
+    durable=True fsyncs every shard before returning (survives power loss, costs the
+    disk's write time)."""
     shards = plan_shards(tensors, max_shard_size)
     names = shard_names(len(shards))
     hashes = {}
     for name, shard in zip(names, shards):
-        hashes[name] = _write_shard(out_dir / name, shard, on_tensor)
+        hashes[name] = _write_shard(out_dir / name, shard, on_tensor, durable)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
@@ -315,7 +365,7 @@ def write_checkpoint(
     return hashes
 
 
-def _write_shard(path: Path, shard: list[OutputTensor], on_tensor) -> str:
+def _write_shard(path: Path, shard: list[OutputTensor], on_tensor, durable: bool) -> str:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in shard:
@@ -323,7 +373,7 @@ def _write_shard(path: Path, shard: list[OutputTensor], on_tensor) -> str:
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns tensor data to 8 bytes
-    out = BinaryFile(path)
+    out = BinaryFile(path, durable)
     try:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
@@ -345,19 +395,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
-
-
-def copy_range(src: Path, start: int, end: int, out: BinaryFile, chunk: int = 16 * 1024 * 1024) -> None:
-    """Copy bytes [start, end) of src to out in chunks (hashing them on the way)."""
-    with open(src, "rb") as f:
-        f.seek(start)
-        remaining = end - start
-        while remaining:
-            data = f.read(min(chunk, remaining))
-            if not data:
-                raise CheckpointError(f"{src}: truncated while copying")
-            out.write(data)
-            remaining -= len(data)
 
 
 def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:

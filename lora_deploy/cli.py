@@ -109,16 +109,18 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
               show_default=True, help="Output dtype; auto keeps each tensor's base dtype.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--fsync", "durable", is_flag=True, help="fsync every output file before the final rename (power-loss safe).")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge manifest as JSON.")
 @run_guarded
-def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str, overwrite: bool, as_json: bool) -> None:
+def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str, overwrite: bool, durable: bool,
+          as_json: bool) -> None:
     """Merge ADAPTER into BASE, shard by shard, writing an ordinary HF checkpoint."""
     from .merge import merge as run_merge
     from .progress import byte_progress
 
     with byte_progress("merging", enabled=not as_json) as progress:
         result = run_merge(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size,
-                           overwrite=overwrite, progress=progress)
+                           overwrite=overwrite, durable=durable, progress=progress)
     if as_json:
         emit_json(result.manifest)
     else:

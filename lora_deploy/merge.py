@@ -29,7 +29,6 @@ from .checkpoint import (
     Checkpoint,
     OutputTensor,
     TensorInfo,
-    copy_range,
     file_sha256,
     parse_size,
     tensor_bytes,
@@ -70,9 +69,14 @@ def merge(
     dtype: str = "auto",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    durable: bool = False,
     progress: Progress | None = None,
 ) -> MergeResult:
-    """Merge a PEFT LoRA adapter into a safetensors checkpoint directory, shard by shard."""
+    """Merge a PEFT LoRA adapter into a safetensors checkpoint directory, shard by shard.
+
+    durable=True fsyncs every file and the directory before the final rename, so the
+    output also survives a power loss (at the cost of waiting for the disk).
+    """
     start = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
@@ -86,10 +90,12 @@ def merge(
     with staging_dir(out_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
         # Hash the inputs on a second thread while the merge reads and writes.
         input_hashes = pool.submit(hash_inputs, base, adapter)
-        out_hashes = write_checkpoint(tmp, tensors, shard_bytes, on_tensor=progress_hook(tensors, progress))
+        out_hashes = write_checkpoint(tmp, tensors, shard_bytes, progress_hook(tensors, progress), durable)
         out_hashes.update(copy_side_files(base_dir, tmp, dtype, untied=bool(plan.untie)))
         manifest = build_manifest(base, adapter, plan, tensors, dtype, shard_bytes, input_hashes.result(), out_hashes)
         write_json(tmp / MANIFEST_FILE, manifest)
+        if durable:
+            sync_tree(tmp)
     base.close()
     return MergeResult(out_dir, manifest, time.perf_counter() - start, sorted(plan.targets))
 
@@ -171,7 +177,7 @@ def output_tensors(base: Checkpoint, plan: MergePlan, dtype: str) -> list[Output
 
 def copy_producer(base: Checkpoint, info: TensorInfo, out_dtype: str):
     if out_dtype == info.dtype:
-        return lambda f: copy_range(info.file, info.start, info.end, f)
+        return lambda f: f.copy_from(info.file, info.start, info.end)
     return lambda f: f.write(tensor_bytes(base.read(info.name).to(torch_dtype(out_dtype))))
 
 
@@ -252,6 +258,21 @@ def updated_config(config: dict, dtype: str, untied: bool) -> dict:
     if untied:
         config["tie_word_embeddings"] = False
     return config
+
+
+def sync_tree(path: Path) -> None:
+    """fsync every file of a directory, then the directory itself."""
+    for child in path.iterdir():
+        fd = os.open(child, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def hash_inputs(base: Checkpoint, adapter: Adapter) -> dict[str, dict[str, str]]:
