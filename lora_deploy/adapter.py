@@ -202,8 +202,23 @@ def refuse_unsupported(raw: dict, path: Path) -> None:
     for key, why in UNMERGEABLE_FIELDS.items():
         if raw.get(key):
             raise AdapterError(f"{path}: unsupported adapter: {why}")
-    if int(raw.get("r", 8)) <= 0:
-        raise AdapterError(f"{path}: r must be positive")
+    check_numbers(raw, path)
+
+
+def check_numbers(raw: dict, path: Path) -> None:
+    """r and alpha (and their per-module patterns) must be positive numbers."""
+    def positive(value, integer: bool) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return value > 0 and math.isfinite(value) and (not integer or float(value).is_integer())
+
+    for key, integer in (("r", True), ("lora_alpha", False)):
+        if key in raw and not positive(raw[key], integer):
+            raise AdapterError(f"{path}: {key} must be a positive {'integer' if integer else 'number'}, got {raw[key]!r}")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = raw.get(key) or {}
+        if not isinstance(pattern, dict) or not all(positive(v, integer) for v in pattern.values()):
+            raise AdapterError(f"{path}: {key} must map module patterns to positive numbers")
 
 
 def read_tensors(root: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:

@@ -94,8 +94,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
     try:
         dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        valid = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and isinstance(dtype, str)
     except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"{path}: corrupt header entry for {name!r}") from None
+        valid = False
+    if not valid:
+        raise CheckpointError(f"{path}: corrupt header entry for {name!r}")
     if dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
     expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
@@ -116,6 +119,8 @@ def weight_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError):
             raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
+            raise CheckpointError(f"{index}: corrupt index (weight_map must map tensor names to shard file names)")
         names = list(dict.fromkeys(weight_map.values()))
         missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
@@ -213,7 +218,7 @@ def parse_size(text: str | int) -> int:
         value = float(digits)
     except ValueError:
         raise CheckpointError(f"cannot parse size {text!r} (use e.g. 5GB, 500MB, 200KiB)") from None
-    if unit not in units or value <= 0:
+    if unit not in units or not 0 < value < 1e15:
         raise CheckpointError(f"cannot parse size {text!r} (use e.g. 5GB, 500MB, 200KiB)")
     return int(value * units[unit])
 
@@ -268,7 +273,7 @@ class BinaryFile:
                     self._hash_range(*item)
                 else:
                     self._sha.update(item)
-            except OSError as exc:  # reported by close(); keep draining so writers never block
+            except BaseException as exc:  # reported by close(); keep draining so writers never block
                 self._error = exc
 
     def _hash_range(self, src: Path, start: int, end: int) -> None:
@@ -306,6 +311,11 @@ class BinaryFile:
         self._f.seek(0, os.SEEK_END)
         self._queue.put((src, start, end))
         self.size += end - start
+
+    def abort(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._f.close()
 
     def close(self) -> str:
         self._queue.put(None)
@@ -384,9 +394,10 @@ def _write_shard(path: Path, shard: list[OutputTensor], on_tensor, durable: bool
                 raise CheckpointError(f"internal error: {t.name} wrote {out.size - before} bytes, expected {t.nbytes}")
             if on_tensor:
                 on_tensor(t)
-    finally:
-        digest = out.close()
-    return digest
+    except BaseException:
+        out.abort()  # stop the hashing thread; the original error is what matters
+        raise
+    return out.close()
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -82,29 +82,34 @@ def merge(
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
         raise BadInputError(f"unknown dtype {dtype!r} (choose auto, {', '.join(OUTPUT_DTYPES)})")
     shard_bytes = parse_size(max_shard_size)
-    base = Checkpoint(base_dir)
-    adapter = load_adapter(adapter_dir)
-    check_output_dir(out_dir, [base_dir, Path(adapter_dir)], overwrite)
-    plan = plan_merge(adapter, base)
+    with Checkpoint(base_dir) as base:
+        adapter = load_adapter(adapter_dir)
+        check_output_dir(out_dir, [base_dir, Path(adapter_dir)], overwrite)
+        plan = plan_merge(adapter, base)
+        manifest = write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, overwrite, durable, progress)
+    return MergeResult(out_dir, manifest, time.perf_counter() - start, sorted(plan.targets))
+
+
+def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, overwrite, durable, progress) -> dict:
     tensors = output_tensors(base, plan, dtype)
     with staging_dir(out_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
         # Hash the inputs on a second thread while the merge reads and writes.
         input_hashes = pool.submit(hash_inputs, base, adapter)
         out_hashes = write_checkpoint(tmp, tensors, shard_bytes, progress_hook(tensors, progress), durable)
-        out_hashes.update(copy_side_files(base_dir, tmp, dtype, untied=bool(plan.untie)))
+        out_hashes.update(copy_side_files(base.dir, tmp, dtype, untied=bool(plan.untie)))
         manifest = build_manifest(base, adapter, plan, tensors, dtype, shard_bytes, input_hashes.result(), out_hashes)
         write_json(tmp / MANIFEST_FILE, manifest)
         if durable:
             sync_tree(tmp)
-    base.close()
-    return MergeResult(out_dir, manifest, time.perf_counter() - start, sorted(plan.targets))
+    return manifest
 
 
 def check_output_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
     resolved = out_dir.resolve()
     for path in inputs:
-        if resolved == path.resolve():
-            raise BadInputError(f"{out_dir}: output directory must differ from the inputs")
+        # --overwrite removes OUT: it must not be, or contain, an input.
+        if path.resolve() == resolved or resolved in path.resolve().parents:
+            raise BadInputError(f"{out_dir}: output directory must not be or contain an input ({path})")
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -230,20 +235,31 @@ def progress_hook(tensors: list[OutputTensor], progress: Progress | None):
     return hook
 
 
+def side_files(base_dir: Path) -> list[Path]:
+    """Non-weight files of a checkpoint (config, tokenizer, pooling configs...), recursively."""
+    out = []
+    for path in sorted(base_dir.rglob("*")):
+        rel = path.relative_to(base_dir)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.name in SKIP_FILES or path.suffix in WEIGHT_SUFFIXES:
+            continue
+        out.append(path)
+    return out
+
+
 def copy_side_files(base_dir: Path, out_dir: Path, dtype: str, untied: bool) -> dict[str, str]:
     """Copy config, tokenizer and other non-weight files; fix up config.json if needed."""
     hashes = {}
-    for path in sorted(base_dir.iterdir()):
-        if not path.is_file() or path.name in SKIP_FILES or path.name.startswith("."):
-            continue
-        if path.suffix in WEIGHT_SUFFIXES:
-            continue
-        dest = out_dir / path.name
-        if path.name == "config.json":
+    for path in side_files(base_dir):
+        rel = path.relative_to(base_dir)
+        dest = out_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if rel == Path("config.json"):
             write_json(dest, updated_config(json.loads(path.read_text()), dtype, untied))
         else:
             shutil.copy2(path, dest)
-        hashes[path.name] = file_sha256(dest)
+        hashes[str(rel)] = file_sha256(dest)
     return hashes
 
 
@@ -262,7 +278,9 @@ def updated_config(config: dict, dtype: str, untied: bool) -> dict:
 
 def sync_tree(path: Path) -> None:
     """fsync every file of a directory, then the directory itself."""
-    for child in path.iterdir():
+    for child in path.rglob("*"):
+        if not child.is_file():
+            continue
         fd = os.open(child, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -276,8 +294,10 @@ def sync_tree(path: Path) -> None:
 
 
 def hash_inputs(base: Checkpoint, adapter: Adapter) -> dict[str, dict[str, str]]:
+    """SHA-256 of every file the merge read or copied, by path relative to its directory."""
+    base_files = set(base.files) | set(side_files(base.dir))
     return {
-        "base": {p.name: file_sha256(p) for p in base.files},
+        "base": {str(p.relative_to(base.dir)): file_sha256(p) for p in sorted(base_files)},
         "adapter": {p.name: file_sha256(p) for p in adapter.files},
     }
 

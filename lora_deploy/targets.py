@@ -72,9 +72,9 @@ def read_layout(config: dict) -> Layout:
         log.debug("cannot build %s on the meta device: %s", archs, exc)
         return Layout()
     transposed = {name for name, mod in model.named_modules() if isinstance(mod, Conv1D)}
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {})
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
     if not isinstance(tied, dict) or not getattr(hf_config, "tie_word_embeddings", True):
-        tied = {}
+        tied = {}  # transformers 4.x listed tied keys without their source: treat as unknown
     return Layout(transposed=transposed, tied={str(k): str(v) for k, v in tied.items()}, known=True)
 
 
@@ -203,6 +203,4 @@ def tied_to_write(targets: dict[str, Target], replacements: dict, layout: Layout
     for tied_key, source_key in layout.tied.items():
         if source_key in changed and tied_key not in base and source_key in base:
             untie[tied_key] = source_key
-        if tied_key in targets and tied_key not in base:
-            raise AdapterError(f"{tied_key} is tied to {source_key} and not stored; cannot merge a LoRA into it")
     return untie

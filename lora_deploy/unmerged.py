@@ -25,17 +25,15 @@ class AttachedAdapter:
 
     model: nn.Module
     hooks: list = field(default_factory=list)
-    saved: dict[str, torch.Tensor] = field(default_factory=dict)  # replaced params, originals
+    restore: list = field(default_factory=list)  # (module, attribute, original Parameter)
 
     def detach(self) -> None:
         for hook in self.hooks:
             hook.remove()
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        with torch.no_grad():
-            for name, original in self.saved.items():
-                params[name].copy_(original)
+        for owner, attr, original in reversed(self.restore):
+            setattr(owner, attr, original)
         self.hooks.clear()
-        self.saved.clear()
+        self.restore.clear()
 
     def __enter__(self) -> "AttachedAdapter":
         return self
@@ -142,14 +140,22 @@ def dora_output(layer: nn.Module, kind: str, lora: LoraModule, output: torch.Ten
 
 
 def replace_parameters(model: nn.Module, adapter: Adapter, rename, handle: AttachedAdapter) -> None:
-    """modules_to_save and trained biases replace the base tensors outright."""
+    """modules_to_save and trained biases replace the base tensors outright.
+
+    The replacement gets its own Parameter, so a weight tied to it elsewhere (an output
+    projection tied to the embedding) keeps the base values, as it does in PEFT.
+    """
     params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, tensor in adapter.replacements.items():
-            key = next((k for k in (rename(name), name) if k in params), None)
-            if key is None:
-                raise AdapterError(f"adapter tensor {name!r} has no counterpart in the model")
-            if tuple(params[key].shape) != tuple(tensor.shape):
-                raise AdapterError(f"adapter tensor {name!r} does not fit {key}")
-            handle.saved[key] = params[key].detach().clone()
-            params[key].copy_(tensor.to(params[key].dtype))
+    for name, tensor in adapter.replacements.items():
+        key = next((k for k in (rename(name), name) if k in params), None)
+        if key is None:
+            raise AdapterError(f"adapter tensor {name!r} has no counterpart in the model")
+        if tuple(params[key].shape) != tuple(tensor.shape):
+            raise AdapterError(f"adapter tensor {name!r} does not fit {key}")
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        original = getattr(owner, attr)
+        handle.restore.append((owner, attr, original))
+        replacement = nn.Parameter(tensor.detach().to(original.dtype).to(original.device).clone(),
+                                   requires_grad=original.requires_grad)
+        setattr(owner, attr, replacement)

@@ -236,3 +236,64 @@ def test_console_script_reports_one_line(llama, tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     assert not out.exists()
+
+
+def test_overwrite_never_removes_an_input(llama, tmp_path):
+    base, adapter = llama  # both live under tmp_path / "in"
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "in", "--overwrite")
+    assert result.exit_code == 2 and "must not be or contain an input" in result.stderr
+    assert (base / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"r": 0}, {"r": "eight"}, {"r": 2.5}, {"lora_alpha": float("nan")}, {"rank_pattern": {"v_proj": 0}},
+     {"alpha_pattern": {"q_proj": "big"}}, {"rank_pattern": ["v_proj"]}],
+)
+def test_malformed_numbers_in_config(llama, tmp_path, changes):
+    base, adapter = llama
+    edit_config(adapter, **changes)
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out)
+
+
+def rewrite_header(path, edit):
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (n - len(raw)) if len(raw) <= n else b""
+    assert len(raw) == n, "edit must not grow the header"
+    path.write_bytes(data[:8] + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("field,value", [("data_offsets", ["0", "4"]), ("shape", [-1, 4]), ("dtype", 32)])
+def test_malformed_header_entries(llama, tmp_path, field, value):
+    base, adapter = llama
+
+    def edit(header):
+        name = next(k for k in header if k != "__metadata__")
+        header[name][field] = value
+
+    rewrite_header(base / "model.safetensors", edit)
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "corrupt")
+
+
+def test_malformed_index(reference, tmp_path):
+    base, adapter = reference("llama", "plain", sharded=True)
+    work = tmp_path / "base"
+    shutil.copytree(base, work)
+    (work / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", work, adapter, "-o", out), out, "index")
+
+
+@pytest.mark.parametrize("size", ["inf", "-5GB", "5XB", "0"])
+def test_bad_shard_size(llama, tmp_path, size):
+    base, adapter = llama
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out, "--max-shard-size", size), out, "size")
