@@ -98,12 +98,24 @@ def parse_model_specs(specs: Sequence[str]) -> dict[str, Path]:
     return models
 
 
-def parse_adapter_specs(specs: Sequence[str]) -> dict[str, Path]:
+def parse_adapter_specs(specs: Sequence[str], models: Sequence[str] = ()) -> dict[str, Path]:
     """`--adapter` values ['dynamic=x.onnx_adapter'] -> {'dynamic': Path(...)}.
 
-    The name is the model the adapter attaches to (checked in `check_plan`).
+    The name is the model the adapter attaches to (checked in `check_plan`). A bare path
+    attaches to the model named "dynamic", or to the one model that is neither "base"
+    nor "merged"; anything else is ambiguous.
     """
-    return _parse_specs(specs, "--adapter")
+    named = [s if "=" in s else f"{default_adapter_target(models, s)}={s}" for s in specs]
+    return _parse_specs(named, "--adapter")
+
+
+def default_adapter_target(models: Sequence[str], spec: str) -> str:
+    if "dynamic" in models:
+        return "dynamic"
+    others = [m for m in models if m not in ("base", "merged")]
+    if len(others) == 1:
+        return others[0]
+    raise BadInputError(f"--adapter {spec}: say which model it is for, as --adapter NAME={spec}")
 
 
 # ---------------------------------------------------------------- backends

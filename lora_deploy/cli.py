@@ -17,7 +17,7 @@ import click
 from . import __version__
 from .errors import LoraDeployError
 
-existing_dir = click.Path(exists=False, file_okay=False, path_type=Path)
+directory = click.Path(exists=False, file_okay=False, path_type=Path)  # existence is checked by the API, in one line
 
 
 def run_guarded(fn):
@@ -71,8 +71,8 @@ def main(debug: bool) -> None:
 
 
 @main.command("inspect")
-@click.argument("adapter", type=existing_dir)
-@click.option("--base", type=existing_dir, help="Base checkpoint: resolve targets and report the trainable fraction.")
+@click.argument("adapter", type=directory)
+@click.option("--base", type=directory, help="Base checkpoint: resolve targets and report the trainable fraction.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @run_guarded
 def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
@@ -102,9 +102,9 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("base", type=existing_dir)
-@click.argument("adapter", type=existing_dir)
-@click.option("-o", "--output", "out", type=existing_dir, required=True, help="Output checkpoint directory.")
+@click.argument("base", type=directory)
+@click.argument("adapter", type=directory)
+@click.option("-o", "--output", "out", type=directory, required=True, help="Output checkpoint directory.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Output dtype; auto keeps each tensor's base dtype.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
@@ -128,9 +128,9 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str,
 
 
 @main.command()
-@click.argument("base", type=existing_dir)
-@click.argument("adapter", type=existing_dir)
-@click.option("--merged", type=existing_dir, help="Merged checkpoint to check (weights and outputs).")
+@click.argument("base", type=directory)
+@click.argument("adapter", type=directory)
+@click.option("--merged", type=directory, help="Merged checkpoint to check (weights and outputs).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), help="ONNX model to check in ONNX Runtime.")
 @click.option("--dynamic", "dynamic_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Dynamic-adapter graph: checked with the adapter active and with none.")
@@ -187,7 +187,7 @@ def export() -> None:
 
 
 @export.command("onnx")
-@click.argument("model", type=existing_dir)
+@click.argument("model", type=directory)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "sequence-classification", "token-classification",
                                            "feature-extraction"]), default="auto", show_default=True)
@@ -197,7 +197,7 @@ def export() -> None:
               help="Keep LoRA separate: A/B of every targeted layer become overridable graph inputs (ONNX Runtime multi-LoRA).")
 @click.option("--multi-adapter", is_flag=True,
               help="One graph serving every --adapter at once; input adapter_ids picks one per batch row (-1 = base).")
-@click.option("--adapter", "adapters", multiple=True, type=existing_dir,
+@click.option("--adapter", "adapters", multiple=True, type=directory,
               help="PEFT adapter whose targets (dynamic) or weights (multi) the graph takes. Repeat.")
 @click.option("--targets", help="Dynamic graph targets without an adapter, e.g. q_proj,v_proj.")
 @click.option("--json", "as_json", is_flag=True)
@@ -227,7 +227,7 @@ def export_onnx(model, out, task, opset, dtype, dynamic_adapters, multi_adapter,
 
 
 @main.command()
-@click.option("-o", "--output", "out", type=existing_dir, default=Path("lora-deploy-demo"), show_default=True,
+@click.option("-o", "--output", "out", type=directory, default=Path("lora-deploy-demo"), show_default=True,
               help="Working directory for the example's files.")
 @click.option("--family", type=click.Choice(["llama", "gpt2", "bert"]), default="llama", show_default=True)
 @click.option("--variant", default="plain", show_default=True,
@@ -256,9 +256,9 @@ out_file = click.Path(dir_okay=False, path_type=Path)
 @main.command("bench")
 @click.option("--model", "models", multiple=True, required=True, metavar="NAME=PATH",
               help="A variant to time: an .onnx file (onnxruntime) or an HF checkpoint directory (torch). Repeat.")
-@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
-              help="Adapter for model NAME: an .onnx_adapter file active on every run (onnxruntime), "
-                   "or a PEFT adapter directory attached unmerged (torch).")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]PATH",
+              help="Adapter for model NAME (default: the model named dynamic): an .onnx_adapter file active on "
+                   "every run (onnxruntime), or a PEFT adapter directory attached unmerged (torch).")
 @click.option("--reference", help="Variant the others are compared with.  [default: base, else the first model]")
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -291,7 +291,8 @@ def bench_cmd(models, adapters, reference, backend, device, shapes, threads, rou
 
     with bench_progress(enabled=not quiet) as progress:
         report = run_bench(
-            parse_model_specs(models), adapters=parse_adapter_specs(adapters), backend=backend, device=device,
+            parse_model_specs(models), adapters=parse_adapter_specs(adapters, [m.split("=", 1)[0] for m in models]),
+            backend=backend, device=device,
             shapes=shapes, reference=reference, threads=threads, rounds=rounds, warmup=warmup, inner=inner,
             seed=seed, max_overhead=max_overhead, baseline_path=baseline, max_regression=max_regression,
             cuda_graphs=cuda_graphs, progress=progress,
@@ -328,16 +329,15 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_j
 
 
 @main.command()
-@click.argument("adapter", type=existing_dir)
+@click.argument("adapter", type=directory)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .onnx_adapter file to write.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Dynamic graph to check names and shapes against.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @run_guarded
-def pack(adapter, out, onnx_path, dtype) -> None:
+def pack(adapter, out, onnx_path) -> None:
     """Write ADAPTER in ONNX Runtime's adapter format for a dynamic-adapter graph."""
     from .dynamic import pack_adapter
 
-    path = pack_adapter(adapter, out, onnx_path=onnx_path, dtype=dtype)
+    path = pack_adapter(adapter, out, onnx_path=onnx_path)
     click.echo(f"packed {adapter} into {path} ({path.stat().st_size / 1e3:.1f} kB); scaling folded into B")

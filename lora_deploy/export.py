@@ -368,7 +368,10 @@ def export_module(
     Raises ExportError if export, the ONNX checker or the ONNX Runtime parity
     run fails; BadInputError for unusable arguments.
     """
-    tolerance = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
+    # An override of one tolerance keeps the float32 default of the other.
+    default_atol, default_rtol = TOLERANCES[torch.float32]
+    tolerance = None if atol is None and rtol is None else (
+        default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
     written, _, _ = _export_verified(
         module,
         example_inputs,

@@ -91,12 +91,35 @@ def verify(
     report = VerifyReport(inputs={"base": str(base_dir), "adapter": str(adapter_dir), "merged": _str(merged_dir),
                                   "onnx": _str(onnx_path), "dynamic": _str(dynamic_path), "multi": _str(multi_path),
                                   "batch": batch, "seq": seq, "seed": seed})
-    dtype = "F32"
+    dtypes = ["F32"]
     if merged_dir is not None:
         report.checks += check_weights(base_dir, adapter, merged_dir)
-        dtype = stored_dtype(merged_dir)
+        dtypes.append(stored_dtype(merged_dir))
+    if graphs.onnx is not None:
+        dtypes.append(onnx_dtype(graphs.onnx))
+    dtype = loosest(dtypes)
+    if not (Path(base_dir) / "config.json").is_file():
+        # A plain torch module's checkpoint: no architecture to run, so weights are the proof.
+        if merged_dir is None or graphs.onnx or graphs.dynamic or graphs.multi:
+            raise BadInputError(f"{base_dir}: no config.json, so outputs cannot be computed; verify --merged only")
+        report.checks.append(Check("outputs: skipped (no config.json: checked at weight level only)", True))
+        return report
     report.checks += check_outputs(base_dir, adapter, merged_dir, graphs, dtype, atol, rtol, batch, seq, seed, task)
     return report
+
+
+def loosest(dtypes: list[str]) -> str:
+    """The dtype with the widest tolerance among those involved."""
+    return max(dtypes, key=lambda d: OUTPUT_TOLERANCE[d][0])
+
+
+def onnx_dtype(path: Path) -> str:
+    """F16 when the graph's first output is float16, else F32 (decides tolerances)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    elem = model.graph.output[0].type.tensor_type.elem_type if model.graph.output else onnx.TensorProto.FLOAT
+    return {onnx.TensorProto.FLOAT16: "F16", onnx.TensorProto.BFLOAT16: "BF16"}.get(elem, "F32")
 
 
 @dataclass

@@ -326,3 +326,12 @@ def test_cuda_without_a_gpu_is_bad_input(pair):
         pytest.skip("this machine has CUDA for ONNX Runtime")
     with pytest.raises(BadInputError, match="CUDAExecutionProvider"):
         bench.run_bench(pair, device="cuda", shapes="1x4")
+
+
+def test_bare_adapter_path_attaches_to_the_dynamic_model():
+    from lora_deploy.bench import parse_adapter_specs
+
+    assert parse_adapter_specs(["x.onnx_adapter"], ["base", "merged", "dynamic"]) == {"dynamic": Path("x.onnx_adapter")}
+    assert parse_adapter_specs(["x.onnx_adapter"], ["merged", "lora"]) == {"lora": Path("x.onnx_adapter")}
+    with pytest.raises(BadInputError):
+        parse_adapter_specs(["x.onnx_adapter"], ["base", "a", "b"])

@@ -116,3 +116,20 @@ def test_adapter_from_backbone_onto_task_checkpoint(tmp_path):
     for key, tensor in merged_backbone.items():
         torch.testing.assert_close(ours[f"model.{key}"], tensor, atol=1e-6, rtol=1e-5, msg=key)
     torch.testing.assert_close(ours["lm_head.weight"], full.lm_head.weight)
+
+
+def test_verify_checks_a_custom_module_checkpoint_at_weight_level(tmp_path):
+    from lora_deploy.verify import verify
+
+    torch.manual_seed(0)
+    model = VisionController().eval()
+    save_base(model, tmp_path / "base")
+    trained_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["stem", "head.0"],
+                                   init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    report = verify(tmp_path / "base", tmp_path / "adapter", merged_dir=tmp_path / "out")
+    assert report.equivalent and "skipped" in report.checks[-1].name
+    tensors = read_checkpoint(tmp_path / "out")
+    tensors["stem.weight"][0, 0, 0, 0] += 1e-3
+    save_file(tensors, tmp_path / "out" / "model.safetensors")
+    assert not verify(tmp_path / "base", tmp_path / "adapter", merged_dir=tmp_path / "out").equivalent

@@ -137,3 +137,12 @@ def test_modules_to_save_on_a_tied_embedding(tmp_path):
                                logits_of(peft_model(tmp_path / "base", tmp_path / "adapter"), batch), atol=1e-5, rtol=1e-4)
     report = verify(tmp_path / "base", tmp_path / "adapter", merged_dir=tmp_path / "out")
     assert report.equivalent, [c for c in report.checks if not c.passed]
+
+
+def test_float16_onnx_is_checked_with_half_precision_tolerances(merged_llama, tmp_path):
+    base, adapter, merged, _ = merged_llama
+    half = tmp_path / "half.onnx"
+    export_checkpoint(merged, half, dtype="float16")
+    report = verify(base, adapter, onnx_path=half)
+    assert report.equivalent, [c for c in report.checks if not c.passed]
+    assert report.checks[-1].atol == pytest.approx(2e-2)
