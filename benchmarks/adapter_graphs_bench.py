@@ -34,7 +34,7 @@ from lora_deploy.dynamic import DynamicSession, export_dynamic, pack_adapter
 from lora_deploy.export import export_checkpoint
 from lora_deploy.merge import merge
 from lora_deploy.multi import MultiSession, export_multi
-from lora_deploy.report import plot, to_markdown, write_json
+from lora_deploy.report import machine_info, plot, to_markdown, write_json
 from lora_deploy.samples import sample_inputs
 from lora_deploy.stats import bootstrap_median_ci
 from lora_deploy.timing import measure_interleaved
@@ -175,10 +175,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--shapes", default="1x16,1x128,8x128")
+    ap.add_argument("--mixed-seqs", default="1,16,128", help="sequence lengths of the mixed-batch comparison")
+    ap.add_argument("--parts", default="latency,switching,mixed", help="which measurements to (re)run")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     files = prepare(args.work, args.hidden, args.layers, args.vocab)
+    parts = set(args.parts.split(","))
+    if "latency" in parts:
+        latency(args, files)
+    extra_path = args.out / "adapter_graphs_switching.json"
+    extra = json.loads(extra_path.read_text()) if extra_path.exists() else {}
+    if "switching" in parts:
+        extra["switching"] = switching(args.work, files, args.threads, args.rounds)
+    if "mixed" in parts:
+        seqs = [int(x) for x in args.mixed_seqs.split(",")]
+        extra["mixed_batch"] = [mixed_batch(args.work, files, args.threads, max(10, args.rounds // 2), seq) for seq in seqs]
+    extra.update({"machine": machine_info(args.threads), "threads": args.threads})
+    extra_path.write_text(json.dumps(extra, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in extra.items() if k != "machine"}, indent=2))
+
+
+def latency(args, files: dict) -> None:
     report = run_bench(
         {"base": args.work / "base.onnx", "merged": args.work / "merged.onnx",
          "dynamic": args.work / "dynamic.onnx", "multi": args.work / "multi.onnx"},
@@ -190,12 +208,7 @@ def main() -> None:
     write_json(report, args.out / "adapter_graphs_latency.json")
     (args.out / "adapter_graphs_latency.md").write_text(to_markdown(report))
     plot(report, args.out / "adapter_graphs_latency.png")
-    extra = {"switching": switching(args.work, files, args.threads, args.rounds),
-             "mixed_batch": mixed_batch(args.work, files, args.threads, max(10, args.rounds // 2)),
-             "machine": report["machine"], "threads": args.threads}
-    (args.out / "adapter_graphs_switching.json").write_text(json.dumps(extra, indent=2) + "\n")
     print(to_markdown(report))
-    print(json.dumps({k: v for k, v in extra.items() if k != "machine"}, indent=2))
 
 
 if __name__ == "__main__":
