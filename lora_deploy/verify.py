@@ -239,7 +239,7 @@ def compare_weight(name: str, got: torch.Tensor, want: torch.Tensor, dtype: str)
 
 def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rtol, batch, seq, seed, task) -> list[Check]:
     from .export import wrap_checkpoint
-    from .runners import OnnxrtRunner, TorchRunner
+    from .runners import TorchRunner
     from .samples import sample_inputs
     from .unmerged import attach
 
@@ -256,8 +256,7 @@ def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rt
         with TorchRunner(wrap_checkpoint(merged_dir, task, "float32"), name="merged") as runner:
             candidates["merged (torch)"] = runner.infer(feed)
     if graphs.onnx is not None:
-        with OnnxrtRunner(graphs.onnx, name="onnx") as runner:
-            candidates["onnx (onnxruntime)"] = runner.infer(feed)
+        candidates["onnx (onnxruntime)"] = run_onnx_with_polygraphy(graphs.onnx, feed)
     if graphs.dynamic is not None:
         candidates.update(dynamic_outputs(graphs, feed))
     if graphs.multi is not None:
@@ -278,7 +277,44 @@ def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rt
                                           *tol, MIN_COSINE[dtype]))
     if graphs.multi is not None:
         checks += mixed_batch_checks(graphs, feed, mask, tol)
+    if graphs.onnx is not None:
+        checks.append(polygraphy_check(reference, candidates["onnx (onnxruntime)"], *tol))
     return checks
+
+
+def quiet_polygraphy():
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    return G_LOGGER
+
+
+def run_onnx_with_polygraphy(path: Path, feed: dict) -> dict:
+    """The ONNX model in ONNX Runtime, through polygraphy's loader and runner."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    from .runners import ort_errors
+
+    quiet_polygraphy()
+    try:
+        with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
+            return {k: v for k, v in runner.infer(feed).items()}
+    except ort_errors() as exc:
+        raise BadInputError(f"{path}: ONNX Runtime cannot run it on the sample inputs ({str(exc).splitlines()[0]})") from None
+
+
+def polygraphy_check(reference: dict, outputs: dict, atol: float, rtol: float) -> Check:
+    """A second opinion from polygraphy's comparator (elementwise, every position)."""
+    from polygraphy.comparator import SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+
+    quiet_polygraphy()
+    compare = SimpleCompareFunc(atol=atol, rtol=rtol)
+    result = compare(IterationResult(dict(reference), runner_name="unmerged"),
+                     IterationResult({k: outputs[k] for k in reference if k in outputs}, runner_name="onnx"))
+    passed = bool(result) and all(bool(r) for r in result.values())
+    return Check("outputs: polygraphy comparator, onnx vs unmerged", passed, atol=atol, rtol=rtol,
+                 detail="" if passed else "polygraphy found outputs beyond tolerance")
 
 
 def dynamic_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
