@@ -37,11 +37,14 @@ from .checkpoint import (
 from .delta import merged_bias, merged_weight
 from .errors import BadInputError, NonFiniteError
 from .targets import MergePlan, Target, plan_merge
+from .util import library_versions
 
 MANIFEST_FILE = "merge-manifest.json"
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 SKIP_FILES = {INDEX_FILE, "pytorch_model.bin.index.json", MANIFEST_FILE}
+# Libraries whose versions the manifest records (lora-deploy itself is added too).
+MANIFEST_LIBRARIES = ("torch", "safetensors", "numpy", "transformers")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -188,7 +191,7 @@ def copy_producer(base: Checkpoint, info: TensorInfo, out_dtype: str):
 
 def merged_producer(base: Checkpoint, info: TensorInfo, target: Target, out_dtype: str, w0=None):
     def produce(f: BinaryFile) -> None:
-        base_weight = base.read(info.name) if w0 is None else w0.to(info.torch_dtype)
+        base_weight = base.read(info.name) if w0 is None else w0  # a saved base layer, at its own precision
         merged = merged_weight(target.module, target.kind, base_weight)
         target.delta_norm = float((merged - base_weight.float()).norm())
         f.write(tensor_bytes(finite(merged.to(torch_dtype(out_dtype)), info.name)))
@@ -302,18 +305,6 @@ def hash_inputs(base: Checkpoint, adapter: Adapter) -> dict[str, dict[str, str]]
     }
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"lora-deploy": __version__}
-    for name in ("torch", "safetensors", "numpy", "transformers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def build_manifest(base, adapter: Adapter, plan: MergePlan, tensors, dtype, shard_bytes, in_hashes, out_hashes) -> dict:
     modules = [
         {
@@ -331,7 +322,7 @@ def build_manifest(base, adapter: Adapter, plan: MergePlan, tensors, dtype, shar
     ]
     return {
         "tool": "lora-deploy",
-        "versions": library_versions(),
+        "versions": {"lora-deploy": __version__, **library_versions(MANIFEST_LIBRARIES)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": {
             "base": str(base.dir.resolve()),

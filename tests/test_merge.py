@@ -50,7 +50,7 @@ def test_merged_model_matches_unmerged_peft_outputs(reference, tmp_path, family,
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("family,variant", [("llama", "plain"), ("gpt2", "lora_bias"), ("bert", "dora"), ("llama", "rslora")])
+@pytest.mark.parametrize("family,variant", CASES)
 def test_half_precision_is_one_rounding_of_the_float32_result(reference, tmp_path, family, variant, dtype):
     name = str(dtype).split(".")[-1]
     base, adapter = reference(family, variant, dtype=name)
@@ -69,8 +69,11 @@ def test_half_precision_is_one_rounding_of_the_float32_result(reference, tmp_pat
         spacing = ulp(exact[key], dtype)
         # one rounding of the exact value: within half an ulp, so certainly within one
         assert ((tensor.float() - exact[key]).abs() <= spacing).all(), key
-        # PEFT rounds twice; it may be one ulp further off, never more than one from us
-        assert ((tensor.float() - theirs[key].float()).abs() <= spacing).all(), key
+        # PEFT rounds twice; it may be one ulp further off, never more than one from us.
+        # Not for embedding LoRA: there PEFT's half-precision merge drifts further (17 ulps
+        # measured on the reference llama) while ours stays within one rounding of exact.
+        if variant != "embedding":
+            assert ((tensor.float() - theirs[key].float()).abs() <= spacing).all(), key
     assert checked > 0
 
 
@@ -86,9 +89,12 @@ def test_output_dtype_option_rounds_once_and_updates_config(reference, tmp_path)
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_sharded_base_streams_into_sharded_output(reference, tmp_path, family):
-    base, adapter = reference(family, "plain", sharded=True)
+SHARDED_CASES = [(f, v) for f, v in CASES if v in ("plain", "dora", "embedding", "modules_to_save", "lora_bias")]
+
+
+@pytest.mark.parametrize("family,variant", SHARDED_CASES)
+def test_sharded_base_streams_into_sharded_output(reference, tmp_path, family, variant):
+    base, adapter = reference(family, variant, sharded=True)
     assert (base / "model.safetensors.index.json").exists()
     merge(base, adapter, tmp_path / "out", max_shard_size="100KB")
     out = tmp_path / "out"
