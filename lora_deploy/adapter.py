@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterError, NonFiniteError
+from .util import first_line
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -253,9 +254,8 @@ def read_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise AdapterError(
-            f"{path}: refused to load pickle: it holds more than plain tensors or is corrupt ({reason[:120]})"
+            f"{path}: refused to load pickle: it holds more than plain tensors or is corrupt ({first_line(exc, 120)})"
         ) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise AdapterError(f"{path}: not a mapping of tensor names to tensors")

@@ -31,7 +31,6 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from lora_deploy.runners import OnnxrtRunner, Runner, TorchRunner, check_feed, o
 from lora_deploy.samples import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, sample_inputs
 from lora_deploy.stats import enforce_gates, parse_percent
 from lora_deploy.timing import measure_interleaved
+from lora_deploy.util import first_line, library_versions
 
 # progress(shape key, rounds done, rounds in total), called after every round.
 BenchProgress = Callable[[str, int, int], None]
@@ -175,12 +175,9 @@ _ORT_NOISE = (
 )
 
 
-def _first_line(err: BaseException) -> str:
+def _error_line(err: BaseException) -> str:
     """One short line of an error; ONNX Runtime's source paths and signatures dropped."""
-    text = str(err).strip()
-    if not text:
-        return type(err).__name__
-    line = text.splitlines()[0]
+    line = first_line(err)
     for pattern in _ORT_NOISE:
         line = pattern.sub("", line)
     return line[:300]
@@ -243,7 +240,7 @@ def _ort_run_options(runner: BenchOrtRunner, adapter: Path, model_name: str) -> 
         lora = ort.LoraAdapter()
         lora.Load(str(adapter))
     except Exception as err:  # onnxruntime raises its own types for a corrupt flatbuffer
-        raise BadInputError(f"adapter {adapter}: not an ONNX Runtime adapter file ({_first_line(err)})") from None
+        raise BadInputError(f"adapter {adapter}: not an ONNX Runtime adapter file ({_error_line(err)})") from None
     _check_ort_adapter_fits(runner.session, params, where)
     options = ort.RunOptions()
     options.add_active_adapter(lora)
@@ -360,7 +357,7 @@ def _cuda_graph_call(module: Any, tensors: Mapping[str, Any], name: str) -> Call
                 output = module(**tensors)
     except RuntimeError as err:
         raise BadInputError(
-            f"model {name!r}: CUDA graph capture failed ({_first_line(err)}); rerun without CUDA graphs"
+            f"model {name!r}: CUDA graph capture failed ({_error_line(err)}); rerun without CUDA graphs"
         ) from err
 
     def call() -> None:
@@ -620,8 +617,8 @@ def first_call(variant: Variant, feed: Feed, key: str) -> Callable[[], None]:
     except _run_errors() as err:
         where = f"model {variant.name!r} ({variant.path})"
         if variant.adapter is not None and variant.bind_plain is not None and _runs(variant.bind_plain, feed):
-            raise BadInputError(f"adapter {variant.adapter} does not fit {where}: {_first_line(err)}") from err
-        raise BadInputError(f"{where} cannot run shape {key}: {_first_line(err)}") from err
+            raise BadInputError(f"adapter {variant.adapter} does not fit {where}: {_error_line(err)}") from err
+        raise BadInputError(f"{where} cannot run shape {key}: {_error_line(err)}") from err
 
 
 def prepare_shape(variants: Mapping[str, Variant], shape: Shape, seed: int) -> dict[str, Callable[[], None]]:
@@ -686,15 +683,6 @@ def measure_shapes(
         with _gc_paused():
             results[key] = measure_interleaved(shape_calls, warmup=warmup, rounds=rounds, inner=inner, progress=tick)
     return results
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the installed libraries that shape latency."""
-    versions = {}
-    for dist in _VERSIONED:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
-    return versions
 
 
 def _open_variants(
@@ -762,7 +750,7 @@ def run_bench(
                 "variants": {name: v.details for name, v in variants.items()},
                 "input_seed": seed,
                 "cuda_graphs": cuda_graphs,
-                "libraries": library_versions(),
+                "libraries": library_versions(_VERSIONED),
             }
             return build_report(
                 results, backend=backend, device=device, reference=reference, rounds=rounds, warmup=warmup,

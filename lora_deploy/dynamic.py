@@ -22,9 +22,9 @@ never constant-folds them.
 
 `pack_adapter` writes a PEFT adapter in ONNX Runtime's adapter format (.onnx_adapter)
 with those names and orientations, the scaling already folded into B. `DynamicSession`
-loads the graph once and activates any loaded adapter per call through
-RunOptions.add_active_adapter. ONNX Runtime ignores active adapters when IO binding is
-used, so the session never binds.
+(sessions.py, re-exported here) loads the graph once and activates any loaded adapter
+per call through RunOptions.add_active_adapter. ONNX Runtime ignores active adapters
+when IO binding is used, so the session never binds.
 
 DoRA and embedding LoRA are refused: DoRA rescales every output feature by a norm of
 the merged weight, and an embedding LoRA is a lookup, not x @ A; neither is an additive
@@ -34,17 +34,12 @@ low-rank term on a layer's input. Adapters that replace whole base tensors
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import itertools
 import json
-import logging
 import os
 import re
-import shutil
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +48,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import onnx_graph
 from .adapter import Adapter, LoraModule, load_adapter
 from .errors import AdapterError, BadInputError, ExportError, NonFiniteError
+# The runtime side lives in sessions.py; re-exported so `from lora_deploy.dynamic import
+# DynamicSession` keeps working. sessions.py imports nothing from here at load time.
+from .sessions import ONNX_FLOAT_TYPES, DynamicSession, check_dims, check_feeds, make_session, run_session  # noqa: F401
 from .unmerged import choose_prefix, layer_kind
 
 A_SUFFIX = ".lora_A.weight"
@@ -64,9 +63,6 @@ METADATA_KEY = "lora_deploy"
 FORMAT_VERSION = 1
 
 PACK_DTYPES = {"float32": np.float32, "float16": np.float16}
-ONNX_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
-# Graphs above this size keep their weights in a side file (protobuf's 2 GB limit).
-EXTERNAL_DATA_BYTES = 1_800_000_000
 # Example sizes for tracing; none may be 0 or 1 (the exporter would specialise them)
 # and they differ from each other so no two dynamic dimensions look related.
 EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_RANK = 2, 5, 3
@@ -360,7 +356,7 @@ def build_graph(wrapper: LoraExport, graph: DynamicGraph, lora: list[torch.Tenso
             expected_fed = wrapper(inputs + list(extra.values()), lora).numpy()
             as_default = [torch.from_numpy(a) for a in defaults.values()]
             expected_default = wrapper(inputs + list(extra.values()), as_default).numpy()
-        ir_model = run_exporter(wrapper, inputs, list(extra.values()), lora, lora_shapes, opset)
+        ir_model = export_wrapper(wrapper, inputs, list(extra.values()), lora, lora_shapes, opset)
     finally:
         wrapper.remove_hooks()
     finish_graph(ir_model, graph, list(defaults), list(defaults.values()), kind, wrapper.base, list(extra))
@@ -376,7 +372,7 @@ def build_graph(wrapper: LoraExport, graph: DynamicGraph, lora: list[torch.Tenso
         check_close(with_fed, expected_fed, "with LoRA inputs fed")
         check_close(with_default, expected_default, "with default LoRA inputs")
 
-    save_model(ir_model, graph.path, prove)
+    onnx_graph.save_atomic(ir_model, graph.path, prove)
 
 
 def example_inputs(names: list[str]) -> list[torch.Tensor]:
@@ -395,13 +391,14 @@ def example_inputs(names: list[str]) -> list[torch.Tensor]:
 
 def check_close(actual: np.ndarray, expected: np.ndarray, label: str) -> None:
     """float32 parity between ONNX Runtime and PyTorch (the tolerance export.py uses)."""
-    if actual.shape != expected.shape or not np.allclose(actual, expected, atol=1e-4, rtol=1e-3):
+    atol, rtol = onnx_graph.TOLERANCES[torch.float32]
+    if actual.shape != expected.shape or not np.allclose(actual, expected, atol=atol, rtol=rtol):
         worst = float(np.abs(actual - expected).max()) if actual.shape == expected.shape else float("nan")
         raise ExportError(f"exported graph differs from PyTorch {label} (max abs error {worst:.3g})")
 
 
-def run_exporter(wrapper: LoraExport, inputs: list[torch.Tensor], extra: list[torch.Tensor],
-                 lora: list[torch.Tensor], lora_shapes: list, opset: int | None):
+def export_wrapper(wrapper: LoraExport, inputs: list[torch.Tensor], extra: list[torch.Tensor],
+                   lora: list[torch.Tensor], lora_shapes: list, opset: int | None):
     """torch.onnx.export (dynamo, non-strict) -> onnx_ir model.
 
     The exporter's graph optimiser is off: it folds Transpose(weight) into new
@@ -411,38 +408,11 @@ def run_exporter(wrapper: LoraExport, inputs: list[torch.Tensor], extra: list[to
     """
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     dims = [{0: batch, 1: sequence} for _ in inputs] + [{0: batch} for _ in extra]
-    try:
-        with torch.no_grad(), quiet_exporter():
-            program = torch.onnx.export(
-                wrapper,
-                (inputs + extra, lora),
-                dynamic_shapes=(dims, lora_shapes),
-                dynamo=True,
-                optimize=False,
-                opset_version=opset,
-                verbose=False,
-            )
-    except Exception as exc:  # the exporter raises many types; one line for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch.onnx.export failed: {first[:300]}") from exc
+    with torch.no_grad():
+        program = onnx_graph.run_exporter(
+            wrapper, (inputs + extra, lora), dynamic_shapes=(dims, lora_shapes), opset=opset, optimize=False
+        )
     return program.model
-
-
-@contextlib.contextmanager
-def quiet_exporter():
-    """Hide the exporter's known harmless noise: A and B of a layer share their rank
-    dimension ("axis name ... shares the same shape constraints"), torchvision ops are
-    absent, a pytree deprecation."""
-    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry.level
-    registry.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*shares the same shape constraints")
-            warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
-            yield
-    finally:
-        registry.setLevel(level)
 
 
 # --------------------------------------------------------------------------
@@ -481,8 +451,8 @@ def finish_graph(ir_model, graph: DynamicGraph, lora_names: list[str], defaults:
     for value, name in zip(g.inputs, names):
         value.name = name
     g.outputs[0].name = graph.output
-    strip_prefix(g, LoraExport.PREFIX)
-    untangle_tied(g, model)
+    onnx_graph.strip_prefix(g, LoraExport.PREFIX)
+    onnx_graph.rename_tied(g, model)
     lora_values = g.inputs[len(names) - len(lora_names):]
     for value, array in zip(lora_values, defaults):
         if not value.uses():
@@ -492,50 +462,6 @@ def finish_graph(ir_model, graph: DynamicGraph, lora_names: list[str], defaults:
         g.register_initializer(value)  # also a graph input: ONNX Runtime may override it
     ir_model.metadata_props[METADATA_KEY] = json.dumps(graph.metadata(kind))
     ir_model.producer_name = "lora-deploy"
-
-
-def strip_prefix(g, prefix: str) -> None:
-    """Base weights were traced as `base.<name>` (the wrapper's attribute): restore <name>."""
-    for value in list(g.initializers.values()):
-        if value.name.startswith(prefix) and value.name[len(prefix):] not in g.initializers:
-            value.name = value.name[len(prefix):]
-
-
-def untangle_tied(g, model: nn.Module) -> None:
-    """Tied tensors appear once, under whichever alias the exporter picked (GPT-2 gives
-    lm_head.weight); use the first name named_parameters() gives, the checkpoint's key."""
-    first: dict[int, str] = {}
-    canonical: dict[str, str] = {}
-    for name, tensor in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                        model.named_buffers(remove_duplicate=False)):
-        canonical[name] = first.setdefault(id(tensor), name)
-    for value in list(g.initializers.values()):
-        target = canonical.get(value.name)
-        if target and target != value.name and target not in g.initializers:
-            value.name = target
-
-
-def save_model(ir_model, path: Path, check: Callable[[Path], None] | None = None) -> None:
-    """Write the graph (and its external data when large) in a hidden sibling directory,
-    run `check` on it there, then rename into place: nothing is left behind on error."""
-    import onnx_ir as ir
-
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        size = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
-        external = f"{path.name}.data" if size > EXTERNAL_DATA_BYTES else None
-        try:
-            ir.save(ir_model, tmp / path.name, external_data=external)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot write {path.name}: {str(exc).splitlines()[0]}") from None
-        if check is not None:
-            check(tmp / path.name)
-        if external:
-            os.replace(tmp / external, path.parent / external)
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------
@@ -704,108 +630,3 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-# --------------------------------------------------------------------------
-# Running: task switching per call
-# --------------------------------------------------------------------------
-
-
-def make_session(onnx_path: str | os.PathLike, providers: Sequence[str] | None, options=None):
-    import onnxruntime as ort
-
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise BadInputError(f"{onnx_path}: ONNX graph not found")
-    if options is None:
-        options = ort.SessionOptions()
-        # Every overridable initializer draws a "will not be treated as constant" warning.
-        options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(onnx_path), options, providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise BadInputError(f"{onnx_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
-
-
-def check_feeds(session, feeds: Mapping[str, np.ndarray], reserved: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    """Known names only; overridable feeds must fit their static dims."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    overridable = {i.name: i for i in session.get_overridable_initializers()}
-    reserved = set(reserved)
-    out = {}
-    for name, value in feeds.items():
-        if name in reserved:
-            raise BadInputError(f"{name} is set through its own argument, not feeds")
-        if name not in inputs and name not in overridable:
-            raise BadInputError(f"unknown input {name!r} (the graph takes {', '.join(sorted(inputs))})")
-        value = np.asarray(value)
-        if name in overridable:
-            check_dims(name, value, overridable[name].shape)
-        out[name] = value
-    missing = sorted(set(inputs) - set(out) - reserved)
-    if missing:
-        raise BadInputError(f"missing input(s): {', '.join(missing)}")
-    return out
-
-
-def check_dims(name: str, value: np.ndarray, dims: list) -> None:
-    if len(dims) != value.ndim or any(isinstance(d, int) and d != n for d, n in zip(dims, value.shape)):
-        raise BadInputError(f"{name} is {list(value.shape)} but the graph expects {dims}")
-
-
-def run_session(session, feeds: dict, options=None) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.get_outputs()]
-    try:
-        values = session.run(names, feeds, options)
-    except Exception as exc:  # ONNX Runtime's InvalidArgument/Fail
-        raise BadInputError(f"ONNX Runtime rejected the inputs: {str(exc).splitlines()[0][:300]}") from None
-    return dict(zip(names, values))
-
-
-class DynamicSession:
-    """A dynamic graph loaded once; adapters loaded by name and chosen per call.
-
-    >>> s = DynamicSession("model.onnx")
-    >>> s.load_adapter("task-a", "a.onnx_adapter")
-    >>> s.run({"input_ids": ids, "attention_mask": mask}, adapter="task-a")["logits"]
-    """
-
-    def __init__(self, onnx_path: str | os.PathLike, *, providers: Sequence[str] | None = None, options=None):
-        self.path = Path(onnx_path)
-        self.session = make_session(self.path, providers, options)
-        self.overridable = {
-            i.name: (i.shape, ONNX_FLOAT_TYPES.get(i.type, i.type)) for i in self.session.get_overridable_initializers()
-        }
-        self.adapters: dict[str, object] = {}
-
-    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
-        """Load a packed adapter (once, memory-mapped) under `name`, after checking it fits the graph."""
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise AdapterError(f"{path}: adapter file not found")
-        try:
-            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-        except Exception as exc:  # a corrupt flatbuffer
-            raise AdapterError(f"{path}: not an ONNX Runtime adapter file ({str(exc).splitlines()[0][:200]})") from None
-        shapes = {n: (list(v.shape()), ONNX_FLOAT_TYPES.get(v.data_type(), v.data_type())) for n, v in params.items()}
-        check_parameters(shapes, self.overridable, path, self.path.name)
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        self.adapters[name] = adapter
-
-    def unload_adapter(self, name: str) -> None:
-        self.adapters.pop(name, None)
-
-    def run(self, feeds: Mapping[str, np.ndarray], adapter: str | None = None) -> dict[str, np.ndarray]:
-        """One forward pass with `adapter` active (None: the base model). Returns outputs by name."""
-        import onnxruntime as ort
-
-        feeds = check_feeds(self.session, feeds)
-        options = ort.RunOptions()
-        if adapter is not None:
-            if adapter not in self.adapters:
-                raise BadInputError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self.adapters) or 'none'})")
-            options.add_active_adapter(self.adapters[adapter])
-        return run_session(self.session, feeds, options)

@@ -59,23 +59,20 @@ Facts about the torch 2.13 dynamo exporter this module relies on
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import logging
 import os
-import shutil
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from lora_deploy import onnx_graph
 from lora_deploy.errors import BadInputError, CheckpointError, ExportError
+from lora_deploy.onnx_graph import EXTERNAL_DATA_BYTES, TOLERANCES  # noqa: F401  (EXTERNAL_DATA_BYTES: re-exported)
 from lora_deploy.samples import model_input_names, sample_inputs
+from lora_deploy.util import first_line
 
 CAUSAL_LM = "causal-lm"
 SEQUENCE_CLASSIFICATION = "sequence-classification"
@@ -111,20 +108,6 @@ _ARCH_SUFFIX_TASK = (
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
-# ONNX files are protobufs, capped at 2 GiB including the graph. Switch to
-# external data a little before the cap so the graph itself always fits.
-EXTERNAL_DATA_BYTES = 1800 * 1024**2
-
-# Parity tolerances (atol, rtol) by the reference output's dtype. Half
-# precision is loose because torch's CPU half kernels and ONNX Runtime's
-# round intermediate results differently.
-TOLERANCES = {
-    torch.float64: (1e-6, 1e-5),
-    torch.float32: (1e-4, 1e-3),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (5e-2, 5e-2),
-}
-
 
 @dataclass(frozen=True)
 class ExportResult:
@@ -155,9 +138,9 @@ def load_config(model_dir: str | os.PathLike) -> Any:
         return AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError) as err:
         # transformers says "...has model type `x` but Transformers does not recognize..."
-        raise BadInputError(f"unsupported architecture in {directory / 'config.json'}: {_first_line(err)}") from err
+        raise BadInputError(f"unsupported architecture in {directory / 'config.json'}: {first_line(err)}") from err
     except OSError as err:
-        raise CheckpointError(f"cannot read {directory / 'config.json'}: {_first_line(err)}") from err
+        raise CheckpointError(f"cannot read {directory / 'config.json'}: {first_line(err)}") from err
 
 
 def detect_task(config: Any) -> str:
@@ -225,9 +208,9 @@ def load_for_task(model_dir: str | os.PathLike, task: str = AUTO, dtype: str | t
         model = auto_class.from_pretrained(model_dir, dtype=parse_dtype(dtype), attn_implementation="eager")
     except ValueError as err:
         # "Unrecognized configuration class ... for this kind of AutoModel"
-        raise BadInputError(f"architecture {config.model_type} does not support task {task}: {_first_line(err)}") from err
+        raise BadInputError(f"architecture {config.model_type} does not support task {task}: {first_line(err)}") from err
     except OSError as err:
-        raise CheckpointError(f"cannot load weights from {model_dir}: {_first_line(err)}") from err
+        raise CheckpointError(f"cannot load weights from {model_dir}: {first_line(err)}") from err
     return model.eval()
 
 
@@ -414,25 +397,23 @@ def _export_verified(
     program = _run_exporter(module, example_inputs, output_names, dynamic_axes, opset, optimize)
     model = program.model
     _check_signature(model, list(example_inputs), output_names)
-    _rename_tied_initializers(model, module)
+    onnx_graph.rename_tied(model.graph, module)
     if strip_prefix:
-        _strip_initializer_prefix(model, strip_prefix)
+        onnx_graph.strip_prefix(model.graph, strip_prefix)
     opset_used = model.opset_imports.get("", 0)
     if opset is not None and opset_used != opset:
         raise ExportError(f"requested opset {opset} but the exporter produced opset {opset_used}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        tmp_path = tmp_dir / path.name
-        use_external = _save(model, tmp_path, external_data)
+    feed = {name: tensor.detach().cpu().numpy() for name, tensor in example_inputs.items()}
+
+    def prove(tmp_path: Path) -> float:
+        # Looked up by module-level name so tests can replace _check_onnx.
         _check_onnx(tmp_path)
-        feed = {name: tensor.detach().cpu().numpy() for name, tensor in example_inputs.items()}
         outputs = _ort_outputs(tmp_path, feed, output_names)
-        max_err = _compare(output_names, reference, outputs, tolerance)
-        _move_into_place(tmp_path, path, use_external)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return _compare(output_names, reference, outputs, tolerance)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    max_err = onnx_graph.save_atomic(model, path, prove, external_data)
     return path, max_err, opset_used
 
 
@@ -483,7 +464,7 @@ def _run_exporter(
     opset: int | None,
     optimize: bool,
 ) -> Any:
-    """torch.onnx.export with the dynamo exporter; returns the ONNXProgram."""
+    """torch.onnx.export with the dynamo exporter; returns the ONNXProgram (ExportError on failure)."""
     # One entry per kwarg is required by torch.export; None means static.
     dynamic_shapes = None
     if dynamic_axes:
@@ -491,48 +472,14 @@ def _run_exporter(
             name: ({int(axis): str(dim) for axis, dim in dynamic_axes[name].items()} if name in dynamic_axes else None)
             for name in example_inputs
         }
-    options: dict[str, Any] = {}
-    if opset is not None:
-        options["opset_version"] = opset
-    try:
-        with _quiet_exporter():
-            return torch.onnx.export(
-                module,
-                (),
-                kwargs=dict(example_inputs),
-                output_names=list(output_names),
-                dynamic_shapes=dynamic_shapes,
-                dynamo=True,
-                optimize=optimize,
-                verbose=False,
-                **options,
-            )
-    except torch.onnx.errors.OnnxExporterError as err:
-        raise ExportError(f"torch.onnx.export failed: {_exporter_summary(err)}") from err
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's known, harmless noise (see module docstring)."""
-    registry_logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    old_level = registry_logger.level
-    registry_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*will not be used, since it shares the same shape constraints")
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-            yield
-    finally:
-        registry_logger.setLevel(old_level)
-
-
-def _exporter_summary(err: BaseException) -> str:
-    """The useful line of a long exporter error (the one under "Exception summary")."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for index, line in enumerate(lines):
-        if line.startswith("## Exception summary") and index + 1 < len(lines):
-            return lines[index + 1]
-    return lines[0] if lines else type(err).__name__
+    return onnx_graph.run_exporter(
+        module,
+        kwargs=example_inputs,
+        dynamic_shapes=dynamic_shapes,
+        output_names=output_names,
+        opset=opset,
+        optimize=optimize,
+    )
 
 
 def _check_signature(model: Any, input_names: list[str], output_names: list[str]) -> None:
@@ -545,56 +492,6 @@ def _check_signature(model: Any, input_names: list[str], output_names: list[str]
         raise ExportError(f"exported graph outputs {graph_outputs} differ from output_names {output_names}")
 
 
-def _rename_tied_initializers(model: Any, module: nn.Module) -> None:
-    """Name each shared (tied) tensor after its first name in the module.
-
-    The exporter keeps one initializer per shared tensor but may pick any of
-    its names (GPT-2 came out as ``lm_head.weight``), while
-    ``named_parameters()`` and ``save_pretrained`` use the first one
-    (``transformer.wte.weight``), which is what the checkpoint has.
-    """
-    first_name: dict[int, str] = {}
-    canonical: dict[str, str] = {}
-    named = itertools.chain(
-        module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
-    )
-    for name, tensor in named:
-        canonical[name] = first_name.setdefault(id(tensor), name)
-    for value in list(model.graph.initializers.values()):
-        target = canonical.get(value.name or "")
-        if target and target != value.name and target not in model.graph.initializers:
-            value.name = target
-
-
-def _strip_initializer_prefix(model: Any, prefix: str) -> None:
-    """Rename initializers "model.x.y" -> "x.y" so they match checkpoint keys."""
-    for value in list(model.graph.initializers.values()):
-        name = value.name or ""
-        new_name = name[len(prefix) :]
-        if name.startswith(prefix) and new_name and new_name not in model.graph.initializers:
-            value.name = new_name  # onnx-ir re-keys graph.initializers itself
-
-
-def _initializer_bytes(model: Any) -> int:
-    """Total bytes of all initializers (what decides external data)."""
-    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
-
-
-def _save(model: Any, path: Path, external_data: bool | None) -> bool:
-    """Write the model; returns whether weights went to ``<name>.data``."""
-    import onnx_ir as ir
-
-    use_external = external_data if external_data is not None else _initializer_bytes(model) > EXTERNAL_DATA_BYTES
-    try:
-        if use_external:
-            ir.save(model, path, external_data=f"{path.name}.data")
-        else:
-            ir.save(model, path)
-    except (OSError, ValueError) as err:
-        raise ExportError(f"cannot write {path.name}: {_first_line(err)}") from err
-    return use_external
-
-
 def _check_onnx(path: Path) -> None:
     """onnx.checker on the path, which works for external-data models too."""
     import onnx
@@ -602,7 +499,7 @@ def _check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as err:
-        raise ExportError(f"onnx.checker rejected the exported model: {_first_line(err)}") from err
+        raise ExportError(f"onnx.checker rejected the exported model: {first_line(err)}") from err
 
 
 def _ort_outputs(path: Path, feed: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
@@ -623,7 +520,7 @@ def _torch_outputs(module: nn.Module, example_inputs: Mapping[str, torch.Tensor]
         with torch.inference_mode():
             result = module(**example_inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        raise ExportError(f"the module fails on the example inputs: {_first_line(err)}") from err
+        raise ExportError(f"the module fails on the example inputs: {first_line(err)}") from err
     return flatten_outputs(result)
 
 
@@ -675,20 +572,3 @@ def _compare(
                 f"output {name!r}: ONNX Runtime differs from torch, max abs error {err:.3g} (atol {atol:g}, rtol {rtol:g})"
             )
     return worst
-
-
-def _move_into_place(tmp_path: Path, path: Path, use_external: bool) -> None:
-    """os.replace the data file first, then the model, so a reader of the
-    final model never sees it without its weights; drop a stale data file."""
-    data_name = f"{path.name}.data"
-    final_data = path.with_name(data_name)
-    if use_external:
-        os.replace(tmp_path.with_name(data_name), final_data)
-    os.replace(tmp_path, path)
-    if not use_external and final_data.exists():
-        final_data.unlink()  # left over from an earlier large export to this path
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

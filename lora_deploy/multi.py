@@ -46,17 +46,15 @@ from .dynamic import (
     adapter_parameters,
     build_graph,
     check_additive,
-    check_feeds,
     check_output_path,
     flatten,
     load_model,
-    make_session,
     resolve_slots,
-    run_session,
     small_random,
     split_lora_name,
 )
 from .errors import BadInputError
+from .sessions import check_feeds, make_session, run_session
 from .unmerged import choose_prefix
 
 IDS_INPUT = "adapter_ids"

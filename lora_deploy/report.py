@@ -18,7 +18,6 @@ import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,6 +33,7 @@ from lora_deploy.stats import (
     percentiles,
     regression_gate,
 )
+from lora_deploy.util import library_versions
 
 SCHEMA = "lora-deploy.bench/1"
 
@@ -104,17 +104,9 @@ def _cpu_model() -> str:
 
 
 def _library_versions() -> dict[str, str | None]:
-    """Installed versions, read from package metadata (no heavy imports)."""
-    versions: dict[str, str | None] = {}
-    for lib, dists in _LIBRARIES.items():
-        versions[lib] = None
-        for dist in dists:
-            try:
-                versions[lib] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-    return versions
+    """Installed version per library: its first installed distribution, else None."""
+    found = library_versions(dist for dists in _LIBRARIES.values() for dist in dists)
+    return {lib: next((found[d] for d in dists if d in found), None) for lib, dists in _LIBRARIES.items()}
 
 
 def _torch_facts() -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lora_deploy.errors import BadInputError
+from lora_deploy.util import first_line
 
 # A metadata entry: (numpy dtype or None when unknown, shape). Shape entries
 # are ints for fixed dims and strings for dynamic ones; a shape of None means
@@ -206,7 +207,7 @@ class OnnxrtRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), self.session_options(), providers=self.providers)
         except ort_errors() as err:
-            raise BadInputError(f"ONNX Runtime cannot load {self.path}: {_first_line(err)}") from err
+            raise BadInputError(f"ONNX Runtime cannot load {self.path}: {first_line(err)}") from err
 
     def _deactivate(self) -> None:
         self.session = None
@@ -224,7 +225,7 @@ class OnnxrtRunner(Runner):
         try:
             values = self.session.run(names, feed, run_options or self.run_options)
         except ort_errors() as err:
-            raise BadInputError(f"ONNX Runtime failed on this feed: {_first_line(err)}") from err
+            raise BadInputError(f"ONNX Runtime failed on this feed: {first_line(err)}") from err
         return dict(zip(names, values))
 
 
@@ -281,7 +282,7 @@ class TorchRunner(Runner):
             self.module.to(torch.device(self.device))
         except (RuntimeError, AssertionError) as err:
             # torch raises AssertionError("Torch not compiled with CUDA enabled").
-            raise BadInputError(f"cannot use device {self.device!r}: {_first_line(err)}") from err
+            raise BadInputError(f"cannot use device {self.device!r}: {first_line(err)}") from err
         self.module.eval()
 
     def _deactivate(self) -> None:
@@ -329,8 +330,3 @@ def _to_numpy(tensor: Any) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()
     return tensor.numpy()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

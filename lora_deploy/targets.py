@@ -13,8 +13,8 @@ transformers knows it; otherwise from shapes and the adapter config.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -78,8 +78,12 @@ def read_layout(config: dict) -> Layout:
     return Layout(transposed=transposed, tied={str(k): str(v) for k, v in tied.items()}, known=True)
 
 
-def candidate_renames(module_names: list[str], base_keys: list[str]) -> list[tuple[str, Callable[[str], str]]]:
-    """Ways to turn an adapter module path into a base module path, most literal first."""
+def candidate_renames(module_names: list[str], base_keys: Iterable[str]) -> list[tuple[str, Callable[[str], str]]]:
+    """Ways to turn an adapter module path into a base module path, most literal first.
+
+    `base_keys` are the base side's names (tensor keys or module paths); their first
+    components are the prefixes an adapter path may lack.
+    """
     renames: list[tuple[str, Callable[[str], str]]] = [("as is", lambda n: n)]
     firsts = {n.split(".", 1)[0] for n in module_names}
     if len(firsts) == 1:
@@ -90,17 +94,41 @@ def candidate_renames(module_names: list[str], base_keys: list[str]) -> list[tup
     return renames
 
 
+def find_rename(
+    names: list[str], base_keys: Iterable[str], exists: Callable[[str], bool]
+) -> Callable[[str], str] | None:
+    """The first candidate rename under which every name exists on the base side, or None.
+
+    Shared by the merge (names checked against checkpoint tensors) and by the unmerged
+    hooks and ONNX graphs (names checked against module paths).
+    """
+    for _label, rename in candidate_renames(names, base_keys):
+        if all(exists(rename(n)) for n in names):
+            return rename
+    return None
+
+
+def closest_rename(
+    names: list[str], base_keys: Iterable[str], exists: Callable[[str], bool]
+) -> tuple[Callable[[str], str], int]:
+    """The candidate placing the most names (the first on ties) and how many it places;
+    for error messages once find_rename found none."""
+    scored = [(rename, sum(exists(rename(n)) for n in names)) for _, rename in candidate_renames(names, base_keys)]
+    return max(scored, key=lambda pair: pair[1])
+
+
 def choose_rename(adapter: Adapter, base: Checkpoint) -> Callable[[str], str]:
     modules = list(adapter.modules)
     base_keys = base.names()
-    best, best_hits = None, -1
-    for _label, rename in candidate_renames(modules, base_keys):
-        hits = sum(f"{rename(m)}.weight" in base for m in modules)
-        if hits > best_hits:
-            best, best_hits = rename, hits
-        if hits == len(modules):
-            return rename
-    missing = next(m for m in modules if f"{best(m)}.weight" not in base)
+
+    def has_weight(name: str) -> bool:
+        return f"{name}.weight" in base
+
+    rename = find_rename(modules, base_keys, has_weight)
+    if rename is not None:
+        return rename
+    best, best_hits = closest_rename(modules, base_keys, has_weight)
+    missing = next(m for m in modules if not has_weight(best(m)))
     raise AdapterError(
         f"adapter module {missing!r} has no weight in the base checkpoint "
         f"({best_hits}/{len(modules)} modules found): is this adapter for another base model?"

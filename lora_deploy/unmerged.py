@@ -9,6 +9,7 @@ on a robot controller alike: anything whose submodule names match the adapter's.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from .adapter import Adapter, LoraModule, load_adapter
 from .errors import AdapterError
+from .targets import find_rename
 
 
 @dataclass
@@ -56,18 +58,11 @@ def attach(model: nn.Module, adapter: Adapter | str | os.PathLike) -> AttachedAd
     return handle
 
 
-def choose_prefix(names: list[str], modules: dict[str, nn.Module]):
+def choose_prefix(names: list[str], modules: Mapping[str, object]) -> Callable[[str], str]:
     """Adapter module paths may carry one extra or one missing leading component."""
-    heads = {n.split(".", 1)[0] for n in names}
-    candidates = [lambda n: n]
-    if len(heads) == 1:
-        head = next(iter(heads))
-        candidates.append(lambda n: n[len(head) + 1:] if n.startswith(head + ".") else n)
-    prefixes = {m.split(".", 1)[0] for m in modules if m}
-    candidates += [lambda n, p=p: f"{p}.{n}" for p in sorted(prefixes)]
-    for rename in candidates:
-        if all(rename(n) in modules for n in names):
-            return rename
+    rename = find_rename(names, modules, lambda name: name in modules)
+    if rename is not None:
+        return rename
     missing = next(n for n in names if n not in modules)
     raise AdapterError(f"adapter module {missing!r} not found in the model: is this adapter for another model?")
 

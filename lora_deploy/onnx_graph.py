@@ -1,0 +1,209 @@
+"""What every ONNX export here shares: run the exporter, fix names, save atomically.
+
+Used by export.py (one checkpoint -> one graph) and dynamic.py / multi.py (graphs
+with LoRA inputs). Facts about the torch 2.13 dynamo exporter these rely on are
+listed in export.py's module docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ExportError
+from .util import first_line
+
+# ONNX files are protobufs, capped at 2 GiB including the graph. Switch to
+# external data a little before the cap so the graph itself always fits.
+EXTERNAL_DATA_BYTES = 1800 * 1024**2
+
+# Parity tolerances (atol, rtol) between ONNX Runtime and torch, by the
+# reference output's dtype. Half precision is loose because torch's CPU half
+# kernels and ONNX Runtime round intermediate results differently.
+TOLERANCES = {
+    torch.float64: (1e-6, 1e-5),
+    torch.float32: (1e-4, 1e-3),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+# Exporter errors can be pages long; one line of this many characters is kept.
+MESSAGE_LIMIT = 300
+
+
+# ------------------------------------------------------------- exporter ----
+
+
+def run_exporter(
+    module: nn.Module,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    dynamic_shapes: Any = None,
+    output_names: Sequence[str] | None = None,
+    opset: int | None = None,
+    optimize: bool = False,
+) -> Any:
+    """torch.onnx.export with the dynamo exporter, quietly; returns the ONNXProgram.
+
+    Any exporter failure becomes an ExportError with one line: the exporter raises
+    many exception types, and the user needs the reason, not the traceback (which
+    stays chained).
+    """
+    options: dict[str, Any] = {}
+    if opset is not None:
+        options["opset_version"] = opset
+    if output_names is not None:
+        options["output_names"] = list(output_names)
+    try:
+        with quiet_exporter():
+            return torch.onnx.export(
+                module,
+                tuple(args),
+                kwargs=dict(kwargs) if kwargs is not None else None,
+                dynamic_shapes=dynamic_shapes,
+                dynamo=True,
+                optimize=optimize,
+                verbose=False,
+                **options,
+            )
+    except Exception as err:
+        raise ExportError(f"torch.onnx.export failed: {exporter_summary(err)}") from err
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's known, harmless noise.
+
+    * "torchvision is not installed. Skipping torchvision::nms" (op registry logger);
+    * "The axis name: ... will not be used, since it shares the same shape
+      constraints with another axis": two inputs share a dim (batch, or the rank
+      of a layer's A and B);
+    * a FutureWarning about ``LeafSpec`` from torch's own pytree code.
+    """
+    registry_logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    old_level = registry_logger.level
+    registry_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*shares the same shape constraints")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+            yield
+    finally:
+        registry_logger.setLevel(old_level)
+
+
+def exporter_summary(err: BaseException) -> str:
+    """The useful line of a long exporter error (the one under "Exception summary")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if line.startswith("## Exception summary") and index + 1 < len(lines):
+            return lines[index + 1][:MESSAGE_LIMIT]
+    return first_line(err, MESSAGE_LIMIT)
+
+
+# ---------------------------------------------------- initializer names ----
+
+
+def rename_tied(graph: Any, module: nn.Module) -> None:
+    """Name each shared (tied) tensor after its first name in the module.
+
+    The exporter keeps one initializer per shared tensor but may pick any of
+    its names (GPT-2 came out as ``lm_head.weight``), while
+    ``named_parameters()`` and ``save_pretrained`` use the first one
+    (``transformer.wte.weight``), which is what the checkpoint has.
+    """
+    first_name: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    named = itertools.chain(
+        module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+    )
+    for name, tensor in named:
+        canonical[name] = first_name.setdefault(id(tensor), name)
+    for value in list(graph.initializers.values()):
+        target = canonical.get(value.name or "")
+        if target and target != value.name and target not in graph.initializers:
+            value.name = target
+
+
+def strip_prefix(graph: Any, prefix: str) -> None:
+    """Rename initializers "<prefix>x.y" -> "x.y" so they match checkpoint keys.
+
+    The export wrapper holds the model as an attribute, which adds one level
+    (``model.`` / ``base.``) that no checkpoint has.
+    """
+    for value in list(graph.initializers.values()):
+        name = value.name or ""
+        new_name = name[len(prefix) :]
+        if name.startswith(prefix) and new_name and new_name not in graph.initializers:
+            value.name = new_name  # onnx-ir re-keys graph.initializers itself
+
+
+# ----------------------------------------------------------------- save ----
+
+
+def initializer_bytes(graph: Any) -> int:
+    """Total bytes of all initializers (what decides external data)."""
+    return sum(value.const_value.nbytes for value in graph.initializers.values() if value.const_value is not None)
+
+
+def save_atomic(
+    ir_model: Any,
+    path: Path,
+    check: Callable[[Path], Any] | None = None,
+    external_data: bool | None = None,
+) -> Any:
+    """Write the model in a hidden sibling directory, run ``check`` on it there,
+    then move it into place; returns what ``check`` returns.
+
+    Any error leaves nothing behind, and an older file at ``path`` untouched.
+    ``external_data=None`` puts the weights in ``<name>.data`` only above
+    ``EXTERNAL_DATA_BYTES``; True/False forces it.
+    """
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tmp_path = tmp_dir / path.name
+        external = write_model(ir_model, tmp_path, external_data)
+        result = check(tmp_path) if check is not None else None
+        move_into_place(tmp_path, path, external)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return result
+
+
+def write_model(ir_model: Any, path: Path, external_data: bool | None) -> bool:
+    """Write the model; returns whether weights went to ``<name>.data``."""
+    import onnx_ir as ir
+
+    external = external_data if external_data is not None else initializer_bytes(ir_model.graph) > EXTERNAL_DATA_BYTES
+    try:
+        if external:
+            ir.save(ir_model, path, external_data=f"{path.name}.data")
+        else:
+            ir.save(ir_model, path)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot write {path.name}: {first_line(err)}") from err
+    return external
+
+
+def move_into_place(tmp_path: Path, path: Path, external: bool) -> None:
+    """os.replace the data file first, then the model, so a reader of the
+    final model never sees it without its weights; drop a stale data file."""
+    data_name = f"{path.name}.data"
+    final_data = path.with_name(data_name)
+    if external:
+        os.replace(tmp_path.with_name(data_name), final_data)
+    os.replace(tmp_path, path)
+    if not external and final_data.exists():
+        final_data.unlink()  # left over from an earlier large export to this path
