@@ -9,7 +9,8 @@ r=16 q_proj/v_proj adapter, then times, interleaved round by round:
 Each runs in its own process so its peak RSS (VmHWM) is its own. Ratios are per round
 against that round's copy, and the medians are reported.
 
-    python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 3 --json benchmarks/results/merge.json
+    python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 4 --json benchmarks/results/merge.json
+    python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 4 --cold --json benchmarks/results/merge_cold.json
 """
 
 from __future__ import annotations
@@ -129,8 +130,20 @@ def build_adapter(path: Path, layers: int, hidden: int, r: int = 16) -> None:
     save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
-def run_child(mode: str, base: Path, adapter: Path, out: Path) -> dict:
+def drop_page_cache() -> bool:
+    """Start from a cold cache, as a checkpoint fresh from storage would (needs root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(mode: str, base: Path, adapter: Path, out: Path, cold: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    if cold and not drop_page_cache():
+        sys.exit("--cold needs permission to write /proc/sys/vm/drop_caches (root)")
     cmd = [sys.executable, "-c", CHILD, mode, str(base), str(adapter), str(out)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -160,6 +173,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--peft-rounds", type=int, default=1)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every run (root only)")
     args = ap.parse_args()
     base, adapter = args.work / "base", args.work / "adapter"
     if not base.exists():
@@ -177,13 +191,14 @@ def main() -> None:
         if r < args.peft_rounds:
             order.append("peft")
         for mode in order:
-            rows[mode].append(run_child(mode, base, adapter, out))
+            rows[mode].append(run_child(mode, base, adapter, out, args.cold))
             print(f"round {r} {mode}: {rows[mode][-1]['seconds']:.2f}s, peak RSS {rows[mode][-1]['peak_rss'] / 1e9:.2f} GB",
                   flush=True)
     ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows["ours"], rows["copy"])]
     durable_ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows["ours-fsync"], rows["copy-fsync"])]
     summary = {
         "machine": machine(),
+        "page_cache": "dropped before every run" if args.cold else "warm (whatever earlier runs left)",
         "model_bytes": model_bytes, "largest_shard_bytes": largest, "shards": len(files),
         "copy_s": statistics.median(x["seconds"] for x in rows["copy"]),
         "ours_s": statistics.median(x["seconds"] for x in rows["ours"]),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterError, NonFiniteError
-from .util import first_line
+from .util import all_finite, first_line
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -335,8 +335,8 @@ def build_module(name: str, parts: dict[str, torch.Tensor], config: AdapterConfi
 def check_finite(modules: dict[str, LoraModule], replacements: dict[str, torch.Tensor], root: Path) -> None:
     for m in modules.values():
         for label, t in (("lora_A", m.a), ("lora_B", m.b), ("lora_B.bias", m.bias), ("magnitude", m.magnitude)):
-            if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            if t is not None and not all_finite(t):
                 raise NonFiniteError(f"{root}: NaN or Inf in {m.name}.{label}")
     for name, t in replacements.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not all_finite(t):
             raise NonFiniteError(f"{root}: NaN or Inf in {name}")

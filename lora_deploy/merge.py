@@ -37,7 +37,7 @@ from .checkpoint import (
 from .delta import merged_bias, merged_weight
 from .errors import BadInputError, NonFiniteError
 from .targets import MergePlan, Target, plan_merge
-from .util import library_versions
+from .util import all_finite, library_versions
 
 MANIFEST_FILE = "merge-manifest.json"
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -213,7 +213,7 @@ def tensor_producer(tensor: torch.Tensor, out_dtype: str, name: str):
 
 def finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
     # Checked after rounding: a float16 output can overflow to Inf even when float32 didn't.
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise NonFiniteError(f"merged tensor {name} has NaN or Inf values (overflow in the output dtype?)")
     return tensor
 
