@@ -96,11 +96,11 @@ def merge(
 def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, overwrite, durable, progress) -> dict:
     tensors = output_tensors(base, plan, dtype)
     with staging_dir(out_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
-        # Hash the inputs on a second thread while the merge reads and writes.
-        input_hashes = pool.submit(hash_inputs, base, adapter)
-        out_hashes = write_checkpoint(tmp, tensors, shard_bytes, progress_hook(tensors, progress), durable)
+        hasher = InputHasher(base, adapter, tensors, pool)
+        on_tensor = chain(progress_hook(tensors, progress), hasher.tensor_done)
+        out_hashes = write_checkpoint(tmp, tensors, shard_bytes, on_tensor, durable)
         out_hashes.update(copy_side_files(base.dir, tmp, dtype, untied=bool(plan.untie)))
-        manifest = build_manifest(base, adapter, plan, tensors, dtype, shard_bytes, input_hashes.result(), out_hashes)
+        manifest = build_manifest(base, adapter, plan, tensors, dtype, shard_bytes, hasher.result(), out_hashes)
         write_json(tmp / MANIFEST_FILE, manifest)
         if durable:
             sync_tree(tmp)
@@ -296,13 +296,44 @@ def sync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def hash_inputs(base: Checkpoint, adapter: Adapter) -> dict[str, dict[str, str]]:
-    """SHA-256 of every file the merge read or copied, by path relative to its directory."""
-    base_files = set(base.files) | set(side_files(base.dir))
-    return {
-        "base": {str(p.relative_to(base.dir)): file_sha256(p) for p in sorted(base_files)},
-        "adapter": {p.name: file_sha256(p) for p in adapter.files},
-    }
+class InputHasher:
+    """SHA-256 of every input file, computed on a helper thread.
+
+    Each base shard is hashed right after the merge has read past it, so the hash reads
+    come from the page cache instead of racing the merge for the disk.
+    """
+
+    def __init__(self, base: Checkpoint, adapter: Adapter, tensors: list[OutputTensor], pool: ThreadPoolExecutor):
+        self.base, self.pool = base, pool
+        self.jobs: dict[str, object] = {}
+        self.last_tensor = {info.file: info.name for info in sorted(base.tensors.values(), key=lambda i: i.start)}
+        self.pending = {name: path for path, name in self.last_tensor.items()}
+        for path in side_files(base.dir):
+            self.submit(str(path.relative_to(base.dir)), path)
+        for path in adapter.files:
+            self.submit(f"adapter/{path.name}", path)
+
+    def submit(self, key: str, path: Path) -> None:
+        self.jobs[key] = self.pool.submit(file_sha256, path)
+
+    def tensor_done(self, tensor: OutputTensor) -> None:
+        path = self.pending.pop(tensor.name, None)
+        if path is not None:
+            self.submit(str(path.relative_to(self.base.dir)), path)
+
+    def result(self) -> dict[str, dict[str, str]]:
+        for name, path in list(self.pending.items()):  # shards of tensors never visited (none expected)
+            self.tensor_done(OutputTensor(name, "F32", (), lambda f: None))
+        hashes = {key: job.result() for key, job in self.jobs.items()}
+        return {
+            "base": dict(sorted((k, v) for k, v in hashes.items() if not k.startswith("adapter/"))),
+            "adapter": {k.removeprefix("adapter/"): v for k, v in hashes.items() if k.startswith("adapter/")},
+        }
+
+
+def chain(*hooks):
+    hooks = [h for h in hooks if h is not None]
+    return lambda tensor: [h(tensor) for h in hooks]
 
 
 def build_manifest(base, adapter: Adapter, plan: MergePlan, tensors, dtype, shard_bytes, in_hashes, out_hashes) -> dict:

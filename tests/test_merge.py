@@ -132,6 +132,10 @@ def test_manifest_records_hashes_and_modules(reference, tmp_path):
         assert file_sha256(tmp_path / "out" / name) == digest
     for name, digest in manifest["inputs"]["sha256"]["adapter"].items():
         assert file_sha256(adapter / name) == digest
+    base_hashes = manifest["inputs"]["sha256"]["base"]
+    assert {"model.safetensors", "config.json"} <= set(base_hashes)
+    for name, digest in base_hashes.items():
+        assert file_sha256(base / name) == digest
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert manifest["adapter_config"] == adapter_config
     scalings = {m["module"]: m["scaling"] for m in manifest["modules"]}
