@@ -28,7 +28,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from lora_deploy.runners import OnnxrtRunner, Runner, TorchRunner, check_feed, o
 from lora_deploy.samples import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, sample_inputs
 from lora_deploy.stats import enforce_gates, parse_percent
 from lora_deploy.timing import measure_interleaved
+from lora_deploy.util import write_file_atomic
 from lora_deploy.util import first_line, library_versions
 
 # progress(shape key, rounds done, rounds in total), called after every round.
@@ -766,22 +766,7 @@ def run_bench(
 
 
 def _write_text(path: str | os.PathLike, text: str) -> Path:
-    """Temp file + os.replace: never a half-written file at `path`."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as err:
-        raise BadInputError(f"cannot write {target}: {err}") from err
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_outputs(

@@ -176,9 +176,10 @@ def print_checks(result) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from .util import write_file_atomic
+
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 @main.group()

@@ -15,15 +15,15 @@ import math
 import os
 import platform
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from lora_deploy import __version__
+from lora_deploy.util import write_file_atomic
 from lora_deploy.errors import BadInputError
 from lora_deploy.stats import (
     GateResult,
@@ -405,32 +405,11 @@ def validate_report(report: Any) -> Any:
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Write via a temp file in the same directory, then os.replace it into place."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as e:
-        raise BadInputError(f"cannot write {target}: {e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is for sharing
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
 def write_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Validate and write `report` as JSON, atomically."""
     validate_report(report)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -569,4 +548,4 @@ def plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     ax.set_title(f"{config['backend']} on {config['device']}: p50 (bars: CI of p50; tick: p90)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))

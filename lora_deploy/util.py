@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import tempfile
+from collections.abc import Callable, Iterable
 from importlib import metadata
+from pathlib import Path
+from typing import IO
 
 
 def first_line(err: BaseException, limit: int | None = None) -> str:
@@ -44,3 +48,30 @@ def all_finite(tensor) -> bool:
     if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
         return True
     return bool(torch.isfinite(tensor).all())
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write via a temp file in the same directory, then os.replace it into place.
+
+    A reader sees the old file or the whole new one, never a half-written file; an error
+    (or Ctrl-C) leaves no temp file behind. Unwritable destinations are bad input.
+    """
+    from .errors import BadInputError
+
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as e:
+        raise BadInputError(f"cannot write {target}: {e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; reports are for sharing
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
