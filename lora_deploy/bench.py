@@ -50,7 +50,7 @@ from lora_deploy.report import (
 from lora_deploy.runners import OnnxrtRunner, Runner, TorchRunner, check_feed, ort_errors
 from lora_deploy.samples import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, sample_inputs
 from lora_deploy.stats import enforce_gates, parse_percent
-from lora_deploy.timing import measure_interleaved
+from lora_deploy.timing import check_counts, measure_interleaved
 from lora_deploy.util import write_file_atomic
 from lora_deploy.util import first_line, library_versions
 
@@ -529,12 +529,7 @@ def _as_shapes(shapes: str | Sequence[Shape]) -> list[Shape]:
 
 def _check_counts(rounds: int, warmup: int, inner: int, threads: int | None) -> None:
     """Fail on nonsense counts now, not after minutes of loading."""
-    if rounds < 1:
-        raise BadInputError(f"rounds must be >= 1, got {rounds}")
-    if warmup < 0:
-        raise BadInputError(f"warmup must be >= 0, got {warmup}")
-    if inner < 1:
-        raise BadInputError(f"inner must be >= 1, got {inner}")
+    check_counts(warmup, rounds, inner)
     if threads is not None and threads < 1:
         raise BadInputError(f"threads must be >= 1, got {threads}")
 

@@ -30,6 +30,11 @@ def round_order(names: list[str], round_index: int) -> list[str]:
 def _check_args(variants: Mapping[str, Callable[[], None]], warmup: int, rounds: int, inner: int) -> None:
     if not variants:
         raise BadInputError("nothing to measure: no variants given")
+    check_counts(warmup, rounds, inner)
+
+
+def check_counts(warmup: int, rounds: int, inner: int) -> None:
+    """Fail on nonsense counts (callers check early, before minutes of loading)."""
     if warmup < 0:
         raise BadInputError(f"warmup must be >= 0, got {warmup}")
     if rounds < 1:
