@@ -53,21 +53,29 @@ def merged_weight(module: LoraModule, kind: str, w0: torch.Tensor) -> torch.Tens
     return dora_rescale(w, module.magnitude.float().flatten(), kind)
 
 
-def dora_rescale(w: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.Tensor:
-    """Scale each output feature of W to the learned magnitude.
+def dora_scale(w: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.Tensor:
+    """m / ||W|| per output feature: one value per row of a Linear weight, per column of a
+    transposed one, per embedding dimension, per output channel of a convolution.
 
-    The norm is taken per output feature over the input features: rows of a Linear
-    weight, columns of a transposed one, per embedding dimension for embeddings, and
-    over (in, *kernel) for convolutions. PEFT computes DoRA the same way.
+    The norm is taken over the input features, as PEFT computes DoRA.
     """
     if kind == "linear":
-        return w * (magnitude / w.norm(dim=1)).unsqueeze(1)
+        return magnitude / w.norm(dim=1)
     if kind in ("transposed", "embedding"):
-        return w * (magnitude / w.norm(dim=0)).unsqueeze(0)
+        return magnitude / w.norm(dim=0)
     if kind == "conv":
-        norm = w.flatten(1).norm(dim=1)
-        return w * (magnitude / norm).reshape(-1, *([1] * (w.dim() - 1)))
+        return magnitude / w.flatten(1).norm(dim=1)
     raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def dora_rescale(w: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.Tensor:
+    """Scale each output feature of W to the learned magnitude."""
+    scale = dora_scale(w, magnitude, kind)
+    if kind == "linear":
+        return w * scale.unsqueeze(1)
+    if kind in ("transposed", "embedding"):
+        return w * scale.unsqueeze(0)
+    return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
 
 
 def merged_bias(module: LoraModule, b0: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, LoraModule, load_adapter
+from .delta import delta_weight, dora_scale
 from .errors import AdapterError
 from .targets import find_rename
 
@@ -116,17 +117,9 @@ def dora_output(layer: nn.Module, kind: str, lora: LoraModule, output: torch.Ten
 
     Like PEFT, the norm is of the unmerged weight and treated as a constant.
     """
-    from .delta import delta_weight
-
     w0 = layer.weight.detach().float()
     w = w0 + delta_weight(lora, kind).to(w0.device)
-    m = lora.magnitude.float().flatten().to(w0.device)
-    if kind == "linear":
-        scale = m / w.norm(dim=1)
-    elif kind in ("transposed", "embedding"):
-        scale = m / w.norm(dim=0)
-    else:
-        scale = m / w.flatten(1).norm(dim=1)
+    scale = dora_scale(w, lora.magnitude.float().flatten().to(w0.device), kind)
     bias = getattr(layer, "bias", None)
     bias_shape = (1, -1) + (1,) * (output.dim() - 2) if kind == "conv" else (-1,)
     scale = scale.reshape(bias_shape).to(output.dtype)
