@@ -61,7 +61,7 @@ def run_demo(out_dir: str | os.PathLike, *, family: str = "llama", variant: str 
     def check(**kw) -> str:
         report = verify(base, adapter, **kw)
         report.raise_if_different()
-        outputs = [c for c in report.checks if c.name.startswith("outputs")]
+        outputs = [c for c in report.checks if c.name.startswith("outputs") and c.cosine is not None]
         return "; ".join(f"{c.name.split(':')[1].split(' vs')[0].strip()}: max abs {c.max_abs:.1e}, "
                          f"cosine {c.cosine:.6f}, top-1 {100 * c.top1:.0f}%" for c in outputs)
 
