@@ -117,7 +117,10 @@ def onnx_dtype(path: Path) -> str:
     """F16 when the graph's first output is float16, else F32 (decides tolerances)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types for a non-ONNX file
+        raise BadInputError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
     elem = model.graph.output[0].type.tensor_type.elem_type if model.graph.output else onnx.TensorProto.FLOAT
     return {onnx.TensorProto.FLOAT16: "F16", onnx.TensorProto.BFLOAT16: "BF16"}.get(elem, "F32")
 

@@ -147,3 +147,9 @@ def test_float16_onnx_is_checked_with_half_precision_tolerances(merged_llama, tm
     report = verify(base, adapter, onnx_path=half)
     assert report.equivalent, [c for c in report.checks if not c.passed]
     assert report.checks[-1].atol == pytest.approx(2e-2)
+
+
+def test_a_file_that_is_not_onnx_is_bad_input(merged_llama):
+    base, adapter, merged, _ = merged_llama
+    result = cli("verify", base, adapter, "--onnx", merged / "config.json")
+    assert result.exit_code == 2 and "not an ONNX model" in result.stderr
