@@ -262,8 +262,12 @@ def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rt
         candidates["onnx (onnxruntime)"] = run_onnx_with_polygraphy(graphs.onnx, feed)
     if graphs.dynamic is not None:
         candidates.update(dynamic_outputs(graphs, feed))
+    multi = None
     if graphs.multi is not None:
-        candidates.update(multi_outputs(graphs, feed))
+        from .multi import MultiSession
+
+        multi = MultiSession(graphs.multi)  # loaded once for the per-adapter and mixed-batch checks
+        candidates.update(multi_outputs(multi, graphs, feed))
     if not candidates:
         raise BadInputError("nothing to verify: give --merged, --onnx, --dynamic and/or --multi")
     mask = feed.get("attention_mask")
@@ -278,8 +282,8 @@ def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rt
                 continue
             checks.append(compare_outputs(f"outputs: {label} {name} vs {against}", outputs[name], want, mask,
                                           *tol, MIN_COSINE[dtype]))
-    if graphs.multi is not None:
-        checks += mixed_batch_checks(graphs, feed, mask, tol)
+    if multi is not None:
+        checks += mixed_batch_checks(multi, feed, mask, tol)
     if graphs.onnx is not None:
         checks.append(polygraphy_check(reference, candidates["onnx (onnxruntime)"], *tol))
     return checks
@@ -336,11 +340,8 @@ def dynamic_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
                 "dynamic (no adapter)": session.run(feed)}
 
 
-def multi_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
+def multi_outputs(session, graphs: Graphs, feed: dict) -> dict[str, dict]:
     """The multi-adapter graph with every row on this adapter, and every row on none."""
-    from .multi import MultiSession
-
-    session = MultiSession(graphs.multi)
     rows = len(next(iter(feed.values())))
     own = multi_id(session, graphs)
     return {f"multi (adapter_ids={own})": session.run(feed, [own] * rows),
@@ -355,11 +356,8 @@ def multi_id(session, graphs: Graphs) -> int:
     return matches[0]
 
 
-def mixed_batch_checks(graphs: Graphs, feed: dict, mask, tol) -> list[Check]:
+def mixed_batch_checks(session, feed: dict, mask, tol) -> list[Check]:
     """Every row of a batch mixing all adapters (and the base) equals that row run alone."""
-    from .multi import MultiSession
-
-    session = MultiSession(graphs.multi)
     rows = len(next(iter(feed.values())))
     choices = list(range(len(session.adapters))) + [-1]
     ids = [choices[i % len(choices)] for i in range(rows)]
