@@ -85,9 +85,13 @@ def lora_hook(layer: nn.Module, lora: LoraModule):
     if kind == "conv" and layer.groups != 1:
         raise AdapterError(f"{lora.name}: LoRA on grouped convolutions is not supported")
 
+    placed: dict[torch.device, tuple] = {}  # factors moved to a device once, not every forward
+
     def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        update = lora_update(mod, kind, lora, x).to(output.dtype)
+        if x.device not in placed:
+            placed[x.device] = place_factors(lora, x.device)
+        update = lora_update(mod, kind, lora, x, *placed[x.device]).to(output.dtype)
         if lora.magnitude is None:
             return output + update
         return dora_output(mod, kind, lora, output, update)
@@ -95,11 +99,16 @@ def lora_hook(layer: nn.Module, lora: LoraModule):
     return hook
 
 
-def lora_update(layer: nn.Module, kind: str, lora: LoraModule, x: torch.Tensor) -> torch.Tensor:
-    """s * B A x (plus s * lora_B bias), in the adapter's precision (float32 for half bases)."""
+def place_factors(lora: LoraModule, device: torch.device) -> tuple:
+    """A, B and the lora_B bias on `device`, in the adapter's precision (float32 for half)."""
     dtype = torch.promote_types(lora.a.dtype, torch.float32)
-    a, b = lora.a.to(x.device, dtype), lora.b.to(x.device, dtype)
-    bias = None if lora.bias is None else lora.bias.to(x.device, dtype)
+    bias = None if lora.bias is None else lora.bias.to(device, dtype)
+    return lora.a.to(device, dtype), lora.b.to(device, dtype), bias
+
+
+def lora_update(layer: nn.Module, kind: str, lora: LoraModule, x: torch.Tensor, a, b, bias) -> torch.Tensor:
+    """s * B A x (plus s * lora_B bias), computed in the factors' precision."""
+    dtype = a.dtype
     if kind == "embedding":
         looked_up = F.embedding(x, a.T, padding_idx=layer.padding_idx, max_norm=layer.max_norm,
                                 norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq,
