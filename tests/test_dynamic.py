@@ -79,28 +79,26 @@ GPT2_ADAPTERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llama")
-    base = save_base(transformers.LlamaForCausalLM, llama_config(), root / "base")
-    adapters = {name: save_adapter(transformers.LlamaForCausalLM, base, root / name, seed=i + 1, **kw)
-                for i, (name, kw) in enumerate(LLAMA_ADAPTERS.items())}
+def build_family(root, cls, config, adapter_recipes: dict, first_seed: int) -> dict:
+    """A base, its PEFT adapters, the dynamic graph over all of them and each packed adapter."""
+    base = save_base(cls, config, root / "base")
+    adapters = {name: save_adapter(cls, base, root / name, seed=first_seed + i, **kw)
+                for i, (name, kw) in enumerate(adapter_recipes.items())}
     graph = export_dynamic(base, root / "dynamic.onnx", adapters=list(adapters.values()))
     packed = {name: pack_adapter(d, root / f"{name}.onnx_adapter", onnx_path=graph.path) for name, d in adapters.items()}
-    return {"cls": transformers.LlamaForCausalLM, "root": root, "base": base, "adapters": adapters,
-            "graph": graph, "packed": packed}
+    return {"cls": cls, "root": root, "base": base, "adapters": adapters, "graph": graph, "packed": packed}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("llama"), transformers.LlamaForCausalLM, llama_config(),
+                        LLAMA_ADAPTERS, first_seed=1)
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt2")
-    base = save_base(transformers.GPT2LMHeadModel, gpt2_config(), root / "base")
-    adapters = {name: save_adapter(transformers.GPT2LMHeadModel, base, root / name, seed=i + 3, **kw)
-                for i, (name, kw) in enumerate(GPT2_ADAPTERS.items())}
-    graph = export_dynamic(base, root / "dynamic.onnx", adapters=list(adapters.values()))
-    packed = {name: pack_adapter(d, root / f"{name}.onnx_adapter", onnx_path=graph.path) for name, d in adapters.items()}
-    return {"cls": transformers.GPT2LMHeadModel, "root": root, "base": base, "adapters": adapters,
-            "graph": graph, "packed": packed}
+    return build_family(tmp_path_factory.mktemp("gpt2"), transformers.GPT2LMHeadModel, gpt2_config(),
+                        GPT2_ADAPTERS, first_seed=3)
 
 
 @pytest.fixture(scope="module")
