@@ -9,8 +9,11 @@ streams tensor bytes straight to disk: peak memory is one tensor, not one shard.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import queue
+import threading
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,10 +255,6 @@ class BinaryFile:
     CHUNK = 16 * 1024 * 1024
 
     def __init__(self, path: Path, durable: bool = False):
-        import hashlib
-        import queue
-        import threading
-
         self.path = path
         self.durable = durable
         self._f = open(path, "wb")
@@ -427,8 +426,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    import hashlib
-
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -23,6 +23,7 @@ import torch
 from . import __version__
 from .adapter import Adapter, load_adapter
 from .checkpoint import (
+    DTYPES,
     FLOAT_DTYPES,
     INDEX_FILE,
     BinaryFile,
@@ -219,8 +220,6 @@ def finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    from .checkpoint import DTYPES
-
     return DTYPES[name]
 
 
