@@ -16,10 +16,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from .arrays import all_finite, from_torch
 from .errors import AdapterError, NonFiniteError
-from .util import all_finite, first_line
+from .util import first_line
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -95,22 +96,22 @@ class LoraModule:
     """
 
     name: str
-    a: torch.Tensor
-    b: torch.Tensor
+    a: np.ndarray
+    b: np.ndarray
     r: int
     alpha: float
     scaling: float
     embedding: bool = False
-    bias: torch.Tensor | None = None  # lora_B.bias, when trained with lora_bias
-    magnitude: torch.Tensor | None = None  # DoRA's m, one per output feature
+    bias: np.ndarray | None = None  # lora_B.bias, when trained with lora_bias
+    magnitude: np.ndarray | None = None  # DoRA's m, one per output feature
 
     @property
     def variant(self) -> str:
         return "dora" if self.magnitude is not None else "lora"
 
     def num_parameters(self) -> int:
-        extra = [t.numel() for t in (self.bias, self.magnitude) if t is not None]
-        return self.a.numel() + self.b.numel() + sum(extra)
+        extra = [t.size for t in (self.bias, self.magnitude) if t is not None]
+        return self.a.size + self.b.size + sum(extra)
 
 
 @dataclass
@@ -120,12 +121,12 @@ class Adapter:
     modules: dict[str, LoraModule]
     # Whole tensors that replace base tensors, by name inside the model
     # (modules_to_save, and biases trained with bias="all" / "lora_only").
-    replacements: dict[str, torch.Tensor]
+    replacements: dict[str, np.ndarray]
     files: list[Path]
 
     def num_parameters(self) -> int:
         return sum(m.num_parameters() for m in self.modules.values()) + sum(
-            t.numel() for t in self.replacements.values()
+            t.size for t in self.replacements.values()
         )
 
     @property
@@ -222,7 +223,7 @@ def check_numbers(raw: dict, path: Path) -> None:
             raise AdapterError(f"{path}: {key} must map module patterns to positive numbers")
 
 
-def read_tensors(root: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+def read_tensors(root: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
     st_path, bin_path = root / SAFETENSORS_FILE, root / PICKLE_FILE
     if st_path.is_file():
         return read_safetensors(st_path), [root / CONFIG_FILE, st_path]
@@ -231,25 +232,29 @@ def read_tensors(root: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     raise AdapterError(f"{root}: no {SAFETENSORS_FILE} (or {PICKLE_FILE})")
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .checkpoint import read_header
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, as writable arrays over one buffer."""
+    from .checkpoint import as_array, read_header
     from .errors import CheckpointError
 
     try:
-        read_header(path)  # validates header and byte ranges, so truncation is named clearly
-        return load_file(str(path))
+        infos, _ = read_header(path)  # validates the header and byte ranges, naming truncation
+        data = bytearray(path.stat().st_size)
+        with open(path, "rb") as f:
+            f.readinto(data)
     except CheckpointError as exc:
         raise AdapterError(str(exc)) from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{path}: corrupt safetensors file ({exc})") from None
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot read ({exc.strerror})") from None
+    view = memoryview(data)
+    return {name: as_array(view[i.start:i.end], i) for name, i in infos.items()}
 
 
-def read_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
+def read_pickle_weights_only(path: Path) -> dict[str, np.ndarray]:
     """Load a .bin adapter without executing pickled code: only tensors are allowed."""
     import pickle
+
+    import torch
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -259,7 +264,7 @@ def read_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise AdapterError(f"{path}: not a mapping of tensor names to tensors")
-    return data
+    return {name: from_torch(tensor) for name, tensor in data.items()}
 
 
 # Suffixes PEFT writes for each part of a LoRA layer (adapter name already stripped).
@@ -275,10 +280,10 @@ PARTS = {
 
 
 def group_tensors(
-    tensors: dict[str, torch.Tensor], config: AdapterConfig, root: Path
-) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    replacements: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray], config: AdapterConfig, root: Path
+) -> tuple[dict[str, LoraModule], dict[str, np.ndarray]]:
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    replacements: dict[str, np.ndarray] = {}
     for key, tensor in tensors.items():
         name = key[len(SAVED_PREFIX):] if key.startswith(SAVED_PREFIX) else key
         module, part = split_part(name)
@@ -303,7 +308,7 @@ def split_part(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def build_module(name: str, parts: dict[str, torch.Tensor], config: AdapterConfig, root: Path) -> LoraModule:
+def build_module(name: str, parts: dict[str, np.ndarray], config: AdapterConfig, root: Path) -> LoraModule:
     embedding = "a_emb" in parts or "b_emb" in parts
     a = parts.get("a_emb" if embedding else "a")
     b = parts.get("b_emb" if embedding else "b")
@@ -332,7 +337,7 @@ def build_module(name: str, parts: dict[str, torch.Tensor], config: AdapterConfi
     )
 
 
-def check_finite(modules: dict[str, LoraModule], replacements: dict[str, torch.Tensor], root: Path) -> None:
+def check_finite(modules: dict[str, LoraModule], replacements: dict[str, np.ndarray], root: Path) -> None:
     for m in modules.values():
         for label, t in (("lora_A", m.a), ("lora_B", m.b), ("lora_B.bias", m.bias), ("magnitude", m.magnitude)):
             if t is not None and not all_finite(t):

@@ -5,6 +5,9 @@ from one shard at a time, so a 70B checkpoint costs a few kilobytes
 until a tensor is asked for. The writer knows every output tensor's dtype and shape
 before it starts (the merge plans them), so it writes each shard's header first and then
 streams tensor bytes straight to disk: peak memory is one tensor, not one shard.
+
+Tensors are numpy arrays (ml_dtypes supplies bfloat16 and float8): the merge path never
+imports torch, whose import alone costs seconds per CLI call.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import threading
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import ml_dtypes
 import numpy as np
-import torch
 
 from .errors import CheckpointError
 
@@ -29,22 +32,24 @@ INDEX_FILE = "model.safetensors.index.json"
 # Header sizes beyond this are not a real checkpoint; refuse before allocating.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# safetensors dtype names <-> torch dtypes (the subset checkpoints use).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype names -> numpy dtypes (the subset checkpoints use), little-endian.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(t).newbyteorder("<") if np.dtype(t).itemsize > 1 else np.dtype(t)
+    for name, t in {
+        "F64": np.float64,
+        "F32": np.float32,
+        "F16": np.float16,
+        "BF16": ml_dtypes.bfloat16,
+        "I64": np.int64,
+        "I32": np.int32,
+        "I16": np.int16,
+        "I8": np.int8,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
+        "F8_E4M3": ml_dtypes.float8_e4m3fn,
+        "F8_E5M2": ml_dtypes.float8_e5m2,
+    }.items()
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
@@ -64,7 +69,7 @@ class TensorInfo:
         return self.end - self.start
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def np_dtype(self) -> np.dtype:
         return DTYPES[self.dtype]
 
 
@@ -170,13 +175,10 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, as a torch tensor that owns a private copy of its bytes."""
+    def read(self, name: str) -> np.ndarray:
+        """One tensor, as a writable array that owns a private copy of its bytes."""
         info = self.tensors[name]
-        data = bytearray(self.read_bytes(info))
-        if not data:
-            return torch.empty(info.shape, dtype=info.torch_dtype)
-        return torch.frombuffer(data, dtype=info.torch_dtype).reshape(info.shape)
+        return as_array(bytearray(self.read_bytes(info)), info)
 
     def read_bytes(self, info: TensorInfo) -> bytes:
         # pread rather than mmap: mapped pages of a multi-GB shard would count towards
@@ -243,107 +245,199 @@ class OutputTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
 
 
-class BinaryFile:
-    """A write-only file whose SHA-256 (for the manifest) is computed on a helper thread.
+# Bytes move in chunks small enough to stay in the CPU cache between the read, the write
+# and the two hashes; the kernel is asked to read this far ahead of the merge.
+CHUNK = 8 * 1024 * 1024
+READAHEAD = 64 * 1024 * 1024
 
-    Bytes copied unchanged from another file go through the kernel (copy_file_range)
-    without entering Python; the hashing thread reads the same range back from the page
-    cache. hashlib releases the GIL, so hashing overlaps writing; a bounded queue keeps
-    at most a few chunks in flight.
+
+class HashThread:
+    """SHA-256 of a byte stream, computed on a helper thread.
+
+    hashlib releases the GIL on large buffers, so hashing runs on another core while the
+    merge reads, computes and writes. The queue is bounded: a few chunks wait at most.
     """
 
-    CHUNK = 16 * 1024 * 1024
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._digest: str | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            try:
+                self._sha.update(data)
+            except BaseException as exc:  # reported by hexdigest(); keep draining so producers never block
+                self._error = exc
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        self.stop()
+        if self._error is not None:
+            raise CheckpointError(f"hashing failed ({self._error})")
+        if self._digest is None:
+            self._digest = self._sha.hexdigest()
+        return self._digest
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+class ShardReader:
+    """One shard read front to back, exactly once, every byte hashed on the way.
+
+    The merge visits tensors in on-disk order, so the read that feeds it also feeds the
+    manifest's SHA-256 of the input: no shard is read twice.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
+        self.size = os.fstat(self.fd).st_size
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self.pos = 0
+        self.advised = 0
+        self.sha = HashThread()
+
+    def chunks(self, start: int, end: int) -> Iterator[bytes]:
+        """Bytes [start, end) in chunks; any bytes skipped before start are read and hashed."""
+        self.skip_to(start)
+        while self.pos < end:
+            yield self._next(min(CHUNK, end - self.pos))
+
+    def read(self, start: int, end: int) -> bytes:
+        self.skip_to(start)
+        return self._next(end - start)
+
+    def skip_to(self, offset: int) -> None:
+        if offset < self.pos:
+            raise ValueError(f"{self.path}: read at {offset} is behind the stream ({self.pos})")
+        while self.pos < offset:
+            self._next(min(CHUNK, offset - self.pos))
+
+    def _next(self, n: int) -> bytes:
+        self._advise(self.pos + n)
+        data = os.pread(self.fd, n, self.pos)
+        if len(data) != n:
+            raise CheckpointError(f"{self.path}: truncated while reading")
+        self.sha.update(data)
+        self.pos += n
+        return data
+
+    def _advise(self, upto: int) -> None:
+        # Without this the disk idles whenever this thread computes or writes: a cold
+        # merge took twice as long.
+        if upto + READAHEAD // 2 > self.advised:
+            end = upto + READAHEAD
+            os.posix_fadvise(self.fd, self.advised, end - self.advised, os.POSIX_FADV_WILLNEED)
+            self.advised = end
+
+    def finish(self) -> HashThread:
+        """Read (and hash) whatever is left, close the file; the digest follows."""
+        self.skip_to(self.size)
+        self.close()
+        return self.sha
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        self.close()
+        self.sha.stop()
+
+
+class CheckpointStream:
+    """A checkpoint read once in on-disk order, shard by shard, hashing as it goes.
+
+    Reads that go back (a tied tensor written a second time) are served by plain reads
+    from the checkpoint; they were hashed when the stream passed them.
+    """
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.reader: ShardReader | None = None
+        self.done: dict[Path, HashThread] = {}
+
+    def chunks(self, info: TensorInfo) -> Iterator[bytes | memoryview]:
+        reader = self._reader(info)
+        if reader is None:
+            data = memoryview(self.ckpt.read_bytes(info))
+            return (data[i:i + CHUNK] for i in range(0, len(data), CHUNK))
+        return reader.chunks(info.start, info.end)
+
+    def read(self, info: TensorInfo) -> np.ndarray:
+        reader = self._reader(info)
+        if reader is None:
+            return self.ckpt.read(info.name)
+        return as_array(reader.read(info.start, info.end), info)
+
+    def _reader(self, info: TensorInfo) -> ShardReader | None:
+        if self.reader is not None and self.reader.path != info.file:
+            self.done[self.reader.path] = self.reader.finish()
+            self.reader = None
+        if info.file in self.done or (self.reader is not None and info.start < self.reader.pos):
+            return None
+        if self.reader is None:
+            self.reader = ShardReader(info.file)
+        return self.reader
+
+    def digests(self) -> dict[Path, str]:
+        """SHA-256 of every shard, reading the ones (or the tails) the merge never touched."""
+        if self.reader is not None:
+            self.done[self.reader.path] = self.reader.finish()
+            self.reader = None
+        for path in self.ckpt.files:
+            if path not in self.done:
+                self.done[path] = ShardReader(path).finish()
+        return {path: self.done[path].hexdigest() for path in self.ckpt.files}
+
+    def abort(self) -> None:
+        if self.reader is not None:
+            self.reader.abort()
+        for sha in self.done.values():
+            sha.stop()
+
+
+class BinaryFile:
+    """A write-only file whose SHA-256 (for the manifest) is computed on a helper thread."""
 
     def __init__(self, path: Path, durable: bool = False):
         self.path = path
         self.durable = durable
         self._f = open(path, "wb")
-        self._sha = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._hash_loop, daemon=True)
-        self._thread.start()
-        self._src: tuple[Path, int] | None = None  # the shard being copied from, kept open
+        self._sha = HashThread()
         self.size = 0
-
-    def _hash_loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                if isinstance(item, tuple):
-                    self._hash_range(*item)
-                else:
-                    self._sha.update(item)
-            except BaseException as exc:  # reported by close(); keep draining so writers never block
-                self._error = exc
-
-    def _hash_range(self, src: Path, start: int, end: int) -> None:
-        with open(src, "rb") as f:
-            f.seek(start)
-            while start < end:
-                block = f.read(min(self.CHUNK, end - start))
-                if not block:
-                    raise OSError(f"{src}: truncated while hashing")
-                self._sha.update(block)
-                start += len(block)
 
     def write(self, data: bytes | memoryview) -> None:
         self._f.write(data)
-        self._queue.put(data)
+        self._sha.update(data)
         self.size += len(data)
 
-    def copy_from(self, src: Path, start: int, end: int) -> None:
-        """Append bytes [start, end) of src, copied by the kernel where it can."""
-        self._f.flush()
-        fd = self._source(src)
-        # One open file per shard keeps the kernel's readahead going from tensor to tensor;
-        # WILLNEED starts reading the whole range before the copy asks for it.
-        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-        offset = start
-        while offset < end:
-            try:
-                n = os.copy_file_range(fd, self._f.fileno(), end - offset, offset)
-            except OSError:  # e.g. across file systems on old kernels: copy through Python
-                n = 0
-            if n == 0:
-                data = os.pread(fd, min(self.CHUNK, end - offset), offset)
-                if not data:
-                    raise CheckpointError(f"{src}: truncated while copying")
-                n = os.write(self._f.fileno(), data)
-            offset += n
-        self._f.seek(0, os.SEEK_END)
-        self._queue.put((src, start, end))
-        self.size += end - start
-
-    def _source(self, src: Path) -> int:
-        if self._src is None or self._src[0] != src:
-            self._close_source()
-            fd = os.open(src, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self._src = (src, fd)
-        return self._src[1]
-
-    def _close_source(self) -> None:
-        if self._src is not None:
-            os.close(self._src[1])
-            self._src = None
-
     def abort(self) -> None:
-        self._close_source()
-        self._queue.put(None)
-        self._thread.join()
+        self._sha.stop()
         self._f.close()
 
     def close(self) -> str:
-        self._close_source()
-        self._queue.put(None)
-        self._thread.join()
         self._f.flush()
         if self.durable:
             os.fsync(self._f.fileno())
         self._f.close()
-        if self._error is not None:
-            raise CheckpointError(f"{self.path}: hashing failed ({self._error})")
-        return self._sha.hexdigest()
+        try:
+            return self._sha.hexdigest()
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
 
 
 def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
@@ -417,12 +511,15 @@ def _write_shard(path: Path, shard: list[OutputTensor], on_tensor, durable: bool
     return out.close()
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """Raw little-endian bytes of a CPU tensor (bfloat16 and float8 included)."""
-    t = tensor.detach().contiguous().cpu()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+def as_array(data: bytes | bytearray, info: TensorInfo) -> np.ndarray:
+    """A tensor's bytes as an array (read-only over bytes, writable over a bytearray)."""
+    return np.frombuffer(data, dtype=info.np_dtype).reshape(info.shape)
+
+
+def tensor_bytes(array: np.ndarray) -> memoryview:
+    """Raw little-endian bytes of an array (bfloat16 and float8 included)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return memoryview(flat.view(np.uint8))
 
 
 def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:

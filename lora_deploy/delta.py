@@ -1,4 +1,4 @@
-"""The merge math: pure functions on tensors, one place per layer kind and variant.
+"""The merge math: pure functions on numpy arrays, one place per layer kind and variant.
 
 Every function computes in float32 and returns float32; the caller rounds once to the
 output dtype. (PEFT instead rounds the delta to the weight's dtype and adds there, which
@@ -7,8 +7,7 @@ in float16/bfloat16 can land one ulp away from the correctly rounded sum.)
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from .adapter import LoraModule
 
@@ -20,67 +19,71 @@ from .adapter import LoraModule
 KINDS = ("linear", "transposed", "embedding", "conv")
 
 
-def delta_weight(module: LoraModule, kind: str) -> torch.Tensor:
+def f32(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array).astype(np.float32, copy=False)
+
+
+def delta_weight(module: LoraModule, kind: str) -> np.ndarray:
     """s * B A in the base weight's layout, float32."""
-    a, b, s = module.a.float(), module.b.float(), module.scaling
+    a, b, s = f32(module.a), f32(module.b), np.float32(module.scaling)
     if kind == "linear":
         return (b @ a) * s
-    if kind == "transposed":
-        return (b @ a).T * s
-    if kind == "embedding":
-        return (b @ a).T * s
+    if kind in ("transposed", "embedding"):
+        return (a.T @ b.T) * s  # (B A)^T, computed directly in C order
     if kind == "conv":
         return conv_delta(a, b) * s
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
-def conv_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """B A for convolutions: A is [r, in, *k], B is [out, r, 1...]; result [out, in, *k]."""
-    spatial = a.shape[2:]
-    if all(k == 1 for k in spatial):
-        flat = b.flatten(1) @ a.flatten(1)
-        return flat.reshape(b.shape[0], a.shape[1], *spatial)
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(spatial)]
-    # Convolving A (as [in, r, *k]) with B (as a 1x1 kernel [out, r]) composes the two.
-    return conv(a.transpose(0, 1), b).transpose(0, 1)
+def conv_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """B A for convolutions: A is [r, in, *k], B is [out, r, 1...]; result [out, in, *k].
+
+    B is a 1x1 kernel, so composing the two convolutions (what PEFT computes with a conv
+    of A by B) is a product over r at every kernel position: one matmul.
+    """
+    out_f, r = b.shape[0], b.shape[1]
+    flat = b.reshape(out_f, r) @ a.reshape(r, -1)
+    return flat.reshape(out_f, *a.shape[1:])
 
 
-def merged_weight(module: LoraModule, kind: str, w0: torch.Tensor) -> torch.Tensor:
+def merged_weight(module: LoraModule, kind: str, w0: np.ndarray) -> np.ndarray:
     """W0 + s B A (LoRA) or m / ||W0 + s B A|| * (W0 + s B A) (DoRA), float32."""
-    w = w0.float() + delta_weight(module, kind)
+    w = f32(w0) + delta_weight(module, kind)
     if module.magnitude is None:
         return w
-    return dora_rescale(w, module.magnitude.float().flatten(), kind)
+    return dora_rescale(w, f32(module.magnitude).reshape(-1), kind)
 
 
-def dora_scale(w: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.Tensor:
+def dora_scale(w: np.ndarray, magnitude: np.ndarray, kind: str) -> np.ndarray:
     """m / ||W|| per output feature: one value per row of a Linear weight, per column of a
     transposed one, per embedding dimension, per output channel of a convolution.
 
     The norm is taken over the input features, as PEFT computes DoRA.
     """
     if kind == "linear":
-        return magnitude / w.norm(dim=1)
+        return magnitude / np.linalg.norm(w, axis=1)
     if kind in ("transposed", "embedding"):
-        return magnitude / w.norm(dim=0)
+        return magnitude / np.linalg.norm(w, axis=0)
     if kind == "conv":
-        return magnitude / w.flatten(1).norm(dim=1)
+        return magnitude / np.linalg.norm(w.reshape(w.shape[0], -1), axis=1)
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
-def dora_rescale(w: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.Tensor:
+def dora_rescale(w: np.ndarray, magnitude: np.ndarray, kind: str) -> np.ndarray:
     """Scale each output feature of W to the learned magnitude."""
-    scale = dora_scale(w, magnitude, kind)
-    if kind == "linear":
-        return w * scale.unsqueeze(1)
+    return w * feature_axis(dora_scale(w, magnitude, kind), kind, w.ndim)
+
+
+def feature_axis(scale: np.ndarray, kind: str, ndim: int) -> np.ndarray:
+    """Shape a per-output-feature vector to broadcast against a weight of this kind."""
     if kind in ("transposed", "embedding"):
-        return w * scale.unsqueeze(0)
-    return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        return scale.reshape(1, -1)
+    return scale.reshape(-1, *([1] * (ndim - 1)))
 
 
-def merged_bias(module: LoraModule, b0: torch.Tensor) -> torch.Tensor:
+def merged_bias(module: LoraModule, b0: np.ndarray) -> np.ndarray:
     """Base bias plus the scaled lora_B bias (PEFT's lora_bias), float32."""
-    return b0.float() + module.bias.float() * module.scaling
+    return f32(b0) + f32(module.bias) * np.float32(module.scaling)
 
 
 def expected_shapes(module: LoraModule, kind: str) -> tuple[tuple[int, ...], ...]:
@@ -93,6 +96,15 @@ def expected_shapes(module: LoraModule, kind: str) -> tuple[tuple[int, ...], ...
     return ((out_f, in_f, *module.a.shape[2:]),)
 
 
-def delta_norm(module: LoraModule, kind: str) -> float:
-    """Frobenius norm of s B A, for the manifest and `inspect`."""
-    return float(delta_weight(module, kind).norm())
+
+def lora_norm(module: LoraModule) -> float:
+    """||s B A||_F without forming B A: sqrt(sum((A A^T) * (B^T B))), in float64.
+
+    The norm ignores layout (a transpose or a reshape keeps it), so one formula serves
+    every kind, at r x r cost instead of a pass over the full weight.
+    """
+    r = module.b.shape[1]
+    a = np.asarray(module.a, dtype=np.float64).reshape(r, -1)
+    b = np.asarray(module.b, dtype=np.float64).reshape(-1, r)
+    gram = np.sum((a @ a.T) * (b.T @ b))
+    return float(abs(module.scaling) * np.sqrt(max(gram, 0.0)))

@@ -50,6 +50,7 @@ from torch import nn
 
 from . import onnx_graph
 from .adapter import Adapter, LoraModule, load_adapter
+from .delta import f32
 from .errors import AdapterError, BadInputError, ExportError, NonFiniteError
 # The runtime side lives in sessions.py; re-exported so `from lora_deploy.dynamic import
 # DynamicSession` keeps working. sessions.py imports nothing from here at load time.
@@ -547,14 +548,15 @@ def adapter_parameters(adapter: Adapter, dtype) -> dict[str, np.ndarray]:
     """A^T, (s B)^T and s bias per module, computed in float32 and rounded once."""
     out = {}
     for lora in adapter.modules.values():
+        scaling = np.float32(lora.scaling)
         arrays = {
-            lora.name + A_SUFFIX: lora.a.float().T,
-            lora.name + B_SUFFIX: (lora.b.float() * lora.scaling).T,
+            lora.name + A_SUFFIX: f32(lora.a).T,
+            lora.name + B_SUFFIX: (f32(lora.b) * scaling).T,
         }
         if lora.bias is not None:
-            arrays[lora.name + BIAS_SUFFIX] = lora.bias.float() * lora.scaling
-        for name, tensor in arrays.items():
-            array = np.ascontiguousarray(tensor.numpy().astype(dtype))
+            arrays[lora.name + BIAS_SUFFIX] = f32(lora.bias) * scaling
+        for name, values in arrays.items():
+            array = np.ascontiguousarray(values.astype(dtype))
             if not np.isfinite(array).all():
                 raise NonFiniteError(f"{adapter.path}: {name} overflows {np.dtype(dtype).name}")
             out[name] = array

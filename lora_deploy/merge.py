@@ -1,9 +1,10 @@
 """Merge stage: base checkpoint + LoRA adapter -> an ordinary HF checkpoint, streamed.
 
-Tensors are visited in the base's on-disk order. Untouched tensors are copied byte for
-byte; adapted ones are read one at a time, merged in float32 and rounded once. Output is
-built in a hidden sibling directory and renamed into place only when complete, so a
-failure or Ctrl-C never leaves a half-written model behind.
+Tensors are visited in the base's on-disk order, so each base shard is read once, front
+to back, and hashed by the same read. Untouched tensors are copied byte for byte; adapted
+ones are merged in float32 and rounded once. Output is built in a hidden sibling
+directory and renamed into place only when complete, so a failure or Ctrl-C never leaves
+a half-written model behind. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -13,21 +14,22 @@ import os
 import shutil
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
+import numpy as np
 
 from . import __version__
 from .adapter import Adapter, load_adapter
+from .arrays import all_finite
 from .checkpoint import (
     DTYPES,
     FLOAT_DTYPES,
     INDEX_FILE,
     BinaryFile,
     Checkpoint,
+    CheckpointStream,
     OutputTensor,
     TensorInfo,
     file_sha256,
@@ -35,17 +37,17 @@ from .checkpoint import (
     tensor_bytes,
     write_checkpoint,
 )
-from .delta import merged_bias, merged_weight
+from .delta import lora_norm, merged_bias, merged_weight
 from .errors import BadInputError, NonFiniteError
 from .targets import MergePlan, Target, plan_merge
-from .util import all_finite, library_versions
+from .util import library_versions
 
 MANIFEST_FILE = "merge-manifest.json"
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 SKIP_FILES = {INDEX_FILE, "pytorch_model.bin.index.json", MANIFEST_FILE}
 # Libraries whose versions the manifest records (lora-deploy itself is added too).
-MANIFEST_LIBRARIES = ("torch", "safetensors", "numpy", "transformers")
+MANIFEST_LIBRARIES = ("numpy", "ml_dtypes", "safetensors", "torch", "transformers")
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -95,13 +97,17 @@ def merge(
 
 
 def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, overwrite, durable, progress) -> dict:
-    tensors = output_tensors(base, plan, dtype)
-    with staging_dir(out_dir, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
-        hasher = InputHasher(base, adapter, tensors, pool)
-        on_tensor = chain(progress_hook(tensors, progress), hasher.tensor_done)
-        out_hashes = write_checkpoint(tmp, tensors, shard_bytes, on_tensor, durable)
-        out_hashes.update(copy_side_files(base.dir, tmp, dtype, untied=bool(plan.untie)))
-        manifest = build_manifest(base, adapter, plan, tensors, dtype, shard_bytes, hasher.result(), out_hashes)
+    stream = CheckpointStream(base)
+    tensors = output_tensors(stream, plan, dtype)
+    with staging_dir(out_dir, overwrite) as tmp:
+        try:
+            out_hashes = write_checkpoint(tmp, tensors, shard_bytes, progress_hook(tensors, progress), durable)
+            in_hashes = input_hashes(base, adapter, stream.digests())
+        except BaseException:
+            stream.abort()
+            raise
+        out_hashes.update(copy_side_files(base.dir, tmp, dtype, bool(plan.untie), in_hashes["base"]))
+        manifest = build_manifest(base, adapter, plan, tensors, dtype, shard_bytes, in_hashes, out_hashes)
         write_json(tmp / MANIFEST_FILE, manifest)
         if durable:
             sync_tree(tmp)
@@ -162,65 +168,76 @@ def output_dtype(info: TensorInfo, dtype: str) -> str:
     return OUTPUT_DTYPES[dtype]
 
 
-def output_tensors(base: Checkpoint, plan: MergePlan, dtype: str) -> list[OutputTensor]:
+def output_tensors(stream: CheckpointStream, plan: MergePlan, dtype: str) -> list[OutputTensor]:
     """Every output tensor, in the base's on-disk order, with how to produce its bytes."""
+    base = stream.ckpt
     bias_of = {t.bias_key: t for t in plan.targets.values() if t.bias_key}
     out = []
     for info in sorted(base.tensors.values(), key=lambda i: (base.files.index(i.file), i.start)):
         out_dtype = output_dtype(info, dtype)
         if info.name in plan.targets:
             w0 = plan.replacements.get(info.name)  # PEFT loads a saved base layer before adding the LoRA
-            produce = merged_producer(base, info, plan.targets[info.name], out_dtype, w0)
+            produce = merged_producer(stream, info, plan.targets[info.name], out_dtype, w0)
         elif info.name in bias_of:
-            produce = bias_producer(base, info, bias_of[info.name], out_dtype)
+            produce = bias_producer(stream, info, bias_of[info.name], out_dtype)
         elif info.name in plan.replacements:
-            produce = tensor_producer(plan.replacements[info.name], out_dtype, info.name)
+            produce = tensor_producer(stream, info, plan.replacements[info.name], out_dtype)
         else:
-            produce = copy_producer(base, info, out_dtype)
+            produce = copy_producer(stream, info, out_dtype)
         out.append(OutputTensor(info.name, out_dtype, info.shape, produce))
         for tied_key, source in plan.untie.items():
             if source == info.name:
-                out.append(OutputTensor(tied_key, out_dtype, info.shape, copy_producer(base, info, out_dtype)))
+                out.append(OutputTensor(tied_key, out_dtype, info.shape, copy_producer(stream, info, out_dtype)))
     return out
 
 
-def copy_producer(base: Checkpoint, info: TensorInfo, out_dtype: str):
-    if out_dtype == info.dtype:
-        return lambda f: f.copy_from(info.file, info.start, info.end)
-    return lambda f: f.write(tensor_bytes(base.read(info.name).to(torch_dtype(out_dtype))))
-
-
-def merged_producer(base: Checkpoint, info: TensorInfo, target: Target, out_dtype: str, w0=None):
+def copy_producer(stream: CheckpointStream, info: TensorInfo, out_dtype: str):
     def produce(f: BinaryFile) -> None:
-        base_weight = base.read(info.name) if w0 is None else w0  # a saved base layer, at its own precision
+        if out_dtype == info.dtype:
+            for chunk in stream.chunks(info):
+                f.write(chunk)
+        else:
+            f.write(tensor_bytes(stream.read(info).astype(DTYPES[out_dtype])))
+
+    return produce
+
+
+def merged_producer(stream: CheckpointStream, info: TensorInfo, target: Target, out_dtype: str, w0=None):
+    def produce(f: BinaryFile) -> None:
+        base_weight = stream.read(info)  # read (and hashed) even when a saved base layer replaces it
+        if w0 is not None:
+            base_weight = w0
         merged = merged_weight(target.module, target.kind, base_weight)
-        target.delta_norm = float((merged - base_weight.float()).norm())
-        f.write(tensor_bytes(finite(merged.to(torch_dtype(out_dtype)), info.name)))
+        if target.module.magnitude is None:
+            target.delta_norm = lora_norm(target.module)
+        else:  # DoRA also rescales W0: measure the whole change
+            target.delta_norm = float(np.linalg.norm(merged - base_weight.astype(np.float32)))
+        f.write(tensor_bytes(finite(merged.astype(DTYPES[out_dtype], copy=False), info.name)))
 
     return produce
 
 
-def bias_producer(base: Checkpoint, info: TensorInfo, target: Target, out_dtype: str):
+def bias_producer(stream: CheckpointStream, info: TensorInfo, target: Target, out_dtype: str):
     def produce(f: BinaryFile) -> None:
-        merged = merged_bias(target.module, base.read(info.name))
-        f.write(tensor_bytes(finite(merged.to(torch_dtype(out_dtype)), info.name)))
+        merged = merged_bias(target.module, stream.read(info))
+        f.write(tensor_bytes(finite(merged.astype(DTYPES[out_dtype], copy=False), info.name)))
 
     return produce
 
 
-def tensor_producer(tensor: torch.Tensor, out_dtype: str, name: str):
-    return lambda f: f.write(tensor_bytes(finite(tensor.to(torch_dtype(out_dtype)), name)))
+def tensor_producer(stream: CheckpointStream, info: TensorInfo, tensor: np.ndarray, out_dtype: str):
+    def produce(f: BinaryFile) -> None:
+        stream.read(info)  # the base tensor is replaced, but its bytes still go into the input hash
+        f.write(tensor_bytes(finite(tensor.astype(DTYPES[out_dtype]), info.name)))
+
+    return produce
 
 
-def finite(tensor: torch.Tensor, name: str) -> torch.Tensor:
+def finite(array: np.ndarray, name: str) -> np.ndarray:
     # Checked after rounding: a float16 output can overflow to Inf even when float32 didn't.
-    if not all_finite(tensor):
+    if not all_finite(array):
         raise NonFiniteError(f"merged tensor {name} has NaN or Inf values (overflow in the output dtype?)")
-    return tensor
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
+    return array
 
 
 def progress_hook(tensors: list[OutputTensor], progress: Progress | None):
@@ -250,7 +267,7 @@ def side_files(base_dir: Path) -> list[Path]:
     return out
 
 
-def copy_side_files(base_dir: Path, out_dir: Path, dtype: str, untied: bool) -> dict[str, str]:
+def copy_side_files(base_dir: Path, out_dir: Path, dtype: str, untied: bool, in_hashes: dict[str, str]) -> dict[str, str]:
     """Copy config, tokenizer and other non-weight files; fix up config.json if needed."""
     hashes = {}
     for path in side_files(base_dir):
@@ -259,9 +276,10 @@ def copy_side_files(base_dir: Path, out_dir: Path, dtype: str, untied: bool) -> 
         dest.parent.mkdir(parents=True, exist_ok=True)
         if rel == Path("config.json"):
             write_json(dest, updated_config(json.loads(path.read_text()), dtype, untied))
+            hashes[str(rel)] = file_sha256(dest)
         else:
             shutil.copy2(path, dest)
-        hashes[str(rel)] = file_sha256(dest)
+            hashes[str(rel)] = in_hashes[str(rel)]  # a byte-for-byte copy of a file hashed as input
     return hashes
 
 
@@ -295,44 +313,15 @@ def sync_tree(path: Path) -> None:
         os.close(fd)
 
 
-class InputHasher:
-    """SHA-256 of every input file, computed on a helper thread.
-
-    Each base shard is hashed right after the merge has read past it, so the hash reads
-    come from the page cache instead of racing the merge for the disk.
-    """
-
-    def __init__(self, base: Checkpoint, adapter: Adapter, tensors: list[OutputTensor], pool: ThreadPoolExecutor):
-        self.base, self.pool = base, pool
-        self.jobs: dict[str, object] = {}
-        self.last_tensor = {info.file: info.name for info in sorted(base.tensors.values(), key=lambda i: i.start)}
-        self.pending = {name: path for path, name in self.last_tensor.items()}
-        for path in side_files(base.dir):
-            self.submit(str(path.relative_to(base.dir)), path)
-        for path in adapter.files:
-            self.submit(f"adapter/{path.name}", path)
-
-    def submit(self, key: str, path: Path) -> None:
-        self.jobs[key] = self.pool.submit(file_sha256, path)
-
-    def tensor_done(self, tensor: OutputTensor) -> None:
-        path = self.pending.pop(tensor.name, None)
-        if path is not None:
-            self.submit(str(path.relative_to(self.base.dir)), path)
-
-    def result(self) -> dict[str, dict[str, str]]:
-        for name, path in list(self.pending.items()):  # shards of tensors never visited (none expected)
-            self.tensor_done(OutputTensor(name, "F32", (), lambda f: None))
-        hashes = {key: job.result() for key, job in self.jobs.items()}
-        return {
-            "base": dict(sorted((k, v) for k, v in hashes.items() if not k.startswith("adapter/"))),
-            "adapter": {k.removeprefix("adapter/"): v for k, v in hashes.items() if k.startswith("adapter/")},
-        }
-
-
-def chain(*hooks):
-    hooks = [h for h in hooks if h is not None]
-    return lambda tensor: [h(tensor) for h in hooks]
+def input_hashes(base: Checkpoint, adapter: Adapter, shard_hashes: dict[Path, str]) -> dict[str, dict[str, str]]:
+    """SHA-256 of every input: base shards (hashed while merging), index, side files, adapter."""
+    hashes = {str(path.relative_to(base.dir)): digest for path, digest in shard_hashes.items()}
+    index = [base.dir / INDEX_FILE] if (base.dir / INDEX_FILE).is_file() else []
+    hashes.update({str(path.relative_to(base.dir)): file_sha256(path) for path in side_files(base.dir) + index})
+    return {
+        "base": dict(sorted(hashes.items())),
+        "adapter": {path.name: file_sha256(path) for path in adapter.files},
+    }
 
 
 def build_manifest(base, adapter: Adapter, plan: MergePlan, tensors, dtype, shard_bytes, in_hashes, out_hashes) -> dict:

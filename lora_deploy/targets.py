@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from .adapter import Adapter, LoraModule
 from .checkpoint import FLOAT_DTYPES, Checkpoint
@@ -49,7 +49,7 @@ class Layout:
 @dataclass
 class MergePlan:
     targets: dict[str, Target]  # by weight key
-    replacements: dict[str, torch.Tensor]  # by base key
+    replacements: dict[str, np.ndarray]  # by base key
     untie: dict[str, str]  # weight key to write explicitly -> base key it was tied to
     rename: Callable[[str], str]
     layout: Layout
@@ -61,6 +61,7 @@ def read_layout(config: dict) -> Layout:
     if not archs or "model_type" not in config:
         return Layout()
     try:
+        import torch
         import transformers
         from transformers.pytorch_utils import Conv1D
 
@@ -190,7 +191,7 @@ def resolve_target(module: LoraModule, base_name: str, base: Checkpoint, layout:
             f"adapter module {module.name!r} does not fit the base: weight {key} is {list(shape)}, "
             f"LoRA factors A {list(module.a.shape)} and B {list(module.b.shape)}"
         )
-    if module.magnitude is not None and module.magnitude.numel() != (shape[1] if kind in ("transposed", "embedding") else shape[0]):
+    if module.magnitude is not None and module.magnitude.size != (shape[1] if kind in ("transposed", "embedding") else shape[0]):
         raise AdapterError(f"adapter module {module.name!r}: DoRA magnitude has the wrong length for {key}")
     bias_key = None
     if module.bias is not None:
@@ -202,7 +203,7 @@ def resolve_target(module: LoraModule, base_name: str, base: Checkpoint, layout:
     return Target(module, key, kind, bias_key)
 
 
-def resolve_replacements(adapter: Adapter, base: Checkpoint, rename: Callable[[str], str]) -> dict[str, torch.Tensor]:
+def resolve_replacements(adapter: Adapter, base: Checkpoint, rename: Callable[[str], str]) -> dict[str, np.ndarray]:
     out = {}
     for name, tensor in adapter.replacements.items():
         key = next((k for k in (rename(name), name) if k in base), None)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, LoraModule, load_adapter
-from .delta import delta_weight, dora_scale
+from .arrays import from_torch, to_torch
+from .delta import delta_weight, dora_scale, f32
 from .errors import AdapterError
 from .targets import find_rename
 
@@ -86,6 +87,7 @@ def lora_hook(layer: nn.Module, lora: LoraModule):
         raise AdapterError(f"{lora.name}: LoRA on grouped convolutions is not supported")
 
     placed: dict[torch.device, tuple] = {}  # factors moved to a device once, not every forward
+    dora: dict[torch.device, torch.Tensor] = {}
 
     def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -94,16 +96,19 @@ def lora_hook(layer: nn.Module, lora: LoraModule):
         update = lora_update(mod, kind, lora, x, *placed[x.device]).to(output.dtype)
         if lora.magnitude is None:
             return output + update
-        return dora_output(mod, kind, lora, output, update)
+        if output.device not in dora:
+            dora[output.device] = dora_feature_scale(mod, kind, lora).to(output.device)
+        return dora_output(mod, kind, dora[output.device], output, update)
 
     return hook
 
 
 def place_factors(lora: LoraModule, device: torch.device) -> tuple:
     """A, B and the lora_B bias on `device`, in the adapter's precision (float32 for half)."""
-    dtype = torch.promote_types(lora.a.dtype, torch.float32)
-    bias = None if lora.bias is None else lora.bias.to(device, dtype)
-    return lora.a.to(device, dtype), lora.b.to(device, dtype), bias
+    a, b = to_torch(lora.a), to_torch(lora.b)
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    bias = None if lora.bias is None else to_torch(lora.bias).to(device, dtype)
+    return a.to(device, dtype), b.to(device, dtype), bias
 
 
 def lora_update(layer: nn.Module, kind: str, lora: LoraModule, x: torch.Tensor, a, b, bias) -> torch.Tensor:
@@ -121,14 +126,18 @@ def lora_update(layer: nn.Module, kind: str, lora: LoraModule, x: torch.Tensor, 
     return F.linear(F.linear(x.to(dtype), a), b, bias) * lora.scaling
 
 
-def dora_output(layer: nn.Module, kind: str, lora: LoraModule, output: torch.Tensor, update: torch.Tensor):
-    """DoRA: scale (W0 x + s B A x) per output feature by m / ||W0 + s B A||, keep the bias.
+def dora_feature_scale(layer: nn.Module, kind: str, lora: LoraModule) -> torch.Tensor:
+    """m / ||W0 + s B A|| per output feature, float32.
 
-    Like PEFT, the norm is of the unmerged weight and treated as a constant.
+    Like PEFT, the norm is of the unmerged weight and treated as a constant: it depends
+    only on the weights, so it is computed once, not on every forward.
     """
-    w0 = layer.weight.detach().float()
-    w = w0 + delta_weight(lora, kind).to(w0.device)
-    scale = dora_scale(w, lora.magnitude.float().flatten().to(w0.device), kind)
+    w = f32(from_torch(layer.weight.detach().float())) + delta_weight(lora, kind)
+    return to_torch(dora_scale(w, f32(lora.magnitude).reshape(-1), kind))
+
+
+def dora_output(layer: nn.Module, kind: str, scale: torch.Tensor, output: torch.Tensor, update: torch.Tensor):
+    """DoRA: scale (W0 x + s B A x) per output feature, keeping the base bias unscaled."""
     bias = getattr(layer, "bias", None)
     bias_shape = (1, -1) + (1,) * (output.dim() - 2) if kind == "conv" else (-1,)
     scale = scale.reshape(bias_shape).to(output.dtype)
@@ -153,6 +162,6 @@ def replace_parameters(model: nn.Module, adapter: Adapter, rename, handle: Attac
         owner = model.get_submodule(owner_name)
         original = getattr(owner, attr)
         handle.restore.append((owner, attr, original))
-        replacement = nn.Parameter(tensor.detach().to(original.dtype).to(original.device).clone(),
+        replacement = nn.Parameter(to_torch(tensor).to(original.dtype).to(original.device).clone(),
                                    requires_grad=original.requires_grad)
         setattr(owner, attr, replacement)

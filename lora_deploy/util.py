@@ -35,21 +35,6 @@ def library_versions(names: Iterable[str]) -> dict[str, str]:
     return versions
 
 
-def all_finite(tensor) -> bool:
-    """True when no element is NaN or Inf.
-
-    A finite sum proves it (any NaN or Inf poisons the sum) at a fraction of the cost of
-    an element-wise check; only a non-finite sum, or an overflowing one, needs that check.
-    """
-    import torch
-
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(tensor).all())
-
-
 def write_file_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write via a temp file in the same directory, then os.replace it into place.
 

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .adapter import Adapter, load_adapter
+from .arrays import all_finite
 from .checkpoint import Checkpoint
 from .delta import merged_bias, merged_weight
 from .errors import BadInputError, NotEquivalentError
@@ -194,7 +194,7 @@ def name_checks(what: str, names: set[str]) -> list[Check]:
     return [Check(f"weights: {len(names)} tensors {what}", False, max_abs=float("inf"), detail=listed)]
 
 
-def expected_tensor(name: str, base: Checkpoint, plan, bias_of) -> torch.Tensor | None:
+def expected_tensor(name: str, base: Checkpoint, plan, bias_of) -> np.ndarray | None:
     """W0 + dW (or the merged bias, or a replacement) in float32; None for untouched tensors."""
     if name in plan.targets:
         w0 = plan.replacements.get(name)
@@ -203,37 +203,43 @@ def expected_tensor(name: str, base: Checkpoint, plan, bias_of) -> torch.Tensor 
     if name in bias_of:
         return merged_bias(bias_of[name], base.read(name))
     if name in plan.replacements:
-        return plan.replacements[name].float()
+        return plan.replacements[name].astype(np.float32)
     return None
 
 
-def compare_exact(name: str, got: torch.Tensor, base: torch.Tensor) -> Check:
+def compare_exact(name: str, got: np.ndarray, base: np.ndarray) -> Check:
     """Untouched tensors: bit-exact, or exactly the base converted to the output dtype."""
-    want = base.to(got.dtype)
-    if got.shape == want.shape and torch.equal(got, want):
+    want = base.astype(got.dtype, copy=False)
+    if got.shape == want.shape and got.tobytes() == want.tobytes():
         return Check(f"weights: {name}", True)
-    diff = float((got.double() - want.double()).abs().max()) if got.shape == want.shape else float("inf")
+    diff = float(np.abs(as_f64(got) - as_f64(want)).max()) if got.shape == want.shape and got.size else float("inf")
     return Check(f"weights: {name}", False, max_abs=diff, detail="should equal the base tensor")
 
 
-def ulp(x: torch.Tensor, dtype: str) -> torch.Tensor:
+def as_f64(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float64)
+
+
+def ulp(x: np.ndarray, dtype: str) -> np.ndarray:
     bits, min_exp = FLOAT_FORMAT[dtype]
-    _, exponent = torch.frexp(x.double().abs())
-    return torch.pow(2.0, (torch.clamp(exponent - 1, min=min_exp) - bits).double())
+    x = np.abs(x.astype(np.float64))
+    _, exponent = np.frexp(x)
+    exponent = np.where(x == 0, min_exp + 1, exponent)  # zero: the smallest step there is
+    return np.ldexp(1.0, np.maximum(exponent - 1, min_exp) - bits)
 
 
-def compare_weight(name: str, got: torch.Tensor, want: torch.Tensor, dtype: str) -> Check:
+def compare_weight(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> Check:
     """Within one ulp of the exact float32 result (1e-6 abs + 1e-5 rel for float32)."""
     if got.shape != want.shape:
         return Check(f"weights: {name}", False, max_abs=float("inf"), detail=f"shape {list(got.shape)} != {list(want.shape)}")
-    diff = (got.double() - want.double()).abs()
+    diff = np.abs(as_f64(got) - as_f64(want))
     if dtype == "F32":
-        allowed = 1e-6 + 1e-5 * want.double().abs()
+        allowed = 1e-6 + 1e-5 * np.abs(as_f64(want))
     else:
         allowed = ulp(want, dtype)
-    passed = bool((diff <= allowed).all()) and bool(torch.isfinite(got).all())
-    return Check(f"weights: {name}", passed, max_abs=float(diff.max()) if diff.numel() else 0.0,
-                 max_rel=float((diff / want.double().abs().clamp_min(1e-12)).max()) if diff.numel() else 0.0,
+    passed = bool((diff <= allowed).all()) and all_finite(got)
+    return Check(f"weights: {name}", passed, max_abs=float(diff.max()) if diff.size else 0.0,
+                 max_rel=float((diff / np.maximum(np.abs(as_f64(want)), 1e-12)).max()) if diff.size else 0.0,
                  detail="" if passed else f"more than one {dtype} rounding from W0 + dW")
 
 

@@ -1,4 +1,5 @@
-"""Property tests for the merge math against first principles (float64 numpy, torch convs)."""
+"""Property tests for the merge math (numpy) against first principles: float64 numpy, and
+torch's own linear, embedding and convolution layers computing the unmerged forward."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_deploy.adapter import LoraModule
-from lora_deploy.delta import delta_weight, merged_bias, merged_weight
+from lora_deploy.delta import lora_norm, merged_bias, merged_weight
 
 dims = st.integers(min_value=1, max_value=24)
 ranks = st.integers(min_value=1, max_value=8)
@@ -20,16 +21,20 @@ def module(a, b, scaling, **kw) -> LoraModule:
     return LoraModule("m", a, b, r=a.shape[0], alpha=scaling * a.shape[0], scaling=scaling, **kw)
 
 
-def rand(*shape, seed=0):
-    return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+def rand(*shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def T(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 @settings(max_examples=60, deadline=None)
 @given(out_f=dims, in_f=dims, r=ranks, s=scales, seed=st.integers(0, 2**16))
 def test_linear_merge_is_w0_plus_scaled_product(out_f, in_f, r, s, seed):
     a, b, w0 = rand(r, in_f, seed=seed), rand(out_f, r, seed=seed + 1), rand(out_f, in_f, seed=seed + 2)
-    got = merged_weight(module(a, b, s), "linear", w0).double().numpy()
-    want = w0.double().numpy() + s * (b.double().numpy() @ a.double().numpy())
+    got = merged_weight(module(a, b, s), "linear", w0).astype(np.float64)
+    want = w0.astype(np.float64) + s * (b.astype(np.float64) @ a.astype(np.float64))
     np.testing.assert_allclose(got, want, atol=1e-5 * max(1, s), rtol=1e-5)
 
 
@@ -37,8 +42,8 @@ def test_linear_merge_is_w0_plus_scaled_product(out_f, in_f, r, s, seed):
 @given(out_f=dims, in_f=dims, r=ranks, s=scales)
 def test_merged_linear_computes_the_unmerged_forward(out_f, in_f, r, s):
     a, b, w0, x = rand(r, in_f), rand(out_f, r, seed=1), rand(out_f, in_f, seed=2), rand(5, in_f, seed=3)
-    unmerged = x @ w0.T + s * (x @ a.T) @ b.T
-    merged = x @ merged_weight(module(a, b, s), "linear", w0).T
+    unmerged = F.linear(T(x), T(w0)) + s * F.linear(F.linear(T(x), T(a)), T(b))
+    merged = F.linear(T(x), T(merged_weight(module(a, b, s), "linear", w0)))
     torch.testing.assert_close(merged, unmerged, atol=1e-4 * max(1, s), rtol=1e-4)
 
 
@@ -47,8 +52,8 @@ def test_merged_linear_computes_the_unmerged_forward(out_f, in_f, r, s):
 def test_transposed_layout_is_the_transpose(out_f, in_f, r, s):
     a, b, w0 = rand(r, in_f), rand(out_f, r, seed=1), rand(out_f, in_f, seed=2)
     lin = merged_weight(module(a, b, s), "linear", w0)
-    conv1d = merged_weight(module(a, b, s), "transposed", w0.T.contiguous())
-    torch.testing.assert_close(conv1d, lin.T)
+    conv1d = merged_weight(module(a, b, s), "transposed", np.ascontiguousarray(w0.T))
+    np.testing.assert_allclose(conv1d, lin.T, rtol=1e-6, atol=1e-6)
 
 
 @settings(max_examples=30, deadline=None)
@@ -56,8 +61,8 @@ def test_transposed_layout_is_the_transpose(out_f, in_f, r, s):
 def test_embedding_merge_matches_lookup_of_lora(vocab, dim, r, s):
     a, b, w0 = rand(r, vocab), rand(dim, r, seed=1), rand(vocab, dim, seed=2)
     ids = torch.arange(vocab)
-    unmerged = F.embedding(ids, w0) + s * F.embedding(ids, a.T) @ b.T
-    torch.testing.assert_close(F.embedding(ids, merged_weight(module(a, b, s), "embedding", w0)), unmerged,
+    unmerged = F.embedding(ids, T(w0)) + s * F.embedding(ids, T(a.T)) @ T(b.T)
+    torch.testing.assert_close(F.embedding(ids, T(merged_weight(module(a, b, s), "embedding", w0))), unmerged,
                                atol=1e-4 * max(1, s), rtol=1e-4)
 
 
@@ -66,8 +71,8 @@ def test_embedding_merge_matches_lookup_of_lora(vocab, dim, r, s):
 def test_conv_merge_equals_conv_then_pointwise_conv(c_out, c_in, r, k, s):
     a, b = rand(r, c_in, k, k), rand(c_out, r, 1, 1, seed=1)
     w0, x = rand(c_out, c_in, k, k, seed=2), rand(2, c_in, 7, 7, seed=3)
-    unmerged = F.conv2d(x, w0, padding=k // 2) + s * F.conv2d(F.conv2d(x, a, padding=k // 2), b)
-    merged = F.conv2d(x, merged_weight(module(a, b, s), "conv", w0), padding=k // 2)
+    unmerged = F.conv2d(T(x), T(w0), padding=k // 2) + s * F.conv2d(F.conv2d(T(x), T(a), padding=k // 2), T(b))
+    merged = F.conv2d(T(x), T(merged_weight(module(a, b, s), "conv", w0)), padding=k // 2)
     torch.testing.assert_close(merged, unmerged, atol=1e-3 * max(1, s), rtol=1e-4)
 
 
@@ -75,24 +80,33 @@ def test_conv_merge_equals_conv_then_pointwise_conv(c_out, c_in, r, k, s):
 @given(out_f=dims, in_f=dims, r=ranks, s=scales)
 def test_dora_rows_take_the_learned_magnitude(out_f, in_f, r, s):
     a, b, w0 = rand(r, in_f), rand(out_f, r, seed=1), rand(out_f, in_f, seed=2)
-    m = rand(out_f, seed=3).abs() + 0.1
-    merged = merged_weight(module(a, b, s, magnitude=m), "linear", w0)
-    torch.testing.assert_close(merged.norm(dim=1), m, atol=1e-4, rtol=1e-4)
-    # direction unchanged: each row is a positive multiple of W0 + dW
-    direction = w0 + delta_weight(module(a, b, s), "linear")
+    m = np.abs(rand(out_f, seed=3)) + 0.1
+    merged = T(merged_weight(module(a, b, s, magnitude=m), "linear", w0))
+    torch.testing.assert_close(merged.norm(dim=1), T(m), atol=1e-4, rtol=1e-4)
+    # direction unchanged: each row is a positive multiple of W0 + s B A
+    direction = T(w0) + s * T(b) @ T(a)
     cos = F.cosine_similarity(merged, direction, dim=1)
     torch.testing.assert_close(cos, torch.ones(out_f), atol=1e-4, rtol=0)
 
 
 def test_dora_transposed_normalises_columns():
     a, b, w0 = rand(4, 6), rand(5, 4, seed=1), rand(6, 5, seed=2)
-    m = rand(5, seed=3).abs()
+    m = np.abs(rand(5, seed=3))
     merged = merged_weight(module(a, b, 0.5, magnitude=m), "transposed", w0)
-    torch.testing.assert_close(merged.norm(dim=0), m, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(merged.astype(np.float64), axis=0), m, atol=1e-5, rtol=1e-5)
 
 
 @given(n=dims, s=scales)
 def test_bias_is_scaled(n, s):
     b0, lb = rand(n), rand(n, seed=1)
     m = module(rand(2, 3), rand(n, 2), s, bias=lb)
-    torch.testing.assert_close(merged_bias(m, b0), b0 + s * lb)
+    np.testing.assert_allclose(merged_bias(m, b0), b0 + np.float32(s) * lb, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(out_f=dims, in_f=dims, r=ranks, s=st.floats(-4.0, 8.0), k=st.sampled_from([0, 1, 3]))
+def test_lora_norm_is_the_norm_of_the_formed_product(out_f, in_f, r, s, k):
+    spatial = (k, k) if k else ()
+    a, b = rand(r, in_f, *spatial), rand(out_f, r, *((1, 1) if k else ()), seed=1)
+    formed = s * (b.reshape(out_f, r).astype(np.float64) @ a.reshape(r, -1).astype(np.float64))
+    assert np.isclose(lora_norm(module(a, b, s)), np.linalg.norm(formed), rtol=1e-9, atol=1e-12)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_deploy.checkpoint import file_sha256
 from lora_deploy.merge import MANIFEST_FILE, merge
 from lora_deploy.reference import FAMILIES, VARIANTS, supported
 
@@ -123,19 +127,23 @@ def test_untouched_tensors_are_bit_exact_and_side_files_copied(reference, tmp_pa
             assert (tmp_path / "out" / name).exists()
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_manifest_records_hashes_and_modules(reference, tmp_path):
     base, adapter = reference("gpt2", "patterns")
     result = merge(base, adapter, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
     assert manifest == json.loads(json.dumps(result.manifest))
     for name, digest in manifest["output"]["files"].items():
-        assert file_sha256(tmp_path / "out" / name) == digest
+        assert sha256(tmp_path / "out" / name) == digest
     for name, digest in manifest["inputs"]["sha256"]["adapter"].items():
-        assert file_sha256(adapter / name) == digest
+        assert sha256(adapter / name) == digest
     base_hashes = manifest["inputs"]["sha256"]["base"]
     assert {"model.safetensors", "config.json"} <= set(base_hashes)
     for name, digest in base_hashes.items():
-        assert file_sha256(base / name) == digest
+        assert sha256(base / name) == digest
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert manifest["adapter_config"] == adapter_config
     scalings = {m["module"]: m["scaling"] for m in manifest["modules"]}
@@ -145,6 +153,46 @@ def test_manifest_records_hashes_and_modules(reference, tmp_path):
             short = name.removeprefix("base_model.model.")
             assert scalings[short] == pytest.approx(module.scaling["default"])
     assert all(m["delta_norm"] > 0 for m in manifest["modules"])
+
+
+@pytest.mark.parametrize("family,variant", [("gpt2", "embedding"), ("llama", "dora"), ("bert", "modules_to_save")])
+def test_manifest_hashes_and_norms_of_a_sharded_merge(reference, tmp_path, family, variant):
+    """Shards are hashed by the read that merges them; a tied tensor is read twice; the
+    manifest's ||dW|| is computed without forming dW. Check all three against the files."""
+    base, adapter = reference(family, variant, sharded=True)
+    out = tmp_path / "out"
+    manifest = merge(base, adapter, out, max_shard_size="100KB").manifest
+    inputs = manifest["inputs"]["sha256"]
+    assert set(inputs["base"]) == {p.name for p in base.iterdir()}
+    assert all(sha256(base / name) == digest for name, digest in inputs["base"].items())
+    assert all(sha256(adapter / name) == digest for name, digest in inputs["adapter"].items())
+    written = {p.name for p in out.iterdir()} - {MANIFEST_FILE}
+    assert set(manifest["output"]["files"]) == written
+    assert all(sha256(out / name) == digest for name, digest in manifest["output"]["files"].items())
+    before, after = read_checkpoint(base), read_checkpoint(out)
+    for module in manifest["modules"]:
+        key = module["weight"]
+        if key in manifest["replaced"]:
+            continue  # the change is measured from the saved base layer, not this W0
+        change = after[key].double() - before[key].double()
+        assert module["delta_norm"] == pytest.approx(float(change.norm()), rel=1e-3, abs=1e-6), key
+
+
+def test_cli_merge_never_imports_torch(reference, tmp_path):
+    """torch's import costs seconds per call, more than merging a 2 GB model's adapter."""
+    base, adapter = reference("llama", "plain", sharded=True)
+    code = (
+        "import sys\n"
+        "from lora_deploy.cli import main\n"
+        "try:\n"
+        f"    main(['merge', {str(base)!r}, {str(adapter)!r}, '-o', {str(tmp_path / 'out')!r}])\n"
+        "except SystemExit as exit:\n"
+        "    assert not exit.code, exit.code\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'safetensors')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+    assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_tied_embedding_merge_stays_exact_where_peft_does_not(reference, tmp_path):
