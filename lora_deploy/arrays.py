@@ -42,18 +42,31 @@ def from_torch(tensor) -> np.ndarray:
     return t.numpy()
 
 
+# Per float dtype: the unsigned integer of its width, and its bit pattern with every
+# exponent bit set. Clearing the sign, a value is NaN or Inf exactly when its bits are at
+# least that pattern (float8_e4m3fn has no Inf: all bits set below the sign is its NaN).
+_NON_FINITE = {
+    np.dtype(np.float64): (np.uint64, 0x7FF0_0000_0000_0000),
+    np.dtype(np.float32): (np.uint32, 0x7F80_0000),
+    np.dtype(np.float16): (np.uint16, 0x7C00),
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+    np.dtype(ml_dtypes.float8_e5m2): (np.uint8, 0x7C),
+    np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, 0x7F),
+}
+
+
 def is_float(array: np.ndarray) -> bool:
-    return array.dtype.kind == "f" or array.dtype in _VIEWS
+    return array.dtype in _NON_FINITE
 
 
 def all_finite(array: np.ndarray) -> bool:
     """True when no element is NaN or Inf.
 
-    The float64 sum of finite float32 (or narrower) values cannot overflow, and any NaN
-    or Inf poisons it: one pass with no temporary array decides.
+    Decided on the bit patterns: integer passes, several times faster than a float check.
     """
     if not is_float(array) or array.size == 0:
         return True
-    if array.dtype == np.float64:
-        return bool(np.isfinite(array).all())
-    return bool(np.isfinite(np.sum(array, dtype=np.float64)))
+    carrier, pattern = _NON_FINITE[array.dtype]
+    bits = np.ascontiguousarray(array).view(carrier)
+    magnitude = np.bitwise_and(bits, carrier((1 << (8 * bits.itemsize - 1)) - 1))
+    return bool(magnitude.max() < pattern)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import queue
 import threading
@@ -245,10 +246,12 @@ class OutputTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
 
 
-# Bytes move in chunks small enough to stay in the CPU cache between the read, the write
-# and the two hashes; the kernel is asked to read this far ahead of the merge.
-CHUNK = 8 * 1024 * 1024
+# Bytes are handed to the hashing threads in chunks small enough to stay in the CPU cache
+# while both hashes read them; the kernel is asked to read this far ahead of the merge.
+CHUNK = 1024 * 1024
 READAHEAD = 64 * 1024 * 1024
+# Shards are mapped a window at a time, so resident memory stays a few windows, not a shard.
+WINDOW = 64 * 1024 * 1024
 
 
 class HashThread:
@@ -260,18 +263,22 @@ class HashThread:
 
     def __init__(self):
         self._sha = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
         self._error: BaseException | None = None
         self._digest: str | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
             try:
                 self._sha.update(data)
             except BaseException as exc:  # reported by hexdigest(); keep draining so producers never block
                 self._error = exc
+            del data  # a chunk may be a view of a mapping: let it be unmapped now
 
     def update(self, data: bytes | memoryview) -> None:
         self._queue.put(data)
@@ -293,8 +300,10 @@ class HashThread:
 class ShardReader:
     """One shard read front to back, exactly once, every byte hashed on the way.
 
-    The merge visits tensors in on-disk order, so the read that feeds it also feeds the
-    manifest's SHA-256 of the input: no shard is read twice.
+    The merge visits tensors in on-disk order, so the pass that feeds it also feeds the
+    manifest's SHA-256 of the input: no shard is read twice. Bytes are seen through
+    memory mappings (no copy into Python); a copied tensor goes from this file to the
+    output by the kernel, and both files' hashes read it from the same mapping.
     """
 
     def __init__(self, path: Path):
@@ -307,36 +316,57 @@ class ShardReader:
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self.pos = 0
         self.advised = 0
+        self.window: tuple[int, int, memoryview] | None = None  # (start, end, view)
         self.sha = HashThread()
 
-    def chunks(self, start: int, end: int) -> Iterator[bytes]:
-        """Bytes [start, end) in chunks; any bytes skipped before start are read and hashed."""
+    def copy_to(self, out: "BinaryFile", start: int, end: int) -> None:
+        """Append bytes [start, end) of this shard to `out`."""
         self.skip_to(start)
-        while self.pos < end:
-            yield self._next(min(CHUNK, end - self.pos))
+        for offset, piece in self._pieces(end):
+            out.copy_from(self.fd, offset, piece)
 
-    def read(self, start: int, end: int) -> bytes:
+    def read(self, start: int, end: int) -> memoryview:
+        """Bytes [start, end) as one read-only view, hashed a chunk at a time."""
         self.skip_to(start)
-        return self._next(end - start)
+        view = self._map(start, end)
+        for offset in range(0, len(view), CHUNK):
+            self._consume(view[offset:offset + CHUNK])
+        return view
 
     def skip_to(self, offset: int) -> None:
         if offset < self.pos:
             raise ValueError(f"{self.path}: read at {offset} is behind the stream ({self.pos})")
-        while self.pos < offset:
-            self._next(min(CHUNK, offset - self.pos))
+        for _ in self._pieces(offset):
+            pass
 
-    def _next(self, n: int) -> bytes:
-        self._advise(self.pos + n)
-        data = os.pread(self.fd, n, self.pos)
-        if len(data) != n:
-            raise CheckpointError(f"{self.path}: truncated while reading")
-        self.sha.update(data)
-        self.pos += n
-        return data
+    def _pieces(self, end: int) -> Iterator[tuple[int, memoryview]]:
+        """(offset, view) chunks from the current position to `end`, each hashed."""
+        while self.pos < end:
+            if self.window is None or self.pos >= self.window[1]:
+                window_end = min(self.size, self.pos + WINDOW)
+                # The old window is unmapped once the hashing threads drop their chunks of it.
+                self.window = (self.pos, window_end, self._map(self.pos, window_end))
+            w_start, w_end, view = self.window
+            n = min(CHUNK, end - self.pos, w_end - self.pos)
+            offset = self.pos
+            yield offset, self._consume(view[offset - w_start:offset - w_start + n])
+
+    def _consume(self, piece: memoryview) -> memoryview:
+        self._advise(self.pos + len(piece))
+        self.sha.update(piece)
+        self.pos += len(piece)
+        return piece
+
+    def _map(self, start: int, end: int) -> memoryview:
+        """A read-only mapping of bytes [start, end); unmapped when its last view is gone."""
+        if end <= start:
+            return memoryview(b"")
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(self.fd, end - base, prot=mmap.PROT_READ, offset=base)
+        return memoryview(mapping)[start - base:]
 
     def _advise(self, upto: int) -> None:
-        # Without this the disk idles whenever this thread computes or writes: a cold
-        # merge took twice as long.
+        # Without this the disk idles whenever the merge computes or writes.
         if upto + READAHEAD // 2 > self.advised:
             end = upto + READAHEAD
             os.posix_fadvise(self.fd, self.advised, end - self.advised, os.POSIX_FADV_WILLNEED)
@@ -349,8 +379,9 @@ class ShardReader:
         return self.sha
 
     def close(self) -> None:
+        self.window = None
         if self.fd >= 0:
-            os.close(self.fd)
+            os.close(self.fd)  # live mappings stay valid after the file is closed
             self.fd = -1
 
     def abort(self) -> None:
@@ -370,14 +401,15 @@ class CheckpointStream:
         self.reader: ShardReader | None = None
         self.done: dict[Path, HashThread] = {}
 
-    def chunks(self, info: TensorInfo) -> Iterator[bytes | memoryview]:
+    def copy_to(self, out: "BinaryFile", info: TensorInfo) -> None:
         reader = self._reader(info)
         if reader is None:
-            data = memoryview(self.ckpt.read_bytes(info))
-            return (data[i:i + CHUNK] for i in range(0, len(data), CHUNK))
-        return reader.chunks(info.start, info.end)
+            out.write(self.ckpt.read_bytes(info))
+        else:
+            reader.copy_to(out, info.start, info.end)
 
     def read(self, info: TensorInfo) -> np.ndarray:
+        """A tensor as a read-only array over the mapped shard."""
         reader = self._reader(info)
         if reader is None:
             return self.ckpt.read(info.name)
@@ -416,28 +448,54 @@ class BinaryFile:
     def __init__(self, path: Path, durable: bool = False):
         self.path = path
         self.durable = durable
-        self._f = open(path, "wb")
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._sha = HashThread()
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
-        self._sha.update(data)
-        self.size += len(data)
+        view = memoryview(data).cast("B")
+        for offset in range(0, len(view), CHUNK):  # each piece hashed while still in cache
+            piece = view[offset:offset + CHUNK]
+            write_all(self.fd, piece)
+            self._sha.update(piece)
+        self.size += len(view)
+
+    def copy_from(self, src_fd: int, offset: int, piece: memoryview) -> None:
+        """Append `piece`, which is bytes [offset, offset + len(piece)) of file `src_fd`.
+
+        The kernel copies it (page cache to page cache, nothing through Python); where it
+        can't (another file system on an old kernel), the bytes are written from `piece`.
+        """
+        done = 0
+        while done < len(piece):
+            try:
+                n = os.copy_file_range(src_fd, self.fd, len(piece) - done, offset + done)
+            except OSError:
+                n = 0
+            if n == 0:
+                write_all(self.fd, piece[done:])
+                break
+            done += n
+        self._sha.update(piece)
+        self.size += len(piece)
 
     def abort(self) -> None:
         self._sha.stop()
-        self._f.close()
+        os.close(self.fd)
 
     def close(self) -> str:
-        self._f.flush()
         if self.durable:
-            os.fsync(self._f.fileno())
-        self._f.close()
+            os.fsync(self.fd)
+        os.close(self.fd)
         try:
             return self._sha.hexdigest()
         except CheckpointError as exc:
             raise CheckpointError(f"{self.path}: {exc}") from None
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
@@ -511,8 +569,8 @@ def _write_shard(path: Path, shard: list[OutputTensor], on_tensor, durable: bool
     return out.close()
 
 
-def as_array(data: bytes | bytearray, info: TensorInfo) -> np.ndarray:
-    """A tensor's bytes as an array (read-only over bytes, writable over a bytearray)."""
+def as_array(data: bytes | bytearray | memoryview, info: TensorInfo) -> np.ndarray:
+    """A tensor's bytes as an array (writable only over a writable buffer)."""
     return np.frombuffer(data, dtype=info.np_dtype).reshape(info.shape)
 
 

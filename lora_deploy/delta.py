@@ -23,35 +23,67 @@ def f32(array: np.ndarray) -> np.ndarray:
     return np.asarray(array).astype(np.float32, copy=False)
 
 
-def delta_weight(module: LoraModule, kind: str) -> np.ndarray:
-    """s * B A in the base weight's layout, float32."""
-    a, b, s = f32(module.a), f32(module.b), np.float32(module.scaling)
+# Elements per block of a blocked merge: a float32 block of 1 MB stays in cache while it
+# is multiplied, scaled, added to W0 and rounded.
+BLOCK_ELEMENTS = 256 * 1024
+
+
+def factors(module: LoraModule, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right), float32, with left @ right = B A in the weight's layout, as 2-D.
+
+    Rows of `left` are rows of the weight (convolution kernels flattened), so any block
+    of weight rows is a block of `left` times all of `right`.
+    """
+    a, b = f32(module.a), f32(module.b)
     if kind == "linear":
-        return (b @ a) * s
+        return b, a
     if kind in ("transposed", "embedding"):
-        return (a.T @ b.T) * s  # (B A)^T, computed directly in C order
+        return a.T, b.T
     if kind == "conv":
-        return conv_delta(a, b) * s
+        # B is a 1x1 kernel, so composing the two convolutions (what PEFT computes with a
+        # conv of A by B) is a product over r at every kernel position.
+        return b.reshape(b.shape[0], b.shape[1]), a.reshape(a.shape[0], -1)
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
-def conv_delta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """B A for convolutions: A is [r, in, *k], B is [out, r, 1...]; result [out, in, *k].
+def weight_shape(module: LoraModule, kind: str) -> tuple[int, ...]:
+    if kind == "conv":
+        return (module.b.shape[0], *module.a.shape[1:])
+    left, right = factors(module, kind)
+    return (left.shape[0], right.shape[1])
 
-    B is a 1x1 kernel, so composing the two convolutions (what PEFT computes with a conv
-    of A by B) is a product over r at every kernel position: one matmul.
+
+def delta_weight(module: LoraModule, kind: str) -> np.ndarray:
+    """s * B A in the base weight's layout, float32."""
+    left, right = factors(module, kind)
+    product = left @ right
+    product *= np.float32(module.scaling)  # in place: as large as the weight
+    return product.reshape(weight_shape(module, kind))
+
+
+def merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """W0 + s B A (LoRA) or m / ||W0 + s B A|| * (W0 + s B A) (DoRA), computed in float32
+    and rounded once to `dtype`.
+
+    LoRA is merged a block of rows at a time: each block is multiplied, scaled, added
+    and rounded while in cache, and no float32 copy of the whole weight is made.
     """
-    out_f, r = b.shape[0], b.shape[1]
-    flat = b.reshape(out_f, r) @ a.reshape(r, -1)
-    return flat.reshape(out_f, *a.shape[1:])
-
-
-def merged_weight(module: LoraModule, kind: str, w0: np.ndarray) -> np.ndarray:
-    """W0 + s B A (LoRA) or m / ||W0 + s B A|| * (W0 + s B A) (DoRA), float32."""
-    w = f32(w0) + delta_weight(module, kind)
-    if module.magnitude is None:
-        return w
-    return dora_rescale(w, f32(module.magnitude).reshape(-1), kind)
+    if module.magnitude is not None:  # DoRA's norms need whole rows or columns
+        w = delta_weight(module, kind)
+        w += w0
+        w = dora_rescale(w, f32(module.magnitude).reshape(-1), kind)
+        return w.astype(dtype, copy=False)
+    left, right = factors(module, kind)
+    scaling = np.float32(module.scaling)
+    base = w0.reshape(left.shape[0], right.shape[1])
+    out = np.empty(base.shape, dtype)
+    rows = max(1, BLOCK_ELEMENTS // max(1, right.shape[1]))
+    for i in range(0, out.shape[0], rows):
+        block = left[i:i + rows] @ right
+        block *= scaling
+        block += base[i:i + rows]  # W0 cast to float32 element by element
+        out[i:i + rows] = block  # the one rounding
+    return out.reshape(w0.shape)
 
 
 def dora_scale(w: np.ndarray, magnitude: np.ndarray, kind: str) -> np.ndarray:
