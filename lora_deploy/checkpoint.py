@@ -246,9 +246,12 @@ class OutputTensor:
         return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
 
 
-# Bytes are handed to the hashing threads in chunks small enough to stay in the CPU cache
-# while both hashes read them; the kernel is asked to read this far ahead of the merge.
-CHUNK = 1024 * 1024
+# Mapped bytes go to the kernel copy and the hashing threads in chunks of CHUNK (larger
+# chunks cut per-chunk overhead: 8 MB took ~15% less CPU than 1 MB). Bytes written from
+# memory go in pieces of WRITE_PIECE, small enough to stay in the CPU cache between the
+# write and the hash. The kernel is asked to read READAHEAD ahead of the merge.
+CHUNK = 8 * 1024 * 1024
+WRITE_PIECE = 1024 * 1024
 READAHEAD = 64 * 1024 * 1024
 # Shards are mapped a window at a time, so resident memory stays a few windows, not a shard.
 WINDOW = 64 * 1024 * 1024
@@ -263,7 +266,7 @@ class HashThread:
 
     def __init__(self):
         self._sha = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._digest: str | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -454,8 +457,8 @@ class BinaryFile:
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        for offset in range(0, len(view), CHUNK):  # each piece hashed while still in cache
-            piece = view[offset:offset + CHUNK]
+        for offset in range(0, len(view), WRITE_PIECE):  # each piece hashed while still in cache
+            piece = view[offset:offset + WRITE_PIECE]
             write_all(self.fd, piece)
             self._sha.update(piece)
         self.size += len(view)
