@@ -7,7 +7,7 @@ r=16 q_proj/v_proj adapter, then times, interleaved round by round:
   copy-fsync, ours-fsync - the same, made durable (fsync; `lora-deploy merge --fsync`)
   peft   - AutoModelForCausalLM.from_pretrained -> PeftModel -> merge_and_unload -> save_pretrained
 Each runs in its own process so its peak RSS (VmHWM) is its own. Ratios are per round
-against that round's copy, and the medians are reported.
+against that round's copy; medians are reported, with 95% bootstrap intervals.
 
     python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 4 --json benchmarks/results/merge.json
     python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 4 --cold --json benchmarks/results/merge_cold.json
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from lora_deploy.stats import bootstrap_median_ci
 
 HERE = Path(__file__).resolve().parent
 
@@ -203,9 +205,11 @@ def main() -> None:
         "copy_s": statistics.median(x["seconds"] for x in rows["copy"]),
         "ours_s": statistics.median(x["seconds"] for x in rows["ours"]),
         "ours_over_copy": statistics.median(ratio),
+        "ours_over_copy_ci95": bootstrap_median_ci(ratio)[1:],
         "copy_fsync_s": statistics.median(x["seconds"] for x in rows["copy-fsync"]),
         "ours_fsync_s": statistics.median(x["seconds"] for x in rows["ours-fsync"]),
         "ours_over_copy_fsync": statistics.median(durable_ratio),
+        "ours_over_copy_fsync_ci95": bootstrap_median_ci(durable_ratio)[1:],
         "ours_peak_rss": max(x["peak_rss"] for x in rows["ours"]),
         "rounds": rows,
     }

@@ -24,20 +24,8 @@ from threadpoolctl import threadpool_limits
 from . import __version__
 from .adapter import Adapter, load_adapter
 from .arrays import all_finite
-from .checkpoint import (
-    DTYPES,
-    FLOAT_DTYPES,
-    INDEX_FILE,
-    BinaryFile,
-    Checkpoint,
-    CheckpointStream,
-    OutputTensor,
-    TensorInfo,
-    file_sha256,
-    parse_size,
-    tensor_bytes,
-    write_checkpoint,
-)
+from .checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
+from .stream import BinaryFile, CheckpointStream, OutputTensor, file_sha256, tensor_bytes, write_checkpoint
 from .delta import lora_norm, merged_bias, merged_weight
 from .errors import BadInputError, NonFiniteError
 from .targets import MergePlan, Target, plan_merge
@@ -100,14 +88,14 @@ def merge(
 
 
 def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, overwrite, durable, progress) -> dict:
-    stream = CheckpointStream(base)
-    tensors = output_tensors(stream, plan, dtype)
     with staging_dir(out_dir, overwrite) as tmp:
+        stream = CheckpointStream(base)
         try:
+            tensors = output_tensors(stream, plan, dtype)
             out_hashes = write_checkpoint(tmp, tensors, shard_bytes, progress_hook(tensors, progress), durable)
             in_hashes = input_hashes(base, adapter, stream.digests())
         except BaseException:
-            stream.abort()
+            stream.abort()  # stop its helper threads; the original error is what matters
             raise
         out_hashes.update(copy_side_files(base.dir, tmp, dtype, bool(plan.untie), in_hashes["base"]))
         manifest = build_manifest(base, adapter, plan, tensors, dtype, shard_bytes, in_hashes, out_hashes)

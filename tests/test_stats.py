@@ -316,7 +316,8 @@ def test_paired_ratios_are_scale_invariant(data, scale):
 def test_percentiles_are_ordered(values):
     p = percentiles(values)
     assert p["min"] <= p["p50"] <= p["p90"] <= p["p99"] <= max(values)
-    assert p["min"] <= p["mean"] <= max(values) * (1 + 1e-12)
+    # The mean of equal values can round one ulp outside them.
+    assert p["min"] * (1 - 1e-12) <= p["mean"] <= max(values) * (1 + 1e-12)
 
 
 @settings(max_examples=40, deadline=None)
