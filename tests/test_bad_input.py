@@ -227,6 +227,26 @@ def test_failure_midway_leaves_nothing(llama, tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
+def test_write_error_is_one_line_and_leaves_nothing(llama, tmp_path, monkeypatch):
+    """A full disk during a kernel copy on the writer thread reaches the user as one line."""
+    import errno
+
+    import lora_deploy.stream as stream_module
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stream_module.os, "copy_file_range", disk_full)
+    base, adapter = llama
+    out = tmp_path / "out"
+    result = run_cli("merge", base, adapter, "-o", out)
+    assert result.exit_code != 0
+    assert "No space left on device" in result.output and result.output.count("\n") == 1
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
 def test_console_script_reports_one_line(llama, tmp_path):
     base, _ = llama
     out = tmp_path / "out"
