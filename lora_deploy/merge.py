@@ -27,7 +27,7 @@ from .arrays import all_finite
 from .checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
 from .stream import BinaryFile, CheckpointStream, OutputTensor, file_sha256, tensor_bytes, write_checkpoint
 from .delta import lora_norm, merged_bias, merged_weight
-from .errors import BadInputError, NonFiniteError
+from .errors import BadInputError, CheckpointError, NonFiniteError
 from .targets import MergePlan, Target, plan_merge
 from .util import library_versions
 
@@ -94,6 +94,9 @@ def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, overwrite, du
             tensors = output_tensors(stream, plan, dtype)
             out_hashes = write_checkpoint(tmp, tensors, shard_bytes, progress_hook(tensors, progress), durable)
             in_hashes = input_hashes(base, adapter, stream.digests())
+        except CheckpointError as exc:
+            stream.abort()
+            raise CheckpointError(str(exc).replace(str(tmp), str(out_dir))) from None  # name OUT, not the staging dir
         except BaseException:
             stream.abort()  # stop its helper threads; the original error is what matters
             raise

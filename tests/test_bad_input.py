@@ -242,6 +242,7 @@ def test_write_error_is_one_line_and_leaves_nothing(llama, tmp_path, monkeypatch
     result = run_cli("merge", base, adapter, "-o", out)
     assert result.exit_code != 0
     assert "No space left on device" in result.output and result.output.count("\n") == 1
+    assert f"{out}/model.safetensors" in result.output  # OUT named, not the hidden staging dir
     assert "Traceback" not in result.output
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
