@@ -172,7 +172,13 @@ class ShardReader:
         if end <= start:
             return memoryview(b"")
         base = start - start % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(self.file.fileno(), end - base, prot=mmap.PROT_READ, offset=base)
+        try:
+            mapping = mmap.mmap(self.file.fileno(), end - base, prot=mmap.PROT_READ, offset=base)
+        except (OSError, ValueError):  # a file system that cannot map files: read instead
+            data = os.pread(self.file.fileno(), end - start, start)
+            if len(data) != end - start:
+                raise CheckpointError(f"{self.path}: truncated while reading") from None
+            return memoryview(data)
         return memoryview(mapping)[start - base:]
 
     def finish(self) -> HashThread:

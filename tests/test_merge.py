@@ -178,6 +178,22 @@ def test_manifest_hashes_and_norms_of_a_sharded_merge(reference, tmp_path, famil
         assert module["delta_norm"] == pytest.approx(float(change.norm()), rel=1e-3, abs=1e-6), key
 
 
+def test_unmappable_files_are_read_instead(reference, tmp_path, monkeypatch):
+    """Some file systems cannot map files: the merge reads them and writes the same bytes."""
+    import lora_deploy.stream as stream_module
+
+    base, adapter = reference("gpt2", "embedding", sharded=True)
+    mapped = merge(base, adapter, tmp_path / "mapped", max_shard_size="100KB").manifest
+
+    def cannot_map(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(stream_module.mmap, "mmap", cannot_map)
+    read = merge(base, adapter, tmp_path / "read", max_shard_size="100KB").manifest
+    assert read["output"]["files"] == mapped["output"]["files"]
+    assert read["inputs"]["sha256"] == mapped["inputs"]["sha256"]
+
+
 def test_cli_merge_never_imports_torch(reference, tmp_path):
     """torch's import costs seconds per call, more than merging a 2 GB model's adapter."""
     base, adapter = reference("llama", "plain", sharded=True)
