@@ -241,7 +241,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         infos, _ = read_header(path)  # validates the header and byte ranges, naming truncation
         data = bytearray(path.stat().st_size)
         with open(path, "rb") as f:
-            f.readinto(data)
+            if f.readinto(data) != len(data):
+                raise AdapterError(f"{path}: truncated while reading")
     except CheckpointError as exc:
         raise AdapterError(str(exc)) from None
     except OSError as exc:
@@ -264,7 +265,10 @@ def read_pickle_weights_only(path: Path) -> dict[str, np.ndarray]:
         ) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise AdapterError(f"{path}: not a mapping of tensor names to tensors")
-    return {name: from_torch(tensor) for name, tensor in data.items()}
+    try:
+        return {name: from_torch(tensor) for name, tensor in data.items()}
+    except TypeError as exc:  # a dtype numpy cannot hold (e.g. float8_e4m3fnuz)
+        raise AdapterError(f"{path}: unsupported tensor dtype ({first_line(exc, 120)})") from None
 
 
 # Suffixes PEFT writes for each part of a LoRA layer (adapter name already stripped).
@@ -314,6 +318,11 @@ def build_module(name: str, parts: dict[str, np.ndarray], config: AdapterConfig,
     b = parts.get("b_emb" if embedding else "b")
     if a is None or b is None:
         raise AdapterError(f"{root}: module {name} has only one of its two LoRA factors")
+    if not factor_shapes_fit(a.shape, b.shape):
+        raise AdapterError(
+            f"{root}: module {name} has LoRA factors shaped {list(a.shape)} and {list(b.shape)}, "
+            "which no LoRA layer produces"
+        )
     r = config.rank_for(name)
     if a.shape[0] != r or b.shape[1] != r:
         raise AdapterError(
@@ -335,6 +344,13 @@ def build_module(name: str, parts: dict[str, np.ndarray], config: AdapterConfig,
         bias=parts.get("bias"),
         magnitude=magnitude,
     )
+
+
+def factor_shapes_fit(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Linear and embedding factors are matrices; a convolution's B is a 1x1 kernel."""
+    if len(a) != len(b) or len(a) < 2:
+        return False
+    return all(k == 1 for k in b[2:])
 
 
 def check_finite(modules: dict[str, LoraModule], replacements: dict[str, np.ndarray], root: Path) -> None:

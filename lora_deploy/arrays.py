@@ -22,7 +22,7 @@ def to_torch(array: np.ndarray):
     """A torch tensor with the array's dtype and values (shares memory when it can)."""
     import torch
 
-    array = np.ascontiguousarray(array)
+    array = np.ascontiguousarray(array).reshape(np.shape(array))  # ascontiguousarray makes 0-d arrays 1-d
     if not array.flags.writeable:  # torch tensors are always writable
         array = array.copy()
     if array.dtype in _VIEWS:

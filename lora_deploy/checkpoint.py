@@ -177,11 +177,7 @@ class Checkpoint:
     def read_bytes(self, info: TensorInfo) -> bytes:
         # pread rather than mmap: mapped pages of a multi-GB shard would count towards
         # this process's resident memory, while the page cache does not.
-        fd = self._open(info.file)
-        data = os.pread(fd, info.nbytes, info.start)
-        if len(data) != info.nbytes:
-            raise CheckpointError(f"{info.file}: truncated while reading {info.name}")
-        return data
+        return pread_all(self._open(info.file), info.nbytes, info.start, info.file)
 
     def _open(self, path: Path) -> int:
         if self._open_file is None or self._open_file[0] != path:
@@ -225,3 +221,19 @@ def parse_size(text: str | int) -> int:
 def as_array(data: bytes | bytearray | memoryview, info: TensorInfo) -> np.ndarray:
     """A tensor's bytes as an array (writable only over a writable buffer)."""
     return np.frombuffer(data, dtype=info.np_dtype).reshape(info.shape)
+
+
+def pread_all(fd: int, n: int, offset: int, path: Path) -> bytes:
+    """n bytes at offset (one pread returns at most ~2 GiB on Linux, a large tensor more)."""
+    parts = []
+    while n > 0:
+        try:
+            data = os.pread(fd, min(n, 1 << 30), offset)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+        if not data:
+            raise CheckpointError(f"{path}: truncated while reading")
+        parts.append(data)
+        n -= len(data)
+        offset += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

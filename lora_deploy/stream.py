@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array
+from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array, pread_all
 from .errors import CheckpointError
 
 
@@ -153,6 +153,8 @@ class ShardReader:
         while self.pos < end:
             if self.window is None or self.pos >= self.window[1]:
                 window_end = min(self.size, self.pos + WINDOW)
+                if window_end <= self.pos:  # shorter than its header said: changed since it was opened
+                    raise CheckpointError(f"{self.path}: truncated while reading")
                 # The old window is unmapped once the hashing threads drop their chunks of it.
                 self.window = (self.pos, window_end, self._map(self.pos, window_end))
             w_start, w_end, view = self.window
@@ -175,10 +177,7 @@ class ShardReader:
         try:
             mapping = mmap.mmap(self.file.fileno(), end - base, prot=mmap.PROT_READ, offset=base)
         except (OSError, ValueError):  # a file system that cannot map files: read instead
-            data = os.pread(self.file.fileno(), end - start, start)
-            if len(data) != end - start:
-                raise CheckpointError(f"{self.path}: truncated while reading") from None
-            return memoryview(data)
+            return memoryview(pread_all(self.file.fileno(), end - start, start, self.path))
         return memoryview(mapping)[start - base:]
 
     def finish(self) -> HashThread:
@@ -242,7 +241,9 @@ class CheckpointStream:
         self.prefetch.stop()
         for path in self.ckpt.files:
             if path not in self.done:
-                self.done[path] = ShardReader(path).finish()
+                reader = ShardReader(path)
+                self.done[path] = reader.sha  # registered first, so abort() stops it on failure
+                reader.finish()
         return {path: self.done[path].hexdigest() for path in self.ckpt.files}
 
     def abort(self) -> None:
@@ -297,6 +298,8 @@ class Prefetcher:
                         return
                     os.posix_fadvise(fd, start, min(PREFETCH_STEP, size - start), os.POSIX_FADV_WILLNEED)
                     issued += min(PREFETCH_STEP, size - start)
+            except (OSError, AttributeError):
+                return  # only a hint: without it the merge is slower, not wrong
             finally:
                 os.close(fd)
 
@@ -318,11 +321,15 @@ class BinaryFile:
     def __init__(self, path: Path, durable: bool = False):
         self.path = path
         self.durable = durable
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
         self.size = 0
         self._sha = HashThread()
         self._queue: queue.Queue = queue.Queue(maxsize=4)
-        self._error: OSError | None = None
+        self._error: BaseException | None = None
+        self._closing = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -350,7 +357,7 @@ class BinaryFile:
                 try:
                     self._write(*item)
                     self._sha.update(item[2])
-                except OSError as exc:
+                except BaseException as exc:  # kept for the merge's thread; keep draining so it never blocks
                     self._error = exc
             del item  # release the piece (and the mapping or file behind it)
 
@@ -369,10 +376,14 @@ class BinaryFile:
         write_all(self.fd, piece[done:])
 
     def _check(self) -> None:
+        if self._error is None and not self._closing and not self._thread.is_alive():
+            self._error = RuntimeError("writer thread stopped")
         if self._error is not None:
-            raise CheckpointError(f"{self.path}: cannot write ({self._error.strerror or self._error})")
+            reason = getattr(self._error, "strerror", None) or self._error
+            raise CheckpointError(f"{self.path}: cannot write ({reason})")
 
     def _stop(self) -> None:
+        self._closing = True
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
@@ -388,11 +399,13 @@ class BinaryFile:
             self._check()
             if self.durable:
                 os.fsync(self.fd)
+            os.close(self.fd)  # may report a delayed write error (NFS, quotas)
+        except OSError as exc:
+            self._sha.stop()
+            raise CheckpointError(f"{self.path}: cannot write ({exc.strerror})") from None
         except BaseException:
             self._sha.stop()
             raise
-        finally:
-            os.close(self.fd)
         try:
             return self._sha.hexdigest()
         except CheckpointError as exc:
@@ -445,7 +458,10 @@ def write_checkpoint(
             "weight_map": {t.name: n for n, shard in zip(names, shards) for t in shard},
         }
         path = out_dir / INDEX_FILE
-        path.write_text(json.dumps(index, indent=2) + "\n")
+        try:
+            path.write_text(json.dumps(index, indent=2) + "\n")
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
         hashes[INDEX_FILE] = file_sha256(path)
     return hashes
 

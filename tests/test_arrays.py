@@ -35,3 +35,26 @@ def test_finite_check_agrees_with_torch(dtype, special):
                          dtype=torch.float64).to(dtype)
     t = torch.cat([t, edges])
     assert all_finite(from_torch(t)) == bool(torch.isfinite(t.double()).all())
+
+
+def test_scalars_stay_scalars():
+    assert to_torch(np.float32(2.5).reshape(())).shape == ()
+    assert from_torch(torch.tensor(1.5, dtype=torch.bfloat16)).shape == ()
+
+
+def test_reads_larger_than_one_pread(tmp_path, monkeypatch):
+    """Linux returns at most ~2 GiB per pread: a larger tensor takes several."""
+    import os
+
+    from lora_deploy import checkpoint
+
+    data = os.urandom(10_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    real = os.pread
+    monkeypatch.setattr(checkpoint.os, "pread", lambda fd, n, off: real(fd, min(n, 777), off))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert checkpoint.pread_all(fd, 9_000, 500, path) == data[500:9_500]
+    finally:
+        os.close(fd)

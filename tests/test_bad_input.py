@@ -114,6 +114,20 @@ def test_shape_mismatch(llama, tmp_path):
     assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "does not fit")
 
 
+def test_factors_no_lora_layer_produces(llama, tmp_path):
+    base, adapter = llama
+
+    def spatial_b(t):
+        key = next(k for k in t if k.endswith("q_proj.lora_B.weight"))
+        t[key] = torch.zeros(*t[key].shape, 3, 3)  # B of a conv LoRA is a 1x1 kernel
+        a_key = key.replace("lora_B", "lora_A")
+        t[a_key] = torch.zeros(*t[a_key].shape, 3, 3)
+
+    edit_adapter(adapter, spatial_b)
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "no LoRA layer produces")
+
+
 def test_rank_disagreeing_with_config(llama, tmp_path):
     base, adapter = llama
     edit_config(adapter, r=3)
@@ -246,6 +260,38 @@ def test_write_error_is_one_line_and_leaves_nothing(llama, tmp_path, monkeypatch
     assert "Traceback" not in result.output
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_shard_truncated_during_the_merge_is_one_line(llama, tmp_path, monkeypatch):
+    """A shard cut short after its header was checked (another process rewriting it)."""
+    import lora_deploy.stream as stream_module
+
+    base, adapter = llama
+    real_open = stream_module.CheckpointStream._reader
+
+    def truncate_first(self, info):
+        if self.reader is None and not self.done:
+            with open(info.file, "r+b") as f:
+                f.truncate(info.file.stat().st_size - 4096)
+        return real_open(self, info)
+
+    monkeypatch.setattr(stream_module.CheckpointStream, "_reader", truncate_first)
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "truncated")
+
+
+def test_writer_thread_failure_is_reported_not_hidden(llama, tmp_path, monkeypatch):
+    """Any failure on the writer thread (not only OSError) stops the merge with one line."""
+    import lora_deploy.stream as stream_module
+
+    def broken(*args):
+        raise AttributeError("copy_file_range")  # as on a platform without it
+
+    monkeypatch.setattr(stream_module.os, "copy_file_range", broken)
+    out = tmp_path / "out"
+    result = run_cli("merge", *llama, "-o", out)
+    assert result.exit_code == 2 and "cannot write" in result.output and result.output.count("\n") == 1
+    assert not out.exists()
 
 
 def test_console_script_reports_one_line(llama, tmp_path):
