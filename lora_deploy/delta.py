@@ -47,10 +47,13 @@ def factors(module: LoraModule, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def weight_shape(module: LoraModule, kind: str) -> tuple[int, ...]:
-    if kind == "conv":
-        return (module.b.shape[0], *module.a.shape[1:])
-    left, right = factors(module, kind)
-    return (left.shape[0], right.shape[1])
+    """The shape of the base weight this module's factors fit."""
+    out_f, in_f = module.b.shape[0], module.a.shape[1]
+    if kind == "linear":
+        return (out_f, in_f)
+    if kind in ("transposed", "embedding"):
+        return (in_f, out_f)
+    return (out_f, in_f, *module.a.shape[2:])
 
 
 def delta_weight(module: LoraModule, kind: str) -> np.ndarray:
@@ -116,17 +119,6 @@ def feature_axis(scale: np.ndarray, kind: str, ndim: int) -> np.ndarray:
 def merged_bias(module: LoraModule, b0: np.ndarray) -> np.ndarray:
     """Base bias plus the scaled lora_B bias (PEFT's lora_bias), float32."""
     return f32(b0) + f32(module.bias) * np.float32(module.scaling)
-
-
-def expected_shapes(module: LoraModule, kind: str) -> tuple[tuple[int, ...], ...]:
-    """Base weight shapes this module's factors fit, for a clear mismatch message."""
-    out_f, in_f = module.b.shape[0], module.a.shape[1]
-    if kind == "linear":
-        return ((out_f, in_f),)
-    if kind in ("transposed", "embedding"):
-        return ((in_f, out_f),)
-    return ((out_f, in_f, *module.a.shape[2:]),)
-
 
 
 def lora_norm(module: LoraModule) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .adapter import Adapter, LoraModule
 from .checkpoint import FLOAT_DTYPES, Checkpoint
-from .delta import expected_shapes
+from .delta import weight_shape
 from .errors import AdapterError
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def resolve_target(module: LoraModule, base_name: str, base: Checkpoint, layout:
     if base.tensors[key].dtype not in FLOAT_DTYPES:
         raise AdapterError(f"base weight {key} is {base.tensors[key].dtype}: merging into quantized weights is not supported")
     kind = layer_kind(module, key, shape, layout, fan_in_fan_out)
-    if shape not in expected_shapes(module, kind):
+    if shape != weight_shape(module, kind):
         raise AdapterError(
             f"adapter module {module.name!r} does not fit the base: weight {key} is {list(shape)}, "
             f"LoRA factors A {list(module.a.shape)} and B {list(module.b.shape)}"
