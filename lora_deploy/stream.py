@@ -62,47 +62,68 @@ PREFETCH_STEP = 32 * 1024 * 1024
 WINDOW = 64 * 1024 * 1024
 
 
+class Worker:
+    """Applies `work` to queued items, in order, on a helper thread.
+
+    The queue is bounded, so a producer never runs more than a few items ahead. The
+    first error is kept for the owner to raise; later items are dropped unprocessed, so
+    the producer is never left blocked on a full queue.
+    """
+
+    def __init__(self, work: Callable[[object], None], depth: int = 4):
+        self.work = work
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def put(self, item: object) -> None:
+        self._queue.put(item)
+
+    def stop(self) -> None:
+        """Finish the queued items and end the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.work(item)
+                except BaseException as exc:
+                    self.error = exc
+            del item  # an item may hold a view of a mapping: let it be unmapped now
+
+
 class HashThread:
     """SHA-256 of a byte stream, computed on a helper thread.
 
     hashlib releases the GIL on large buffers, so hashing runs on another core while the
-    merge reads, computes and writes. The queue is bounded: a few chunks wait at most.
+    merge reads, computes and writes.
     """
 
     def __init__(self):
         self._sha = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
+        self._worker = Worker(self._sha.update)
         self._digest: str | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            data = self._queue.get()
-            if data is None:
-                return
-            try:
-                self._sha.update(data)
-            except BaseException as exc:  # reported by hexdigest(); keep draining so producers never block
-                self._error = exc
-            del data  # a chunk may be a view of a mapping: let it be unmapped now
 
     def update(self, data: bytes | memoryview) -> None:
-        self._queue.put(data)
+        self._worker.put(data)
+
+    def stop(self) -> None:
+        self._worker.stop()
 
     def hexdigest(self) -> str:
         self.stop()
-        if self._error is not None:
-            raise CheckpointError(f"hashing failed ({self._error})")
+        if self._worker.error is not None:
+            raise CheckpointError(f"hashing failed ({self._worker.error})")
         if self._digest is None:
             self._digest = self._sha.hexdigest()
         return self._digest
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
 
 
 class ShardReader:
@@ -327,11 +348,7 @@ class BinaryFile:
             raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
         self.size = 0
         self._sha = HashThread()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._writer = Worker(self._write_and_hash)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -346,20 +363,11 @@ class BinaryFile:
 
     def _put(self, item: tuple) -> None:
         self._check()
-        self._queue.put(item)
+        self._writer.put(item)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is None:
-                try:
-                    self._write(*item)
-                    self._sha.update(item[2])
-                except BaseException as exc:  # kept for the merge's thread; keep draining so it never blocks
-                    self._error = exc
-            del item  # release the piece (and the mapping or file behind it)
+    def _write_and_hash(self, item: tuple) -> None:
+        self._write(*item)
+        self._sha.update(item[2])
 
     def _write(self, src: io.FileIO | None, offset: int, piece: memoryview) -> None:
         done = 0
@@ -376,25 +384,17 @@ class BinaryFile:
         write_all(self.fd, piece[done:])
 
     def _check(self) -> None:
-        if self._error is None and not self._closing and not self._thread.is_alive():
-            self._error = RuntimeError("writer thread stopped")
-        if self._error is not None:
-            reason = getattr(self._error, "strerror", None) or self._error
+        if self._writer.error is not None:
+            reason = getattr(self._writer.error, "strerror", None) or self._writer.error
             raise CheckpointError(f"{self.path}: cannot write ({reason})")
 
-    def _stop(self) -> None:
-        self._closing = True
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
     def abort(self) -> None:
-        self._stop()
+        self._writer.stop()
         self._sha.stop()
         os.close(self.fd)
 
     def close(self) -> str:
-        self._stop()
+        self._writer.stop()
         try:
             self._check()
             if self.durable:
