@@ -102,30 +102,25 @@ def test_adapter_for_another_base(reference, llama, tmp_path):
     assert_bad_input(run_cli("merge", base, gpt2_adapter, "-o", out), out, "another base")
 
 
-def test_shape_mismatch(llama, tmp_path):
+def widen_a(t):
+    key = next(k for k in t if k.endswith("q_proj.lora_A.weight"))
+    t[key] = torch.zeros(t[key].shape[0], t[key].shape[1] + 3)
+
+
+def spatial_factors(t):
+    key = next(k for k in t if k.endswith("q_proj.lora_B.weight"))
+    t[key] = torch.zeros(*t[key].shape, 3, 3)  # B of a conv LoRA is a 1x1 kernel
+    a_key = key.replace("lora_B", "lora_A")
+    t[a_key] = torch.zeros(*t[a_key].shape, 3, 3)
+
+
+@pytest.mark.parametrize("edit,words", [(widen_a, "does not fit"), (spatial_factors, "no LoRA layer produces")],
+                         ids=["shape mismatch", "factors no layer produces"])
+def test_malformed_factors(llama, tmp_path, edit, words):
     base, adapter = llama
-
-    def widen(t):
-        key = next(k for k in t if k.endswith("q_proj.lora_A.weight"))
-        t[key] = torch.zeros(t[key].shape[0], t[key].shape[1] + 3)
-
-    edit_adapter(adapter, widen)
+    edit_adapter(adapter, edit)
     out = tmp_path / "out"
-    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "does not fit")
-
-
-def test_factors_no_lora_layer_produces(llama, tmp_path):
-    base, adapter = llama
-
-    def spatial_b(t):
-        key = next(k for k in t if k.endswith("q_proj.lora_B.weight"))
-        t[key] = torch.zeros(*t[key].shape, 3, 3)  # B of a conv LoRA is a 1x1 kernel
-        a_key = key.replace("lora_B", "lora_A")
-        t[a_key] = torch.zeros(*t[a_key].shape, 3, 3)
-
-    edit_adapter(adapter, spatial_b)
-    out = tmp_path / "out"
-    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "no LoRA layer produces")
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, words)
 
 
 def test_rank_disagreeing_with_config(llama, tmp_path):
