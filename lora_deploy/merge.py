@@ -94,9 +94,6 @@ def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, overwrite, du
             tensors = output_tensors(stream, plan, dtype)
             out_hashes = write_checkpoint(tmp, tensors, shard_bytes, progress_hook(tensors, progress), durable)
             in_hashes = input_hashes(base, adapter, stream.digests())
-        except CheckpointError as exc:
-            stream.abort()
-            raise CheckpointError(str(exc).replace(str(tmp), str(out_dir))) from None  # name OUT, not the staging dir
         except BaseException:
             stream.abort()  # stop its helper threads; the original error is what matters
             raise
@@ -137,6 +134,8 @@ class staging_dir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:  # includes KeyboardInterrupt
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, CheckpointError):  # name the file under OUT, not this hidden directory
+                raise CheckpointError(str(exc).replace(str(self.tmp), str(self.target))) from None
             return
         replace_dir(self.tmp, self.target)
 
