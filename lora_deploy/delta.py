@@ -7,6 +7,10 @@ in float16/bfloat16 can land one ulp away from the correctly rounded sum.)
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .adapter import LoraModule
@@ -26,6 +30,10 @@ def f32(array: np.ndarray) -> np.ndarray:
 # Elements per block of a blocked merge: a float32 block of 1 MB stays in cache while it
 # is multiplied, scaled, added to W0 and rounded.
 BLOCK_ELEMENTS = 256 * 1024
+
+# float16 -> float32 by table lookup: numpy converts float16 one element at a time
+# (~3 ns each here); a lookup in this 256 KB table is exact and about twice as fast.
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
 def factors(module: LoraModule, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -81,12 +89,45 @@ def merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float3
     base = w0.reshape(left.shape[0], right.shape[1])
     out = np.empty(base.shape, dtype)
     rows = max(1, BLOCK_ELEMENTS // max(1, right.shape[1]))
-    for i in range(0, out.shape[0], rows):
+
+    def merge_block(i: int) -> None:
         block = left[i:i + rows] @ right
         block *= scaling
-        block += base[i:i + rows]  # W0 cast to float32 element by element
+        block += as_float32(base[i:i + rows])
         out[i:i + rows] = block  # the one rounding
+
+    for_each_block(merge_block, range(0, out.shape[0], rows))
     return out.reshape(w0.shape)
+
+
+def as_float32(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.float16:
+        return np.take(F16_TO_F32, array.view(np.uint16))
+    return array  # numpy casts other dtypes while adding
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def for_each_block(work, starts: range) -> None:
+    """Run work(start) for every block, on all cores when there are several blocks.
+
+    numpy and BLAS release the GIL for the block's product, cast and add, so blocks run
+    in parallel; each BLAS call stays single-threaded (the merge limits it), so the
+    cores go to blocks rather than to BLAS threads spinning between thin products.
+    """
+    global _pool
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if len(starts) < 2 or workers < 2:
+        for i in starts:
+            work(i)
+        return
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-deploy-merge")
+    for _ in _pool.map(work, starts):  # re-raises a block's error here
+        pass
 
 
 def dora_scale(w: np.ndarray, magnitude: np.ndarray, kind: str) -> np.ndarray:

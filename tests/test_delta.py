@@ -3,14 +3,16 @@ torch's own linear, embedding and convolution layers computing the unmerged forw
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_deploy.adapter import LoraModule
-from lora_deploy.delta import lora_norm, merged_bias, merged_weight
+from lora_deploy.delta import BLOCK_ELEMENTS, F16_TO_F32, for_each_block, lora_norm, merged_bias, merged_weight
 
 dims = st.integers(min_value=1, max_value=24)
 ranks = st.integers(min_value=1, max_value=8)
@@ -122,3 +124,42 @@ def test_lora_norm_is_the_norm_of_the_formed_product(out_f, in_f, r, s, k):
     a, b = rand(r, in_f, *spatial), rand(out_f, r, *((1, 1) if k else ()), seed=1)
     formed = s * (b.reshape(out_f, r).astype(np.float64) @ a.reshape(r, -1).astype(np.float64))
     assert np.isclose(lora_norm(module(a, b, s)), np.linalg.norm(formed), rtol=1e-9, atol=1e-12)
+
+
+def test_float16_table_is_numpys_conversion():
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    want = every.astype(np.float32)
+    got = np.take(F16_TO_F32, every.view(np.uint16))
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_many_block_merge_rounds_once(dtype):
+    # Large enough for several blocks, so they run on the worker threads; W0 holds
+    # float16 subnormals and signed zeros, which the table lookup must carry exactly.
+    out_f, in_f, r, s = 700, 1000, 8, 1.5
+    assert out_f * in_f > 2 * BLOCK_ELEMENTS
+    a, b = rand(r, in_f) * 1e-3, rand(out_f, r, seed=1) * 1e-3
+    w0 = (rand(out_f, in_f, seed=2) * np.float32(1e-4)).astype(dtype)
+    w0[0, :4] = [0.0, -0.0, 6e-8, -6e-8]
+    exact = w0.astype(np.float64) + s * (b.astype(np.float64) @ a.astype(np.float64))
+    float32 = merged_weight(module(a, b, s), "linear", w0)
+    assert np.all(np.abs(float32 - exact) <= rounding_bound(w0.astype(np.float32), a, b, s))
+    rounded = merged_weight(module(a, b, s), "linear", w0, dtype)
+    assert rounded.dtype == dtype
+    # one rounding of the float32 result, by numpy's own cast
+    assert np.array_equal(rounded.view(np.uint8), float32.astype(dtype).view(np.uint8))
+
+
+def test_a_failing_block_raises_in_the_caller():
+    calls = []
+
+    def work(i):
+        calls.append(i)
+        if i == 3:
+            raise ValueError("block 3")
+
+    with pytest.raises(ValueError, match="block 3"):
+        for_each_block(work, range(8))
+    assert 3 in calls
