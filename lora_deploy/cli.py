@@ -6,10 +6,13 @@ Every command maps errors to one line on stderr and an exit code: 0 success,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -20,6 +23,27 @@ from .errors import LoraDeployError
 directory = click.Path(exists=False, file_okay=False, path_type=Path)  # existence is checked by the API, in one line
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, a container stopped), raised like Ctrl-C so the same
+    cleanup runs: no half-written output, staging directories removed."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_guarded(fn):
     """Turn typed errors into one line and an exit code; --debug shows the traceback."""
 
@@ -27,15 +51,16 @@ def run_guarded(fn):
     def wrapper(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
-            return fn(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except LoraDeployError as exc:
             if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
+            sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
         except Exception as exc:  # a bug: keep the promise of one line, point at --debug
             if debug:
                 raise

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,8 @@ from .arrays import all_finite
 from .checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
 from .stream import BinaryFile, CheckpointStream, OutputTensor, file_sha256, tensor_bytes, write_checkpoint
 from .delta import lora_norm, merged_bias, merged_weight
-from .errors import BadInputError, CheckpointError, NonFiniteError
+from .errors import BadInputError, NonFiniteError
+from .staging import staging_dir
 from .targets import MergePlan, Target, plan_merge
 from .util import library_versions
 
@@ -83,12 +83,12 @@ def merge(
         adapter = load_adapter(adapter_dir)
         check_output_dir(out_dir, [base_dir, Path(adapter_dir)], overwrite)
         plan = plan_merge(adapter, base)
-        manifest = write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, overwrite, durable, progress)
+        manifest = write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress)
     return MergeResult(out_dir, manifest, time.perf_counter() - start, sorted(plan.targets))
 
 
-def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, overwrite, durable, progress) -> dict:
-    with staging_dir(out_dir, overwrite) as tmp:
+def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress) -> dict:
+    with staging_dir(out_dir) as tmp:
         stream = CheckpointStream(base)
         try:
             tensors = output_tensors(stream, plan, dtype)
@@ -117,42 +117,6 @@ def check_output_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None
         raise BadInputError(f"{out_dir}: not empty (pass --overwrite to replace it)")
     if not out_dir.parent.is_dir():
         raise BadInputError(f"{out_dir.parent}: parent directory does not exist")
-
-
-class staging_dir:
-    """A hidden sibling directory renamed onto `target` only if the block succeeds."""
-
-    def __init__(self, target: Path, overwrite: bool):
-        self.target = target
-        self.overwrite = overwrite
-        self.tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-
-    def __enter__(self) -> Path:
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:  # includes KeyboardInterrupt
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, CheckpointError):  # name the file under OUT, not this hidden directory
-                raise CheckpointError(str(exc).replace(str(self.tmp), str(self.target))) from None
-            return
-        replace_dir(self.tmp, self.target)
-
-
-def replace_dir(src: Path, target: Path) -> None:
-    """Move src onto target; an existing target is swapped out first, then removed."""
-    if not target.exists():
-        os.replace(src, target)
-        return
-    trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, trash)
-    try:
-        os.replace(src, target)
-    except OSError:
-        os.replace(trash, target)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def output_dtype(info: TensorInfo, dtype: str) -> str:

@@ -11,8 +11,6 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError
+from .staging import staging_dir
 from .util import first_line
 
 # ONNX files are protobufs, capped at 2 GiB including the graph. Switch to
@@ -171,14 +170,11 @@ def save_atomic(
     ``external_data=None`` puts the weights in ``<name>.data`` only above
     ``EXTERNAL_DATA_BYTES``; True/False forces it.
     """
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staging_dir(path, rename=False) as tmp_dir:
         tmp_path = tmp_dir / path.name
         external = write_model(ir_model, tmp_path, external_data)
         result = check(tmp_path) if check is not None else None
         move_into_place(tmp_path, path, external)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return result
 
 
