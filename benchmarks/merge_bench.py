@@ -1,7 +1,8 @@
 """Merge throughput and memory: lora-deploy vs a plain copy vs PEFT, on one machine, one run.
 
 Builds a synthetic sharded float16 LLaMA-shaped checkpoint (default about 2.1 GB) and an
-r=16 q_proj/v_proj adapter, then times, interleaved round by round:
+r=16 adapter (q_proj/v_proj, or every linear layer with --targets all-linear), then
+times, interleaved round by round:
   copy   - copying the same shard files (shutil.copyfile), left in the page cache
   ours   - `lora-deploy merge` (the CLI's entry point, interpreter start-up included)
   copy-fsync, ours-fsync - the same, made durable (fsync; `lora-deploy merge --fsync`)
@@ -11,6 +12,8 @@ against that round's copy; medians are reported, with 95% bootstrap intervals.
 
     python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 4 --json benchmarks/results/merge.json
     python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 4 --cold --json benchmarks/results/merge_cold.json
+    python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 4 --cold --targets all-linear \
+        --json benchmarks/results/merge_cold_all_linear.json
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -117,18 +119,26 @@ def build_base(path: Path, layers: int, hidden: int, inter: int, vocab: int, sha
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def build_adapter(path: Path, layers: int, hidden: int, r: int = 16) -> None:
+TARGETS = {"qv": ("q_proj", "v_proj"),
+           "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+
+
+def build_adapter(path: Path, layers: int, hidden: int, inter: int, targets: str, r: int = 16) -> None:
     path.mkdir(parents=True)
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"],
+    names = TARGETS[targets]
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(names),
               "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False, "lora_dropout": 0.0}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
     gen = torch.Generator().manual_seed(1)
     tensors = {}
     for i in range(layers):
-        for n in ("q_proj", "v_proj"):
-            key = f"base_model.model.model.layers.{i}.self_attn.{n}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, hidden, generator=gen) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(hidden, r, generator=gen) * 0.01
+        shapes = layer_shapes(i, hidden, inter)
+        for n in names:
+            [weight] = [k for k in shapes if k.endswith(f".{n}.weight")]
+            out_f, in_f = shapes[weight]
+            key = "base_model.model." + weight.removesuffix(".weight")
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * 0.01
     save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
@@ -176,12 +186,15 @@ def main() -> None:
     ap.add_argument("--peft-rounds", type=int, default=1)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every run (root only)")
+    ap.add_argument("--targets", choices=sorted(TARGETS), default="qv", help="layers the r=16 adapter adapts")
     args = ap.parse_args()
-    base, adapter = args.work / "base", args.work / "adapter"
+    base = args.work / "base"
+    adapter = args.work / ("adapter" if args.targets == "qv" else f"adapter-{args.targets}")
     if not base.exists():
         shard_bytes = int(float(args.shard.rstrip("MB")) * 1e6)
         build_base(base, args.layers, args.hidden, args.intermediate, args.vocab, shard_bytes)
-        build_adapter(adapter, args.layers, args.hidden)
+    if not adapter.exists():
+        build_adapter(adapter, args.layers, args.hidden, args.intermediate, args.targets)
     files = [p for p in base.iterdir() if p.suffix == ".safetensors"]
     model_bytes = sum(p.stat().st_size for p in files)
     largest = max(p.stat().st_size for p in files)
@@ -201,6 +214,7 @@ def main() -> None:
     summary = {
         "machine": machine(),
         "page_cache": "dropped before every run" if args.cold else "warm (whatever earlier runs left)",
+        "adapter": {"r": 16, "targets": list(TARGETS[args.targets])},
         "model_bytes": model_bytes, "largest_shard_bytes": largest, "shards": len(files),
         "copy_s": statistics.median(x["seconds"] for x in rows["copy"]),
         "ours_s": statistics.median(x["seconds"] for x in rows["ours"]),
