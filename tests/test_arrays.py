@@ -1,4 +1,5 @@
-"""The numpy side of the merge path against torch: dtype round trips and the finite check."""
+"""The numpy side of the merge path against torch: dtype round trips, the finite check, and
+the merge's own float16 conversions against numpy's and torch's."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_deploy.arrays import all_finite, from_torch, to_torch
+from lora_deploy.arrays import all_finite, from_torch, round_to_float16, to_torch, widen_float16
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
           torch.int64, torch.int8, torch.uint8, torch.bool]
@@ -58,3 +59,53 @@ def test_reads_larger_than_one_pread(tmp_path, monkeypatch):
         assert checkpoint.pread_all(fd, 9_000, 500, path) == data[500:9_500]
     finally:
         os.close(fd)
+
+
+def same_float16(got: np.ndarray, want: np.ndarray) -> bool:
+    """Bit for bit, except that any NaN matches any NaN."""
+    return bool(np.all((got.view(np.uint16) == want.view(np.uint16)) | (np.isnan(got) & np.isnan(want))))
+
+
+def test_widening_float16_is_exact_for_every_value():
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    got = widen_float16(every)
+    for want in (every.astype(np.float32), torch.from_numpy(every).float().numpy()):
+        assert np.all((got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want)))
+
+
+def rounding_cases() -> np.ndarray:
+    """float32 values covering every rounding decision of the conversion to float16.
+
+    For normal results the decision depends on the 19 high bits (sign, exponent, kept
+    mantissa) and on the 13 dropped ones relative to half: all 2**19 high patterns, each
+    with dropped bits just below, at and above half, zero and all ones. Subnormal results
+    round at 2**-24: exact ties and their neighbours, plus random values in that range.
+    """
+    high = np.arange(1 << 19, dtype=np.uint32) << np.uint32(13)
+    dropped = np.array([0, 1, 0x7FF, 0xFFF, 0x1000, 0x1001, 0x17FF, 0x1FFF], dtype=np.uint32)
+    normal = (high[:, None] | dropped[None, :]).reshape(-1).view(np.float32)
+    ties = ((np.arange(1025, dtype=np.float64) + 0.5) * 2.0**-24).astype(np.float32)
+    near = np.concatenate([ties, np.nextafter(ties, 0), np.nextafter(ties, 1)])
+    rng = np.random.default_rng(0)
+    tiny = (rng.random(1 << 20) * 2.0**-14).astype(np.float32)
+    small = np.concatenate([near, tiny])
+    return np.concatenate([normal, small, -small])
+
+
+def test_rounding_to_float16_matches_numpy_and_torch():
+    x = rounding_cases()
+    got = np.empty(x.shape, np.float16)
+    round_to_float16(x, got)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert same_float16(got, x.astype(np.float16))
+    assert same_float16(got, torch.from_numpy(x).half().numpy())
+
+
+def test_rounding_to_float16_of_a_two_dimensional_slice():
+    x = np.random.default_rng(1).standard_normal((64, 48)).astype(np.float32) * 1e-3
+    x[0, :6] = [65504.0, 65520.0, -1e6, np.inf, np.nan, -0.0]  # max, first overflow, ...
+    out = np.zeros((128, 48), np.float16)
+    round_to_float16(x, out[32:96])
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    assert same_float16(out[32:96], want) and not out[:32].any() and not out[96:].any()
