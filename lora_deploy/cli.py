@@ -59,7 +59,7 @@ def run_guarded(fn):
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
-            click.echo("interrupted: nothing was written", err=True)
+            click.echo("interrupted: no partial output left behind", err=True)
             sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
         except Exception as exc:  # a bug: keep the promise of one line, point at --debug
             if debug:

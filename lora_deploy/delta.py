@@ -7,14 +7,11 @@ in float16/bfloat16 can land one ulp away from the correctly rounded sum.)
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from .adapter import LoraModule
 from .arrays import round_to_float16, widen_float16
+from .blocks import for_each_block
 
 # How a base weight is laid out relative to the LoRA product B @ A:
 #   linear      [out, in]            (nn.Linear)
@@ -99,30 +96,6 @@ def merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float3
 
     for_each_block(merge_block, range(0, out.shape[0], rows))
     return out.reshape(w0.shape)
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def for_each_block(work, starts: range) -> None:
-    """Run work(start) for every block, on all cores when there are several blocks.
-
-    numpy and BLAS release the GIL for the block's product, cast and add, so blocks run
-    in parallel; each BLAS call stays single-threaded (the merge limits it), so the
-    cores go to blocks rather than to BLAS threads spinning between thin products.
-    """
-    global _pool
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if len(starts) < 2 or workers < 2:
-        for i in starts:
-            work(i)
-        return
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-deploy-merge")
-    for _ in _pool.map(work, starts):  # re-raises a block's error here
-        pass
 
 
 def dora_scale(w: np.ndarray, magnitude: np.ndarray, kind: str) -> np.ndarray:

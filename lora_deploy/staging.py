@@ -5,14 +5,26 @@ own staging directory, and a merge's is gigabytes. So each staging directory is 
 (flock) while its run is alive, and the next run writing the same target removes the
 siblings whose lock is free: the kernel drops a lock when its process dies, whatever
 killed it, so a free lock means a dead run, never a slow one.
+
+Only this machine's siblings are removed (the host is part of the name): on shared
+storage where flock is local to each machine (NFS with local_lock, some parallel file
+systems), another machine's live run would look dead.
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
+import errno
+import hashlib
 import os
+import re
 import shutil
+import signal
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -22,9 +34,17 @@ try:
 except ImportError:  # no flock (Windows): leftovers cannot be told from live runs, so none are removed
     fcntl = None
 
-# Hidden sibling names: `.{target}.{kind}-{8 hex}`. A directory is created as "new",
-# locked, then renamed to "partial", so every "partial" one is locked while its run lives.
+# Hidden sibling names: `.{target}.{kind}-{host}-{8 hex}`. A directory is created as
+# "new", locked, then renamed to "partial", so every "partial" one is locked while its run
+# lives; "old" is a replaced output on its way out, locked until removed.
 STAGING, SWAPPED_OUT, CREATING = "partial", "old", "new"
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# A "new" directory is unlocked for the instant between mkdir and flock: only older ones
+# are taken for leftovers.
+CREATING_GRACE_S = 60.0
+# How long to wait for another run that holds the lock on an output it has just renamed
+# into place (it releases it right after).
+LOCK_WAIT_S = 5.0
 
 
 class staging_dir:
@@ -45,14 +65,19 @@ class staging_dir:
         remove_dead_siblings(self.target)
         creating = sibling(self.target, CREATING)
         creating.mkdir()
-        self._lock = lock(creating)
-        os.replace(creating, self.tmp)  # the lock is on the directory itself: it moves with it
+        try:
+            self._lock = lock(creating)
+            os.replace(creating, self.tmp)  # the lock is on the directory itself: it moves with it
+        except BaseException:
+            unlock(self._lock)
+            shutil.rmtree(creating, ignore_errors=True)
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None and self.rename:
-                replace_dir(self.tmp, self.target)
+                self._commit()
                 return
             shutil.rmtree(self.tmp, ignore_errors=True)
             if isinstance(exc, CheckpointError):
@@ -60,45 +85,84 @@ class staging_dir:
         finally:
             unlock(self._lock)
 
+    def _commit(self) -> None:
+        try:
+            replace_dir(self.tmp, self.target)
+        except BaseException as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # gone already if the rename was done
+            if isinstance(exc, OSError):
+                raise CheckpointError(f"{self.target}: cannot move the output into place ({exc.strerror})") from None
+            raise
+
 
 def sibling(target: Path, kind: str) -> Path:
-    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+    return target.parent / f".{target.name}.{kind}-{HOST}-{uuid.uuid4().hex[:8]}"
 
 
 def replace_dir(src: Path, target: Path) -> None:
     """Move src onto target; an existing target is swapped out first, then removed.
 
-    The swapped-out directory stays locked until it is gone, so a concurrent run never
-    mistakes it for a leftover while it may still have to be moved back.
+    Runs with Ctrl-C and SIGTERM held back (they are delivered when it returns), so target
+    is always either the old output or the new one, and no swapped-out copy is left. The
+    swapped-out directory stays locked until it is gone, so a concurrent run never takes
+    it for a leftover while it may still be moved back.
     """
-    if not target.exists():
-        os.replace(src, target)
-        return
-    held = lock(target)
-    trash = sibling(target, SWAPPED_OUT)
-    try:
-        os.replace(target, trash)
+    with signals_deferred():
         try:
             os.replace(src, target)
-        except OSError:
-            os.replace(trash, target)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
+            return
+        except OSError as exc:  # target exists (or another run's output has just appeared)
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+        held = lock(target, wait=LOCK_WAIT_S)
+        try:
+            trash = sibling(target, SWAPPED_OUT)
+            os.replace(target, trash)
+            try:
+                os.replace(src, target)
+            except BaseException:
+                os.replace(trash, target)
+                raise
+            shutil.rmtree(trash, ignore_errors=True)
+        finally:
+            unlock(held)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block, then deliver them to their handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be changed in the main thread; there is none to defer
+        return
+    pending: list[int] = []
+    kept = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
     finally:
-        unlock(held)
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def remove_dead_siblings(target: Path) -> list[Path]:
-    """Remove staging and swapped-out siblings of `target` left by runs that died."""
-    if fcntl is None:
+    """Remove staging and swapped-out siblings of `target` left by this machine's dead runs."""
+    if fcntl is None or not target.parent.is_dir():
         return []
+    name = re.compile(rf"\.{re.escape(target.name)}\.({STAGING}|{SWAPPED_OUT}|{CREATING})-{HOST}-[0-9a-f]{{8}}")
     removed = []
-    for kind in (STAGING, SWAPPED_OUT):
-        pattern = f".{glob.escape(target.name)}.{kind}-*"
-        for path in target.parent.glob(pattern):
-            if path.is_dir() and not path.is_symlink() and is_abandoned(path):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+    for path in target.parent.iterdir():
+        found = name.fullmatch(path.name)
+        if not found or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            if found.group(1) == CREATING and time.time() - path.stat().st_mtime < CREATING_GRACE_S:
+                continue
+        except OSError:  # removed meanwhile
+            continue
+        if is_abandoned(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 
@@ -110,22 +174,34 @@ def is_abandoned(path: Path) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except OSError:  # held: its run is alive
+    except OSError:  # held: its run is alive (or the file system has no flock: keep it)
         return False
     finally:
         os.close(fd)  # also releases the lock just taken
 
 
-def lock(path: Path) -> int | None:
-    """Hold an exclusive flock on a directory until unlock() or this process ends."""
+def lock(path: Path, wait: float = 0.0) -> int | None:
+    """Hold an exclusive flock on a directory until unlock() or this process ends.
+
+    Returns None where the file system has no flock (nothing is then ever removed as
+    abandoned there, since is_abandoned cannot take the lock either).
+    """
     if fcntl is None:
         return None
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pass  # a file system without flock: leftovers there are not removed, nothing else changes
-    return fd
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:  # another run holds it
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise CheckpointError(f"{path}: locked by another run") from None
+            time.sleep(0.05)
+        except OSError:  # no flock on this file system
+            os.close(fd)
+            return None
 
 
 def unlock(fd: int | None) -> None:

@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from lora_deploy.merge import merge
-from lora_deploy.staging import lock, remove_dead_siblings, staging_dir, unlock
+import lora_deploy.staging as staging
+from lora_deploy.staging import HOST, lock, remove_dead_siblings, staging_dir, unlock
 
 # Runs the CLI merge with a merge step that announces itself and then waits to be
 # signalled, so the signal lands mid-merge with the staging directory half written.
@@ -55,7 +57,7 @@ def test_sigterm_mid_merge_leaves_nothing(small, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
-    assert stderr.strip() == "interrupted: nothing was written"
+    assert stderr.strip() == "interrupted: no partial output left behind"
     assert not out.exists() and not hidden_siblings(out)
 
 
@@ -73,17 +75,28 @@ def test_a_killed_merge_is_cleaned_up_by_the_next(small, tmp_path):
 
 def test_live_staging_directories_are_kept(tmp_path):
     target = tmp_path / "out"
-    dead = tmp_path / ".out.partial-0badc0de"
-    swapped = tmp_path / ".out.old-0badc0de"
-    live = tmp_path / ".out.partial-11ve11ve"
-    unrelated = [tmp_path / ".outer.partial-0badc0de", tmp_path / ".out.partial-notadir", tmp_path / "out.partial-x"]
-    for d in (dead, swapped, live, unrelated[0], unrelated[2]):
+    dead = tmp_path / f".out.partial-{HOST}-0badc0de"
+    swapped = tmp_path / f".out.old-{HOST}-0badc0de"
+    live = tmp_path / f".out.partial-{HOST}-1111eeee"
+    unrelated = [
+        tmp_path / f".outer.partial-{HOST}-0badc0de",  # another target's
+        tmp_path / ".out.partial-0000ffff-0badc0de",  # another machine's: its lock may be invisible here
+        tmp_path / ".out.old-backup-2024",  # the user's own
+        tmp_path / "out.partial-x",
+        tmp_path / f".out.partial-{HOST}-deadbeef",  # a file, not a run's directory
+    ]
+    for d in (dead, swapped, live, *unrelated[:-1]):
         d.mkdir()
         (d / "shard").write_bytes(b"x")
-    unrelated[1].write_bytes(b"a file, not a run's directory")
+    unrelated[-1].write_bytes(b"x")
+    creating_long_ago, creating_now = tmp_path / f".out.new-{HOST}-00000001", tmp_path / f".out.new-{HOST}-00000002"
+    creating_long_ago.mkdir()
+    creating_now.mkdir()  # unlocked for an instant while a run starts: kept
+    os.utime(creating_long_ago, (time.time() - 3600, time.time() - 3600))
     held = lock(live)
     try:
-        assert sorted(remove_dead_siblings(target)) == sorted([dead, swapped])
+        assert sorted(remove_dead_siblings(target)) == sorted([dead, swapped, creating_long_ago])
+        assert creating_now.exists()
         assert live.exists() and all(p.exists() for p in unrelated)
     finally:
         unlock(held)
@@ -120,3 +133,88 @@ def test_scratch_directory_is_never_renamed(tmp_path):
         (tmp / "model.onnx").write_text("graph")
         os.replace(tmp / "model.onnx", target)
     assert target.read_text() == "graph" and not hidden_siblings(target)
+
+
+# Slows one merge block on the pool's threads, so the signal lands while the main thread
+# waits for blocks.
+SLOW_BLOCK = textwrap.dedent("""
+    import sys, time
+    import lora_deploy.blocks as b, lora_deploy.delta as d
+    real = b.BlockPool.run
+    def run(self, work, starts):
+        def slow(i):
+            if i == starts[0]:
+                print("merging", flush=True)
+                time.sleep(3)  # the pool's threads are joined at exit: keep it short
+            work(i)
+        real(self, slow, starts)
+    b.BlockPool.run = run
+    b.worker_count = lambda: 4
+    d.BLOCK_ELEMENTS = 1024
+    from lora_deploy.cli import main
+    main(["merge", *sys.argv[1:]])
+""")
+
+
+def test_sigterm_while_blocks_run_on_the_pool(small, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_BLOCK, *map(str, small), "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "merging", proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert not out.exists() and not hidden_siblings(out)
+
+
+def test_a_signal_during_the_swap_waits_for_it(tmp_path, monkeypatch):
+    """Ctrl-C between swapping the old output out and the new one in would lose both."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    real = os.replace
+
+    def interrupted_replace(src, dst):
+        real(src, dst)
+        if Path(dst).name.startswith(".out.old-"):  # old output swapped out, new not yet in
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(staging.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        with staging_dir(target) as tmp:
+            (tmp / "new").write_text("new")
+    assert (target / "new").read_text() == "new" and not (target / "old").exists()
+    assert not hidden_siblings(target)
+
+
+def test_a_failed_swap_keeps_the_old_output_and_says_so(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    real = os.replace
+
+    def refuse_new(src, dst):
+        if Path(src).name.startswith(".out.partial-") and Path(dst) == target:
+            raise PermissionError(13, "Permission denied")
+        real(src, dst)
+
+    monkeypatch.setattr(staging.os, "replace", refuse_new)
+    with pytest.raises(staging.CheckpointError, match="cannot move the output into place"):
+        with staging_dir(target) as tmp:
+            (tmp / "new").write_text("new")
+    assert (target / "old").read_text() == "old" and not hidden_siblings(target)
+
+
+def test_an_output_another_run_holds_is_not_swapped(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    monkeypatch.setattr(staging, "LOCK_WAIT_S", 0.2)
+    held = lock(target)  # as a run that has just renamed its output into place holds it
+    try:
+        with pytest.raises(staging.CheckpointError, match="locked by another run"):
+            with staging_dir(target) as tmp:
+                (tmp / "new").write_text("new")
+    finally:
+        unlock(held)
+    assert (target / "old").read_text() == "old" and not hidden_siblings(target)

@@ -1,0 +1,98 @@
+"""The block pool: errors reach the caller, interrupts stop it, and it survives nesting,
+numpy error states and fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import lora_deploy.blocks as blocks
+from lora_deploy.blocks import for_each_block
+
+
+@pytest.fixture(autouse=True)
+def several_workers(monkeypatch):
+    monkeypatch.setattr(blocks, "worker_count", lambda: 4)  # the pool, even on a one-core machine
+
+
+def test_every_block_runs_once_on_the_pool():
+    seen, names = [], set()
+
+    def work(i):
+        seen.append(i)
+        names.add(threading.current_thread().name)
+
+    for_each_block(work, range(0, 100, 3))
+    assert sorted(seen) == list(range(0, 100, 3))
+    assert all(n.startswith("lora-deploy-block-") for n in names)
+
+
+def test_a_failing_block_raises_in_the_caller():
+    def work(i):
+        if i == 3:
+            raise ValueError("block 3")
+
+    with pytest.raises(ValueError, match="block 3"):
+        for_each_block(work, range(8))
+
+
+def test_called_from_a_block_it_runs_serially():
+    inner = []
+
+    def work(i):
+        for_each_block(inner.append, range(4))  # waiting on the pool from inside it would deadlock
+
+    done = threading.Thread(target=for_each_block, args=(work, range(8)), daemon=True)
+    done.start()
+    done.join(timeout=30)
+    assert not done.is_alive() and len(inner) == 32
+
+
+def test_the_callers_numpy_error_state_holds_in_blocks():
+    def work(i):
+        np.float32(3e38) * np.float32(10)  # overflows
+
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        for_each_block(work, range(8))
+
+
+def test_an_interrupt_skips_the_blocks_still_queued():
+    ran = []
+
+    def work(i):
+        time.sleep(0.001)
+        ran.append(i)
+
+    def interrupt_soon():
+        time.sleep(0.1)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # a real Ctrl-C
+
+    threading.Thread(target=interrupt_soon, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        for_each_block(work, range(4000))  # ~1 s of blocks on 4 threads
+    time.sleep(1.5)
+    assert 0 < len(ran) < 4000
+
+
+def merge_blocks_in_child(result):
+    out = []
+    for_each_block(out.append, range(16))
+    result.put(sorted(out))
+
+
+def test_a_forked_child_starts_its_own_threads():
+    for_each_block(lambda i: None, range(8))  # the parent's threads exist now
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+    child = context.Process(target=merge_blocks_in_child, args=(result,))
+    child.start()
+    child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and result.get(timeout=5) == list(range(16))
