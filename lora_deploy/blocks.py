@@ -25,7 +25,11 @@ def worker_count() -> int:
 
 
 class Batch:
-    """One call's blocks: how many are left, and the first error."""
+    """One call's blocks: how many are still to finish, and the first error.
+
+    Once cancelled, blocks still queued are skipped; drain() returns when none is
+    running, so no block touches the caller's arrays after the caller has moved on.
+    """
 
     def __init__(self, count: int):
         self.left = count
@@ -41,18 +45,18 @@ class Batch:
                 self.error = self.error or exc
         with self._done:
             self.left -= 1
-            self._done.notify()
+            self._done.notify_all()
 
     def wait(self) -> None:
-        try:
-            with self._done:
-                self._done.wait_for(lambda: self.left == 0 or self.error is not None)
-        except BaseException:  # interrupted: the blocks still queued are skipped
-            self.cancelled = True
-            raise
-        if self.error is not None:
-            self.cancelled = True
-            raise self.error
+        with self._done:
+            self._done.wait_for(lambda: self.left <= 0 or self.error is not None)
+
+    def cancel(self, never_queued: int = 0) -> None:
+        """Skip what is queued and wait for the blocks already running."""
+        self.cancelled = True
+        with self._done:
+            self.left -= never_queued
+            self._done.wait_for(lambda: self.left <= 0)
 
 
 class BlockPool:
@@ -70,13 +74,21 @@ class BlockPool:
 
     def run(self, work: Callable[[int], None], starts: range) -> None:
         self._start()
-        batch = Batch(len(starts))
-        for start in starts:
-            # Each block runs in a copy of the caller's context, so its numpy error state
-            # (np.errstate) holds in the block too.
-            self._queue.put((batch, work, start, contextvars.copy_context()))
-        with self._blas.limit(limits=1, user_api="blas"):
-            batch.wait()
+        batch, queued = Batch(len(starts)), 0
+        try:
+            for start in starts:
+                # Each block runs in a copy of the caller's context, so its numpy error
+                # state (np.errstate) holds in the block too.
+                self._queue.put((batch, work, start, contextvars.copy_context()))
+                queued += 1
+            with self._blas.limit(limits=1, user_api="blas"):
+                batch.wait()
+        except BaseException:  # Ctrl-C, SIGTERM
+            batch.cancel(never_queued=len(starts) - queued)
+            raise
+        if batch.error is not None:
+            batch.cancel()
+            raise batch.error
 
     def _start(self) -> None:
         with self._lock:

@@ -44,6 +44,11 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def exit_interrupted(exc: KeyboardInterrupt) -> None:
+    click.echo("interrupted: no partial output left behind", err=True)
+    sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+
+
 def run_guarded(fn):
     """Turn typed errors into one line and an exit code; --debug shows the traceback."""
 
@@ -59,9 +64,10 @@ def run_guarded(fn):
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
-            click.echo("interrupted: no partial output left behind", err=True)
-            sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+            exit_interrupted(exc)
         except Exception as exc:  # a bug: keep the promise of one line, point at --debug
+            if isinstance(exc.__cause__, KeyboardInterrupt):  # Python 3.11 wraps one raised while a class is built
+                exit_interrupted(exc.__cause__)
             if debug:
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""

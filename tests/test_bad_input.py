@@ -359,3 +359,20 @@ def test_bad_shard_size(llama, tmp_path, size):
     base, adapter = llama
     out = tmp_path / "out"
     assert_bad_input(run_cli("merge", base, adapter, "-o", out, "--max-shard-size", size), out, "size")
+
+
+def test_an_interrupt_wrapped_by_python_is_still_an_interrupt(llama, tmp_path, monkeypatch):
+    """Python 3.11 wraps an exception raised while a class is built (a Ctrl-C landing in an
+    import, say) in a RuntimeError; it is still reported as an interrupt."""
+    import lora_deploy.merge as merge_module
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from exc
+
+    monkeypatch.setattr(merge_module, "load_adapter", interrupted_import)
+    base, adapter = llama
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "out")
+    assert result.exit_code == 130 and result.stderr.strip() == "interrupted: no partial output left behind"
