@@ -75,20 +75,22 @@ class BlockPool:
     def run(self, work: Callable[[int], None], starts: range) -> None:
         self._start()
         batch, queued = Batch(len(starts)), 0
-        try:
-            for start in starts:
-                # Each block runs in a copy of the caller's context, so its numpy error
-                # state (np.errstate) holds in the block too.
-                self._queue.put((batch, work, start, contextvars.copy_context()))
-                queued += 1
-            with self._blas.limit(limits=1, user_api="blas"):
+        # Limited before any block starts: a product's rounding depends on how many
+        # threads BLAS splits it over, and every block must round the same way.
+        with self._blas.limit(limits=1, user_api="blas"):
+            try:
+                for start in starts:
+                    # Each block runs in a copy of the caller's context, so its numpy
+                    # error state (np.errstate) holds in the block too.
+                    self._queue.put((batch, work, start, contextvars.copy_context()))
+                    queued += 1
                 batch.wait()
-        except BaseException:  # Ctrl-C, SIGTERM
-            batch.cancel(never_queued=len(starts) - queued)
-            raise
-        if batch.error is not None:
-            batch.cancel()
-            raise batch.error
+            except BaseException:  # Ctrl-C, SIGTERM
+                batch.cancel(never_queued=len(starts) - queued)
+                raise
+            if batch.error is not None:
+                batch.cancel()
+                raise batch.error
 
     def _start(self) -> None:
         with self._lock:
