@@ -11,11 +11,12 @@ thread can leave one it never tells to stop, so the process would hang on exit.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from threadpoolctl import ThreadpoolController
 
@@ -25,38 +26,48 @@ def worker_count() -> int:
 
 
 class Batch:
-    """One call's blocks: how many are still to finish, and the first error.
+    """One call's blocks: how many are left to finish, how many are running, the first error.
 
-    Once cancelled, blocks still queued are skipped; drain() returns when none is
-    running, so no block touches the caller's arrays after the caller has moved on.
+    Once cancelled, blocks still queued are skipped, and cancel() returns when none is
+    running: no block touches the caller's arrays after the caller has moved on.
     """
 
     def __init__(self, count: int):
         self.left = count
+        self.running = 0
         self.error: BaseException | None = None
         self.cancelled = False
-        self._done = threading.Condition()
+        self._state = threading.Condition()
 
     def run(self, work: Callable[[int], None], start: int, context: contextvars.Context) -> None:
-        if self.error is None and not self.cancelled:
-            try:
+        with self._state:  # decided under the lock, so cancel() cannot miss a block starting
+            go = not self.cancelled and self.error is None
+            self.running += go
+        try:
+            if go:
                 context.run(work, start)
-            except BaseException as exc:
-                self.error = self.error or exc
-        with self._done:
-            self.left -= 1
-            self._done.notify_all()
+        except BaseException as exc:
+            self.error = self.error or exc
+        finally:
+            with self._state:
+                self.running -= go
+                self.left -= 1
+                self._state.notify_all()
 
     def wait(self) -> None:
-        with self._done:
-            self._done.wait_for(lambda: self.left <= 0 or self.error is not None)
+        with self._state:
+            self._state.wait_for(lambda: self.left <= 0 or self.error is not None)
 
-    def cancel(self, never_queued: int = 0) -> None:
+    def cancel(self) -> None:
         """Skip what is queued and wait for the blocks already running."""
-        self.cancelled = True
-        with self._done:
-            self.left -= never_queued
-            self._done.wait_for(lambda: self.left <= 0)
+        with self._state:
+            self.cancelled = True
+            self._state.wait_for(lambda: self.running == 0)
+
+    def raise_error(self) -> None:
+        error, self.error = self.error, None  # the traceback holds this batch: no cycle keeps it alive
+        if error is not None:
+            raise error
 
 
 class BlockPool:
@@ -74,23 +85,22 @@ class BlockPool:
 
     def run(self, work: Callable[[int], None], starts: range) -> None:
         self._start()
-        batch, queued = Batch(len(starts)), 0
+        batch = Batch(len(starts))
         # Limited before any block starts: a product's rounding depends on how many
         # threads BLAS splits it over, and every block must round the same way.
-        with self._blas.limit(limits=1, user_api="blas"):
+        with one_blas_thread(self._blas):
             try:
                 for start in starts:
                     # Each block runs in a copy of the caller's context, so its numpy
                     # error state (np.errstate) holds in the block too.
                     self._queue.put((batch, work, start, contextvars.copy_context()))
-                    queued += 1
                 batch.wait()
             except BaseException:  # Ctrl-C, SIGTERM
-                batch.cancel(never_queued=len(starts) - queued)
+                batch.cancel()
                 raise
             if batch.error is not None:
                 batch.cancel()
-                raise batch.error
+                batch.raise_error()
 
     def _start(self) -> None:
         with self._lock:
@@ -108,9 +118,44 @@ class BlockPool:
             del batch, work, context  # a block's closure holds the weight's arrays
 
 
+_limit_lock = threading.Lock()
+_limit_users = 0
+_limit = None
+
+
+@contextlib.contextmanager
+def one_blas_thread(controller: ThreadpoolController) -> Iterator[None]:
+    """BLAS limited to one thread while any caller, on any thread, has blocks running.
+
+    The limit is process-wide: the first caller sets it and the last one restores it, so
+    two threads merging at once do not undo each other's limit.
+    """
+    global _limit_users, _limit
+    with _limit_lock:
+        if _limit_users == 0:
+            _limit = controller.limit(limits=1, user_api="blas")
+        _limit_users += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_users -= 1
+            if _limit_users == 0:
+                _limit.restore_original_limits()
+                _limit = None
+
+
 _pool = BlockPool()
+
+
+def _reset_after_fork() -> None:
+    global _limit_lock, _limit_users, _limit
+    _pool.__init__()
+    _limit_lock, _limit_users, _limit = threading.Lock(), 0, None
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_pool.__init__)
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def for_each_block(work: Callable[[int], None], starts: range) -> None:

@@ -112,7 +112,7 @@ def replace_dir(src: Path, target: Path) -> None:
             os.replace(src, target)
             return
         except OSError as exc:  # target exists (or another run's output has just appeared)
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EACCES):
                 raise
         held = lock(target, wait=LOCK_WAIT_S)
         try:
@@ -130,19 +130,30 @@ def replace_dir(src: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the block, then deliver them to their handlers."""
+    """Hold SIGINT and SIGTERM back for the block, then deliver them to their handlers.
+
+    Each handler is restored in its own finally, so a signal arriving while they are
+    swapped cannot leave the placeholder installed.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield  # handlers can only be changed in the main thread; there is none to defer
         return
     pending: list[int] = []
-    kept = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def defer(signum, frame) -> None:
+        pending.append(signum)
+
+    kept_int = signal.signal(signal.SIGINT, defer)
     try:
-        yield
+        kept_term = signal.signal(signal.SIGTERM, defer)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, kept_term)
     finally:
-        for s, handler in kept.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
+        signal.signal(signal.SIGINT, kept_int)
+    for signum in dict.fromkeys(pending):
+        signal.raise_signal(signum)
 
 
 def remove_dead_siblings(target: Path) -> list[Path]:
@@ -160,9 +171,15 @@ def remove_dead_siblings(target: Path) -> list[Path]:
                 continue
         except OSError:  # removed meanwhile
             continue
-        if is_abandoned(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if not is_abandoned(path):
+            continue
+        if found.group(1) == SWAPPED_OUT and not target.exists():
+            # killed between swapping the old output out and the new one in: put it back
+            with contextlib.suppress(OSError):
+                os.replace(path, target)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 

@@ -104,3 +104,31 @@ def test_a_forked_child_starts_its_own_threads():
     if alive:
         child.kill()
     assert not alive and result.get(timeout=5) == list(range(16))
+
+
+def test_blas_stays_limited_while_any_caller_has_blocks_running():
+    """(threadpoolctl lets only one thread, normally the main one, change a pthreads
+    OpenBLAS's limit: here the main thread merges while another thread merges too.)"""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    seen = []
+    long_started, short_done = threading.Event(), threading.Event()
+
+    def long_work(i):  # the main thread's blocks: still running after the other caller finished
+        long_started.set()
+        short_done.wait(timeout=10)
+        seen.append(blas_threads())
+
+    def other_caller():
+        long_started.wait(timeout=10)
+        for_each_block(lambda i: None, range(4))
+        short_done.set()
+
+    threading.Thread(target=other_caller, daemon=True).start()
+    for_each_block(long_work, range(2))
+    assert seen and all(t == [1] * len(t) for t in seen), (seen, before)
+    assert blas_threads() == before

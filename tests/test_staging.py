@@ -93,6 +93,7 @@ def test_live_staging_directories_are_kept(tmp_path):
     creating_long_ago.mkdir()
     creating_now.mkdir()  # unlocked for an instant while a run starts: kept
     os.utime(creating_long_ago, (time.time() - 3600, time.time() - 3600))
+    target.mkdir()  # so a swapped-out copy is a leftover, not the output to put back
     held = lock(live)
     try:
         assert sorted(remove_dead_siblings(target)) == sorted([dead, swapped, creating_long_ago])
@@ -218,3 +219,14 @@ def test_an_output_another_run_holds_is_not_swapped(tmp_path, monkeypatch):
     finally:
         unlock(held)
     assert (target / "old").read_text() == "old" and not hidden_siblings(target)
+
+
+def test_an_output_swapped_out_by_a_killed_run_is_put_back(tmp_path):
+    target = tmp_path / "out"
+    old = tmp_path / f".out.old-{HOST}-0badc0de"  # killed between the two renames
+    new = tmp_path / f".out.partial-{HOST}-0badc0de"
+    for d, text in ((old, "old"), (new, "new")):
+        d.mkdir()
+        (d / "file").write_text(text)
+    remove_dead_siblings(target)
+    assert (target / "file").read_text() == "old" and not hidden_siblings(target)
