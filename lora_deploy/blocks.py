@@ -80,32 +80,49 @@ class BlockPool:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = 0
         self._blas: ThreadpoolController | None = None  # finding the BLAS libraries takes ~0.6 ms: once
+        self._limit = None  # the BLAS limit while any caller has blocks running
+        self._limit_users = 0
         self._lock = threading.Lock()
         self.local = threading.local()  # .inside is set on the pool's own threads
 
     def run(self, work: Callable[[int], None], starts: range) -> None:
         self._start()
         batch = Batch(len(starts))
-        # Limited before any block starts: a product's rounding depends on how many
-        # threads BLAS splits it over, and every block must round the same way.
-        with one_blas_thread(self._blas):
-            try:
-                for start in starts:
-                    # Each block runs in a copy of the caller's context, so its numpy
-                    # error state (np.errstate) holds in the block too.
-                    self._queue.put((batch, work, start, contextvars.copy_context()))
-                batch.wait()
-            except BaseException:  # Ctrl-C, SIGTERM
-                batch.cancel()
-                raise
-            if batch.error is not None:
-                batch.cancel()
-                batch.raise_error()
+        try:
+            for start in starts:
+                # Each block runs in a copy of the caller's context, so its numpy error
+                # state (np.errstate) holds in the block too.
+                self._queue.put((batch, work, start, contextvars.copy_context()))
+            batch.wait()
+        except BaseException:  # Ctrl-C, SIGTERM
+            batch.cancel()
+            raise
+        if batch.error is not None:
+            batch.cancel()
+            batch.raise_error()
+
+    @contextlib.contextmanager
+    def one_blas_thread(self) -> Iterator[None]:
+        """BLAS limited to one thread while any caller, on any thread, has blocks running.
+
+        The limit is process-wide: the first caller sets it and the last one restores
+        it, so two threads merging at once do not undo each other's limit.
+        """
+        with self._lock:
+            if self._limit_users == 0:
+                self._blas = self._blas or ThreadpoolController()
+                self._limit = self._blas.limit(limits=1, user_api="blas")
+            self._limit_users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._limit_users -= 1
+                if self._limit_users == 0:
+                    self._limit.restore_original_limits()
 
     def _start(self) -> None:
         with self._lock:
-            if self._blas is None:
-                self._blas = ThreadpoolController()
             while self._threads < worker_count():
                 threading.Thread(target=self._serve, name=f"lora-deploy-block-{self._threads}", daemon=True).start()
                 self._threads += 1
@@ -118,52 +135,22 @@ class BlockPool:
             del batch, work, context  # a block's closure holds the weight's arrays
 
 
-_limit_lock = threading.Lock()
-_limit_users = 0
-_limit = None
-
-
-@contextlib.contextmanager
-def one_blas_thread(controller: ThreadpoolController) -> Iterator[None]:
-    """BLAS limited to one thread while any caller, on any thread, has blocks running.
-
-    The limit is process-wide: the first caller sets it and the last one restores it, so
-    two threads merging at once do not undo each other's limit.
-    """
-    global _limit_users, _limit
-    with _limit_lock:
-        if _limit_users == 0:
-            _limit = controller.limit(limits=1, user_api="blas")
-        _limit_users += 1
-    try:
-        yield
-    finally:
-        with _limit_lock:
-            _limit_users -= 1
-            if _limit_users == 0:
-                _limit.restore_original_limits()
-                _limit = None
-
-
 _pool = BlockPool()
-
-
-def _reset_after_fork() -> None:
-    global _limit_lock, _limit_users, _limit
-    _pool.__init__()
-    _limit_lock, _limit_users, _limit = threading.Lock(), 0, None
-
-
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+    os.register_at_fork(after_in_child=_pool.__init__)
 
 
 def for_each_block(work: Callable[[int], None], starts: range) -> None:
     """Run work(start) for every start, on all cores when there are several; the first
     error is raised here. Called from a block itself it runs serially (waiting on the
-    pool from inside it could deadlock)."""
-    if len(starts) < 2 or worker_count() < 2 or getattr(_pool.local, "inside", False):
-        for start in starts:
-            work(start)
-        return
-    _pool.run(work, starts)
+    pool from inside it could deadlock).
+
+    BLAS is held to one thread either way, before any block starts: a product's rounding
+    depends on how many threads BLAS splits it over, and every block must round alike.
+    """
+    with _pool.one_blas_thread():
+        if len(starts) < 2 or worker_count() < 2 or getattr(_pool.local, "inside", False):
+            for start in starts:
+                work(start)
+        else:
+            _pool.run(work, starts)
