@@ -6,19 +6,18 @@ Every command maps errors to one line on stderr and an exit code: 0 success,
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
 
 from . import __version__
 from .errors import LoraDeployError
+from .util import signal_handlers
 
 directory = click.Path(exists=False, file_okay=False, path_type=Path)  # existence is checked by the API, in one line
 
@@ -30,18 +29,6 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum, frame) -> None:
     raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def exit_interrupted(exc: KeyboardInterrupt) -> None:
@@ -56,7 +43,7 @@ def run_guarded(fn):
     def wrapper(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
-            with sigterm_as_interrupt():
+            with signal_handlers({signal.SIGTERM: raise_terminated}):
                 return fn(*args, **kwargs)
         except LoraDeployError as exc:
             if debug:

@@ -21,13 +21,13 @@ import re
 import shutil
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CheckpointError
+from .util import signal_handlers
 
 try:
     import fcntl
@@ -130,28 +130,14 @@ def replace_dir(src: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the block, then deliver them to their handlers.
-
-    Each handler is restored in its own finally, so a signal arriving while they are
-    swapped cannot leave the placeholder installed.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be changed in the main thread; there is none to defer
-        return
+    """Hold SIGINT and SIGTERM back for the block, then deliver them to their handlers."""
     pending: list[int] = []
 
     def defer(signum, frame) -> None:
         pending.append(signum)
 
-    kept_int = signal.signal(signal.SIGINT, defer)
-    try:
-        kept_term = signal.signal(signal.SIGTERM, defer)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, kept_term)
-    finally:
-        signal.signal(signal.SIGINT, kept_int)
+    with signal_handlers({signal.SIGINT: defer, signal.SIGTERM: defer}):
+        yield
     for signum in dict.fromkeys(pending):
         signal.raise_signal(signum)
 
@@ -184,17 +170,13 @@ def remove_dead_siblings(target: Path) -> list[Path]:
 
 
 def is_abandoned(path: Path) -> bool:
+    """True when nobody holds the directory's lock (so its run has died)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+        held = lock(path)
+    except (OSError, CheckpointError):  # gone, or held: its run is alive
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:  # held: its run is alive (or the file system has no flock: keep it)
-        return False
-    finally:
-        os.close(fd)  # also releases the lock just taken
+    unlock(held)
+    return held is not None  # a file system without flock: keep it
 
 
 def lock(path: Path, wait: float = 0.0) -> int | None:

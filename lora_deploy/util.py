@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import IO
@@ -60,3 +63,20 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def signal_handlers(handlers: dict[int, Callable]) -> Iterator[None]:
+    """Signal handlers set for the block, then put back. ExitStack runs every restore even
+    when one raises, so a signal arriving while they are swapped back cannot leave a
+    temporary handler installed.
+
+    Outside the main thread, where handlers cannot be set, the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with contextlib.ExitStack() as restore:
+        for signum, handler in handlers.items():
+            restore.callback(signal.signal, signum, signal.signal(signum, handler))
+        yield
