@@ -41,6 +41,20 @@ def start_slow_merge(base: Path, adapter: Path, out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.fixture
+def old_output(tmp_path) -> Path:
+    """An earlier output at the target, holding one file "old"."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    return target
+
+
+def write_new_output(target: Path) -> None:
+    with staging_dir(target) as tmp:
+        (tmp / "new").write_text("new")
+
+
 def hidden_siblings(out: Path) -> list[Path]:
     return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
@@ -116,15 +130,13 @@ def test_a_live_run_is_not_disturbed_by_a_second(tmp_path):
     assert not hidden_siblings(target)
 
 
-def test_error_removes_staging_and_keeps_the_old_output(tmp_path):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("kept")
+def test_error_removes_staging_and_keeps_the_old_output(old_output):
+    target = old_output
     with pytest.raises(RuntimeError):
         with staging_dir(target) as tmp:
             (tmp / "new").write_text("half")
             raise RuntimeError("disk on fire")
-    assert (target / "old").read_text() == "kept" and not (target / "new").exists()
+    assert (target / "old").read_text() == "old" and not (target / "new").exists()
     assert not hidden_siblings(target)
 
 
@@ -168,11 +180,9 @@ def test_sigterm_while_blocks_run_on_the_pool(small, tmp_path):
     assert not out.exists() and not hidden_siblings(out)
 
 
-def test_a_signal_during_the_swap_waits_for_it(tmp_path, monkeypatch):
+def test_a_signal_during_the_swap_waits_for_it(old_output, monkeypatch):
     """Ctrl-C between swapping the old output out and the new one in would lose both."""
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("old")
+    target = old_output
     real = os.replace
 
     def interrupted_replace(src, dst):
@@ -182,16 +192,13 @@ def test_a_signal_during_the_swap_waits_for_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(staging.os, "replace", interrupted_replace)
     with pytest.raises(KeyboardInterrupt):
-        with staging_dir(target) as tmp:
-            (tmp / "new").write_text("new")
+        write_new_output(target)
     assert (target / "new").read_text() == "new" and not (target / "old").exists()
     assert not hidden_siblings(target)
 
 
-def test_a_failed_swap_keeps_the_old_output_and_says_so(tmp_path, monkeypatch):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("old")
+def test_a_failed_swap_keeps_the_old_output_and_says_so(old_output, monkeypatch):
+    target = old_output
     real = os.replace
 
     def refuse_new(src, dst):
@@ -201,21 +208,17 @@ def test_a_failed_swap_keeps_the_old_output_and_says_so(tmp_path, monkeypatch):
 
     monkeypatch.setattr(staging.os, "replace", refuse_new)
     with pytest.raises(staging.CheckpointError, match="cannot move the output into place"):
-        with staging_dir(target) as tmp:
-            (tmp / "new").write_text("new")
+        write_new_output(target)
     assert (target / "old").read_text() == "old" and not hidden_siblings(target)
 
 
-def test_an_output_another_run_holds_is_not_swapped(tmp_path, monkeypatch):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "old").write_text("old")
+def test_an_output_another_run_holds_is_not_swapped(old_output, monkeypatch):
+    target = old_output
     monkeypatch.setattr(staging, "LOCK_WAIT_S", 0.2)
     held = lock(target)  # as a run that has just renamed its output into place holds it
     try:
         with pytest.raises(staging.CheckpointError, match="locked by another run"):
-            with staging_dir(target) as tmp:
-                (tmp / "new").write_text("new")
+            write_new_output(target)
     finally:
         unlock(held)
     assert (target / "old").read_text() == "old" and not hidden_siblings(target)
