@@ -29,15 +29,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from lora_deploy.bench import run_bench
-from lora_deploy.dynamic import DynamicSession, export_dynamic, pack_adapter
-from lora_deploy.export import export_checkpoint
-from lora_deploy.merge import merge
-from lora_deploy.multi import MultiSession, export_multi
-from lora_deploy.report import machine_info, plot, to_markdown, write_json
-from lora_deploy.samples import sample_inputs
-from lora_deploy.stats import bootstrap_median_ci
-from lora_deploy.timing import measure_interleaved
+from lora_deploy.bench.run import run_bench
+from lora_deploy.export.dynamic import DynamicSession, export_dynamic, pack_adapter
+from lora_deploy.export.model import export_checkpoint
+from lora_deploy.merge.streaming import merge
+from lora_deploy.export.multi import MultiSession, export_multi
+from lora_deploy.bench.report import machine_info, plot, to_markdown, write_json
+from lora_deploy.modeling.samples import sample_inputs
+from lora_deploy.bench.stats import bootstrap_median_ci
+from lora_deploy.bench.timing import measure_interleaved
 
 # (rank, targets) of the eight adapters: mixed ranks and target sets share one bank.
 ADAPTERS = [

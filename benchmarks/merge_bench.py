@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lora_deploy.stats import bootstrap_median_ci
+from lora_deploy.bench.stats import bootstrap_median_ci
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from lora_deploy.bench import run_bench, write_outputs
-from lora_deploy.merge import merge
+from lora_deploy.bench.run import run_bench, write_outputs
+from lora_deploy.merge.streaming import merge
 
 # Paper, Table 1 (GPT-2 medium, one RTX 8000, mean of 100 runs): fine-tuned / merged LoRA
 # latency in ms and the adapter variants' overhead.

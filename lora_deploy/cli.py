@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import LoraDeployError
-from .util import signal_handlers
+from lora_deploy import __version__
+from lora_deploy.errors import LoraDeployError
+from lora_deploy.util import signal_handlers
 
 directory = click.Path(exists=False, file_okay=False, path_type=Path)  # existence is checked by the API, in one line
 
@@ -95,7 +95,7 @@ def main(debug: bool) -> None:
 @run_guarded
 def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
     """Show an adapter's variant, targets, per-module r/alpha/scaling and size."""
-    from .describe import describe_adapter
+    from lora_deploy.adapter.summary import describe_adapter
 
     info = describe_adapter(adapter, base)
     if as_json:
@@ -133,8 +133,8 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
 def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str, overwrite: bool, durable: bool,
           as_json: bool) -> None:
     """Merge ADAPTER into BASE, shard by shard, writing an ordinary HF checkpoint."""
-    from .merge import merge as run_merge
-    from .progress import byte_progress
+    from lora_deploy.merge.streaming import merge as run_merge
+    from lora_deploy.progress import byte_progress
 
     with byte_progress("merging", enabled=not as_json) as progress:
         result = run_merge(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size,
@@ -168,7 +168,7 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str,
 def verify(base, adapter, merged, onnx_path, dynamic_path, packed_path, multi_path, atol, rtol, batch, seq, seed,
            task, report, as_json) -> None:
     """Check that artifacts compute what BASE + ADAPTER compute (exit 1 if not)."""
-    from .verify import verify as run_verify
+    from lora_deploy.proof.verify import verify as run_verify
 
     result = run_verify(base, adapter, merged_dir=merged, onnx_path=onnx_path, dynamic_path=dynamic_path,
                         packed_path=packed_path, multi_path=multi_path, atol=atol, rtol=rtol,
@@ -194,7 +194,7 @@ def print_checks(result) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    from .util import write_file_atomic
+    from lora_deploy.util import write_file_atomic
 
     text = json.dumps(data, indent=2, default=str) + "\n"
     write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
@@ -225,8 +225,8 @@ def export_onnx(model, out, task, opset, dtype, dynamic_adapters, multi_adapter,
     """Export MODEL (an HF checkpoint directory) to ONNX, checked in ONNX Runtime."""
     from dataclasses import asdict
 
-    from .errors import BadInputError
-    from .export import export_checkpoint
+    from lora_deploy.errors import BadInputError
+    from lora_deploy.export.model import export_checkpoint
 
     if dynamic_adapters or multi_adapter:
         if dynamic_adapters and multi_adapter:
@@ -257,7 +257,7 @@ def demo(out: Path, family: str, variant: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .demo import run_demo
+    from lora_deploy.examples.demo import run_demo
 
     console = Console()
     table = Table("stage", "time", "result", title=f"lora-deploy demo: {family} / {variant}")
@@ -305,8 +305,8 @@ def bench_cmd(models, adapters, reference, backend, device, shapes, threads, rou
 
     Files are written before the gates are checked, so a failure keeps its evidence.
     """
-    from .bench import bench_progress, check_gates, parse_adapter_specs, parse_model_specs, run_bench, write_outputs
-    from .report import to_markdown
+    from lora_deploy.bench.run import bench_progress, check_gates, parse_adapter_specs, parse_model_specs, run_bench, write_outputs
+    from lora_deploy.bench.report import to_markdown
 
     with bench_progress(enabled=not quiet) as progress:
         report = run_bench(
@@ -323,16 +323,16 @@ def bench_cmd(models, adapters, reference, backend, device, shapes, threads, rou
 
 
 def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_json) -> None:
-    from .errors import BadInputError
+    from lora_deploy.errors import BadInputError
 
     if multi:
-        from .multi import export_multi
+        from lora_deploy.export.multi import export_multi
 
         if not adapters:
             raise BadInputError("--multi-adapter needs at least one --adapter")
         graph = export_multi(model, out, list(adapters), task=task, opset=opset)
     else:
-        from .dynamic import export_dynamic
+        from lora_deploy.export.dynamic import export_dynamic
 
         if not adapters and not targets:
             raise BadInputError("--dynamic-adapters needs --adapter ADAPTER or --targets q_proj,v_proj")
@@ -356,7 +356,7 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_j
 @run_guarded
 def pack(adapter, out, onnx_path) -> None:
     """Write ADAPTER in ONNX Runtime's adapter format for a dynamic-adapter graph."""
-    from .dynamic import pack_adapter
+    from lora_deploy.export.dynamic import pack_adapter
 
     path = pack_adapter(adapter, out, onnx_path=onnx_path)
     click.echo(f"packed {adapter} into {path} ({path.stat().st_size / 1e3:.1f} kB); scaling folded into B")

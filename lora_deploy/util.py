@@ -44,7 +44,7 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None
     A reader sees the old file or the whole new one, never a half-written file; an error
     (or Ctrl-C) leaves no temp file behind. Unwritable destinations are bad input.
     """
-    from .errors import BadInputError
+    from lora_deploy.errors import BadInputError
 
     target = Path(path)
     try:

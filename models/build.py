@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from lora_deploy import reference as ref
+from lora_deploy.examples import models as ref
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_deploy import reference as ref
+from lora_deploy.examples import models as ref
 
 # Small enough that every family is split into several shards, in every dtype.
 SHARD_SIZE = "100KB"

@@ -47,7 +47,7 @@ def test_reads_larger_than_one_pread(tmp_path, monkeypatch):
     """Linux returns at most ~2 GiB per pread: a larger tensor takes several."""
     import os
 
-    from lora_deploy import checkpoint
+    from lora_deploy.io import checkpoint as checkpoint
 
     data = os.urandom(10_000)
     path = tmp_path / "blob"

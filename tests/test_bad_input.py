@@ -216,7 +216,7 @@ def test_non_empty_output_refused_unless_overwrite(llama, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(llama, tmp_path, monkeypatch):
-    import lora_deploy.merge as merge_module
+    import lora_deploy.merge.streaming as merge_module
 
     base, adapter = llama
     calls = {"n": 0}
@@ -240,7 +240,7 @@ def test_write_error_is_one_line_and_leaves_nothing(llama, tmp_path, monkeypatch
     """A full disk during a kernel copy on the writer thread reaches the user as one line."""
     import errno
 
-    import lora_deploy.stream as stream_module
+    import lora_deploy.io.stream as stream_module
 
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -259,7 +259,7 @@ def test_write_error_is_one_line_and_leaves_nothing(llama, tmp_path, monkeypatch
 
 def test_shard_truncated_during_the_merge_is_one_line(llama, tmp_path, monkeypatch):
     """A shard cut short after its header was checked (another process rewriting it)."""
-    import lora_deploy.stream as stream_module
+    import lora_deploy.io.stream as stream_module
 
     base, adapter = llama
     real_open = stream_module.CheckpointStream._reader
@@ -277,7 +277,7 @@ def test_shard_truncated_during_the_merge_is_one_line(llama, tmp_path, monkeypat
 
 def test_writer_thread_failure_is_reported_not_hidden(llama, tmp_path, monkeypatch):
     """Any failure on the writer thread (not only OSError) stops the merge with one line."""
-    import lora_deploy.stream as stream_module
+    import lora_deploy.io.stream as stream_module
 
     def broken(*args):
         raise AttributeError("copy_file_range")  # as on a platform without it
@@ -364,7 +364,7 @@ def test_bad_shard_size(llama, tmp_path, size):
 def test_an_interrupt_wrapped_by_python_is_still_an_interrupt(llama, tmp_path, monkeypatch):
     """Python 3.11 wraps an exception raised while a class is built (a Ctrl-C landing in an
     import, say) in a RuntimeError; it is still reported as an interrupt."""
-    import lora_deploy.merge as merge_module
+    import lora_deploy.merge.streaming as merge_module
 
     def interrupted_import(*args, **kwargs):
         try:

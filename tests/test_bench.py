@@ -17,12 +17,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lora_deploy import bench
+from lora_deploy.bench import run as bench
 from lora_deploy.errors import BadInputError
-from lora_deploy.export import export_checkpoint
-from lora_deploy.merge import merge
-from lora_deploy.report import load_report, validate_report
-from lora_deploy.stats import GateFailed
+from lora_deploy.export.model import export_checkpoint
+from lora_deploy.merge.streaming import merge
+from lora_deploy.bench.report import load_report, validate_report
+from lora_deploy.bench.stats import GateFailed
 
 FEW = {"rounds": 5, "warmup": 1, "threads": 1}
 
@@ -329,7 +329,7 @@ def test_cuda_without_a_gpu_is_bad_input(pair):
 
 
 def test_bare_adapter_path_attaches_to_the_dynamic_model():
-    from lora_deploy.bench import parse_adapter_specs
+    from lora_deploy.bench.run import parse_adapter_specs
 
     assert parse_adapter_specs(["x.onnx_adapter"], ["base", "merged", "dynamic"]) == {"dynamic": Path("x.onnx_adapter")}
     assert parse_adapter_specs(["x.onnx_adapter"], ["merged", "lora"]) == {"lora": Path("x.onnx_adapter")}

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-import lora_deploy.blocks as blocks
-from lora_deploy.blocks import for_each_block
+import lora_deploy.merge.blocks as blocks
+from lora_deploy.merge.blocks import for_each_block
 
 
 @pytest.fixture(autouse=True)

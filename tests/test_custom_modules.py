@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_deploy.merge import merge
-from lora_deploy.unmerged import attach
+from lora_deploy.merge.streaming import merge
+from lora_deploy.modeling.unmerged import attach
 
 from .oracle import read_checkpoint
 
@@ -119,7 +119,7 @@ def test_adapter_from_backbone_onto_task_checkpoint(tmp_path):
 
 
 def test_verify_checks_a_custom_module_checkpoint_at_weight_level(tmp_path):
-    from lora_deploy.verify import verify
+    from lora_deploy.proof.verify import verify
 
     torch.manual_seed(0)
     model = VisionController().eval()

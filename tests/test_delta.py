@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_deploy.adapter import LoraModule
-from lora_deploy.delta import BLOCK_ELEMENTS, lora_norm, merged_bias, merged_weight
+from lora_deploy.adapter.read import LoraModule
+from lora_deploy.merge.delta import BLOCK_ELEMENTS, lora_norm, merged_bias, merged_weight
 
 dims = st.integers(min_value=1, max_value=24)
 ranks = st.integers(min_value=1, max_value=8)
@@ -129,7 +129,7 @@ def test_lora_norm_is_the_norm_of_the_formed_product(out_f, in_f, r, s, k):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
 def test_many_block_merge_rounds_once(dtype, monkeypatch):
-    monkeypatch.setattr("lora_deploy.blocks.worker_count", lambda: 4)  # the pool, even on one core
+    monkeypatch.setattr("lora_deploy.merge.blocks.worker_count", lambda: 4)  # the pool, even on one core
     # Large enough for several blocks, so they run on the worker threads; W0 holds
     # float16 subnormals and signed zeros, which the table lookup must carry exactly.
     out_f, in_f, r, s = 700, 1000, 8, 1.5

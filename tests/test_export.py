@@ -29,9 +29,9 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from lora_deploy import export as export_mod
+from lora_deploy.export import model as export_mod
 from lora_deploy.errors import BadInputError, CheckpointError, ExportError
-from lora_deploy.export import (
+from lora_deploy.export.model import (
     TASKS,
     ExportResult,
     detect_task,
@@ -39,7 +39,7 @@ from lora_deploy.export import (
     export_module,
     load_for_task,
 )
-from lora_deploy.samples import model_input_names, sample_inputs
+from lora_deploy.modeling.samples import model_input_names, sample_inputs
 
 VOCAB = 128
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_deploy.merge import MANIFEST_FILE, merge
-from lora_deploy.reference import FAMILIES, VARIANTS, supported
+from lora_deploy.merge.streaming import MANIFEST_FILE, merge
+from lora_deploy.examples.models import FAMILIES, VARIANTS, supported
 
 from .oracle import load_model, logits_of, peft_merged_state, peft_model, read_checkpoint, token_batch, ulp
 
@@ -180,7 +180,7 @@ def test_manifest_hashes_and_norms_of_a_sharded_merge(reference, tmp_path, famil
 
 def test_unmappable_files_are_read_instead(reference, tmp_path, monkeypatch):
     """Some file systems cannot map files: the merge reads them and writes the same bytes."""
-    import lora_deploy.stream as stream_module
+    import lora_deploy.io.stream as stream_module
 
     base, adapter = reference("gpt2", "embedding", sharded=True)
     mapped = merge(base, adapter, tmp_path / "mapped", max_shard_size="100KB").manifest

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_deploy import reference as ref
+from lora_deploy.examples import models as ref
 
 REFERENCE_CASES = [(f, v) for f in ref.FAMILIES for v in ref.VARIANTS if ref.supported(f, v)]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lora_deploy.errors import BadInputError
-from lora_deploy.report import (
+from lora_deploy.bench.report import (
     SCHEMA,
     build_report,
     load_report,
@@ -22,7 +22,7 @@ from lora_deploy.report import (
     validate_report,
     write_json,
 )
-from lora_deploy.stats import GateFailed, enforce_gates
+from lora_deploy.bench.stats import GateFailed, enforce_gates
 
 MACHINE = {
     "cpu": "Synthetic CPU @ 3.0GHz",

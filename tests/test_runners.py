@@ -11,9 +11,9 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from lora_deploy.errors import BadInputError
-from lora_deploy.export import export_checkpoint, export_module
-from lora_deploy.runners import OnnxrtRunner, Runner, TorchRunner, check_feed
-from lora_deploy.samples import sample_inputs
+from lora_deploy.export.model import export_checkpoint, export_module
+from lora_deploy.backends.base import OnnxrtRunner, Runner, TorchRunner, check_feed
+from lora_deploy.modeling.samples import sample_inputs
 
 
 class Controller(nn.Module):

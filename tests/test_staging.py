@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from lora_deploy.merge import merge
-import lora_deploy.staging as staging
-from lora_deploy.staging import HOST, lock, remove_dead_siblings, staging_dir, unlock
+from lora_deploy.merge.streaming import merge
+import lora_deploy.io.staging as staging
+from lora_deploy.io.staging import HOST, lock, remove_dead_siblings, staging_dir, unlock
 
 # Runs the CLI merge with a merge step that announces itself and then waits to be
 # signalled, so the signal lands mid-merge with the staging directory half written.
 SLOW_MERGE = textwrap.dedent("""
     import sys, time
-    import lora_deploy.merge as m
+    import lora_deploy.merge.streaming as m
     real = m.merged_weight
     def slow(*args, **kwargs):
         print("merging", flush=True)
@@ -152,7 +152,7 @@ def test_scratch_directory_is_never_renamed(tmp_path):
 # waits for blocks.
 SLOW_BLOCK = textwrap.dedent("""
     import sys, time
-    import lora_deploy.blocks as b, lora_deploy.delta as d
+    import lora_deploy.merge.blocks as b, lora_deploy.merge.delta as d
     real = b.BlockPool.run
     def run(self, work, starts):
         def slow(i):

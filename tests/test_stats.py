@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_deploy.errors import BadInputError
-from lora_deploy.stats import (
+from lora_deploy.bench.stats import (
     GateFailed,
     GateResult,
     bootstrap_median_ci,
@@ -26,7 +26,7 @@ from lora_deploy.stats import (
     percentiles,
     regression_gate,
 )
-from lora_deploy.timing import measure_interleaved, round_order
+from lora_deploy.bench.timing import measure_interleaved, round_order
 
 BASE_S = 0.010  # a 10 ms forward pass
 

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from lora_deploy.cli import main
-from lora_deploy.export import export_checkpoint
-from lora_deploy.merge import merge
-from lora_deploy.verify import verify
+from lora_deploy.export.model import export_checkpoint
+from lora_deploy.merge.streaming import merge
+from lora_deploy.proof.verify import verify
 
 
 def cli(*args):

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adapter import Adapter, LoraModule
-from .checkpoint import FLOAT_DTYPES, Checkpoint
-from .delta import weight_shape
-from .errors import AdapterError
+from lora_deploy.adapter.read import Adapter, LoraModule
+from lora_deploy.io.checkpoint import FLOAT_DTYPES, Checkpoint
+from lora_deploy.merge.delta import weight_shape
+from lora_deploy.errors import AdapterError
 
 log = logging.getLogger(__name__)
 

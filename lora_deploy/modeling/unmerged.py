@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import Adapter, LoraModule, load_adapter
-from .arrays import from_torch, to_torch
-from .delta import delta_weight, dora_scale, f32
-from .errors import AdapterError
-from .targets import find_rename
+from lora_deploy.adapter.read import Adapter, LoraModule, load_adapter
+from lora_deploy.arrays import from_torch, to_torch
+from lora_deploy.merge.delta import delta_weight, dora_scale, f32
+from lora_deploy.errors import AdapterError
+from lora_deploy.adapter.plan import find_rename
 
 
 @dataclass

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .adapter import LoraModule
-from .arrays import round_to_float16, widen_float16
-from .blocks import for_each_block
+from lora_deploy.adapter.read import LoraModule
+from lora_deploy.arrays import round_to_float16, widen_float16
+from lora_deploy.merge.blocks import for_each_block
 
 # How a base weight is laid out relative to the LoRA product B @ A:
 #   linear      [out, in]            (nn.Linear)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter import load_adapter
-from .checkpoint import Checkpoint
-from .targets import plan_merge
+from lora_deploy.adapter.read import load_adapter
+from lora_deploy.io.checkpoint import Checkpoint
+from lora_deploy.adapter.plan import plan_merge
 
 
 def describe_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict:

@@ -68,10 +68,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_deploy import onnx_graph
+from lora_deploy.export import graph as onnx_graph
 from lora_deploy.errors import BadInputError, CheckpointError, ExportError
-from lora_deploy.onnx_graph import EXTERNAL_DATA_BYTES, TOLERANCES  # noqa: F401  (EXTERNAL_DATA_BYTES: re-exported)
-from lora_deploy.samples import model_input_names, sample_inputs
+from lora_deploy.export.graph import EXTERNAL_DATA_BYTES, TOLERANCES  # noqa: F401  (EXTERNAL_DATA_BYTES: re-exported)
+from lora_deploy.modeling.samples import model_input_names, sample_inputs
 from lora_deploy.util import first_line
 
 CAUSAL_LM = "causal-lm"
@@ -504,7 +504,7 @@ def _check_onnx(path: Path) -> None:
 
 def _ort_outputs(path: Path, feed: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
     """Run the model once through OnnxrtRunner on the CPU execution provider."""
-    from lora_deploy.runners import OnnxrtRunner  # runners imports this module
+    from lora_deploy.backends.base import OnnxrtRunner  # runners imports this module
 
     try:
         with OnnxrtRunner(path, name="export-check") as runner:

@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array, pread_all
-from .errors import CheckpointError
+from lora_deploy.io.checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array, pread_all
+from lora_deploy.errors import CheckpointError
 
 
 @dataclass(frozen=True)

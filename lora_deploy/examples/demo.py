@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import BadInputError
+from lora_deploy.errors import BadInputError
 
 
 @dataclass
@@ -27,13 +27,13 @@ def run_demo(out_dir: str | os.PathLike, *, family: str = "llama", variant: str 
              on_step: Callable[[Step], None] | None = None) -> list[Step]:
     """Run every stage; returns one Step per stage. Raises like the stages do."""
     try:
-        from . import reference
+        from lora_deploy.examples import models as reference
     except ImportError as exc:  # peft missing
         raise BadInputError(f"the demo trains an adapter with PEFT: pip install 'lora-deploy[reference]' ({exc})") from None
-    from .describe import describe_adapter
-    from .export import export_checkpoint
-    from .merge import merge
-    from .verify import verify
+    from lora_deploy.adapter.summary import describe_adapter
+    from lora_deploy.export.model import export_checkpoint
+    from lora_deploy.merge.streaming import merge
+    from lora_deploy.proof.verify import verify
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

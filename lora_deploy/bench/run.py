@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from lora_deploy.errors import BadInputError, LoraDeployError
-from lora_deploy.report import (
+from lora_deploy.bench.report import (
     Shape,
     build_report,
     load_report,
@@ -47,10 +47,10 @@ from lora_deploy.report import (
     to_markdown,
     write_json,
 )
-from lora_deploy.runners import OnnxrtRunner, Runner, TorchRunner, check_feed, ort_errors
-from lora_deploy.samples import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, sample_inputs
-from lora_deploy.stats import enforce_gates, parse_percent
-from lora_deploy.timing import check_counts, measure_interleaved
+from lora_deploy.backends.base import OnnxrtRunner, Runner, TorchRunner, check_feed, ort_errors
+from lora_deploy.modeling.samples import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, sample_inputs
+from lora_deploy.bench.stats import enforce_gates, parse_percent
+from lora_deploy.bench.timing import check_counts, measure_interleaved
 from lora_deploy.util import write_file_atomic
 from lora_deploy.util import first_line, library_versions
 
@@ -387,7 +387,7 @@ def make_torch_variant(
     """An HF checkpoint in eager torch; an adapter is attached unmerged (forward hooks)."""
     import torch
 
-    from lora_deploy.unmerged import attach
+    from lora_deploy.modeling.unmerged import attach
 
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda: torch sees no CUDA device here")

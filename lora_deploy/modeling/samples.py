@@ -191,7 +191,7 @@ def _as_config(obj: Any) -> Any:
     """Return a transformers config for a config object or a checkpoint path."""
     if isinstance(obj, (str, Path)):
         # Local import: loading transformers is slow and only paths need it here.
-        from lora_deploy.export import load_config
+        from lora_deploy.export.model import load_config
 
         return load_config(obj)
     if not hasattr(obj, "model_type"):

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrays import all_finite, from_torch
-from .errors import AdapterError, NonFiniteError
-from .util import first_line
+from lora_deploy.arrays import all_finite, from_torch
+from lora_deploy.errors import AdapterError, NonFiniteError
+from lora_deploy.util import first_line
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -234,8 +234,8 @@ def read_tensors(root: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, as writable arrays over one buffer."""
-    from .checkpoint import as_array, read_header
-    from .errors import CheckpointError
+    from lora_deploy.io.checkpoint import as_array, read_header
+    from lora_deploy.errors import CheckpointError
 
     try:
         infos, _ = read_header(path)  # validates the header and byte ranges, naming truncation

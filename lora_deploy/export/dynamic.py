@@ -48,14 +48,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import onnx_graph
-from .adapter import Adapter, LoraModule, load_adapter
-from .delta import f32
-from .errors import AdapterError, BadInputError, ExportError, NonFiniteError
-# The runtime side lives in sessions.py; re-exported so `from lora_deploy.dynamic import
+from lora_deploy.export import graph as onnx_graph
+from lora_deploy.adapter.read import Adapter, LoraModule, load_adapter
+from lora_deploy.merge.delta import f32
+from lora_deploy.errors import AdapterError, BadInputError, ExportError, NonFiniteError
+# The runtime side lives in sessions.py; re-exported so `from lora_deploy.export.dynamic import
 # DynamicSession` keeps working. sessions.py imports nothing from here at load time.
-from .sessions import ONNX_FLOAT_TYPES, DynamicSession, check_dims, check_feeds, make_session, run_session  # noqa: F401
-from .unmerged import choose_prefix, layer_kind
+from lora_deploy.backends.onnxrt.sessions import ONNX_FLOAT_TYPES, DynamicSession, check_dims, check_feeds, make_session, run_session  # noqa: F401
+from lora_deploy.modeling.unmerged import choose_prefix, layer_kind
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -201,8 +201,8 @@ def check_output_path(path: Path) -> None:
 def load_model(model_dir: str | os.PathLike, task: str) -> tuple[nn.Module, str, list[str], str]:
     """The base model as export.py loads it (float32, eval, eager attention), so dynamic
     and merged graphs are built alike; returns (model, task, input names, output name)."""
-    from .export import TASK_OUTPUT, load_config, load_for_task, resolve_task
-    from .samples import model_input_names
+    from lora_deploy.export.model import TASK_OUTPUT, load_config, load_for_task, resolve_task
+    from lora_deploy.modeling.samples import model_input_names
 
     config = load_config(model_dir)
     task = resolve_task(task, config)

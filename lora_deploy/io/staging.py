@@ -26,8 +26,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CheckpointError
-from .util import signal_handlers
+from lora_deploy.errors import CheckpointError
+from lora_deploy.util import signal_handlers
 
 try:
     import fcntl

@@ -20,16 +20,16 @@ from typing import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import __version__
-from .adapter import Adapter, load_adapter
-from .arrays import all_finite
-from .checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
-from .stream import BinaryFile, CheckpointStream, OutputTensor, file_sha256, tensor_bytes, write_checkpoint
-from .delta import lora_norm, merged_bias, merged_weight
-from .errors import BadInputError, NonFiniteError
-from .staging import staging_dir
-from .targets import MergePlan, Target, plan_merge
-from .util import library_versions
+from lora_deploy import __version__
+from lora_deploy.adapter.read import Adapter, load_adapter
+from lora_deploy.arrays import all_finite
+from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
+from lora_deploy.io.stream import BinaryFile, CheckpointStream, OutputTensor, file_sha256, tensor_bytes, write_checkpoint
+from lora_deploy.merge.delta import lora_norm, merged_bias, merged_weight
+from lora_deploy.errors import BadInputError, NonFiniteError
+from lora_deploy.io.staging import staging_dir
+from lora_deploy.adapter.plan import MergePlan, Target, plan_merge
+from lora_deploy.util import library_versions
 
 MANIFEST_FILE = "merge-manifest.json"
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExportError
-from .staging import staging_dir
-from .util import first_line
+from lora_deploy.errors import ExportError
+from lora_deploy.io.staging import staging_dir
+from lora_deploy.util import first_line
 
 # ONNX files are protobufs, capped at 2 GiB including the graph. Switch to
 # external data a little before the cap so the graph itself always fits.

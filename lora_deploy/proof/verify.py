@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter import Adapter, load_adapter
-from .arrays import all_finite
-from .checkpoint import Checkpoint
-from .delta import merged_bias, merged_weight
-from .errors import BadInputError, NotEquivalentError
-from .targets import plan_merge
+from lora_deploy.adapter.read import Adapter, load_adapter
+from lora_deploy.arrays import all_finite
+from lora_deploy.io.checkpoint import Checkpoint
+from lora_deploy.merge.delta import merged_bias, merged_weight
+from lora_deploy.errors import BadInputError, NotEquivalentError
+from lora_deploy.adapter.plan import plan_merge
 
 # Output tolerances by the dtype the merged weights are stored in: the merged model is
 # run in float32, so what differs from the reference is one rounding of each weight.
@@ -247,10 +247,10 @@ def compare_weight(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> 
 
 
 def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rtol, batch, seq, seed, task) -> list[Check]:
-    from .export import wrap_checkpoint
-    from .runners import TorchRunner
-    from .samples import sample_inputs
-    from .unmerged import attach
+    from lora_deploy.export.model import wrap_checkpoint
+    from lora_deploy.backends.base import TorchRunner
+    from lora_deploy.modeling.samples import sample_inputs
+    from lora_deploy.modeling.unmerged import attach
 
     default_atol, default_rtol = OUTPUT_TOLERANCE[dtype]
     tol = (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
@@ -270,7 +270,7 @@ def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rt
         candidates.update(dynamic_outputs(graphs, feed))
     multi = None
     if graphs.multi is not None:
-        from .multi import MultiSession
+        from lora_deploy.export.multi import MultiSession
 
         multi = MultiSession(graphs.multi)  # loaded once for the per-adapter and mixed-batch checks
         candidates.update(multi_outputs(multi, graphs, feed))
@@ -306,7 +306,7 @@ def run_onnx_with_polygraphy(path: Path, feed: dict) -> dict:
     """The ONNX model in ONNX Runtime, through polygraphy's loader and runner."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
-    from .runners import ort_errors
+    from lora_deploy.backends.base import ort_errors
 
     quiet_polygraphy()
     try:
@@ -334,7 +334,7 @@ def dynamic_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
     """The dynamic graph with the adapter active, and with none (must be the base)."""
     import tempfile
 
-    from .dynamic import DynamicSession, pack_adapter
+    from lora_deploy.export.dynamic import DynamicSession, pack_adapter
 
     session = DynamicSession(graphs.dynamic)
     with tempfile.TemporaryDirectory() as tmp:

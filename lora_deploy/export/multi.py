@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter import Adapter, load_adapter
-from .dynamic import (
+from lora_deploy.adapter.read import Adapter, load_adapter
+from lora_deploy.export.dynamic import (
     EXAMPLE_BATCH,
     EXAMPLE_RANK,
     METADATA_KEY,
@@ -53,9 +53,9 @@ from .dynamic import (
     small_random,
     split_lora_name,
 )
-from .errors import BadInputError
-from .sessions import check_feeds, make_session, run_session
-from .unmerged import choose_prefix
+from lora_deploy.errors import BadInputError
+from lora_deploy.backends.onnxrt.sessions import check_feeds, make_session, run_session
+from lora_deploy.modeling.unmerged import choose_prefix
 
 IDS_INPUT = "adapter_ids"
 A_BANK = ".lora_A.bank"

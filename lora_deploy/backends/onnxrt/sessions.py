@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AdapterError, BadInputError
-from .util import first_line
+from lora_deploy.errors import AdapterError, BadInputError
+from lora_deploy.util import first_line
 
 # ONNX Runtime type strings of the float inputs a LoRA graph has -> our dtype names.
 ONNX_FLOAT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
@@ -100,7 +100,7 @@ class DynamicSession:
         except Exception as exc:  # a corrupt flatbuffer
             raise AdapterError(f"{path}: not an ONNX Runtime adapter file ({first_line(exc, 200)})") from None
         shapes = {n: (list(v.shape()), ONNX_FLOAT_TYPES.get(v.data_type(), v.data_type())) for n, v in params.items()}
-        from .dynamic import check_parameters  # dynamic.py imports this module
+        from lora_deploy.export.dynamic import check_parameters  # dynamic.py imports this module
 
         check_parameters(shapes, self.overridable, path, self.path.name)
         adapter = ort.LoraAdapter()

@@ -268,7 +268,7 @@ class TorchRunner(Runner):
         import torch
         from torch import nn
 
-        from lora_deploy import export
+        from lora_deploy.export import model as export
 
         if isinstance(self.source, (str, os.PathLike)):
             self.module = export.wrap_checkpoint(self.source, self.task, self.dtype or "float32")
@@ -302,7 +302,7 @@ class TorchRunner(Runner):
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from lora_deploy.export import flatten_outputs
+        from lora_deploy.export.model import flatten_outputs
 
         tensors = {name: torch.from_numpy(np.ascontiguousarray(array)).to(self.device) for name, array in feed.items()}
         with torch.inference_mode():

@@ -25,7 +25,7 @@ import numpy as np
 from lora_deploy import __version__
 from lora_deploy.util import write_file_atomic
 from lora_deploy.errors import BadInputError
-from lora_deploy.stats import (
+from lora_deploy.bench.stats import (
     GateResult,
     bootstrap_median_ci,
     overhead_gate,
