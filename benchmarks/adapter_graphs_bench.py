@@ -30,10 +30,12 @@ import torch
 from safetensors.torch import save_file
 
 from lora_deploy.bench.run import run_bench
-from lora_deploy.export.dynamic import DynamicSession, export_dynamic, pack_adapter
+from lora_deploy.backends.onnxrt.lora_format import pack_adapter
+from lora_deploy.backends.onnxrt.sessions import DynamicSession, MultiSession
+from lora_deploy.export.dynamic import export_dynamic
 from lora_deploy.export.model import export_checkpoint
 from lora_deploy.merge.streaming import merge
-from lora_deploy.export.multi import MultiSession, export_multi
+from lora_deploy.export.multi import export_multi
 from lora_deploy.bench.report import machine_info, plot, to_markdown, write_json
 from lora_deploy.modeling.samples import sample_inputs
 from lora_deploy.bench.stats import bootstrap_median_ci

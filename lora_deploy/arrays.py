@@ -11,12 +11,17 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-# dtypes numpy lacks natively, and the same-width integer each is viewed through.
-_VIEWS = {
-    np.dtype(ml_dtypes.bfloat16): ("bfloat16", np.int16),
-    np.dtype(ml_dtypes.float8_e4m3fn): ("float8_e4m3fn", np.uint8),
-    np.dtype(ml_dtypes.float8_e5m2): ("float8_e5m2", np.uint8),
-}
+from lora_deploy.dtypes import BY_NAME, of_numpy
+
+
+def _needs_view(np_dtype: np.dtype) -> bool:
+    """ml_dtypes' types (bfloat16, float8): numpy user-defined dtypes (isbuiltin 2), which
+    torch.from_numpy refuses; they cross as the same-width integer and are viewed back."""
+    return np_dtype.isbuiltin == 2
+
+
+def _carrier(np_dtype: np.dtype) -> np.dtype:
+    return np.dtype(f"int{8 * np_dtype.itemsize}")
 
 
 def to_torch(array: np.ndarray):
@@ -26,9 +31,8 @@ def to_torch(array: np.ndarray):
     array = np.ascontiguousarray(array).reshape(np.shape(array))  # ascontiguousarray makes 0-d arrays 1-d
     if not array.flags.writeable:  # torch tensors are always writable
         array = array.copy()
-    if array.dtype in _VIEWS:
-        name, carrier = _VIEWS[array.dtype]
-        return torch.from_numpy(array.view(carrier)).view(getattr(torch, name))
+    if _needs_view(array.dtype):
+        return torch.from_numpy(array.view(_carrier(array.dtype))).view(of_numpy(array.dtype).torch())
     return torch.from_numpy(array)
 
 
@@ -37,9 +41,9 @@ def from_torch(tensor) -> np.ndarray:
     import torch
 
     t = tensor.detach().cpu().contiguous()
-    for np_dtype, (name, carrier) in _VIEWS.items():
-        if t.dtype == getattr(torch, name):
-            return t.view(getattr(torch, np.dtype(carrier).name)).numpy().view(np_dtype)
+    row = BY_NAME.get(str(t.dtype).removeprefix("torch."))
+    if row is not None and _needs_view(row.numpy):
+        return t.view(getattr(torch, _carrier(row.numpy).name)).numpy().view(row.numpy)
     return t.numpy()
 
 

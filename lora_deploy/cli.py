@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from lora_deploy import __version__
-from lora_deploy.errors import LoraDeployError
+from lora_deploy.errors import InternalError, LoraDeployError
 from lora_deploy.util import signal_handlers
 
 directory = click.Path(exists=False, file_okay=False, path_type=Path)  # existence is checked by the API, in one line
@@ -59,7 +59,7 @@ def run_guarded(fn):
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
             click.echo(f"error: unexpected {type(exc).__name__}: {first[:300]} (rerun with --debug)", err=True)
-            sys.exit(2)
+            sys.exit(InternalError.exit_code)  # not 2: nothing says the input was at fault
 
     return wrapper
 
@@ -194,7 +194,7 @@ def print_checks(result) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    from lora_deploy.util import write_file_atomic
+    from lora_deploy.io.staging import write_file_atomic
 
     text = json.dumps(data, indent=2, default=str) + "\n"
     write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
@@ -356,7 +356,7 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_j
 @run_guarded
 def pack(adapter, out, onnx_path) -> None:
     """Write ADAPTER in ONNX Runtime's adapter format for a dynamic-adapter graph."""
-    from lora_deploy.export.dynamic import pack_adapter
+    from lora_deploy.backends.onnxrt.lora_format import pack_adapter
 
     path = pack_adapter(adapter, out, onnx_path=onnx_path)
     click.echo(f"packed {adapter} into {path} ({path.stat().st_size / 1e3:.1f} kB); scaling folded into B")

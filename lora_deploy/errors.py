@@ -1,4 +1,9 @@
-"""Typed errors. The CLI turns each into one line and an exit code."""
+"""Typed errors. The CLI turns each into one line and an exit code:
+
+0 success; 1 not equivalent, or a gate failed; 2 bad input (BadInputError, and
+ExportError); 3 neither: an output could not be written (OutputError) or a bug
+(InternalError, and any unexpected exception).
+"""
 
 
 class LoraDeployError(Exception):
@@ -21,6 +26,19 @@ class CheckpointError(BadInputError):
 
 class NonFiniteError(BadInputError):
     """NaN or Inf in the adapter or in a merged tensor."""
+
+
+class OutputError(LoraDeployError):
+    """Writing an output failed though the input was fine: disk full, an I/O error, a
+    read-only file system, no permission, an output locked by another run."""
+
+    exit_code = 3
+
+
+class InternalError(LoraDeployError):
+    """A bug in lora-deploy: something it relies on of its own code did not hold."""
+
+    exit_code = 3
 
 
 class ExportError(LoraDeployError):

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
-from pathlib import Path
-from typing import IO
 
 
 def first_line(err: BaseException, limit: int | None = None) -> str:
@@ -36,33 +32,6 @@ def library_versions(names: Iterable[str]) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def write_file_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write via a temp file in the same directory, then os.replace it into place.
-
-    A reader sees the old file or the whole new one, never a half-written file; an error
-    (or Ctrl-C) leaves no temp file behind. Unwritable destinations are bad input.
-    """
-    from lora_deploy.errors import BadInputError
-
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as e:
-        raise BadInputError(f"cannot write {target}: {e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; reports are for sharing
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 @contextlib.contextmanager

@@ -249,7 +249,7 @@ def test_write_error_is_one_line_and_leaves_nothing(llama, tmp_path, monkeypatch
     base, adapter = llama
     out = tmp_path / "out"
     result = run_cli("merge", base, adapter, "-o", out)
-    assert result.exit_code != 0
+    assert result.exit_code == 3  # a failed write, not bad input
     assert "No space left on device" in result.output and result.output.count("\n") == 1
     assert f"{out}/model.safetensors" in result.output  # OUT named, not the hidden staging dir
     assert "Traceback" not in result.output
@@ -285,7 +285,22 @@ def test_writer_thread_failure_is_reported_not_hidden(llama, tmp_path, monkeypat
     monkeypatch.setattr(stream_module.os, "copy_file_range", broken)
     out = tmp_path / "out"
     result = run_cli("merge", *llama, "-o", out)
-    assert result.exit_code == 2 and "cannot write" in result.output and result.output.count("\n") == 1
+    assert result.exit_code == 3 and "cannot write" in result.output and result.output.count("\n") == 1
+    assert not out.exists()
+
+
+def test_an_unexpected_error_is_not_bad_input(llama, tmp_path, monkeypatch):
+    """A bug says so in one line and exits 3: nothing says the input was at fault."""
+    import lora_deploy.merge.streaming as merge_module
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(merge_module, "load_adapter", bug)
+    out = tmp_path / "out"
+    result = run_cli("merge", *llama, "-o", out)
+    assert result.exit_code == 3 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: unexpected ValueError") and "--debug" in result.stderr
     assert not out.exists()
 
 

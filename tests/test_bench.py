@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from lora_deploy.backends import registry
 from lora_deploy.bench import run as bench
 from lora_deploy.errors import BadInputError
 from lora_deploy.export.model import export_checkpoint
@@ -159,7 +160,7 @@ def test_torch_bench_with_unmerged_variant(llama):
     outputs = {}
     cases = (("base", base_dir, None), ("merged", merged_dir, None), ("unmerged", base_dir, adapter_dir))
     for name, path, adapter in cases:
-        variant = bench.make_runner(name, path, "torch", adapter=adapter)
+        variant = registry.open_timed(name, path, "torch", adapter=adapter)
         outputs[name] = variant.runner.infer(feed)["logits"]
         variant.close()
     assert not np.allclose(outputs["base"], outputs["merged"], atol=1e-4)
@@ -171,7 +172,7 @@ def test_dynamic_adapter_is_active_every_run(tmp_path):
     adapter = ort_adapter(tmp_path / "a.onnx_adapter", w=np.ones(4))
     report = bench.run_bench({"base": graph, "dynamic": graph}, adapters={"dynamic": adapter}, shapes="2x4", **FEW)
     assert report["config"]["variants"]["dynamic"]["adapter"] == str(adapter)
-    variant = bench.make_runner("dynamic", graph, "onnxruntime", adapter=adapter)
+    variant = registry.open_timed("dynamic", graph, "onnxruntime", adapter=adapter)
     feed = bench.variant_feed(variant, bench.shared_feed([variant.runner.input_metadata()], (2, 4), 0), 2)
     logits = variant.runner.infer(feed)["logits"]
     np.testing.assert_allclose(logits, feed["input_ids"] * feed["attention_mask"] + 4.0)
@@ -181,7 +182,7 @@ def test_dynamic_adapter_is_active_every_run(tmp_path):
 def test_multi_adapter_graph_gets_adapter_ids(tmp_path):
     multi = tiny_graph(tmp_path / "multi.onnx", multi=True)
     plain = tiny_graph(tmp_path / "plain.onnx")
-    variants = {n: bench.make_runner(n, p, "onnxruntime") for n, p in (("base", plain), ("multi", multi))}
+    variants = {n: registry.open_timed(n, p, "onnxruntime") for n, p in (("base", plain), ("multi", multi))}
     try:
         shared = bench.shared_feed([v.runner.input_metadata() for v in variants.values()], (4, 3), 0)
         feeds = {n: bench.variant_feed(v, shared, 4) for n, v in variants.items()}
@@ -250,8 +251,8 @@ def test_bad_plans_fail_before_loading(pair, tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("nothing may be loaded for bad input")
 
-    monkeypatch.setitem(bench.BACKENDS, "onnxruntime",
-                        bench.Backend(bench.BACKENDS["onnxruntime"].model, bench.BACKENDS["onnxruntime"].adapter,
+    monkeypatch.setitem(registry.BACKENDS, "onnxruntime",
+                        registry.Backend(registry.BACKENDS["onnxruntime"].model, registry.BACKENDS["onnxruntime"].adapter,
                                       no_loading))
     cases = [
         ({"base": tmp_path / "missing.onnx"}, {}, "not found"),

@@ -18,10 +18,12 @@ import transformers
 from onnx import helper, numpy_helper
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from lora_deploy.export.dynamic import DynamicSession, export_dynamic, pack_adapter, resolve_slots
+from lora_deploy.backends.onnxrt.lora_format import pack_adapter
+from lora_deploy.backends.onnxrt.sessions import DynamicSession, MultiSession
+from lora_deploy.export.dynamic import export_dynamic, resolve_slots
 from lora_deploy.errors import AdapterError, BadInputError
 from lora_deploy.merge.streaming import merge
-from lora_deploy.export.multi import MultiSession, export_multi
+from lora_deploy.export.multi import export_multi
 
 ATOL = 1e-4
 
@@ -409,7 +411,7 @@ def test_mismatched_ranks_in_an_adapter_file_are_refused(llama, tmp_path):
 
 
 def test_lora_bias_needs_a_graph_with_bias_inputs():
-    from lora_deploy.export.dynamic import check_parameters
+    from lora_deploy.backends.onnxrt.lora_format import check_parameters
 
     graph = {"m.lora_A.weight": ([8, "rank_m"], "float32"), "m.lora_B.weight": (["rank_m", 4], "float32")}
     params = {"m.lora_A.weight": ([8, 2], "float32"), "m.lora_B.weight": ([2, 4], "float32"),

@@ -31,15 +31,10 @@ from transformers import (
 
 from lora_deploy.export import model as export_mod
 from lora_deploy.errors import BadInputError, CheckpointError, ExportError
-from lora_deploy.export.model import (
-    TASKS,
-    ExportResult,
-    detect_task,
-    export_checkpoint,
-    export_module,
-    load_for_task,
-)
-from lora_deploy.modeling.samples import model_input_names, sample_inputs
+from lora_deploy.export.model import ExportResult, export_checkpoint, export_module
+from lora_deploy.modeling.hf import load_for_task
+from lora_deploy.modeling.samples import sample_inputs
+from lora_deploy.modeling.tasks import TASKS, detect_task, model_input_names
 
 VOCAB = 128
 

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel
 
 from lora_deploy.errors import BadInputError
 from lora_deploy.export.model import export_checkpoint, export_module
-from lora_deploy.backends.base import OnnxrtRunner, Runner, TorchRunner, check_feed
+from lora_deploy.backends import OnnxrtRunner, Runner, TorchRunner, check_feed
 from lora_deploy.modeling.samples import sample_inputs
 
 

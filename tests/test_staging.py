@@ -4,6 +4,7 @@ while a live run's staging directory is left alone."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -16,7 +17,10 @@ import pytest
 
 from lora_deploy.merge.streaming import merge
 import lora_deploy.io.staging as staging
-from lora_deploy.io.staging import HOST, lock, remove_dead_siblings, staging_dir, unlock
+from lora_deploy.errors import BadInputError, InternalError, OutputError
+from lora_deploy.io.staging import (
+    HOST, lock, remove_dead_siblings, staging_dir, unlock, write_file_atomic, write_path_atomic,
+)
 
 # Runs the CLI merge with a merge step that announces itself and then waits to be
 # signalled, so the signal lands mid-merge with the staging directory half written.
@@ -207,7 +211,7 @@ def test_a_failed_swap_keeps_the_old_output_and_says_so(old_output, monkeypatch)
         real(src, dst)
 
     monkeypatch.setattr(staging.os, "replace", refuse_new)
-    with pytest.raises(staging.CheckpointError, match="cannot move the output into place"):
+    with pytest.raises(staging.OutputError, match="cannot move the output into place"):
         write_new_output(target)
     assert (target / "old").read_text() == "old" and not hidden_siblings(target)
 
@@ -217,7 +221,7 @@ def test_an_output_another_run_holds_is_not_swapped(old_output, monkeypatch):
     monkeypatch.setattr(staging, "LOCK_WAIT_S", 0.2)
     held = lock(target)  # as a run that has just renamed its output into place holds it
     try:
-        with pytest.raises(staging.CheckpointError, match="locked by another run"):
+        with pytest.raises(staging.OutputError, match="locked by another run"):
             write_new_output(target)
     finally:
         unlock(held)
@@ -233,3 +237,121 @@ def test_an_output_swapped_out_by_a_killed_run_is_put_back(tmp_path):
         (d / "file").write_text(text)
     remove_dead_siblings(target)
     assert (target / "file").read_text() == "old" and not hidden_siblings(target)
+
+
+# Writes one file through write_file_atomic, announcing itself mid-write and then waiting
+# to be killed.
+SLOW_FILE_WRITE = textwrap.dedent("""
+    import sys, time
+    from lora_deploy.io.staging import write_file_atomic
+    def write(f):
+        f.write(b"half")
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+    write_file_atomic(sys.argv[1], write)
+""")
+
+
+@pytest.fixture
+def old_file(tmp_path) -> Path:
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    return target
+
+
+def test_a_killed_file_write_is_cleaned_up_by_the_next(old_file):
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_FILE_WRITE, str(old_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+    proc.kill()  # SIGKILL: its staging directory stays, unlocked
+    proc.communicate(timeout=60)
+    [leftover] = hidden_siblings(old_file)
+    assert (leftover / old_file.name).read_bytes() == b"half"
+    assert old_file.read_text() == "old"
+    write_file_atomic(old_file, lambda f: f.write(b"new"))
+    assert old_file.read_text() == "new" and not hidden_siblings(old_file)
+
+
+def test_a_live_file_write_is_not_disturbed(old_file):
+    with staging_dir(old_file, rename=False) as live:  # as another run's write in progress
+        write_file_atomic(old_file, lambda f: f.write(b"new"))
+        assert live.exists()
+    assert old_file.read_text() == "new" and not hidden_siblings(old_file)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("bug"), KeyboardInterrupt()])
+def test_a_failed_file_write_leaves_the_old_file_and_nothing_else(old_file, error):
+    def fail(f):
+        f.write(b"half")
+        raise error
+
+    with pytest.raises(type(error)):
+        write_file_atomic(old_file, fail)
+    assert old_file.read_text() == "old" and not hidden_siblings(old_file)
+
+
+def test_a_failed_first_write_leaves_no_file(tmp_path):
+    target = tmp_path / "sub" / "x.json"
+
+    def fail(f):
+        raise RuntimeError("bug")
+
+    with pytest.raises(RuntimeError):
+        write_file_atomic(target, fail)
+    assert not target.exists() and not hidden_siblings(target)
+
+
+def test_disk_full_is_an_output_error_naming_the_target(old_file):
+    def disk_full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match="No space left") as info:
+        write_file_atomic(old_file, disk_full)
+    assert not isinstance(info.value, BadInputError) and info.value.exit_code == 3
+    assert str(info.value).startswith(f"{old_file}: ")  # not the hidden staging path
+    assert old_file.read_text() == "old" and not hidden_siblings(old_file)
+
+
+def test_our_errors_from_a_path_writer_name_the_target(tmp_path):
+    target = tmp_path / "x.onnx_adapter"
+
+    def fail(staged):
+        raise OutputError(f"{staged}: cannot write (Input/output error)")
+
+    with pytest.raises(OutputError) as info:
+        write_path_atomic(target, fail)
+    assert str(info.value) == f"{target}: cannot write (Input/output error)"
+
+
+def test_a_path_writer_that_writes_nothing_is_a_bug(tmp_path):
+    target = tmp_path / "x.onnx_adapter"
+    with pytest.raises(InternalError):
+        write_path_atomic(target, lambda staged: None)
+    assert not target.exists() and not hidden_siblings(target)
+
+
+def test_a_path_writer_output_is_renamed_into_place(old_file):
+    assert write_path_atomic(old_file, lambda staged: staged.write_text("new")) == old_file
+    assert old_file.read_text() == "new" and not hidden_siblings(old_file)
+
+
+def test_durable_writes_land_whole(old_file):
+    write_file_atomic(old_file, lambda f: f.write(b"new"), durable=True)
+    assert old_file.read_text() == "new" and not hidden_siblings(old_file)
+
+
+def test_a_path_of_the_wrong_shape_is_bad_input(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    for target in (tmp_path / "file" / "x.json", tmp_path / "dir"):
+        with pytest.raises(BadInputError):
+            write_file_atomic(target, lambda f: f.write(b"new"))
+    with pytest.raises(BadInputError):  # a directory output under a file
+        write_new_output(tmp_path / "file" / "out")
+    assert (tmp_path / "file").read_text() == "x" and not any((tmp_path / "dir").iterdir())
+
+
+def test_write_errors_are_not_bad_input():
+    for kind in (OutputError, InternalError):
+        assert kind.exit_code == 3 and not issubclass(kind, BadInputError)

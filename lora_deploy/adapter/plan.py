@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lora_deploy.adapter.read import Adapter, LoraModule
+from lora_deploy.adapter.read import Adapter, LoraModule, weight_shape
 from lora_deploy.io.checkpoint import FLOAT_DTYPES, Checkpoint
-from lora_deploy.merge.delta import weight_shape
 from lora_deploy.errors import AdapterError
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ class Target:
 
     module: LoraModule
     weight_key: str
-    kind: str  # see delta.KINDS
+    kind: str  # see adapter.read.KINDS
     bias_key: str | None = None  # set when the module carries a lora_B bias
     delta_norm: float | None = None  # ||W - W0||, filled in by the merge for the manifest
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_deploy.adapter.variants import check_config, describe
 from lora_deploy.arrays import all_finite, from_torch
 from lora_deploy.errors import AdapterError, NonFiniteError
 from lora_deploy.util import first_line
@@ -27,23 +28,12 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 SAVED_PREFIX = "base_model.model."
 
-# Initialisations that rewrite the base weights during training: the adapter is only
-# correct on that rewritten base, which the user's base checkpoint is not.
-BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
-# Config fields that turn on behaviour a plain additive merge cannot represent.
-UNMERGEABLE_FIELDS = {
-    "layer_replication": "layer_replication duplicates base layers",
-    "target_parameters": "target_parameters adapts raw nn.Parameters (MoE experts)",
-    "alora_invocation_tokens": "activated LoRA applies only after invocation tokens and cannot be merged",
-    "trainable_token_indices": "trainable_token_indices (trainable tokens) is not supported yet",
-    "use_qalora": "QA-LoRA adapters target quantized bases",
-    "arrow_config": "Arrow routing mixes several adapters per token",
-    "monteclora_config": "MonteCLoRA samples its weights",
-    "use_bdlora": "block-diagonal LoRA is not supported yet",
-    "lora_ga_config": "LoRA-GA initialisation rewrites the base weights",
-    "velora_config": "VeLoRA is not supported yet",
-    "kasa_config": "KaSA is not supported yet",
-}
+# How a base weight is laid out relative to the LoRA product B @ A:
+#   linear      [out, in]            (nn.Linear)
+#   transposed  [in, out]            (GPT-2's Conv1D; PEFT's fan_in_fan_out)
+#   embedding   [num_embeddings, dim]
+#   conv        [out, in, *kernel]   (nn.Conv1d/2d/3d, groups=1)
+KINDS = ("linear", "transposed", "embedding", "conv")
 
 
 @dataclass(frozen=True)
@@ -131,19 +121,8 @@ class Adapter:
 
     @property
     def variant(self) -> str:
-        """A short description such as "lora", "rslora+dora", "lora+bias"."""
-        parts = ["rslora" if self.config.use_rslora else "lora"]
-        if self.config.use_dora:
-            parts.append("dora")
-        if self.config.lora_bias:
-            parts.append("lora_bias")
-        if self.config.rank_pattern or self.config.alpha_pattern:
-            parts.append("patterns")
-        if any(m.embedding for m in self.modules.values()):
-            parts.append("embedding")
-        if self.replacements:
-            parts.append("modules_to_save")
-        return "+".join(parts)
+        """A short description such as "lora", "rslora+dora", "lora+lora_bias"."""
+        return describe(self)
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
@@ -168,7 +147,8 @@ def read_config(root: Path) -> AdapterConfig:
         raise AdapterError(f"{path}: unreadable ({exc})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: not a JSON object")
-    refuse_unsupported(raw, path)
+    check_config(raw, path)
+    check_numbers(raw, path)
     try:
         return AdapterConfig(
             r=int(raw.get("r", 8)),
@@ -187,24 +167,6 @@ def read_config(root: Path) -> AdapterConfig:
         )
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{path}: malformed LoRA config ({exc})") from None
-
-
-def refuse_unsupported(raw: dict, path: Path) -> None:
-    peft_type = str(raw.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterError(f"{path}: adapter type {peft_type} is not LoRA; lora-deploy handles LoRA adapters only")
-    init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
-        raise AdapterError(
-            f"{path}: init_lora_weights={init!r} rewrote the base weights during training; "
-            "this adapter is only valid on that rewritten base (convert it to a plain LoRA first)"
-        )
-    if raw.get("loftq_config"):
-        raise AdapterError(f"{path}: LoftQ adapters are only valid on their LoftQ-initialised base")
-    for key, why in UNMERGEABLE_FIELDS.items():
-        if raw.get(key):
-            raise AdapterError(f"{path}: unsupported adapter: {why}")
-    check_numbers(raw, path)
 
 
 def check_numbers(raw: dict, path: Path) -> None:
@@ -234,8 +196,8 @@ def read_tensors(root: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, as writable arrays over one buffer."""
-    from lora_deploy.io.checkpoint import as_array, read_header
     from lora_deploy.errors import CheckpointError
+    from lora_deploy.io.checkpoint import as_array, read_header
 
     try:
         infos, _ = read_header(path)  # validates the header and byte ranges, naming truncation
@@ -361,3 +323,13 @@ def check_finite(modules: dict[str, LoraModule], replacements: dict[str, np.ndar
     for name, t in replacements.items():
         if not all_finite(t):
             raise NonFiniteError(f"{root}: NaN or Inf in {name}")
+
+
+def weight_shape(module: LoraModule, kind: str) -> tuple[int, ...]:
+    """The shape of the base weight this module's factors fit."""
+    out_f, in_f = module.b.shape[0], module.a.shape[1]
+    if kind == "linear":
+        return (out_f, in_f)
+    if kind in ("transposed", "embedding"):
+        return (in_f, out_f)
+    return (out_f, in_f, *module.a.shape[2:])

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lora_deploy import __version__
-from lora_deploy.util import write_file_atomic
+from lora_deploy.io.staging import write_file_atomic
 from lora_deploy.errors import BadInputError
 from lora_deploy.bench.stats import (
     GateResult,

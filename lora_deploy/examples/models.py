@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from lora_deploy.dtypes import BY_NAME
+
 FAMILIES = ("llama", "gpt2", "bert")
 
 VARIANTS = (
@@ -36,11 +38,8 @@ VARIANTS = (
     "all_linear",
 )
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+# Base checkpoint dtypes (names in lora_deploy.dtypes).
+DTYPES = ("float32", "float16", "bfloat16")
 
 # Model vocabulary. The tokenizer below only uses the first ~100 ids (special
 # tokens plus printable ASCII); the rest are valid but unused, as in real
@@ -100,7 +99,7 @@ def build_base(
     out = Path(out_dir)
     with _seeded(seed):
         model = _new_model(family)
-    model = model.to(DTYPES[dtype]).eval()
+    model = model.to(BY_NAME[dtype].torch()).eval()
     save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, **save_kwargs)
     _build_tokenizer(family).save_pretrained(out)

@@ -39,7 +39,6 @@ import json
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,22 +47,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_deploy.export import graph as onnx_graph
 from lora_deploy.adapter.read import Adapter, LoraModule, load_adapter
-from lora_deploy.merge.delta import f32
-from lora_deploy.errors import AdapterError, BadInputError, ExportError, NonFiniteError
-# The runtime side lives in sessions.py; re-exported so `from lora_deploy.export.dynamic import
-# DynamicSession` keeps working. sessions.py imports nothing from here at load time.
-from lora_deploy.backends.onnxrt.sessions import ONNX_FLOAT_TYPES, DynamicSession, check_dims, check_feeds, make_session, run_session  # noqa: F401
+from lora_deploy.adapter.variants import refuse_non_additive
+from lora_deploy.backends.onnxrt.lora_format import A_SUFFIX, B_SUFFIX, BIAS_SUFFIX, check_output_file, split_lora_name
+from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
+from lora_deploy.backends.onnxrt.sessions import METADATA_KEY
+from lora_deploy.compare import require_close
+from lora_deploy.errors import AdapterError, BadInputError, ExportError
+from lora_deploy.export import graph as onnx_graph
+from lora_deploy.modeling.hf import load_for_task
+from lora_deploy.modeling.tasks import TASK_OUTPUT, load_config, model_input_names, resolve_task
 from lora_deploy.modeling.unmerged import choose_prefix, layer_kind
 
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
-BIAS_SUFFIX = ".lora_B.bias"
-METADATA_KEY = "lora_deploy"
 FORMAT_VERSION = 1
-
-PACK_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Example sizes for tracing; none may be 0 or 1 (the exporter would specialise them)
 # and they differ from each other so no two dynamic dimensions look related.
 EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_RANK = 2, 5, 3
@@ -152,12 +148,12 @@ def export_dynamic(
     """
     start = time.perf_counter()
     path = Path(path)
-    check_output_path(path)
+    check_output_file(path)
     if isinstance(adapters, (str, os.PathLike)):  # one directory, not its characters
         adapters = [adapters]
     loaded = [load_adapter(d) for d in adapters]
     for adapter in loaded:
-        check_additive(adapter)
+        refuse_non_additive(adapter)
     if not loaded and not targets:
         raise BadInputError("nothing to target: give adapters or targets (e.g. ['q_proj', 'v_proj'])")
     model, task, inputs, output = load_model(model_dir, task)
@@ -172,38 +168,9 @@ def export_dynamic(
     return graph
 
 
-def check_additive(adapter: Adapter) -> None:
-    """Refuse what is not an additive low-rank term on a layer's input."""
-    where = adapter.path
-    if adapter.config.use_dora:
-        raise AdapterError(f"{where}: DoRA cannot be expressed as an additive low-rank input (merge it instead)")
-    embedded = next((m.name for m in adapter.modules.values() if m.embedding), None)
-    if embedded is not None:
-        raise AdapterError(
-            f"{where}: embedding LoRA on {embedded} cannot be expressed as an additive low-rank input "
-            "(merge it instead)"
-        )
-    if adapter.replacements:
-        first = sorted(adapter.replacements)[0]
-        raise AdapterError(
-            f"{where}: the adapter replaces base tensors ({first}, modules_to_save or trained bias); "
-            "that cannot be expressed as an additive low-rank input (merge it instead)"
-        )
-
-
-def check_output_path(path: Path) -> None:
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory; give a file path")
-    if not path.parent.is_dir():
-        raise BadInputError(f"{path.parent}: directory does not exist")
-
-
 def load_model(model_dir: str | os.PathLike, task: str) -> tuple[nn.Module, str, list[str], str]:
     """The base model as export.py loads it (float32, eval, eager attention), so dynamic
     and merged graphs are built alike; returns (model, task, input names, output name)."""
-    from lora_deploy.export.model import TASK_OUTPUT, load_config, load_for_task, resolve_task
-    from lora_deploy.modeling.samples import model_input_names
-
     config = load_config(model_dir)
     task = resolve_task(task, config)
     model = load_for_task(model_dir, task, "float32")
@@ -366,12 +333,12 @@ def build_graph(wrapper: LoraExport, graph: DynamicGraph, lora: list[torch.Tenso
 
     def prove(tmp: Path) -> None:
         try:
-            session = make_session(tmp, None)
-            with_fed, with_default = (run_session(session, f)[graph.output] for f in (fed, feeds))
+            with OnnxrtRunner(tmp) as runner:
+                with_fed, with_default = (runner.infer(f)[graph.output] for f in (fed, feeds))
         except BadInputError as exc:  # here a failure of the export, not of the user's input
             raise ExportError(f"ONNX Runtime cannot run the exported graph: {exc}") from None
-        check_close(with_fed, expected_fed, "with LoRA inputs fed")
-        check_close(with_default, expected_default, "with default LoRA inputs")
+        require_close(with_fed, expected_fed, "float32", "with LoRA inputs fed")
+        require_close(with_default, expected_default, "float32", "with default LoRA inputs")
 
     onnx_graph.save_atomic(ir_model, graph.path, prove)
 
@@ -388,14 +355,6 @@ def example_inputs(names: list[str]) -> list[torch.Tensor]:
     if unknown:
         raise ExportError(f"no example values for model input(s) {', '.join(unknown)}")
     return [values[n] for n in names]
-
-
-def check_close(actual: np.ndarray, expected: np.ndarray, label: str) -> None:
-    """float32 parity between ONNX Runtime and PyTorch (the tolerance export.py uses)."""
-    atol, rtol = onnx_graph.TOLERANCES[torch.float32]
-    if actual.shape != expected.shape or not np.allclose(actual, expected, atol=atol, rtol=rtol):
-        worst = float(np.abs(actual - expected).max()) if actual.shape == expected.shape else float("nan")
-        raise ExportError(f"exported graph differs from PyTorch {label} (max abs error {worst:.3g})")
 
 
 def export_wrapper(wrapper: LoraExport, inputs: list[torch.Tensor], extra: list[torch.Tensor],
@@ -432,13 +391,6 @@ def default_value(name: str, graph: DynamicGraph) -> np.ndarray:
     return np.zeros((slot.out_features,), np.float32)
 
 
-def split_lora_name(name: str) -> tuple[str, str]:
-    for suffix in (A_SUFFIX, B_SUFFIX, BIAS_SUFFIX):
-        if name.endswith(suffix):
-            return name[: -len(suffix)], suffix
-    raise ValueError(f"{name!r} is not a LoRA input name")
-
-
 def finish_graph(ir_model, graph: DynamicGraph, lora_names: list[str], defaults: list[np.ndarray], kind: str,
                  model: nn.Module, extra_names: Sequence[str]) -> None:
     """Name inputs/outputs exactly, strip the wrapper prefix, add overridable defaults."""
@@ -463,172 +415,3 @@ def finish_graph(ir_model, graph: DynamicGraph, lora_names: list[str], defaults:
         g.register_initializer(value)  # also a graph input: ONNX Runtime may override it
     ir_model.metadata_props[METADATA_KEY] = json.dumps(graph.metadata(kind))
     ir_model.producer_name = "lora-deploy"
-
-
-# --------------------------------------------------------------------------
-# Reading a graph back
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class GraphInputs:
-    """Overridable inputs of a saved graph: name -> (dims, element type)."""
-
-    path: Path
-    overridable: dict[str, tuple[list, str]]
-
-
-def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
-    """Inputs that have a default initializer, read without loading the weights."""
-    import onnx
-
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise BadInputError(f"{onnx_path}: ONNX graph not found")
-    try:
-        proto = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # OSError, protobuf's DecodeError and friends
-        raise BadInputError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__})") from None
-    initialized = {t.name for t in proto.graph.initializer}
-    overridable = {}
-    for value in proto.graph.input:
-        if value.name in initialized:
-            tensor = value.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
-            overridable[value.name] = (dims, onnx_elem_type(tensor.elem_type))
-    return GraphInputs(onnx_path, overridable)
-
-
-def onnx_elem_type(elem_type: int) -> str:
-    import onnx
-
-    return {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}.get(elem_type, str(elem_type))
-
-
-# --------------------------------------------------------------------------
-# Packing adapters
-# --------------------------------------------------------------------------
-
-
-def pack_adapter(
-    adapter_dir: str | os.PathLike,
-    path: str | os.PathLike,
-    *,
-    onnx_path: str | os.PathLike | None = None,
-    dtype: str = "float32",
-) -> Path:
-    """Write a PEFT adapter as an ONNX Runtime adapter file (.onnx_adapter).
-
-    Parameters are named and oriented as the module docstring says, scaling folded into
-    B (and the lora_B bias). Layers the adapter does not target are absent and keep
-    their rank-0 defaults. With `onnx_path`, every name must be an overridable input of
-    that graph and fit its shape and dtype; adapter module paths are renamed to the
-    graph's (one leading component added or stripped) when needed.
-    """
-    import onnxruntime as ort
-
-    path = Path(path)
-    if dtype not in PACK_DTYPES:
-        raise BadInputError(f"unknown dtype {dtype!r} (choose {', '.join(PACK_DTYPES)})")
-    check_output_path(path)
-    adapter = load_adapter(adapter_dir)
-    check_additive(adapter)
-    params = adapter_parameters(adapter, PACK_DTYPES[dtype])
-    if onnx_path is not None:
-        params = fit_to_graph(params, adapter, read_graph_inputs(onnx_path), dtype)
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in params.items()})
-    write_atomic(path, lambda tmp: fmt.export_adapter(str(tmp)))
-    return path
-
-
-def adapter_parameters(adapter: Adapter, dtype) -> dict[str, np.ndarray]:
-    """A^T, (s B)^T and s bias per module, computed in float32 and rounded once."""
-    out = {}
-    for lora in adapter.modules.values():
-        scaling = np.float32(lora.scaling)
-        arrays = {
-            lora.name + A_SUFFIX: f32(lora.a).T,
-            lora.name + B_SUFFIX: (f32(lora.b) * scaling).T,
-        }
-        if lora.bias is not None:
-            arrays[lora.name + BIAS_SUFFIX] = f32(lora.bias) * scaling
-        for name, values in arrays.items():
-            array = np.ascontiguousarray(values.astype(dtype))
-            if not np.isfinite(array).all():
-                raise NonFiniteError(f"{adapter.path}: {name} overflows {np.dtype(dtype).name}")
-            out[name] = array
-    return out
-
-
-def fit_to_graph(params: dict[str, np.ndarray], adapter: Adapter, graph: GraphInputs,
-                 dtype: str) -> dict[str, np.ndarray]:
-    """Rename parameters to the graph's module paths and check shapes and dtype."""
-    modules = {split_lora_name(n)[0]: None for n in graph.overridable if n.endswith(A_SUFFIX)}
-    if not modules:
-        raise AdapterError(f"{graph.path}: the graph has no LoRA inputs (export it with export_dynamic)")
-    try:
-        rename = choose_prefix(list(adapter.modules), modules)
-    except AdapterError:
-        missing = first_unplaced(list(adapter.modules), modules)
-        raise AdapterError(
-            f"{adapter.path}: module {missing} has no LoRA input in {graph.path.name} "
-            "(adapter for another base, or a layer the graph was not exported to target)"
-        ) from None
-    out = {}
-    for name, array in params.items():
-        module, suffix = split_lora_name(name)
-        out[rename(module) + suffix] = array
-    shapes = {n: (list(a.shape), dtype) for n, a in out.items()}
-    check_parameters(shapes, graph.overridable, adapter.path, graph.path.name)
-    return out
-
-
-def first_unplaced(names: list[str], modules: Mapping[str, object]) -> str:
-    """The first adapter module no graph layer matches, even with a prefix added or stripped."""
-    for name in names:
-        if not any(m == name or m.endswith("." + name) or name.endswith("." + m) for m in modules):
-            return name
-    return names[0]
-
-
-def check_parameters(params: Mapping[str, tuple[list, str]], graph_inputs: Mapping[str, tuple[list, str]],
-                     where, graph_name: str) -> None:
-    """Adapter parameters (name -> (shape, dtype)) against a graph's overridable inputs.
-
-    Names must exist, static dims and dtype must match, and each module's A and B come
-    together with one rank: ONNX Runtime would otherwise fail mid-run in a MatMul.
-    """
-    for name, (shape, dtype) in params.items():
-        if name not in graph_inputs:
-            hint = " (export the graph with lora_bias=True)" if name.endswith(BIAS_SUFFIX) else ""
-            raise AdapterError(f"{where}: {name} is not a LoRA input of {graph_name}{hint}")
-        dims, graph_dtype = graph_inputs[name]
-        if len(dims) != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(dims, shape)):
-            shown = [d if isinstance(d, int) else "rank" for d in dims]
-            raise AdapterError(f"{where}: {name} is {list(shape)} but {graph_name} expects {shown}")
-        if dtype != graph_dtype:
-            raise AdapterError(f"{where}: {name} is {dtype} but {graph_name} expects {graph_dtype}")
-    for name, (shape, _) in params.items():
-        if not name.endswith(A_SUFFIX):
-            continue
-        b_name = name[: -len(A_SUFFIX)] + B_SUFFIX
-        if b_name not in params or params[b_name][0][0] != shape[1]:
-            other = "missing" if b_name not in params else f"rank {params[b_name][0][0]}"
-            raise AdapterError(f"{where}: {name} has rank {shape[1]} but {b_name} is {other}")
-    for name in params:
-        if name.endswith(B_SUFFIX) and name[: -len(B_SUFFIX)] + A_SUFFIX not in params:
-            raise AdapterError(f"{where}: {name} comes without its lora_A")
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temporary sibling and rename; nothing is left on error."""
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -27,15 +27,6 @@ from lora_deploy.util import first_line
 # external data a little before the cap so the graph itself always fits.
 EXTERNAL_DATA_BYTES = 1800 * 1024**2
 
-# Parity tolerances (atol, rtol) between ONNX Runtime and torch, by the
-# reference output's dtype. Half precision is loose because torch's CPU half
-# kernels and ONNX Runtime round intermediate results differently.
-TOLERANCES = {
-    torch.float64: (1e-6, 1e-5),
-    torch.float32: (1e-4, 1e-3),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (5e-2, 5e-2),
-}
 
 # Exporter errors can be pages long; one line of this many characters is kept.
 MESSAGE_LIMIT = 300

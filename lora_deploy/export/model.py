@@ -68,45 +68,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from lora_deploy.arrays import from_torch
+from lora_deploy.compare import TOLERANCES, compare_array, tolerance
+from lora_deploy.dtypes import of_torch
 from lora_deploy.export import graph as onnx_graph
-from lora_deploy.errors import BadInputError, CheckpointError, ExportError
-from lora_deploy.export.graph import EXTERNAL_DATA_BYTES, TOLERANCES  # noqa: F401  (EXTERNAL_DATA_BYTES: re-exported)
-from lora_deploy.modeling.samples import model_input_names, sample_inputs
+from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
+from lora_deploy.errors import BadInputError, ExportError
+from lora_deploy.export.graph import EXTERNAL_DATA_BYTES  # noqa: F401  (re-exported)
+from lora_deploy.modeling.hf import HFExportWrapper, flatten_outputs, parse_dtype, wrap_checkpoint
+from lora_deploy.modeling.samples import sample_inputs
+from lora_deploy.modeling.tasks import AUTO
 from lora_deploy.util import first_line
 
-CAUSAL_LM = "causal-lm"
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-TOKEN_CLASSIFICATION = "token-classification"
-FEATURE_EXTRACTION = "feature-extraction"
-AUTO = "auto"
-TASKS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION)
-
-# Output names follow Optimum's exports.
-TASK_OUTPUT = {
-    CAUSAL_LM: "logits",
-    SEQUENCE_CLASSIFICATION: "logits",
-    TOKEN_CLASSIFICATION: "logits",
-    FEATURE_EXTRACTION: "last_hidden_state",
-}
-
-# transformers auto class per task, looked up by name so importing this module
-# stays cheap until a checkpoint is actually loaded.
-_AUTO_CLASS = {
-    CAUSAL_LM: "AutoModelForCausalLM",
-    SEQUENCE_CLASSIFICATION: "AutoModelForSequenceClassification",
-    TOKEN_CLASSIFICATION: "AutoModelForTokenClassification",
-    FEATURE_EXTRACTION: "AutoModel",
-}
-
-# Architecture-name suffixes, most specific first ("GPT2LMHeadModel" also ends in "Model").
-_ARCH_SUFFIX_TASK = (
-    ("ForCausalLM", CAUSAL_LM),
-    ("LMHeadModel", CAUSAL_LM),
-    ("ForSequenceClassification", SEQUENCE_CLASSIFICATION),
-    ("ForTokenClassification", TOKEN_CLASSIFICATION),
-)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -120,155 +93,6 @@ class ExportResult:
     max_abs_error: float
     dtype: str
     opset: int
-
-
-# ---------------------------------------------------------------- tasks ----
-
-
-def load_config(model_dir: str | os.PathLike) -> Any:
-    """Load config.json of a checkpoint directory, with one-line errors."""
-    from transformers import AutoConfig
-
-    directory = Path(model_dir)
-    if not directory.is_dir():
-        raise BadInputError(f"model directory not found: {directory}")
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"no config.json in {directory}")
-    try:
-        return AutoConfig.from_pretrained(directory)
-    except (ValueError, KeyError) as err:
-        # transformers says "...has model type `x` but Transformers does not recognize..."
-        raise BadInputError(f"unsupported architecture in {directory / 'config.json'}: {first_line(err)}") from err
-    except OSError as err:
-        raise CheckpointError(f"cannot read {directory / 'config.json'}: {first_line(err)}") from err
-
-
-def detect_task(config: Any) -> str:
-    """Infer the export task from ``config.architectures``.
-
-    ``...ForCausalLM`` / ``...LMHeadModel`` -> causal-lm,
-    ``...ForSequenceClassification`` -> sequence-classification,
-    ``...ForTokenClassification`` -> token-classification, a bare
-    ``...Model`` (BertModel, LlamaModel) -> feature-extraction.
-    """
-    archs = list(getattr(config, "architectures", None) or [])
-    if not archs:
-        raise BadInputError("config.json lists no architectures; pass an explicit --task")
-    arch = archs[0]
-    for suffix, task in _ARCH_SUFFIX_TASK:
-        if arch.endswith(suffix):
-            return task
-    if _is_bare_model(arch):
-        return FEATURE_EXTRACTION
-    raise BadInputError(
-        f"cannot infer a task from architecture {arch}; pass --task (one of {', '.join(TASKS)})"
-    )
-
-
-def resolve_task(task: str, config: Any) -> str:
-    """Return a concrete task: detect it for "auto", validate it otherwise."""
-    if task == AUTO:
-        return detect_task(config)
-    if task not in TASKS:
-        raise BadInputError(f"unknown task {task!r}; expected auto or one of {', '.join(TASKS)}")
-    return task
-
-
-def _is_bare_model(arch: str) -> bool:
-    """BertModel, LlamaModel: yes. BertForMaskedLM, GPT2DoubleHeadsModel: no."""
-    return arch.endswith("Model") and "For" not in arch and not arch.endswith(("HeadModel", "HeadsModel"))
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Map "float32"/"float16" (or the torch dtypes) to a torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPES.values():
-            return dtype
-        dtype = str(dtype).removeprefix("torch.")
-    if dtype not in DTYPES:
-        raise BadInputError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def load_for_task(model_dir: str | os.PathLike, task: str = AUTO, dtype: str | torch.dtype = "float32") -> nn.Module:
-    """Load a checkpoint with the auto class for ``task``, in eval mode.
-
-    Attention is forced to the "eager" implementation: it exports on every
-    architecture we tried, keeps masked rows finite in half precision, and
-    ONNX Runtime fuses the pattern anyway.
-    """
-    import transformers
-
-    config = load_config(model_dir)
-    if getattr(config, "is_encoder_decoder", False):
-        raise BadInputError(f"encoder-decoder models ({config.model_type}) are not supported")
-    task = resolve_task(task, config)
-    auto_class = getattr(transformers, _AUTO_CLASS[task])
-    try:
-        model = auto_class.from_pretrained(model_dir, dtype=parse_dtype(dtype), attn_implementation="eager")
-    except ValueError as err:
-        # "Unrecognized configuration class ... for this kind of AutoModel"
-        raise BadInputError(f"architecture {config.model_type} does not support task {task}: {first_line(err)}") from err
-    except OSError as err:
-        raise CheckpointError(f"cannot load weights from {model_dir}: {first_line(err)}") from err
-    return model.eval()
-
-
-class HFExportWrapper(nn.Module):
-    """Call a transformers model with named tensors and return one tensor.
-
-    The ONNX graph gets exactly these inputs (Optimum's names) and one output:
-    ``logits`` or ``last_hidden_state``. Decoders run with ``use_cache=False``
-    so no past-key-value outputs are traced.
-    """
-
-    # The attribute the model sits under; export strips it from initializer names.
-    PARAM_PREFIX = "model."
-
-    def __init__(self, model: nn.Module, task: str, input_names: Sequence[str]):
-        super().__init__()
-        if task not in TASKS:
-            raise BadInputError(f"unknown task {task!r}")
-        self.model = model
-        self.task = task
-        self.input_names = list(input_names)
-        self.output_names = [TASK_OUTPUT[task]]
-        params = _forward_params(model)
-        self._pass_use_cache = "use_cache" in params
-        if "token_type_ids" in self.input_names and "token_type_ids" not in params:
-            raise BadInputError(f"{type(model).__name__} does not take token_type_ids")
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        if self._pass_use_cache:
-            kwargs["use_cache"] = False
-        return getattr(self.model(**kwargs), self.output_names[0])
-
-    def input_metadata(self) -> dict[str, tuple[np.dtype, tuple]]:
-        """Same format as Runner.input_metadata: all int64 (batch, sequence)."""
-        return {name: (np.dtype(np.int64), ("batch", "sequence")) for name in self.input_names}
-
-
-def wrap_checkpoint(model_dir: str | os.PathLike, task: str = AUTO, dtype: str | torch.dtype = "float32") -> HFExportWrapper:
-    """Load a checkpoint and wrap it for export / TorchRunner."""
-    config = load_config(model_dir)
-    task = resolve_task(task, config)
-    model = load_for_task(model_dir, task, dtype)
-    return HFExportWrapper(model, task, model_input_names(config))
-
-
-def _forward_params(model: nn.Module) -> set[str]:
-    """Parameter names of model.forward (HF forwards are plain signatures)."""
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
 
 
 # --------------------------------------------------------------- export ----
@@ -309,7 +133,6 @@ def export_checkpoint(
         optimize=optimize,
         external_data=None,
         strip_prefix=HFExportWrapper.PARAM_PREFIX,
-        tolerance=None,
     )
     return ExportResult(
         path=written,
@@ -317,7 +140,7 @@ def export_checkpoint(
         input_names=tuple(wrapper.input_names),
         output_names=tuple(wrapper.output_names),
         max_abs_error=max_err,
-        dtype=str(torch_dtype).removeprefix("torch."),
+        dtype=of_torch(torch_dtype).name,
         opset=opset_used,
     )
 
@@ -346,15 +169,12 @@ def export_module(
     file next to the model only when the weights exceed
     ``EXTERNAL_DATA_BYTES``; True/False forces it. ``strip_prefix`` is removed
     from initializer names that start with it. ``atol``/``rtol`` override
-    the per-dtype parity tolerances.
+    the per-dtype parity tolerances of ``lora_deploy.compare.TOLERANCES``
+    (giving one keeps the table's value of the other).
 
     Raises ExportError if export, the ONNX checker or the ONNX Runtime parity
     run fails; BadInputError for unusable arguments.
     """
-    # An override of one tolerance keeps the float32 default of the other.
-    default_atol, default_rtol = TOLERANCES[torch.float32]
-    tolerance = None if atol is None and rtol is None else (
-        default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
     written, _, _ = _export_verified(
         module,
         example_inputs,
@@ -365,7 +185,8 @@ def export_module(
         optimize=optimize,
         external_data=external_data,
         strip_prefix=strip_prefix,
-        tolerance=tolerance,
+        atol=atol,
+        rtol=rtol,
     )
     return written
 
@@ -381,7 +202,8 @@ def _export_verified(
     optimize: bool,
     external_data: bool | None,
     strip_prefix: str,
-    tolerance: tuple[float, float] | None,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> tuple[Path, float, int]:
     """Export, check, compare with torch, move into place.
 
@@ -410,7 +232,7 @@ def _export_verified(
         # Looked up by module-level name so tests can replace _check_onnx.
         _check_onnx(tmp_path)
         outputs = _ort_outputs(tmp_path, feed, output_names)
-        return _compare(output_names, reference, outputs, tolerance)
+        return _compare(output_names, reference, outputs, atol, rtol)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     max_err = onnx_graph.save_atomic(model, path, prove, external_data)
@@ -504,8 +326,6 @@ def _check_onnx(path: Path) -> None:
 
 def _ort_outputs(path: Path, feed: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
     """Run the model once through OnnxrtRunner on the CPU execution provider."""
-    from lora_deploy.backends.base import OnnxrtRunner  # runners imports this module
-
     try:
         with OnnxrtRunner(path, name="export-check") as runner:
             result = runner.infer(feed)
@@ -524,51 +344,20 @@ def _torch_outputs(module: nn.Module, example_inputs: Mapping[str, torch.Tensor]
     return flatten_outputs(result)
 
 
-def flatten_outputs(result: Any) -> list[torch.Tensor]:
-    """Tensor -> [tensor]; tuple/list/dict (ModelOutput) -> tensors in order."""
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, Mapping):
-        result = list(result.values())
-    if isinstance(result, (tuple, list)):
-        flat: list[torch.Tensor] = []
-        for item in result:
-            flat.extend(flatten_outputs(item))
-        return flat
-    if result is None:
-        return []
-    raise ExportError(f"module output of type {type(result).__name__} is not a tensor")
-
-
 def _compare(
     output_names: Sequence[str],
     reference: Sequence[torch.Tensor],
     outputs: Sequence[np.ndarray],
-    tolerance: tuple[float, float] | None,
+    atol: float | None,
+    rtol: float | None,
 ) -> float:
-    """Compare ORT outputs with torch's; returns the max abs error over all outputs."""
+    """ORT outputs against torch's (ExportError on a miss); returns the max abs error over all outputs."""
     worst = 0.0
     for name, ref_tensor, got in zip(output_names, reference, outputs):
-        ref_dtype = ref_tensor.dtype
-        ref = ref_tensor.detach().float().cpu().numpy() if ref_dtype.is_floating_point else ref_tensor.cpu().numpy()
-        if ref.shape != got.shape:
-            raise ExportError(f"output {name!r}: ONNX Runtime shape {got.shape} != torch shape {ref.shape}")
-        if not ref_dtype.is_floating_point:
-            if not np.array_equal(ref, got):
-                raise ExportError(f"output {name!r}: ONNX Runtime values differ from torch")
-            continue
-        got = got.astype(np.float64)
-        ref = ref.astype(np.float64)
-        if not np.array_equal(np.isfinite(ref), np.isfinite(got)):
-            raise ExportError(f"output {name!r}: NaN/Inf in different places in ONNX Runtime and torch")
-        finite = np.isfinite(ref)
-        if not finite.any():
-            continue
-        err = float(np.max(np.abs(ref[finite] - got[finite])))
-        worst = max(worst, err)
-        atol, rtol = tolerance or TOLERANCES.get(ref_dtype, TOLERANCES[torch.float32])
-        if not np.allclose(got[finite], ref[finite], atol=atol, rtol=rtol):
-            raise ExportError(
-                f"output {name!r}: ONNX Runtime differs from torch, max abs error {err:.3g} (atol {atol:g}, rtol {rtol:g})"
-            )
+        # Tolerance by the reference's dtype; integer outputs are compared exactly whatever it is.
+        dtype_name = of_torch(ref_tensor.dtype).name if ref_tensor.dtype.is_floating_point else "float32"
+        tol = tolerance(dtype_name if dtype_name in TOLERANCES else "float32", atol, rtol)
+        result = compare_array(name, got, from_torch(ref_tensor), tol)
+        result.raise_for(ExportError, "ONNX Runtime differs from torch")
+        worst = max(worst, result.max_abs)
     return worst

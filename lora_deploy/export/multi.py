@@ -25,7 +25,6 @@ before running (BadInputError); only -1 means "base" there.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,32 +35,27 @@ import torch
 from torch import nn
 
 from lora_deploy.adapter.read import Adapter, load_adapter
+from lora_deploy.adapter.variants import refuse_non_additive
+from lora_deploy.backends.onnxrt.lora_format import adapter_parameters, check_output_file, split_lora_name
+from lora_deploy.backends.onnxrt.sessions import BASE_ID, IDS_INPUT
+from lora_deploy.errors import BadInputError
 from lora_deploy.export.dynamic import (
     EXAMPLE_BATCH,
     EXAMPLE_RANK,
-    METADATA_KEY,
     DynamicGraph,
     LoraExport,
     LoraSlot,
-    adapter_parameters,
     build_graph,
-    check_additive,
-    check_output_path,
     flatten,
     load_model,
     resolve_slots,
     small_random,
-    split_lora_name,
 )
-from lora_deploy.errors import BadInputError
-from lora_deploy.backends.onnxrt.sessions import check_feeds, make_session, run_session
 from lora_deploy.modeling.unmerged import choose_prefix
 
-IDS_INPUT = "adapter_ids"
 A_BANK = ".lora_A.bank"
 B_BANK = ".lora_B.bank"
 BIAS_BANK = ".lora_B.bias_bank"
-BASE_ID = -1
 
 
 def bank_names(slot: LoraSlot, with_bias: bool) -> list[str]:
@@ -80,13 +74,13 @@ def export_multi(
     """Export one graph holding every adapter of `adapter_dirs`; the id of each is its position."""
     start = time.perf_counter()
     path = Path(path)
-    check_output_path(path)
+    check_output_file(path)
     adapter_dirs = [adapter_dirs] if isinstance(adapter_dirs, (str, os.PathLike)) else list(adapter_dirs)
     if not adapter_dirs:
         raise BadInputError("export_multi needs at least one adapter")
     adapters = [load_adapter(d) for d in adapter_dirs]
     for adapter in adapters:
-        check_additive(adapter)
+        refuse_non_additive(adapter)
     model, task, inputs, output = load_model(model_dir, task)
     slots = resolve_slots(model, adapters, None)
     with_bias = any(a.config.lora_bias for a in adapters)
@@ -176,53 +170,4 @@ def banked_update(x: torch.Tensor, banks: list[torch.Tensor], ids: torch.Tensor)
     return y.reshape(*x.shape[:-1], b.shape[-1])
 
 
-class MultiSession:
-    """A multi-adapter graph loaded once; each call picks an adapter per batch row.
-
-    >>> s = MultiSession("multi.onnx")
-    >>> s.run({"input_ids": ids, "attention_mask": mask}, adapter_ids=[0, 1, -1, 1])["logits"]
-
-    Ids may also be adapter names (as listed in `adapters`) or None for the base model.
-    Feeding `<module>.lora_A.bank` etc. in `feeds` replaces that bank for the call.
-    """
-
-    def __init__(self, onnx_path: str | os.PathLike, *, providers: Sequence[str] | None = None, options=None):
-        self.path = Path(onnx_path)
-        self.session = make_session(self.path, providers, options)
-        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        info = json.loads(meta) if meta else {}
-        if info.get("format") != "multi":
-            raise BadInputError(f"{self.path}: not a multi-adapter graph (export it with export_multi)")
-        self.adapters: list[str] = list(info["adapters"])
-        self.batch_input: str = info["inputs"][0]
-
-    def run(self, feeds: Mapping[str, np.ndarray], adapter_ids: Sequence[int | str | None]) -> dict[str, np.ndarray]:
-        """One forward pass; returns outputs by name."""
-        checked = check_feeds(self.session, feeds, reserved=[IDS_INPUT])
-        checked[IDS_INPUT] = self.ids_array(adapter_ids, np.asarray(checked[self.batch_input]).shape[0])
-        return run_session(self.session, checked)
-
-    def ids_array(self, adapter_ids: Sequence[int | str | None], batch: int) -> np.ndarray:
-        """Validated int64 ids, one per row: BadInputError for anything out of range."""
-        ids = [self.adapter_id(x) for x in adapter_ids]
-        if len(ids) != batch:
-            raise BadInputError(f"adapter_ids has {len(ids)} entries but the batch has {batch} rows")
-        return np.asarray(ids, dtype=np.int64)
-
-    def adapter_id(self, value: int | str | None) -> int:
-        if value is None:
-            return BASE_ID
-        if isinstance(value, str):
-            if value not in self.adapters:
-                raise BadInputError(f"unknown adapter {value!r} (the graph holds {', '.join(self.adapters)})")
-            return self.adapters.index(value)
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise BadInputError(f"adapter id {value!r} is not an integer")
-        if not BASE_ID <= int(value) < len(self.adapters):
-            raise BadInputError(
-                f"adapter id {int(value)} is out of range: use 0..{len(self.adapters) - 1}, or -1 for the base model"
-            )
-        return int(value)
-
-
-__all__ = ["export_multi", "MultiSession", "IDS_INPUT", "A_BANK", "B_BANK", "BIAS_BANK", "BASE_ID"]
+__all__ = ["export_multi", "A_BANK", "B_BANK", "BIAS_BANK"]

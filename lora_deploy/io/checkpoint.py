@@ -16,9 +16,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from lora_deploy.dtypes import BY_NAME, BY_SAFETENSORS, FLOATS
 from lora_deploy.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -26,25 +26,10 @@ INDEX_FILE = "model.safetensors.index.json"
 # Header sizes beyond this are not a real checkpoint; refuse before allocating.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# safetensors dtype names -> numpy dtypes (the subset checkpoints use), little-endian.
-DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(t).newbyteorder("<") if np.dtype(t).itemsize > 1 else np.dtype(t)
-    for name, t in {
-        "F64": np.float64,
-        "F32": np.float32,
-        "F16": np.float16,
-        "BF16": ml_dtypes.bfloat16,
-        "I64": np.int64,
-        "I32": np.int32,
-        "I16": np.int16,
-        "I8": np.int8,
-        "U8": np.uint8,
-        "BOOL": np.bool_,
-        "F8_E4M3": ml_dtypes.float8_e4m3fn,
-        "F8_E5M2": ml_dtypes.float8_e5m2,
-    }.items()
-}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# Views of lora_deploy.dtypes by safetensors code: the numpy dtype (little-endian) of each,
+# and the codes of the float dtypes an adapter can be merged into (float8 is storage only).
+DTYPES: dict[str, np.dtype] = {code: row.numpy for code, row in BY_SAFETENSORS.items()}
+FLOAT_DTYPES = {BY_NAME[name].safetensors for name in FLOATS}
 
 
 @dataclass(frozen=True)

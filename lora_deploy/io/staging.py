@@ -9,6 +9,13 @@ killed it, so a free lock means a dead run, never a slow one.
 Only this machine's siblings are removed (the host is part of the name): on shared
 storage where flock is local to each machine (NFS with local_lock, some parallel file
 systems), another machine's live run would look dead.
+
+Single files go the same way (write_file_atomic, write_path_atomic): written inside a
+locked staging directory and renamed out of it, so a killed write is cleaned up alike.
+
+A failure to write is an OutputError (exit 3), not bad input, except where the path the
+user gave has the wrong shape (a file where a directory belongs, a directory where a
+file belongs, a missing parent): that they can fix on the command line.
 """
 
 from __future__ import annotations
@@ -23,10 +30,16 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
-from lora_deploy.errors import CheckpointError
+from lora_deploy.errors import (
+    BadInputError,
+    InternalError,
+    LoraDeployError,
+    OutputError,
+)
 from lora_deploy.util import signal_handlers
 
 try:
@@ -45,13 +58,15 @@ CREATING_GRACE_S = 60.0
 # How long to wait for another run that holds the lock on an output it has just renamed
 # into place (it releases it right after).
 LOCK_WAIT_S = 5.0
+# What an OSError says about the user's path rather than about the disk.
+PATH_SHAPE_ERRNOS = (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT)
 
 
 class staging_dir:
     """A hidden sibling directory renamed onto `target` only if the block succeeds.
 
-    Errors (Ctrl-C included) remove it; CheckpointErrors are re-raised naming the file
-    under `target`, not under the hidden directory. With rename=False it is a scratch
+    Errors (Ctrl-C included) remove it; our errors are re-raised naming the file under
+    `target`, not under the hidden directory. With rename=False it is a scratch
     directory the caller moves files out of, removed either way.
     """
 
@@ -62,9 +77,12 @@ class staging_dir:
         self._lock: int | None = None
 
     def __enter__(self) -> Path:
-        remove_dead_siblings(self.target)
         creating = sibling(self.target, CREATING)
-        creating.mkdir()
+        try:
+            remove_dead_siblings(self.target)
+            creating.mkdir()
+        except OSError as exc:
+            raise output_error(self.target, exc, "cannot create the output") from exc
         try:
             self._lock = lock(creating)
             os.replace(creating, self.tmp)  # the lock is on the directory itself: it moves with it
@@ -80,8 +98,8 @@ class staging_dir:
                 self._commit()
                 return
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, CheckpointError):
-                raise CheckpointError(str(exc).replace(str(self.tmp), str(self.target))) from None
+            if isinstance(exc, LoraDeployError):
+                rename_in_message(exc, self.tmp, self.target)
         finally:
             unlock(self._lock)
 
@@ -91,8 +109,96 @@ class staging_dir:
         except BaseException as exc:
             shutil.rmtree(self.tmp, ignore_errors=True)  # gone already if the rename was done
             if isinstance(exc, OSError):
-                raise CheckpointError(f"{self.target}: cannot move the output into place ({exc.strerror})") from None
+                raise output_error(self.target, exc, "cannot move the output into place") from None
             raise
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, durable: bool = False) -> Path:
+    """Write a file through `write(stream)`; readers see the old file or the whole new one.
+
+    durable=True also fsyncs the file and then its directory (survives a power cut).
+    """
+
+    def to_file(staged: Path) -> None:
+        with open(staged, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+
+    target = write_path_atomic(path, to_file)
+    if durable:
+        sync_dir(target.parent)
+    return target
+
+
+def write_path_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a file through `write(path)`, for libraries that open the file themselves.
+
+    `write` gets a path in a locked staging directory beside the target; the file is
+    renamed onto the target only if `write` returns. On an error (Ctrl-C included) the
+    old file is untouched and nothing is left; after a kill, the next write of the same
+    target removes the leftover.
+    """
+    target = Path(path)
+    make_parent(target)
+    with staging_dir(target, rename=False) as tmp:
+        staged = tmp / target.name
+        try:
+            write(staged)
+        except OSError as exc:  # inside our own staging directory: the disk, not the path, failed
+            raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
+        except LoraDeployError as exc:
+            rename_in_message(exc, staged, target)
+            raise
+        move_file(staged, target)
+    return target
+
+
+def make_parent(target: Path) -> None:
+    if target.is_dir():
+        raise BadInputError(f"{target}: is a directory; give a file path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(target.parent, exc, "cannot create the directory") from exc
+
+
+def move_file(staged: Path, target: Path) -> None:
+    if not staged.is_file():  # `write` returned without writing the file it promised
+        raise InternalError(f"{target}: nothing was written")
+    try:
+        os.replace(staged, target)
+    except OSError as exc:
+        raise output_error(target, exc, "cannot move the output into place") from exc
+
+
+def sync_dir(directory: Path) -> None:
+    """fsync a directory, so a rename into it survives a power cut."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot sync ({exc.strerror or exc})") from exc
+
+
+def output_error(path: Path, exc: OSError, doing: str) -> LoraDeployError:
+    """An OSError on a path the user gave: bad input if the path has the wrong shape,
+    else a failed write."""
+    kind = BadInputError if exc.errno in PATH_SHAPE_ERRNOS else OutputError
+    return kind(f"{path}: {doing} ({exc.strerror or exc})")
+
+
+def rename_in_message(exc: LoraDeployError, hidden: Path, shown: Path) -> None:
+    """Name `shown` instead of the hidden staging path in an error on its way out.
+
+    The message is edited in place, so the error keeps its type and traceback.
+    """
+    if len(exc.args) == 1 and isinstance(exc.args[0], str):
+        exc.args = (exc.args[0].replace(str(hidden), str(shown)),)
 
 
 def sibling(target: Path, kind: str) -> Path:
@@ -173,7 +279,7 @@ def is_abandoned(path: Path) -> bool:
     """True when nobody holds the directory's lock (so its run has died)."""
     try:
         held = lock(path)
-    except (OSError, CheckpointError):  # gone, or held: its run is alive
+    except (OSError, OutputError):  # gone, or held: its run is alive
         return False
     unlock(held)
     return held is not None  # a file system without flock: keep it
@@ -196,7 +302,7 @@ def lock(path: Path, wait: float = 0.0) -> int | None:
         except BlockingIOError:  # another run holds it
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise CheckpointError(f"{path}: locked by another run") from None
+                raise OutputError(f"{path}: locked by another run") from None
             time.sleep(0.05)
         except OSError:  # no flock on this file system
             os.close(fd)

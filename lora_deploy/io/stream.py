@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from lora_deploy.io.checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array, pread_all
-from lora_deploy.errors import CheckpointError
+from lora_deploy.errors import CheckpointError, InternalError, OutputError
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class HashThread:
     def hexdigest(self) -> str:
         self.stop()
         if self._worker.error is not None:
-            raise CheckpointError(f"hashing failed ({self._worker.error})")
+            raise InternalError(f"hashing failed ({self._worker.error})")
         if self._digest is None:
             self._digest = self._sha.hexdigest()
         return self._digest
@@ -345,7 +345,7 @@ class BinaryFile:
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
+            raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
         self.size = 0
         self._sha = HashThread()
         self._writer = Worker(self._write_and_hash)
@@ -384,9 +384,11 @@ class BinaryFile:
         write_all(self.fd, piece[done:])
 
     def _check(self) -> None:
-        if self._writer.error is not None:
-            reason = getattr(self._writer.error, "strerror", None) or self._writer.error
-            raise CheckpointError(f"{self.path}: cannot write ({reason})")
+        error = self._writer.error
+        if error is not None:
+            # only an OSError is the disk's doing; anything else on the writer thread is a bug
+            kind = OutputError if isinstance(error, OSError) else InternalError
+            raise kind(f"{self.path}: cannot write ({getattr(error, 'strerror', None) or error})")
 
     def abort(self) -> None:
         self._writer.stop()
@@ -402,14 +404,14 @@ class BinaryFile:
             os.close(self.fd)  # may report a delayed write error (NFS, quotas)
         except OSError as exc:
             self._sha.stop()
-            raise CheckpointError(f"{self.path}: cannot write ({exc.strerror})") from None
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror})") from None
         except BaseException:
             self._sha.stop()
             raise
         try:
             return self._sha.hexdigest()
-        except CheckpointError as exc:
-            raise CheckpointError(f"{self.path}: {exc}") from None
+        except InternalError as exc:
+            raise InternalError(f"{self.path}: {exc}") from None
 
 
 def write_all(fd: int, data: memoryview) -> None:
@@ -461,7 +463,7 @@ def write_checkpoint(
         try:
             path.write_text(json.dumps(index, indent=2) + "\n")
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
+            raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
         hashes[INDEX_FILE] = file_sha256(path)
     return hashes
 
@@ -482,7 +484,7 @@ def _write_shard(path: Path, shard: list[OutputTensor], on_tensor, durable: bool
             before = out.size
             t.produce(out)
             if out.size - before != t.nbytes:
-                raise CheckpointError(f"internal error: {t.name} wrote {out.size - before} bytes, expected {t.nbytes}")
+                raise InternalError(f"internal error: {t.name} wrote {out.size - before} bytes, expected {t.nbytes}")
             if on_tensor:
                 on_tensor(t)
     except BaseException:

@@ -9,17 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_deploy.adapter.read import LoraModule
+from lora_deploy.adapter.read import LoraModule, weight_shape
 from lora_deploy.arrays import round_to_float16, widen_float16
 from lora_deploy.merge.blocks import for_each_block
-
-# How a base weight is laid out relative to the LoRA product B @ A:
-#   linear      [out, in]            (nn.Linear)
-#   transposed  [in, out]            (GPT-2's Conv1D; PEFT's fan_in_fan_out)
-#   embedding   [num_embeddings, dim]
-#   conv        [out, in, *kernel]   (nn.Conv1d/2d/3d, groups=1)
-KINDS = ("linear", "transposed", "embedding", "conv")
-
 
 def f32(array: np.ndarray) -> np.ndarray:
     return np.asarray(array).astype(np.float32, copy=False)
@@ -48,16 +40,6 @@ def factors(module: LoraModule, kind: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
-def weight_shape(module: LoraModule, kind: str) -> tuple[int, ...]:
-    """The shape of the base weight this module's factors fit."""
-    out_f, in_f = module.b.shape[0], module.a.shape[1]
-    if kind == "linear":
-        return (out_f, in_f)
-    if kind in ("transposed", "embedding"):
-        return (in_f, out_f)
-    return (out_f, in_f, *module.a.shape[2:])
-
-
 def delta_weight(module: LoraModule, kind: str) -> np.ndarray:
     """s * B A in the base weight's layout, float32."""
     left, right = factors(module, kind)
@@ -67,17 +49,14 @@ def delta_weight(module: LoraModule, kind: str) -> np.ndarray:
 
 
 def merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """W0 + s B A (LoRA) or m / ||W0 + s B A|| * (W0 + s B A) (DoRA), computed in float32
-    and rounded once to `dtype`.
+    """W0 merged with the module's update, by the math of its variant (`LoraModule.variant`),
+    computed in float32 and rounded once to `dtype`."""
+    return MERGED_WEIGHT[module.variant](module, kind, w0, dtype)
 
-    LoRA is merged a block of rows at a time: each block is multiplied, scaled, added
-    and rounded while in cache, and no float32 copy of the whole weight is made.
-    """
-    if module.magnitude is not None:  # DoRA's norms need whole rows or columns
-        w = delta_weight(module, kind)
-        w += w0
-        w = dora_rescale(w, f32(module.magnitude).reshape(-1), kind)
-        return w.astype(dtype, copy=False)
+
+def lora_merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """W0 + s B A, a block of rows at a time: each block is multiplied, scaled, added and
+    rounded while in cache, and no float32 copy of the whole weight is made."""
     left, right = factors(module, kind)
     scaling = np.float32(module.scaling)
     base = w0.reshape(left.shape[0], right.shape[1])
@@ -96,6 +75,14 @@ def merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float3
 
     for_each_block(merge_block, range(0, out.shape[0], rows))
     return out.reshape(w0.shape)
+
+
+def dora_merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """m / ||W0 + s B A|| * (W0 + s B A), whole: the norms need whole rows or columns."""
+    w = delta_weight(module, kind)
+    w += w0
+    w = dora_rescale(w, f32(module.magnitude).reshape(-1), kind)
+    return w.astype(dtype, copy=False)
 
 
 def dora_scale(w: np.ndarray, magnitude: np.ndarray, kind: str) -> np.ndarray:
@@ -128,6 +115,10 @@ def feature_axis(scale: np.ndarray, kind: str, ndim: int) -> np.ndarray:
 def merged_bias(module: LoraModule, b0: np.ndarray) -> np.ndarray:
     """Base bias plus the scaled lora_B bias (PEFT's lora_bias), float32."""
     return f32(b0) + f32(module.bias) * np.float32(module.scaling)
+
+
+# The merge math of each variant with per-layer math (see lora_deploy.adapter.variants).
+MERGED_WEIGHT = {"lora": lora_merged_weight, "dora": dora_merged_weight}
 
 
 def lora_norm(module: LoraModule) -> float:

@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 from lora_deploy import __version__
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.arrays import all_finite
+from lora_deploy.dtypes import BY_NAME
 from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
 from lora_deploy.io.stream import BinaryFile, CheckpointStream, OutputTensor, file_sha256, tensor_bytes, write_checkpoint
 from lora_deploy.merge.delta import lora_norm, merged_bias, merged_weight
@@ -32,7 +33,7 @@ from lora_deploy.adapter.plan import MergePlan, Target, plan_merge
 from lora_deploy.util import library_versions
 
 MANIFEST_FILE = "merge-manifest.json"
-OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")  # --dtype choices besides auto; codes from lora_deploy.dtypes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 SKIP_FILES = {INDEX_FILE, "pytorch_model.bin.index.json", MANIFEST_FILE}
 # Libraries whose versions the manifest records (lora-deploy itself is added too).
@@ -122,7 +123,7 @@ def check_output_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None
 def output_dtype(info: TensorInfo, dtype: str) -> str:
     if dtype == "auto" or info.dtype not in FLOAT_DTYPES:
         return info.dtype
-    return OUTPUT_DTYPES[dtype]
+    return BY_NAME[dtype].safetensors
 
 
 def output_tensors(stream: CheckpointStream, plan: MergePlan, dtype: str) -> list[OutputTensor]:

@@ -23,34 +23,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from lora_deploy.errors import BadInputError
+from lora_deploy.modeling.tasks import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, load_config, model_input_names, text_config
 
-# Names follow Optimum's ONNX exports so artifacts are interchangeable.
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-TOKEN_TYPE_IDS = "token_type_ids"
 
 # Used for ``input_ids`` when only a metadata dict is given (no config, so no
 # vocabulary size): every real vocabulary is at least this big.
 DEFAULT_VOCAB_SIZE = 100
-
-
-def model_input_names(config: Any) -> list[str]:
-    """Return the ONNX input names a Hugging Face model family takes.
-
-    Every supported model takes ``input_ids`` and ``attention_mask``.
-    ``token_type_ids`` is added when the config has ``type_vocab_size >= 2``:
-    that is how BERT, ALBERT, ELECTRA and friends are built, while RoBERTa
-    (``type_vocab_size == 1``) and decoders (no such field) do not use it. This
-    matches which models Optimum exports with ``token_type_ids``.
-    """
-    if getattr(config, "is_encoder_decoder", False):
-        raise BadInputError(
-            f"encoder-decoder models ({getattr(config, 'model_type', '?')}) are not supported"
-        )
-    names = [INPUT_IDS, ATTENTION_MASK]
-    if (getattr(_text_config(config), "type_vocab_size", 0) or 0) >= 2:
-        names.append(TOKEN_TYPE_IDS)
-    return names
 
 
 def sample_inputs(
@@ -83,7 +61,7 @@ def sample_inputs(
     if isinstance(input_specs_or_config, Mapping):
         return _from_metadata(input_specs_or_config, batch, seq, rng, vocab_size)
     config = _as_config(input_specs_or_config)
-    text = _text_config(config)
+    text = text_config(config)
     vocab = vocab_size or getattr(text, "vocab_size", None)
     if not vocab:
         raise BadInputError("config has no vocab_size; pass vocab_size=")
@@ -190,18 +168,9 @@ def _resolve_dim(dim: Any, batch: int, seq: int) -> int:
 def _as_config(obj: Any) -> Any:
     """Return a transformers config for a config object or a checkpoint path."""
     if isinstance(obj, (str, Path)):
-        # Local import: loading transformers is slow and only paths need it here.
-        from lora_deploy.export.model import load_config
-
         return load_config(obj)
     if not hasattr(obj, "model_type"):
         raise BadInputError(
             f"expected a transformers config, a checkpoint dir or an input-spec dict, got {type(obj).__name__}"
         )
     return obj
-
-
-def _text_config(config: Any) -> Any:
-    """The text part of a multimodal config; the config itself otherwise."""
-    getter = getattr(config, "get_text_config", None)
-    return getter() if callable(getter) else config

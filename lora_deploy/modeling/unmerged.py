@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_deploy.adapter.plan import find_rename
 from lora_deploy.adapter.read import Adapter, LoraModule, load_adapter
 from lora_deploy.arrays import from_torch, to_torch
-from lora_deploy.merge.delta import delta_weight, dora_scale, f32
 from lora_deploy.errors import AdapterError
-from lora_deploy.adapter.plan import find_rename
+from lora_deploy.merge.delta import delta_weight, dora_scale, f32
 
 
 @dataclass
@@ -87,20 +87,33 @@ def lora_hook(layer: nn.Module, lora: LoraModule):
         raise AdapterError(f"{lora.name}: LoRA on grouped convolutions is not supported")
 
     placed: dict[torch.device, tuple] = {}  # factors moved to a device once, not every forward
-    dora: dict[torch.device, torch.Tensor] = {}
+    combine = COMBINE[lora.variant](kind, lora)
 
     def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         if x.device not in placed:
             placed[x.device] = place_factors(lora, x.device)
         update = lora_update(mod, kind, lora, x, *placed[x.device]).to(output.dtype)
-        if lora.magnitude is None:
-            return output + update
-        if output.device not in dora:
-            dora[output.device] = dora_feature_scale(mod, kind, lora).to(output.device)
-        return dora_output(mod, kind, dora[output.device], output, update)
+        return combine(mod, output, update)
 
     return hook
+
+
+def lora_combine(kind: str, lora: LoraModule):
+    """LoRA: the layer's output plus the update."""
+    return lambda mod, output, update: output + update
+
+
+def dora_combine(kind: str, lora: LoraModule):
+    """DoRA: the sum rescaled per output feature (the scale computed once per device)."""
+    scales: dict[torch.device, torch.Tensor] = {}
+
+    def combine(mod: nn.Module, output: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        if output.device not in scales:
+            scales[output.device] = dora_feature_scale(mod, kind, lora).to(output.device)
+        return dora_output(mod, kind, scales[output.device], output, update)
+
+    return combine
 
 
 def place_factors(lora: LoraModule, device: torch.device) -> tuple:
@@ -143,6 +156,11 @@ def dora_output(layer: nn.Module, kind: str, scale: torch.Tensor, output: torch.
     scale = scale.reshape(bias_shape).to(output.dtype)
     b = 0 if bias is None else bias.reshape(bias_shape)
     return scale * (output - b + update) + b
+
+
+# How each variant with per-layer math joins the update to the layer's output (see
+# lora_deploy.adapter.variants); the merged counterpart is merge.delta.MERGED_WEIGHT.
+COMBINE = {"lora": lora_combine, "dora": dora_combine}
 
 
 def replace_parameters(model: nn.Module, adapter: Adapter, rename, handle: AttachedAdapter) -> None:

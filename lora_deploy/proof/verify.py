@@ -11,24 +11,23 @@ Two levels:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.arrays import all_finite
+from lora_deploy.compare import TOLERANCES, Comparison, OutputMatchError, Tolerance, compare, compare_array, tolerance
+from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
 from lora_deploy.io.checkpoint import Checkpoint
 from lora_deploy.merge.delta import merged_bias, merged_weight
 from lora_deploy.errors import BadInputError, NotEquivalentError
 from lora_deploy.adapter.plan import plan_merge
 
-# Output tolerances by the dtype the merged weights are stored in: the merged model is
-# run in float32, so what differs from the reference is one rounding of each weight.
-OUTPUT_TOLERANCE = {"F32": (1e-4, 1e-3), "F16": (2e-2, 2e-2), "BF16": (1.5e-1, 1e-1)}
-MIN_COSINE = {"F32": 0.99999, "F16": 0.9995, "BF16": 0.995}
-# Mantissa bits and smallest normal exponent, for "within one ulp" of a weight.
-FLOAT_FORMAT = {"F32": (23, -126), "F16": (10, -14), "BF16": (7, -126), "F64": (52, -1022)}
+# Output tolerances are lora_deploy.compare.TOLERANCES, by the loosest dtype involved: the
+# merged model is run in float32, so what differs from the reference is one rounding of
+# each stored weight, or the ONNX graph's output precision.
 
 
 @dataclass
@@ -91,7 +90,7 @@ def verify(
     report = VerifyReport(inputs={"base": str(base_dir), "adapter": str(adapter_dir), "merged": _str(merged_dir),
                                   "onnx": _str(onnx_path), "dynamic": _str(dynamic_path), "multi": _str(multi_path),
                                   "batch": batch, "seq": seq, "seed": seed})
-    dtypes = ["F32"]
+    dtypes = ["float32"]
     if merged_dir is not None:
         report.checks += check_weights(base_dir, adapter, merged_dir)
         dtypes.append(stored_dtype(merged_dir))
@@ -110,11 +109,11 @@ def verify(
 
 def loosest(dtypes: list[str]) -> str:
     """The dtype with the widest tolerance among those involved."""
-    return max(dtypes, key=lambda d: OUTPUT_TOLERANCE[d][0])
+    return max(dtypes, key=lambda d: TOLERANCES[d].atol)
 
 
 def onnx_dtype(path: Path) -> str:
-    """F16 when the graph's first output is float16, else F32 (decides tolerances)."""
+    """The dtype name of the graph's first output, float32 if it has no tolerance row."""
     import onnx
 
     try:
@@ -122,7 +121,8 @@ def onnx_dtype(path: Path) -> str:
     except Exception as exc:  # protobuf raises several unrelated types for a non-ONNX file
         raise BadInputError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
     elem = model.graph.output[0].type.tensor_type.elem_type if model.graph.output else onnx.TensorProto.FLOAT
-    return {onnx.TensorProto.FLOAT16: "F16", onnx.TensorProto.BFLOAT16: "BF16"}.get(elem, "F32")
+    row = BY_ONNX.get(elem)
+    return row.name if row is not None and row.name in TOLERANCES else "float32"
 
 
 @dataclass
@@ -151,11 +151,8 @@ def _path(path) -> Path | None:
 def stored_dtype(model_dir) -> str:
     """The widest-error float dtype among a checkpoint's tensors (decides tolerances)."""
     with Checkpoint(model_dir) as ckpt:
-        dtypes = {t.dtype for t in ckpt.tensors.values()}
-    for name in ("BF16", "F16", "F32"):
-        if name in dtypes:
-            return name
-    return "F32"
+        names = {BY_SAFETENSORS[t.dtype].name for t in ckpt.tensors.values()}
+    return loosest(["float32", *(n for n in names if n in TOLERANCES)])
 
 
 # ------------------------------------------------------------------ weights ----
@@ -221,7 +218,9 @@ def as_f64(array: np.ndarray) -> np.ndarray:
 
 
 def ulp(x: np.ndarray, dtype: str) -> np.ndarray:
-    bits, min_exp = FLOAT_FORMAT[dtype]
+    """The spacing of safetensors float dtype `dtype` (e.g. "F16") at each |x|."""
+    row = BY_SAFETENSORS[dtype]
+    bits, min_exp = row.mantissa_bits, row.min_exponent
     x = np.abs(x.astype(np.float64))
     _, exponent = np.frexp(x)
     exponent = np.where(x == 0, min_exp + 1, exponent)  # zero: the smallest step there is
@@ -247,13 +246,12 @@ def compare_weight(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> 
 
 
 def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rtol, batch, seq, seed, task) -> list[Check]:
-    from lora_deploy.export.model import wrap_checkpoint
-    from lora_deploy.backends.base import TorchRunner
+    from lora_deploy.modeling.hf import wrap_checkpoint
+    from lora_deploy.backends.torch.runner import TorchRunner
     from lora_deploy.modeling.samples import sample_inputs
     from lora_deploy.modeling.unmerged import attach
 
-    default_atol, default_rtol = OUTPUT_TOLERANCE[dtype]
-    tol = (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
+    tol = tolerance(dtype, atol, rtol)
     model = wrap_checkpoint(base_dir, task, "float32")
     feed = sample_inputs(model.model.config, batch=batch, seq=seq, seed=seed)
     with TorchRunner(model, name="base") as runner:
@@ -270,7 +268,7 @@ def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rt
         candidates.update(dynamic_outputs(graphs, feed))
     multi = None
     if graphs.multi is not None:
-        from lora_deploy.export.multi import MultiSession
+        from lora_deploy.backends.onnxrt.sessions import MultiSession
 
         multi = MultiSession(graphs.multi)  # loaded once for the per-adapter and mixed-batch checks
         candidates.update(multi_outputs(multi, graphs, feed))
@@ -282,16 +280,14 @@ def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rt
         # Labels ending in "(no adapter)" must equal the base model, the rest base + adapter.
         want_all = base_out if label.endswith("(no adapter)") else reference
         against = "base" if want_all is base_out else "unmerged"
-        for name, want in want_all.items():
-            if name not in outputs:
-                checks.append(Check(f"outputs: {label} lacks output {name}", False))
-                continue
-            checks.append(compare_outputs(f"outputs: {label} {name} vs {against}", outputs[name], want, mask,
-                                          *tol, MIN_COSINE[dtype]))
+        for result in compare(outputs, want_all, tol, mask).outputs:
+            missing = result.error is OutputMatchError
+            name = f"outputs: {label} lacks output {result.name}" if missing else f"outputs: {label} {result.name} vs {against}"
+            checks.append(output_check(name, result))
     if multi is not None:
         checks += mixed_batch_checks(multi, feed, mask, tol)
     if graphs.onnx is not None:
-        checks.append(polygraphy_check(reference, candidates["onnx (onnxruntime)"], *tol))
+        checks.append(polygraphy_check(reference, candidates["onnx (onnxruntime)"], tol))
     return checks
 
 
@@ -304,29 +300,35 @@ def quiet_polygraphy():
 
 def run_onnx_with_polygraphy(path: Path, feed: dict) -> dict:
     """The ONNX model in ONNX Runtime, through polygraphy's loader and runner."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    from lora_deploy.backends.base import ort_errors
+    from lora_deploy.backends.onnxrt.loader import SessionFromOnnx, ort_errors
 
     quiet_polygraphy()
     try:
-        with OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"])) as runner:
+        # polygraphy's runner takes any session loader: ours, so every session is made one way.
+        with OnnxrtRunner(SessionFromOnnx(path)) as runner:
             return {k: v for k, v in runner.infer(feed).items()}
     except ort_errors() as exc:
         raise BadInputError(f"{path}: ONNX Runtime cannot run it on the sample inputs ({str(exc).splitlines()[0]})") from None
 
 
-def polygraphy_check(reference: dict, outputs: dict, atol: float, rtol: float) -> Check:
-    """A second opinion from polygraphy's comparator (elementwise, every position)."""
+def polygraphy_check(reference: dict, outputs: dict, tol: Tolerance) -> Check:
+    """A second opinion from polygraphy's comparator (elementwise, every position).
+
+    Polygraphy decides pass/fail; the figures are ours, from the same arrays at every
+    position (polygraphy's result does not expose them)."""
     from polygraphy.comparator import SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult
 
     quiet_polygraphy()
-    compare = SimpleCompareFunc(atol=atol, rtol=rtol)
-    result = compare(IterationResult(dict(reference), runner_name="unmerged"),
-                     IterationResult({k: outputs[k] for k in reference if k in outputs}, runner_name="onnx"))
+    judge = SimpleCompareFunc(atol=tol.atol, rtol=tol.rtol)
+    result = judge(IterationResult(dict(reference), runner_name="unmerged"),
+                   IterationResult({k: outputs[k] for k in reference if k in outputs}, runner_name="onnx"))
     passed = bool(result) and all(bool(r) for r in result.values())
-    return Check("outputs: polygraphy comparator, onnx vs unmerged", passed, atol=atol, rtol=rtol,
+    ours = compare(outputs, reference, tol)
+    return Check("outputs: polygraphy comparator, onnx vs unmerged", passed, max_abs=ours.max_abs,
+                 max_rel=ours.max_rel, cosine=ours.cosine, top1=ours.top1, atol=tol.atol, rtol=tol.rtol,
                  detail="" if passed else "polygraphy found outputs beyond tolerance")
 
 
@@ -334,7 +336,8 @@ def dynamic_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
     """The dynamic graph with the adapter active, and with none (must be the base)."""
     import tempfile
 
-    from lora_deploy.export.dynamic import DynamicSession, pack_adapter
+    from lora_deploy.backends.onnxrt.lora_format import pack_adapter
+    from lora_deploy.backends.onnxrt.sessions import DynamicSession
 
     session = DynamicSession(graphs.dynamic)
     with tempfile.TemporaryDirectory() as tmp:
@@ -368,34 +371,23 @@ def mixed_batch_checks(session, feed: dict, mask, tol) -> list[Check]:
     choices = list(range(len(session.adapters))) + [-1]
     ids = [choices[i % len(choices)] for i in range(rows)]
     mixed = session.run(feed, ids)
+    # One graph run twice, batches differing only in composition: float32's direction bound.
+    same_graph = replace(tol, min_cosine=TOLERANCES["float32"].min_cosine)
     checks = []
     for row, adapter_id in enumerate(ids):
         alone = session.run(feed, [adapter_id] * rows)
         for name, want in alone.items():
             row_mask = None if mask is None else mask[row:row + 1]
             checks.append(compare_outputs(f"outputs: multi mixed batch row {row} (id {adapter_id}) {name} vs same id alone",
-                                          mixed[name][row:row + 1], want[row:row + 1], row_mask, *tol, 0.99999))
+                                          mixed[name][row:row + 1], want[row:row + 1], row_mask, same_graph))
     return checks
 
 
-def compare_outputs(label, got, want, mask, atol, rtol, min_cosine) -> Check:
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    if got.shape != want.shape:
-        return Check(label, False, max_abs=float("inf"), detail=f"shape {got.shape} != {want.shape}")
-    keep = valid_positions(mask, got.shape)
-    g, w = got[keep], want[keep]
-    diff = np.abs(g - w)
-    cosine = float(np.dot(g.ravel(), w.ravel()) / max(np.linalg.norm(g) * np.linalg.norm(w), 1e-300))
-    top1 = float(np.mean(np.argmax(g, -1) == np.argmax(w, -1))) if g.ndim >= 2 else None
-    close = bool(np.all(diff <= atol + rtol * np.abs(w))) and bool(np.all(np.isfinite(g)))
-    passed = close and cosine >= min_cosine
-    return Check(label, passed, max_abs=float(diff.max()), max_rel=float((diff / np.maximum(np.abs(w), 1e-6)).max()),
-                 cosine=cosine, top1=top1, atol=atol, rtol=rtol,
-                 detail="" if passed else f"beyond atol={atol:g} rtol={rtol:g} or cosine < {min_cosine}")
+def compare_outputs(label: str, got, want, mask, tol: Tolerance) -> Check:
+    """One output against its reference, as a check."""
+    return output_check(label, compare_array(label, got, want, tol, mask))
 
 
-def valid_positions(mask, shape) -> tuple | np.ndarray:
-    """Compare only real tokens: padded positions of a sequence output are undefined."""
-    if mask is None or len(shape) < 3 or tuple(mask.shape) != tuple(shape[:2]):
-        return (...,)
-    return mask.astype(bool)
+def output_check(label: str, result: Comparison) -> Check:
+    return Check(label, result.passed, max_abs=result.max_abs, max_rel=result.max_rel, cosine=result.cosine,
+                 top1=result.top1, atol=result.tol.atol, rtol=result.tol.rtol, detail=result.reason)

@@ -1,0 +1,220 @@
+"""ONNX Runtime's multi-LoRA convention: how LoRA weights are named, oriented and packed.
+
+Every targeted layer of an adapter graph takes
+
+    <module>.lora_A.weight   [in_features, rank]   = PEFT's lora_A.weight transposed
+    <module>.lora_B.weight   [rank, out_features]  = (scaling * PEFT's lora_B.weight) transposed
+    <module>.lora_B.bias     [out_features]        = scaling * PEFT's lora_B.bias
+                                                     (only in graphs exported with lora_bias)
+
+as overridable initializers: graph inputs with a same-named rank-0 default. `pack_adapter`
+writes a PEFT adapter in ONNX Runtime's adapter format (.onnx_adapter) under those names,
+scaling folded into B; `check_parameters` is the one check that an adapter fits a graph,
+used when packing, loading into a session, and benchmarking.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora_deploy.adapter.read import Adapter, load_adapter
+from lora_deploy.adapter.variants import refuse_non_additive
+from lora_deploy.dtypes import BY_ONNX, BY_ORT, dtype as dtype_row
+from lora_deploy.errors import AdapterError, BadInputError, NonFiniteError
+from lora_deploy.io.staging import write_path_atomic
+from lora_deploy.merge.delta import f32
+from lora_deploy.modeling.unmerged import choose_prefix
+from lora_deploy.util import first_line
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+BIAS_SUFFIX = ".lora_B.bias"
+PACK_DTYPES = ("float32", "float16")
+
+# (shape, dtype name) per parameter or graph input; a graph's dims may be symbolic (str).
+Shapes = Mapping[str, tuple[list, str]]
+
+
+def split_lora_name(name: str) -> tuple[str, str]:
+    """'m.lora_A.weight' -> ('m', '.lora_A.weight')."""
+    for suffix in (A_SUFFIX, B_SUFFIX, BIAS_SUFFIX):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    raise ValueError(f"{name!r} is not a LoRA input name")
+
+
+def adapter_parameters(adapter: Adapter, dtype=np.float32) -> dict[str, np.ndarray]:
+    """A^T, (s B)^T and s bias per module, computed in float32 and rounded once."""
+    out = {}
+    for lora in adapter.modules.values():
+        scaling = np.float32(lora.scaling)
+        arrays = {
+            lora.name + A_SUFFIX: f32(lora.a).T,
+            lora.name + B_SUFFIX: (f32(lora.b) * scaling).T,
+        }
+        if lora.bias is not None:
+            arrays[lora.name + BIAS_SUFFIX] = f32(lora.bias) * scaling
+        for name, values in arrays.items():
+            array = np.ascontiguousarray(values.astype(dtype))
+            if not np.isfinite(array).all():
+                raise NonFiniteError(f"{adapter.path}: {name} overflows {np.dtype(dtype).name}")
+            out[name] = array
+    return out
+
+
+@dataclass
+class GraphInputs:
+    """Overridable inputs of a saved graph: name -> (dims, dtype name)."""
+
+    path: Path
+    overridable: dict[str, tuple[list, str]]
+
+
+def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
+    """Inputs that have a default initializer, read without loading the weights."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise BadInputError(f"{onnx_path}: ONNX file not found")
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # OSError, protobuf's DecodeError and friends
+        raise BadInputError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__})") from None
+    initialized = {t.name for t in proto.graph.initializer}
+    overridable = {}
+    for value in proto.graph.input:
+        if value.name in initialized:
+            tensor = value.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+            row = BY_ONNX.get(tensor.elem_type)
+            overridable[value.name] = (dims, row.name if row else str(tensor.elem_type))
+    return GraphInputs(onnx_path, overridable)
+
+
+def session_inputs(session) -> dict[str, tuple[list, str]]:
+    """A session's overridable inputs in the same (dims, dtype name) form."""
+    return {a.name: (list(a.shape), _ort_name(a.type)) for a in session.get_overridable_initializers()}
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, tuple[list, str]], object]:
+    """An .onnx_adapter's parameter shapes and the loaded onnxruntime.LoraAdapter."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    try:
+        params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+    except Exception as exc:  # onnxruntime raises its own types for a corrupt flatbuffer
+        raise AdapterError(f"{path}: not an ONNX Runtime adapter file ({first_line(exc, 200)})") from None
+    return {n: (list(v.shape()), _ort_name(v.data_type())) for n, v in params.items()}, adapter
+
+
+def _ort_name(type_string: str) -> str:
+    row = BY_ORT.get(type_string)
+    return row.name if row else type_string
+
+
+def check_parameters(params: Shapes, graph_inputs: Shapes, where, graph_name: str) -> None:
+    """Adapter parameters against a graph's overridable inputs.
+
+    Names must exist, static dims and dtype must match, and each module's A and B come
+    together with one rank: ONNX Runtime would otherwise fail mid-run in a MatMul.
+    """
+    for name, (shape, dtype) in params.items():
+        if name not in graph_inputs:
+            hint = " (export the graph with lora_bias=True)" if name.endswith(BIAS_SUFFIX) else ""
+            raise AdapterError(f"{where}: {name!r} is not a LoRA input of {graph_name}{hint}")
+        dims, graph_dtype = graph_inputs[name]
+        if len(dims) != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(dims, shape)):
+            shown = [d if isinstance(d, int) else "rank" for d in dims]
+            raise AdapterError(f"{where}: {name} is {list(shape)} but {graph_name} expects {shown}")
+        if dtype != graph_dtype:
+            raise AdapterError(f"{where}: {name} is {dtype} but {graph_name} expects {graph_dtype}")
+    for name, (shape, _) in params.items():
+        if not name.endswith(A_SUFFIX):
+            continue
+        b_name = name[: -len(A_SUFFIX)] + B_SUFFIX
+        if b_name not in params or params[b_name][0][0] != shape[1]:
+            other = "missing" if b_name not in params else f"rank {params[b_name][0][0]}"
+            raise AdapterError(f"{where}: {name} has rank {shape[1]} but {b_name} is {other}")
+    for name in params:
+        if name.endswith(B_SUFFIX) and name[: -len(B_SUFFIX)] + A_SUFFIX not in params:
+            raise AdapterError(f"{where}: {name} comes without its lora_A")
+
+
+def pack_adapter(
+    adapter_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    onnx_path: str | os.PathLike | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write a PEFT adapter as an ONNX Runtime adapter file (.onnx_adapter).
+
+    Layers the adapter does not target are absent and keep their rank-0 defaults. With
+    `onnx_path`, every name must be an overridable input of that graph and fit its shape
+    and dtype; adapter module paths are renamed to the graph's (one leading component
+    added or stripped) when needed.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    row = dtype_row(dtype, PACK_DTYPES)
+    check_output_file(path)
+    adapter = load_adapter(adapter_dir)
+    refuse_non_additive(adapter)
+    params = adapter_parameters(adapter, row.numpy)
+    if onnx_path is not None:
+        params = fit_to_graph(params, adapter, read_graph_inputs(onnx_path), dtype)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in params.items()})
+    return write_path_atomic(path, lambda tmp: fmt.export_adapter(str(tmp)))
+
+
+def check_output_file(path: Path) -> None:
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a directory; give a file path")
+    if not path.parent.is_dir():
+        raise BadInputError(f"{path.parent}: directory does not exist")
+
+
+def fit_to_graph(params: dict[str, np.ndarray], adapter: Adapter, graph: GraphInputs,
+                 dtype: str) -> dict[str, np.ndarray]:
+    """Rename parameters to the graph's module paths and check shapes and dtype."""
+    modules = {split_lora_name(n)[0]: None for n in graph.overridable if n.endswith(A_SUFFIX)}
+    if not modules:
+        raise AdapterError(f"{graph.path}: the graph has no LoRA inputs (export it with export_dynamic)")
+    try:
+        rename = choose_prefix(list(adapter.modules), modules)
+    except AdapterError:
+        missing = first_unplaced(list(adapter.modules), modules)
+        raise AdapterError(
+            f"{adapter.path}: module {missing} has no LoRA input in {graph.path.name} "
+            "(adapter for another base, or a layer the graph was not exported to target)"
+        ) from None
+    out = {}
+    for name, array in params.items():
+        module, suffix = split_lora_name(name)
+        out[rename(module) + suffix] = array
+    shapes = {n: (list(a.shape), dtype) for n, a in out.items()}
+    check_parameters(shapes, graph.overridable, adapter.path, graph.path.name)
+    return out
+
+
+def first_unplaced(names: list[str], modules: Mapping[str, object]) -> str:
+    """The first adapter module no graph layer matches, even with a prefix added or stripped."""
+    for name in names:
+        if not any(m == name or m.endswith("." + name) or name.endswith("." + m) for m in modules):
+            return name
+    return names[0]

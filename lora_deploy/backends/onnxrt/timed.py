@@ -1,0 +1,119 @@
+"""ONNX Runtime models opened for timing: one session, one prepared call per feed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_deploy.backends.base import Feed, Runner, TimedModel
+from lora_deploy.backends.onnxrt.loader import SessionFromOnnx
+from lora_deploy.backends.onnxrt.lora_format import check_parameters, read_adapter_file, session_inputs
+from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
+from lora_deploy.backends.onnxrt.sessions import IDS_INPUT as ADAPTER_IDS
+from lora_deploy.errors import BadInputError
+
+
+def _ort_providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BadInputError(
+            "--device cuda: ONNX Runtime has no CUDAExecutionProvider here "
+            f"(have {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _ort_run_options(runner: OnnxrtRunner, adapter: Path, model_name: str) -> Any:
+    """RunOptions with `adapter` (.onnx_adapter) active, after checking it fits the graph."""
+    import onnxruntime as ort
+
+    shapes, lora = read_adapter_file(adapter)
+    where = f"adapter {adapter} does not fit model {model_name!r} ({runner.path})"
+    check_parameters(shapes, session_inputs(runner.session), where, runner.path.name)
+    options = ort.RunOptions()
+    options.add_active_adapter(lora)
+    # RunOptions holds only a pointer to the adapter: keep the object alive.
+    runner.lora_adapter = lora
+    return options
+
+
+def adapter_bank_size(session: Any) -> int:
+    """Adapters in a multi-adapter graph: dim 0 of a `*.bank` input, or 0 if unknown."""
+    for arg in session.get_overridable_initializers():
+        if arg.name.endswith("bank") and arg.shape and isinstance(arg.shape[0], int) and arg.shape[0] > 0:
+            return int(arg.shape[0])
+    return 0
+
+
+def adapter_ids(batch: int, n_adapters: int) -> np.ndarray:
+    """Row i uses adapter i % n, so every adapter in the bank is exercised; all 0 when n is unknown."""
+    if n_adapters <= 0:
+        return np.zeros(batch, dtype=np.int64)
+    return np.arange(batch, dtype=np.int64) % n_adapters
+
+
+def _adapter_ids_input(runner: Runner, n_adapters: int) -> Callable[[int], Feed]:
+    """extra_inputs for a multi-adapter graph (adapter_ids in the graph's dtype); none otherwise."""
+    meta = runner.input_metadata().get(ADAPTER_IDS)
+    if meta is None:
+        return lambda batch: {}
+    dtype = np.dtype(meta[0] or np.int64)
+    return lambda batch: {ADAPTER_IDS: adapter_ids(batch, n_adapters).astype(dtype)}
+
+
+def _ort_binder(runner: OnnxrtRunner, run_options: Any) -> Callable[[Feed], Callable[[], None]]:
+    def bind(feed: Feed) -> Callable[[], None]:
+        session, names = runner.session, runner.output_names()
+
+        def call() -> None:
+            session.run(names, feed, run_options)
+
+        return call
+
+    return bind
+
+
+def timed_model(
+    name: str, path: Path, device: str, threads: int | None, adapter: Path | None, options: Mapping[str, Any]
+) -> TimedModel:
+    """An ONNX Runtime session; an adapter is activated on every run through RunOptions."""
+    # One graph runs at a time: inter-op threads would only compete with the intra-op
+    # pool that --threads sizes.
+    loader = SessionFromOnnx(path, providers=_ort_providers(device), threads=threads, inter_op_threads=1, log_level=4)
+    runner = OnnxrtRunner(loader, name=name)
+    runner.activate()
+    try:
+        used = runner.session.get_providers()
+        # ORT silently falls back to CPU when the CUDA provider fails to load.
+        if device == "cuda" and used[0] != "CUDAExecutionProvider":
+            raise BadInputError(f"model {name!r}: ONNX Runtime could not use CUDA (session runs on {used[0]})")
+        run_options = _ort_run_options(runner, adapter, name) if adapter is not None else None
+        runner.run_options = run_options  # so runner.infer() runs with the adapter too
+        n_adapters = adapter_bank_size(runner.session)
+    except BaseException:
+        runner.deactivate()
+        raise
+    has_ids = ADAPTER_IDS in runner.input_metadata()
+    return TimedModel(
+        name=name,
+        path=path,
+        runner=runner,
+        bind=_ort_binder(runner, run_options),
+        adapter=adapter,
+        bind_plain=_ort_binder(runner, None) if adapter is not None else None,
+        extra_inputs=_adapter_ids_input(runner, n_adapters),
+        details={
+            "path": str(path),
+            "adapter": str(adapter) if adapter else None,
+            "providers": used,
+            "intra_op_threads": threads,
+            "inter_op_threads": 1,
+            "adapter_ids": {"n_adapters": n_adapters} if has_ids else None,
+        },
+    )

@@ -1,0 +1,103 @@
+"""The backends `bench` can time, by name: what each takes as a model and an adapter, and
+the factory that opens one. Factories are named by import path so that listing the
+backends imports neither ONNX Runtime nor torch; a TensorRT backend is one more entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_deploy.backends.base import TimedModel
+from lora_deploy.errors import BadInputError
+
+DEVICES = ("cpu", "cuda")
+
+# make(name, model path, device, threads, adapter path or None, options) -> an active TimedModel
+TimedModelFactory = Callable[[str, Path, str, int | None, Path | None, Mapping[str, Any]], TimedModel]
+
+
+@dataclass(frozen=True)
+class PathKind:
+    """What a backend accepts as a model or an adapter path."""
+
+    directory: bool
+    label: str  # for messages, e.g. "an .onnx file"
+    marker: str = ""  # a file a directory must contain
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registry entry: accepted paths plus a factory. TensorRT would be one more entry."""
+
+    model: PathKind
+    adapter: PathKind
+    make: str | TimedModelFactory  # the factory, or its "module:function" to import on first use
+
+    def factory(self) -> TimedModelFactory:
+        if callable(self.make):
+            return self.make
+        module, _, function = self.make.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+BACKENDS: dict[str, Backend] = {
+    "onnxruntime": Backend(
+        model=PathKind(directory=False, label="an .onnx file"),
+        adapter=PathKind(directory=False, label="an .onnx_adapter file"),
+        make="lora_deploy.backends.onnxrt.timed:timed_model",
+    ),
+    "torch": Backend(
+        model=PathKind(directory=True, label="a Hugging Face checkpoint directory", marker="config.json"),
+        adapter=PathKind(directory=True, label="a PEFT adapter directory", marker="adapter_config.json"),
+        make="lora_deploy.backends.torch.timed:timed_model",
+    ),
+}
+
+
+def check_path(path: Path, kind: PathKind, role: str, name: str, backend: str) -> None:
+    """Exists, and is what `backend` takes; otherwise one line saying what to use."""
+    what = f"{role} {name!r} ({path})"
+    if not path.exists():
+        raise BadInputError(f"{what}: not found")
+    if path.is_dir() != kind.directory:
+        others = [b for b, spec in BACKENDS.items() if getattr(spec, role).directory == path.is_dir()]
+        hint = f"; that needs --backend {others[0]}" if others else ""
+        raise BadInputError(f"{what}: the {backend} backend takes {kind.label}{hint}")
+    if kind.marker and not (path / kind.marker).is_file():
+        raise BadInputError(f"{what}: no {kind.marker}, so not {kind.label}")
+
+
+def get(backend: str) -> Backend:
+    if backend not in BACKENDS:
+        raise BadInputError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+    return BACKENDS[backend]
+
+
+def open_timed(
+    name: str,
+    path: str | os.PathLike,
+    backend: str,
+    device: str = "cpu",
+    threads: int | None = None,
+    adapter: str | os.PathLike | None = None,
+    **options: Any,
+) -> TimedModel:
+    """Open one variant (activated): `variant.runner` plus `variant.bind(feed)` -> zero-arg call.
+
+    `options` go to the backend factory (torch: `cuda_graphs=True`). The
+    caller closes it with `variant.close()`.
+    """
+    spec = get(backend)
+    if device not in DEVICES:
+        raise BadInputError(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
+    path = Path(path)
+    check_path(path, spec.model, "model", name, backend)
+    if adapter is not None:
+        adapter = Path(adapter)
+        check_path(adapter, spec.adapter, "adapter", name, backend)
+    return spec.factory()(name, path, device, threads, adapter, options)

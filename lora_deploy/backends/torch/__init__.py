@@ -1,0 +1,1 @@
+"""PyTorch eager (and CUDA graphs): the runner and timed calls."""
