@@ -29,22 +29,28 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from lora_deploy.bench.run import run_bench
 from lora_deploy.backends.onnxrt.lora_format import pack_adapter
 from lora_deploy.backends.onnxrt.sessions import DynamicSession, MultiSession
-from lora_deploy.export.dynamic import export_dynamic
-from lora_deploy.export.model import export_checkpoint
-from lora_deploy.merge.streaming import merge
-from lora_deploy.export.multi import export_multi
 from lora_deploy.bench.report import machine_info, plot, to_markdown, write_json
-from lora_deploy.modeling.samples import sample_inputs
+from lora_deploy.bench.run import run_bench
 from lora_deploy.bench.stats import bootstrap_median_ci
 from lora_deploy.bench.timing import measure_interleaved
+from lora_deploy.export.dynamic import export_dynamic
+from lora_deploy.export.model import export_checkpoint
+from lora_deploy.export.multi import export_multi
+from lora_deploy.merge.streaming import merge
+from lora_deploy.modeling.samples import sample_inputs
 
 # (rank, targets) of the eight adapters: mixed ranks and target sets share one bank.
 ADAPTERS = [
-    (8, ("q_proj", "v_proj")), (4, ("q_proj", "v_proj")), (16, ("q_proj", "v_proj")), (8, ("q_proj",)),
-    (8, ("q_proj", "k_proj", "v_proj", "o_proj")), (4, ("v_proj",)), (8, ("q_proj", "v_proj")), (16, ("v_proj",)),
+    (8, ("q_proj", "v_proj")),
+    (4, ("q_proj", "v_proj")),
+    (16, ("q_proj", "v_proj")),
+    (8, ("q_proj",)),
+    (8, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    (4, ("v_proj",)),
+    (8, ("q_proj", "v_proj")),
+    (16, ("v_proj",)),
 ]
 
 
@@ -52,16 +58,30 @@ def build_base(path: Path, hidden: int, layers: int, vocab: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=vocab,
-                         max_position_embeddings=512, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
 
 
 def build_adapter(path: Path, hidden: int, layers: int, rank: int, targets, seed: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
-              "task_type": "CAUSAL_LM", "bias": "none", "lora_dropout": 0.0}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(targets),
+        "task_type": "CAUSAL_LM",
+        "bias": "none",
+        "lora_dropout": 0.0,
+    }
     (path / "adapter_config.json").write_text(json.dumps(config))
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -87,7 +107,11 @@ def prepare(work: Path, hidden: int, layers: int, vocab: int) -> dict:
         export_multi(base, work / "multi.onnx", adapters)
         for i, adapter in enumerate(adapters):
             pack_adapter(adapter, work / f"adapter{i}.onnx_adapter", onnx_path=work / "dynamic.onnx")
-    return {"base": base, "adapters": adapters, "packed": [work / f"adapter{i}.onnx_adapter" for i in range(len(adapters))]}
+    return {
+        "base": base,
+        "adapters": adapters,
+        "packed": [work / f"adapter{i}.onnx_adapter" for i in range(len(adapters))],
+    }
 
 
 def ort_options(threads: int):
@@ -118,8 +142,9 @@ def switching(work: Path, files: dict, threads: int, rounds: int) -> dict:
         flip["n"] += 1
         session.run(feed, adapter="a" if flip["n"] % 2 else "b")
 
-    times = measure_interleaved({"same": lambda: session.run(feed, adapter="a"), "switch": alternate},
-                                warmup=5, rounds=rounds)
+    times = measure_interleaved(
+        {"same": lambda: session.run(feed, adapter="a"), "switch": alternate}, warmup=5, rounds=rounds
+    )
     loads = []
     for _ in range(20):
         start = time.perf_counter()
@@ -145,22 +170,24 @@ def mixed_batch(work: Path, files: dict, threads: int, rounds: int, seq: int = 1
         dynamic.load_adapter(f"a{i}", packed)
     feed = sample_inputs(files["base"], batch=n, seq=seq, seed=0)
     feed["attention_mask"][:] = 1  # full rows, so one row alone is the same work as in the batch
-    rows = [{k: v[i:i + 1] for k, v in feed.items()} for i in range(n)]
+    rows = [{k: v[i : i + 1] for k, v in feed.items()} for i in range(n)]
 
     # The rows must agree before timing means anything.
     together = multi.run(feed, list(range(n)))["logits"]
     for i, row in enumerate(rows):
         alone = dynamic.run(row, adapter=f"a{i}")["logits"]
-        np.testing.assert_allclose(together[i:i + 1], alone, atol=1e-4, rtol=1e-3)
+        np.testing.assert_allclose(together[i : i + 1], alone, atol=1e-4, rtol=1e-3)
 
     def one_at_a_time() -> None:
         for i, row in enumerate(rows):
             dynamic.run(row, adapter=f"a{i}")
 
-    times = measure_interleaved({"multi": lambda: multi.run(feed, list(range(n))), "sequential": one_at_a_time},
-                                warmup=3, rounds=rounds)
+    times = measure_interleaved(
+        {"multi": lambda: multi.run(feed, list(range(n))), "sequential": one_at_a_time}, warmup=3, rounds=rounds
+    )
     return {
-        "rows": n, "seq": seq,
+        "rows": n,
+        "seq": seq,
         "multi_batch_ms": 1e3 * statistics.median(times["multi"]),
         "one_adapter_at_a_time_ms": 1e3 * statistics.median(times["sequential"]),
         "throughput_gain": ratio_summary(times["sequential"], times["multi"]),
@@ -192,7 +219,9 @@ def main() -> None:
         extra["switching"] = switching(args.work, files, args.threads, args.rounds)
     if "mixed" in parts:
         seqs = [int(x) for x in args.mixed_seqs.split(",")]
-        extra["mixed_batch"] = [mixed_batch(args.work, files, args.threads, max(10, args.rounds // 2), seq) for seq in seqs]
+        extra["mixed_batch"] = [
+            mixed_batch(args.work, files, args.threads, max(10, args.rounds // 2), seq) for seq in seqs
+        ]
     extra.update({"machine": machine_info(args.threads), "threads": args.threads})
     extra_path.write_text(json.dumps(extra, indent=2) + "\n")
     print(json.dumps({k: v for k, v in extra.items() if k != "machine"}, indent=2))
@@ -200,13 +229,26 @@ def main() -> None:
 
 def latency(args, files: dict) -> None:
     report = run_bench(
-        {"base": args.work / "base.onnx", "merged": args.work / "merged.onnx",
-         "dynamic": args.work / "dynamic.onnx", "multi": args.work / "multi.onnx"},
-        adapters={"dynamic": files["packed"][0]}, reference="merged", shapes=args.shapes,
-        threads=args.threads, rounds=args.rounds, warmup=5,
+        {
+            "base": args.work / "base.onnx",
+            "merged": args.work / "merged.onnx",
+            "dynamic": args.work / "dynamic.onnx",
+            "multi": args.work / "multi.onnx",
+        },
+        adapters={"dynamic": files["packed"][0]},
+        reference="merged",
+        shapes=args.shapes,
+        threads=args.threads,
+        rounds=args.rounds,
+        warmup=5,
     )
-    report["config"]["model"] = {"family": "llama", "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
-                                 "adapters": [{"r": r, "targets": list(t)} for r, t in ADAPTERS]}
+    report["config"]["model"] = {
+        "family": "llama",
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "vocab": args.vocab,
+        "adapters": [{"r": r, "targets": list(t)} for r, t in ADAPTERS],
+    }
     write_json(report, args.out / "adapter_graphs_latency.json")
     (args.out / "adapter_graphs_latency.md").write_text(to_markdown(report))
     plot(report, args.out / "adapter_graphs_latency.png")

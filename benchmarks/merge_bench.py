@@ -72,19 +72,30 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak}))
 
 def llama_config(layers: int, hidden: int, intermediate: int, vocab: int) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": hidden // 128,
-        "num_key_value_heads": hidden // 128, "vocab_size": vocab, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "float16", "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 128,
+        "num_key_value_heads": hidden // 128,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "dtype": "float16",
+        "hidden_act": "silu",
     }
 
 
 def layer_shapes(i: int, h: int, inter: int) -> dict[str, tuple[int, ...]]:
     p = f"model.layers.{i}."
     return {
-        p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
         **{p + f"self_attn.{n}.weight": (h, h) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-        p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+        p + "mlp.gate_proj.weight": (inter, h),
+        p + "mlp.up_proj.weight": (inter, h),
         p + "mlp.down_proj.weight": (h, inter),
     }
 
@@ -119,15 +130,25 @@ def build_base(path: Path, layers: int, hidden: int, inter: int, vocab: int, sha
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-TARGETS = {"qv": ("q_proj", "v_proj"),
-           "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+TARGETS = {
+    "qv": ("q_proj", "v_proj"),
+    "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
 
 
 def build_adapter(path: Path, layers: int, hidden: int, inter: int, targets: str, r: int = 16) -> None:
     path.mkdir(parents=True)
     names = TARGETS[targets]
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(names),
-              "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False, "lora_dropout": 0.0}
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": list(names),
+        "task_type": "CAUSAL_LM",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "lora_dropout": 0.0,
+    }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
     gen = torch.Generator().manual_seed(1)
     tensors = {}
@@ -166,12 +187,17 @@ def run_child(mode: str, base: Path, adapter: Path, out: Path, cold: bool = Fals
 def machine() -> dict:
     cpu = platform.processor()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**30, 1), "python": platform.python_version(),
-            "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def main() -> None:
@@ -207,15 +233,20 @@ def main() -> None:
             order.append("peft")
         for mode in order:
             rows[mode].append(run_child(mode, base, adapter, out, args.cold))
-            print(f"round {r} {mode}: {rows[mode][-1]['seconds']:.2f}s, peak RSS {rows[mode][-1]['peak_rss'] / 1e9:.2f} GB",
-                  flush=True)
+            print(
+                f"round {r} {mode}: {rows[mode][-1]['seconds']:.2f}s, "
+                f"peak RSS {rows[mode][-1]['peak_rss'] / 1e9:.2f} GB",
+                flush=True,
+            )
     ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows["ours"], rows["copy"])]
     durable_ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows["ours-fsync"], rows["copy-fsync"])]
     summary = {
         "machine": machine(),
         "page_cache": "dropped before every run" if args.cold else "warm (whatever earlier runs left)",
         "adapter": {"r": 16, "targets": list(TARGETS[args.targets])},
-        "model_bytes": model_bytes, "largest_shard_bytes": largest, "shards": len(files),
+        "model_bytes": model_bytes,
+        "largest_shard_bytes": largest,
+        "shards": len(files),
         "copy_s": statistics.median(x["seconds"] for x in rows["copy"]),
         "ours_s": statistics.median(x["seconds"] for x in rows["ours"]),
         "ours_over_copy": statistics.median(ratio),

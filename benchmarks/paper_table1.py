@@ -24,9 +24,11 @@ from lora_deploy.merge.streaming import merge
 
 # Paper, Table 1 (GPT-2 medium, one RTX 8000, mean of 100 runs): fine-tuned / merged LoRA
 # latency in ms and the adapter variants' overhead.
-PAPER = {"1x128": {"merged_ms": 19.8, "AdapterL": "+20.7%", "AdapterH": "+30.3%"},
-         "16x256": {"AdapterL": "+5.0%", "AdapterH": "+8.4%"},
-         "32x512": {"AdapterL": "+2.2%", "AdapterH": "+3.0%"}}
+PAPER = {
+    "1x128": {"merged_ms": 19.8, "AdapterL": "+20.7%", "AdapterH": "+30.3%"},
+    "16x256": {"AdapterL": "+5.0%", "AdapterH": "+8.4%"},
+    "32x512": {"AdapterL": "+2.2%", "AdapterH": "+3.0%"},
+}
 
 
 def build(work: Path, layers: int) -> tuple[Path, Path, Path]:
@@ -39,8 +41,10 @@ def build(work: Path, layers: int) -> tuple[Path, Path, Path]:
         config = GPT2Config(n_embd=1024, n_layer=layers, n_head=16, n_positions=1024, vocab_size=50257)
         model = GPT2LMHeadModel(config)
         model.save_pretrained(base)
-        lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                init_lora_weights=False))
+        lora = get_peft_model(
+            model,
+            LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False),
+        )
         lora.save_pretrained(adapter)
         merge(base, adapter, merged)
     return base, adapter, merged
@@ -58,17 +62,31 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base, adapter, merged = build(args.work, args.layers)
-    report = run_bench({"base": base, "merged": merged, "unmerged": base}, adapters={"unmerged": adapter},
-                       backend="torch", device=args.device, shapes=args.shapes, reference="base",
-                       rounds=args.rounds, warmup=10, cuda_graphs=args.cuda_graphs)
+    report = run_bench(
+        {"base": base, "merged": merged, "unmerged": base},
+        adapters={"unmerged": adapter},
+        backend="torch",
+        device=args.device,
+        shapes=args.shapes,
+        reference="base",
+        rounds=args.rounds,
+        warmup=10,
+        cuda_graphs=args.cuda_graphs,
+    )
     report["config"]["paper_table1"] = PAPER
     name = f"paper_table1_{args.device}"
     args.out.mkdir(parents=True, exist_ok=True)
-    write_outputs(report, json_path=args.out / f"{name}.json", markdown_path=args.out / f"{name}.md",
-                  plot_path=args.out / f"{name}.png")
+    write_outputs(
+        report,
+        json_path=args.out / f"{name}.json",
+        markdown_path=args.out / f"{name}.md",
+        plot_path=args.out / f"{name}.png",
+    )
     for shape, row in report["results"].items():
-        cells = ", ".join(f"{v}: {e['p50_ms']:.2f} ms" + (f" ({100 * (e['ratio']['median'] - 1):+.1f}%)" if e.get("ratio") else "")
-                          for v, e in row["variants"].items())
+        cells = ", ".join(
+            f"{v}: {e['p50_ms']:.2f} ms" + (f" ({100 * (e['ratio']['median'] - 1):+.1f}%)" if e.get("ratio") else "")
+            for v, e in row["variants"].items()
+        )
         print(f"{shape}: {cells}; paper: {json.dumps(PAPER.get(shape, {}))}")
 
 

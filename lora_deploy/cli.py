@@ -16,7 +16,9 @@ from pathlib import Path
 import click
 
 from lora_deploy import __version__
+from lora_deploy.backends import registry
 from lora_deploy.errors import InternalError, LoraDeployError
+from lora_deploy.options import BenchOptions, ExportOptions, MergeOptions, VerifyOptions
 from lora_deploy.util import signal_handlers
 
 directory = click.Path(exists=False, file_okay=False, path_type=Path)  # existence is checked by the API, in one line
@@ -37,11 +39,17 @@ def exit_interrupted(exc: KeyboardInterrupt) -> None:
 
 
 def run_guarded(fn):
-    """Turn typed errors into one line and an exit code; --debug shows the traceback."""
+    """Turn typed errors into one line and an exit code; --debug shows the traceback.
 
+    Also gives the command a `--debug` of its own: errors say "rerun with --debug", and
+    users add it at the end of the line, not before the subcommand.
+    """
+
+    @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False) or ctx.params.get("debug", False)
         try:
             with signal_handlers({signal.SIGTERM: raise_terminated}):
                 return fn(*args, **kwargs)
@@ -108,8 +116,14 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
     console.print(f"[bold]{info['adapter']}[/]  variant={info['variant']}  r={info['r']}  alpha={info['lora_alpha']}")
     table = Table("module", "r", "alpha", "scaling", "kind", "params")
     for m in info["modules"]:
-        table.add_row(m["module"], str(m["r"]), f"{m['alpha']:g}", f"{m['scaling']:.4g}",
-                      m.get("kind", "embedding" if m["embedding"] else "-"), f"{m['parameters']:,}")
+        table.add_row(
+            m["module"],
+            str(m["r"]),
+            f"{m['alpha']:g}",
+            f"{m['scaling']:.4g}",
+            m.get("kind", "embedding" if m["embedding"] else "-"),
+            f"{m['parameters']:,}",
+        )
     console.print(table)
     line = f"trainable parameters: {info['trainable_parameters']:,}"
     if "trainable_fraction" in info:
@@ -123,22 +137,30 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
 @click.argument("base", type=directory)
 @click.argument("adapter", type=directory)
 @click.option("-o", "--output", "out", type=directory, required=True, help="Output checkpoint directory.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Output dtype; auto keeps each tensor's base dtype.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Output dtype; auto keeps each tensor's base dtype.",
+)
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--fsync", "durable", is_flag=True, help="fsync every output file before the final rename (power-loss safe).")
+@click.option(
+    "--fsync", "durable", is_flag=True, help="fsync every output file before the final rename (power-loss safe)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the merge manifest as JSON.")
 @run_guarded
-def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str, overwrite: bool, durable: bool,
-          as_json: bool) -> None:
+def merge(
+    base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str, overwrite: bool, durable: bool, as_json: bool
+) -> None:
     """Merge ADAPTER into BASE, shard by shard, writing an ordinary HF checkpoint."""
-    from lora_deploy.merge.streaming import merge as run_merge
+    from lora_deploy.merge import merge as run_merge
     from lora_deploy.progress import byte_progress
 
+    options = MergeOptions.from_params(click.get_current_context().params)
     with byte_progress("merging", enabled=not as_json) as progress:
-        result = run_merge(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size,
-                           overwrite=overwrite, durable=durable, progress=progress)
+        result = run_merge(base, adapter, out, **options.kwargs(), progress=progress)
     if as_json:
         emit_json(result.manifest)
     else:
@@ -149,13 +171,27 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str,
 @click.argument("base", type=directory)
 @click.argument("adapter", type=directory)
 @click.option("--merged", type=directory, help="Merged checkpoint to check (weights and outputs).")
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), help="ONNX model to check in ONNX Runtime.")
-@click.option("--dynamic", "dynamic_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Dynamic-adapter graph: checked with the adapter active and with none.")
-@click.option("--packed", "packed_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="The .onnx_adapter to activate on --dynamic (default: pack ADAPTER on the fly).")
-@click.option("--multi", "multi_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Multi-adapter graph holding ADAPTER: its rows, no-adapter rows and a mixed batch.")
+@click.option(
+    "--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), help="ONNX model to check in ONNX Runtime."
+)
+@click.option(
+    "--dynamic",
+    "dynamic_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Dynamic-adapter graph: checked with the adapter active and with none.",
+)
+@click.option(
+    "--packed",
+    "packed_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The .onnx_adapter to activate on --dynamic (default: pack ADAPTER on the fly).",
+)
+@click.option(
+    "--multi",
+    "multi_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Multi-adapter graph holding ADAPTER: its rows, no-adapter rows and a mixed batch.",
+)
 @click.option("--atol", type=float, help="Absolute output tolerance (default by dtype).")
 @click.option("--rtol", type=float, help="Relative output tolerance (default by dtype).")
 @click.option("--batch", type=int, default=2, show_default=True)
@@ -165,14 +201,37 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str,
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @run_guarded
-def verify(base, adapter, merged, onnx_path, dynamic_path, packed_path, multi_path, atol, rtol, batch, seq, seed,
-           task, report, as_json) -> None:
+def verify(
+    base,
+    adapter,
+    merged,
+    onnx_path,
+    dynamic_path,
+    packed_path,
+    multi_path,
+    atol,
+    rtol,
+    batch,
+    seq,
+    seed,
+    task,
+    report,
+    as_json,
+) -> None:
     """Check that artifacts compute what BASE + ADAPTER compute (exit 1 if not)."""
     from lora_deploy.proof.verify import verify as run_verify
 
-    result = run_verify(base, adapter, merged_dir=merged, onnx_path=onnx_path, dynamic_path=dynamic_path,
-                        packed_path=packed_path, multi_path=multi_path, atol=atol, rtol=rtol,
-                        batch=batch, seq=seq, seed=seed, task=task)
+    options = VerifyOptions.from_params(click.get_current_context().params)
+    result = run_verify(
+        base,
+        adapter,
+        merged_dir=merged,
+        onnx_path=onnx_path,
+        dynamic_path=dynamic_path,
+        packed_path=packed_path,
+        multi_path=multi_path,
+        **options.kwargs(),
+    )
     if report:
         write_json_atomic(report, result.to_dict())
     if as_json:
@@ -188,8 +247,13 @@ def print_checks(result) -> None:
 
     table = Table("check", "result", "max abs", "cosine", "top-1")
     for c in result.checks:
-        table.add_row(c.name, "[green]pass[/]" if c.passed else "[red]FAIL[/]", f"{c.max_abs:.3g}",
-                      "" if c.cosine is None else f"{c.cosine:.7f}", "" if c.top1 is None else f"{100 * c.top1:.1f}%")
+        table.add_row(
+            c.name,
+            "[green]pass[/]" if c.passed else "[red]FAIL[/]",
+            f"{c.max_abs:.3g}",
+            "" if c.cosine is None else f"{c.cosine:.7f}",
+            "" if c.top1 is None else f"{100 * c.top1:.1f}%",
+        )
     Console().print(table)
 
 
@@ -208,16 +272,31 @@ def export() -> None:
 @export.command("onnx")
 @click.argument("model", type=directory)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--task", type=click.Choice(["auto", "causal-lm", "sequence-classification", "token-classification",
-                                           "feature-extraction"]), default="auto", show_default=True)
+@click.option(
+    "--task",
+    type=click.Choice(["auto", "causal-lm", "sequence-classification", "token-classification", "feature-extraction"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--dynamic-adapters", is_flag=True,
-              help="Keep LoRA separate: A/B of every targeted layer become overridable graph inputs (ONNX Runtime multi-LoRA).")
-@click.option("--multi-adapter", is_flag=True,
-              help="One graph serving every --adapter at once; input adapter_ids picks one per batch row (-1 = base).")
-@click.option("--adapter", "adapters", multiple=True, type=directory,
-              help="PEFT adapter whose targets (dynamic) or weights (multi) the graph takes. Repeat.")
+@click.option(
+    "--dynamic-adapters",
+    is_flag=True,
+    help="Keep LoRA separate: A/B of every targeted layer become overridable graph inputs (ONNX Runtime multi-LoRA).",
+)
+@click.option(
+    "--multi-adapter",
+    is_flag=True,
+    help="One graph serving every --adapter at once; input adapter_ids picks one per batch row (-1 = base).",
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=directory,
+    help="PEFT adapter whose targets (dynamic) or weights (multi) the graph takes. Repeat.",
+)
 @click.option("--targets", help="Dynamic graph targets without an adapter, e.g. q_proj,v_proj.")
 @click.option("--json", "as_json", is_flag=True)
 @run_guarded
@@ -226,7 +305,7 @@ def export_onnx(model, out, task, opset, dtype, dynamic_adapters, multi_adapter,
     from dataclasses import asdict
 
     from lora_deploy.errors import BadInputError
-    from lora_deploy.export.model import export_checkpoint
+    from lora_deploy.export import export_checkpoint
 
     if dynamic_adapters or multi_adapter:
         if dynamic_adapters and multi_adapter:
@@ -237,20 +316,34 @@ def export_onnx(model, out, task, opset, dtype, dynamic_adapters, multi_adapter,
         return
     if adapters or targets:
         raise BadInputError("--adapter and --targets need --dynamic-adapters or --multi-adapter")
-    result = export_checkpoint(model, out, task=task, opset=opset, dtype=dtype)
+    options = ExportOptions.from_params(click.get_current_context().params)
+    result = export_checkpoint(model, out, **options.kwargs())
     if as_json:
         emit_json(asdict(result))
     else:
-        click.echo(f"exported {result.task} model to {result.path} (opset {result.opset}); "
-                   f"ONNX Runtime vs torch max abs error {result.max_abs_error:.2e}")
+        click.echo(
+            f"exported {result.task} model to {result.path} (opset {result.opset}); "
+            f"ONNX Runtime vs torch max abs error {result.max_abs_error:.2e}"
+        )
 
 
 @main.command()
-@click.option("-o", "--output", "out", type=directory, default=Path("lora-deploy-demo"), show_default=True,
-              help="Working directory for the example's files.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=directory,
+    default=Path("lora-deploy-demo"),
+    show_default=True,
+    help="Working directory for the example's files.",
+)
 @click.option("--family", type=click.Choice(["llama", "gpt2", "bert"]), default="llama", show_default=True)
-@click.option("--variant", default="plain", show_default=True,
-              help="Adapter recipe: plain, rslora, patterns, lora_bias, dora, modules_to_save, embedding, all_linear.")
+@click.option(
+    "--variant",
+    default="plain",
+    show_default=True,
+    help="Adapter recipe: plain, rslora, patterns, lora_bias, dora, modules_to_save, embedding, all_linear.",
+)
 @run_guarded
 def demo(out: Path, family: str, variant: str) -> None:
     """Run the whole deploy path on a built-in reference model and adapter."""
@@ -261,8 +354,12 @@ def demo(out: Path, family: str, variant: str) -> None:
 
     console = Console()
     table = Table("stage", "time", "result", title=f"lora-deploy demo: {family} / {variant}")
-    steps = run_demo(out, family=family, variant=variant,
-                     on_step=lambda s: console.print(f"[green]done[/] {s.name} ({s.seconds:.1f}s)"))
+    steps = run_demo(
+        out,
+        family=family,
+        variant=variant,
+        on_step=lambda s: console.print(f"[green]done[/] {s.name} ({s.seconds:.1f}s)"),
+    )
     for s in steps:
         table.add_row(s.name, f"{s.seconds:.1f}s", s.result)
     console.print(table)
@@ -273,53 +370,98 @@ out_file = click.Path(dir_okay=False, path_type=Path)
 
 
 @main.command("bench")
-@click.option("--model", "models", multiple=True, required=True, metavar="NAME=PATH",
-              help="A variant to time: an .onnx file (onnxruntime) or an HF checkpoint directory (torch). Repeat.")
-@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]PATH",
-              help="Adapter for model NAME (default: the model named dynamic): an .onnx_adapter file active on "
-                   "every run (onnxruntime), or a PEFT adapter directory attached unmerged (torch).")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    metavar="NAME=PATH",
+    help="A variant to time: an .onnx file (onnxruntime) or an HF checkpoint directory (torch). Repeat.",
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    metavar="[NAME=]PATH",
+    help="Adapter for model NAME (default: the model named dynamic): an .onnx_adapter file active on "
+    "every run (onnxruntime), or a PEFT adapter directory attached unmerged (torch).",
+)
 @click.option("--reference", help="Variant the others are compared with.  [default: base, else the first model]")
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(list(registry.BACKENDS)), default="onnxruntime", show_default=True)
+@click.option("--device", type=click.Choice(list(registry.DEVICES)), default="cpu", show_default=True)
 @click.option("--shapes", default="1x1,1x128,8x128", show_default=True, help="Comma-separated BATCHxSEQ.")
-@click.option("--threads", type=click.IntRange(min=1),
-              help="ONNX Runtime intra-op threads (inter-op is 1) / torch.set_num_threads.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="ONNX Runtime intra-op threads (inter-op is 1) / torch.set_num_threads.",
+)
 @click.option("--rounds", type=click.IntRange(min=1), default=50, show_default=True, help="Timed rounds per shape.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per variant.")
-@click.option("--inner", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Calls per timed sample (raise it for sub-millisecond shapes).")
+@click.option(
+    "--inner",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Calls per timed sample (raise it for sub-millisecond shapes).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs.")
 @click.option("--cuda-graphs", is_flag=True, help="torch on cuda: replay each shape's forward from a CUDA graph.")
 @click.option("--json", "json_path", type=out_file, help="Write the JSON report (schema lora-deploy.bench/1).")
 @click.option("--markdown", "markdown_path", type=out_file, help="Write a Markdown summary.")
 @click.option("--plot", "plot_path", type=out_file, help="Write a PNG plot of p50 latency.")
 @click.option("--max-overhead", help="Exit 1 if a variant is provably slower than the reference by more, e.g. 2%.")
-@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path),
-              help="Earlier JSON report to check for regressions.")
+@click.option(
+    "--baseline",
+    "baseline_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Earlier JSON report to check for regressions.",
+)
 @click.option("--max-regression", help="Allowed slowdown against --baseline, e.g. 5%.  [default with --baseline: 5%]")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary table.")
 @run_guarded
-def bench_cmd(models, adapters, reference, backend, device, shapes, threads, rounds, warmup, inner, seed,
-              cuda_graphs, json_path, markdown_path, plot_path, max_overhead, baseline, max_regression, quiet) -> None:
+def bench_cmd(
+    models,
+    adapters,
+    reference,
+    backend,
+    device,
+    shapes,
+    threads,
+    rounds,
+    warmup,
+    inner,
+    seed,
+    cuda_graphs,
+    json_path,
+    markdown_path,
+    plot_path,
+    max_overhead,
+    baseline_path,
+    max_regression,
+    quiet,
+) -> None:
     """Time model variants interleaved and gate the overhead (exit 1 when a gate fails).
 
     Files are written before the gates are checked, so a failure keeps its evidence.
     """
-    from lora_deploy.bench.run import bench_progress, check_gates, parse_adapter_specs, parse_model_specs, run_bench, write_outputs
-    from lora_deploy.bench.report import to_markdown
+    from lora_deploy.bench import bench, parse_adapter_specs, parse_model_specs, to_markdown
+    from lora_deploy.progress import bench_progress
 
+    options = BenchOptions.from_params(click.get_current_context().params)
+    model_specs = parse_model_specs(models)
+    adapter_specs = parse_adapter_specs(adapters, list(model_specs))
+    show = None if quiet else (lambda report: click.echo(to_markdown(report), nl=False))
     with bench_progress(enabled=not quiet) as progress:
-        report = run_bench(
-            parse_model_specs(models), adapters=parse_adapter_specs(adapters, [m.split("=", 1)[0] for m in models]),
-            backend=backend, device=device,
-            shapes=shapes, reference=reference, threads=threads, rounds=rounds, warmup=warmup, inner=inner,
-            seed=seed, max_overhead=max_overhead, baseline_path=baseline, max_regression=max_regression,
-            cuda_graphs=cuda_graphs, progress=progress,
+        bench(
+            model_specs,
+            adapters=adapter_specs,
+            json_path=json_path,
+            markdown_path=markdown_path,
+            plot_path=plot_path,
+            show=show,
+            progress=progress,
+            **options.kwargs(),
         )
-    write_outputs(report, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
-    if not quiet:
-        click.echo(to_markdown(report), nl=False)
-    check_gates(report)
 
 
 def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_json) -> None:
@@ -338,8 +480,14 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_j
             raise BadInputError("--dynamic-adapters needs --adapter ADAPTER or --targets q_proj,v_proj")
         target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
         graph = export_dynamic(model, out, adapters=list(adapters), targets=target_list, task=task, opset=opset)
-    info = {"path": str(graph.path), "task": graph.task, "output": graph.output, "modules": sorted(graph.slots),
-            "adapters": graph.adapters, "lora_inputs": graph.lora_inputs() if not multi else []}
+    info = {
+        "path": str(graph.path),
+        "task": graph.task,
+        "output": graph.output,
+        "modules": sorted(graph.slots),
+        "adapters": graph.adapters,
+        "lora_inputs": graph.lora_inputs() if not multi else [],
+    }
     if as_json:
         emit_json(info)
     else:
@@ -349,10 +497,20 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_j
 
 @main.command()
 @click.argument("adapter", type=directory)
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The .onnx_adapter file to write.")
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Dynamic graph to check names and shapes against.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The .onnx_adapter file to write.",
+)
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Dynamic graph to check names and shapes against.",
+)
 @run_guarded
 def pack(adapter, out, onnx_path) -> None:
     """Write ADAPTER in ONNX Runtime's adapter format for a dynamic-adapter graph."""

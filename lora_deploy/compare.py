@@ -46,12 +46,14 @@ class Tolerance:
 #   writes bfloat16 graphs (float32/float16 only), so its old 5e-2 row had no user.
 # - float64: 1e-6 / 1e-5, export's value for a float64 module; verify never reaches it.
 # min_cosine catches a systematic drift that stays inside atol elementwise.
-TOLERANCES: MappingProxyType[str, Tolerance] = MappingProxyType({
-    "float64": Tolerance(1e-6, 1e-5, 0.9999999),
-    "float32": Tolerance(1e-4, 1e-3, 0.99999),
-    "float16": Tolerance(2e-2, 2e-2, 0.9995),
-    "bfloat16": Tolerance(1.5e-1, 1e-1, 0.995),
-})
+TOLERANCES: MappingProxyType[str, Tolerance] = MappingProxyType(
+    {
+        "float64": Tolerance(1e-6, 1e-5, 0.9999999),
+        "float32": Tolerance(1e-4, 1e-3, 0.99999),
+        "float16": Tolerance(2e-2, 2e-2, 0.9995),
+        "bfloat16": Tolerance(1.5e-1, 1e-1, 0.995),
+    }
+)
 # Relative errors are divided by max(|expected|, this), so zeros do not give infinities.
 REL_FLOOR = 1e-6
 
@@ -152,16 +154,22 @@ class Comparisons:
             c.raise_for(kind, context)
 
 
-def compare(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tol: Tolerance,
-            mask: np.ndarray | None = None) -> Comparisons:
+def compare(
+    actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tol: Tolerance, mask: np.ndarray | None = None
+) -> Comparisons:
     """Each expected output against the actual one of the same name; extra actual outputs
     are ignored. `mask` ([batch, sequence], 0 = padding) limits sequence outputs to real
     tokens."""
     result = Comparisons()
     for name, want in expected.items():
         if name not in actual:
-            missing = Comparison(name, tol, max_abs=float("inf"), error=OutputMatchError,
-                                 reason=f"missing (outputs present: {', '.join(actual) or 'none'})")
+            missing = Comparison(
+                name,
+                tol,
+                max_abs=float("inf"),
+                error=OutputMatchError,
+                reason=f"missing (outputs present: {', '.join(actual) or 'none'})",
+            )
             result.outputs.append(missing)
         else:
             result.outputs.append(compare_array(name, actual[name], want, tol, mask))
@@ -173,8 +181,13 @@ def compare_array(name: str, actual, expected, tol: Tolerance, mask: np.ndarray 
     must sit where the reference has the same NaN/Inf; the rest is within `tol`."""
     got, want = np.asarray(actual), np.asarray(expected)
     if got.shape != want.shape:
-        return Comparison(name, tol, max_abs=float("inf"), error=ShapeError,
-                          reason=f"shape {list(got.shape)} != expected {list(want.shape)}")
+        return Comparison(
+            name,
+            tol,
+            max_abs=float("inf"),
+            error=ShapeError,
+            reason=f"shape {list(got.shape)} != expected {list(want.shape)}",
+        )
     if want.dtype.kind in "biu":  # ids, masks, counts: no rounding to allow for
         tol = replace(tol, atol=0.0, rtol=0.0)
     keep = valid_positions(mask, want.shape)
@@ -194,7 +207,9 @@ def compare_array(name: str, actual, expected, tol: Tolerance, mask: np.ndarray 
         result.reason = f"max abs error {result.max_abs:.3g} (atol {tol.atol:g}, rtol {tol.rtol:g})"
     elif _direction_matters(w[finite], tol) and result.cosine < tol.min_cosine:
         result.error = AtolError
-        result.reason = f"cosine similarity {result.cosine:.6g} < {tol.min_cosine:g} (max abs error {result.max_abs:.3g})"
+        result.reason = (
+            f"cosine similarity {result.cosine:.6g} < {tol.min_cosine:g} (max abs error {result.max_abs:.3g})"
+        )
     return result
 
 
@@ -240,5 +255,5 @@ def require_close(actual: np.ndarray, expected: np.ndarray, dtype_name: str, lab
     if not result.passed:
         worst = result.max_abs if result.error is not ShapeError else float("nan")
         raise in_context(result.error, ExportError)(
-            f"exported graph differs from PyTorch {label} (max abs error {worst:.3g})")
-
+            f"exported graph differs from PyTorch {label} (max abs error {worst:.3g})"
+        )

@@ -9,8 +9,18 @@ import torch
 
 from lora_deploy.arrays import all_finite, from_torch, round_to_float16, to_torch, widen_float16
 
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
-          torch.int64, torch.int8, torch.uint8, torch.bool]
+DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.int64,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
 
 
 def values(dtype: torch.dtype) -> torch.Tensor:
@@ -32,8 +42,9 @@ def test_finite_check_agrees_with_torch(dtype, special):
     t = values(dtype)
     if special is not None:
         t[100] = torch.tensor(special, dtype=torch.float64).to(dtype)
-    edges = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny, -0.0],
-                         dtype=torch.float64).to(dtype)
+    edges = torch.tensor(
+        [torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny, -0.0], dtype=torch.float64
+    ).to(dtype)
     t = torch.cat([t, edges])
     assert all_finite(from_torch(t)) == bool(torch.isfinite(t.double()).all())
 

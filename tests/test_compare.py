@@ -80,8 +80,9 @@ def test_cosine_and_top1_on_a_hand_checked_pair():
     result = compare.compare_array("y", actual, expected, TIGHT)
     # dot 27, |a|^2 28, |e|^2 35; argmax rows: actual (2, 0), expected (2, 2)
     assert result.cosine == pytest.approx(27 / np.sqrt(28 * 35))
-    assert result.cosine == pytest.approx(np.dot(actual.ravel(), expected.ravel())
-                                          / (np.linalg.norm(actual) * np.linalg.norm(expected)))
+    assert result.cosine == pytest.approx(
+        np.dot(actual.ravel(), expected.ravel()) / (np.linalg.norm(actual) * np.linalg.norm(expected))
+    )
     assert result.top1 == 0.5
     assert result.max_abs == 2.0
     assert result.max_rel == pytest.approx(2.0 / 1.0)  # |3 - 1| / |1|, row 2 column 0
@@ -146,8 +147,7 @@ def test_bfloat16_arrays_compare_by_value():
 
 
 def test_shape_error():
-    result = compare.compare(
-        {"logits": np.zeros((2, 3))}, {"logits": np.zeros((2, 4))}, TIGHT)
+    result = compare.compare({"logits": np.zeros((2, 3))}, {"logits": np.zeros((2, 4))}, TIGHT)
     assert not result.passed and result.outputs[0].error is ShapeError
     with pytest.raises(ShapeError, match=r"output 'logits': shape \[2, 3\] != expected \[2, 4\]") as info:
         result.raise_for(ExportError, "ONNX Runtime differs from torch")
@@ -189,7 +189,9 @@ def test_error_kinds_stay_distinct_per_context():
 def test_require_close_replaces_check_close():
     want = np.ones((2, 3), np.float32)
     compare.require_close(want + 1e-5, want, "float32", "with LoRA inputs fed")
-    with pytest.raises(AtolError, match=r"^exported graph differs from PyTorch with LoRA inputs fed \(max abs error 0.5\)$") as info:
+    with pytest.raises(
+        AtolError, match=r"^exported graph differs from PyTorch with LoRA inputs fed \(max abs error 0.5\)$"
+    ) as info:
         compare.require_close(want + 0.5, want, "float32", "with LoRA inputs fed")
     assert isinstance(info.value, ExportError)
     with pytest.raises(ShapeError, match=r"\(max abs error nan\)") as info:

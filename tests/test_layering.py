@@ -12,7 +12,7 @@ import lora_deploy
 ROOT = Path(lora_deploy.__file__).parent
 # Lowest first. Shared modules (errors, util, ...) sit below every stage.
 STAGES = ["io", "adapter", "merge", "modeling", "backends", "export", "proof", "bench", "examples", "cli"]
-SHARED = {"__init__", "errors", "util", "arrays", "dtypes", "compare", "progress"}
+SHARED = {"__init__", "errors", "util", "arrays", "dtypes", "compare", "progress", "options"}
 
 
 def module_name(path: Path) -> str:
@@ -79,7 +79,7 @@ def test_no_import_cycles():
         state[module] = 1
         for dep in sorted(GRAPH[module]):
             if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(dep):] + [module, dep]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(dep) :] + [module, dep]))
             if dep not in state:
                 visit(dep, path + [module])
         state[module] = 2

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lora_deploy.adapter.read import Adapter, LoraModule, weight_shape
-from lora_deploy.io.checkpoint import FLOAT_DTYPES, Checkpoint
 from lora_deploy.errors import AdapterError
+from lora_deploy.io.checkpoint import FLOAT_DTYPES, Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def candidate_renames(module_names: list[str], base_keys: Iterable[str]) -> list
     firsts = {n.split(".", 1)[0] for n in module_names}
     if len(firsts) == 1:
         head = firsts.pop()
-        renames.append((f"strip '{head}.'", lambda n, h=head: n[len(h) + 1:] if n.startswith(h + ".") else n))
+        renames.append((f"strip '{head}.'", lambda n, h=head: n[len(h) + 1 :] if n.startswith(h + ".") else n))
     for prefix in sorted({k.split(".", 1)[0] for k in base_keys if "." in k}):
         renames.append((f"add '{prefix}.'", lambda n, p=prefix: f"{p}.{n}"))
     return renames
@@ -179,24 +179,32 @@ def needs_layout(adapter: Adapter, base: Checkpoint, config: dict) -> bool:
     return ambiguous or (touches_embeddings and config.get("tie_word_embeddings", True) is not False)
 
 
-def resolve_target(module: LoraModule, base_name: str, base: Checkpoint, layout: Layout, fan_in_fan_out: bool) -> Target:
+def resolve_target(
+    module: LoraModule, base_name: str, base: Checkpoint, layout: Layout, fan_in_fan_out: bool
+) -> Target:
     key = f"{base_name}.weight"
     shape = base.tensors[key].shape
     if base.tensors[key].dtype not in FLOAT_DTYPES:
-        raise AdapterError(f"base weight {key} is {base.tensors[key].dtype}: merging into quantized weights is not supported")
+        raise AdapterError(
+            f"base weight {key} is {base.tensors[key].dtype}: merging into quantized weights is not supported"
+        )
     kind = layer_kind(module, key, shape, layout, fan_in_fan_out)
     if shape != weight_shape(module, kind):
         raise AdapterError(
             f"adapter module {module.name!r} does not fit the base: weight {key} is {list(shape)}, "
             f"LoRA factors A {list(module.a.shape)} and B {list(module.b.shape)}"
         )
-    if module.magnitude is not None and module.magnitude.size != (shape[1] if kind in ("transposed", "embedding") else shape[0]):
+    if module.magnitude is not None and module.magnitude.size != (
+        shape[1] if kind in ("transposed", "embedding") else shape[0]
+    ):
         raise AdapterError(f"adapter module {module.name!r}: DoRA magnitude has the wrong length for {key}")
     bias_key = None
     if module.bias is not None:
         bias_key = f"{base_name}.bias"
         if bias_key not in base:
-            raise AdapterError(f"adapter module {module.name!r} has a lora_B bias but base layer {base_name} has no bias")
+            raise AdapterError(
+                f"adapter module {module.name!r} has a lora_B bias but base layer {base_name} has no bias"
+            )
         if tuple(base.tensors[bias_key].shape) != tuple(module.bias.shape):
             raise AdapterError(f"adapter module {module.name!r}: lora_B bias shape does not match {bias_key}")
     return Target(module, key, kind, bias_key)

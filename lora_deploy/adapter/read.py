@@ -115,9 +115,7 @@ class Adapter:
     files: list[Path]
 
     def num_parameters(self) -> int:
-        return sum(m.num_parameters() for m in self.modules.values()) + sum(
-            t.size for t in self.replacements.values()
-        )
+        return sum(m.num_parameters() for m in self.modules.values()) + sum(t.size for t in self.replacements.values())
 
     @property
     def variant(self) -> str:
@@ -171,6 +169,7 @@ def read_config(root: Path) -> AdapterConfig:
 
 def check_numbers(raw: dict, path: Path) -> None:
     """r and alpha (and their per-module patterns) must be positive numbers."""
+
     def positive(value, integer: bool) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
@@ -178,7 +177,9 @@ def check_numbers(raw: dict, path: Path) -> None:
 
     for key, integer in (("r", True), ("lora_alpha", False)):
         if key in raw and not positive(raw[key], integer):
-            raise AdapterError(f"{path}: {key} must be a positive {'integer' if integer else 'number'}, got {raw[key]!r}")
+            raise AdapterError(
+                f"{path}: {key} must be a positive {'integer' if integer else 'number'}, got {raw[key]!r}"
+            )
     for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         pattern = raw.get(key) or {}
         if not isinstance(pattern, dict) or not all(positive(v, integer) for v in pattern.values()):
@@ -210,7 +211,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     except OSError as exc:
         raise AdapterError(f"{path}: cannot read ({exc.strerror})") from None
     view = memoryview(data)
-    return {name: as_array(view[i.start:i.end], i) for name, i in infos.items()}
+    return {name: as_array(view[i.start : i.end], i) for name, i in infos.items()}
 
 
 def read_pickle_weights_only(path: Path) -> dict[str, np.ndarray]:
@@ -251,7 +252,7 @@ def group_tensors(
     parts: dict[str, dict[str, np.ndarray]] = {}
     replacements: dict[str, np.ndarray] = {}
     for key, tensor in tensors.items():
-        name = key[len(SAVED_PREFIX):] if key.startswith(SAVED_PREFIX) else key
+        name = key[len(SAVED_PREFIX) :] if key.startswith(SAVED_PREFIX) else key
         module, part = split_part(name)
         if part is not None:
             parts.setdefault(module, {})[part] = tensor

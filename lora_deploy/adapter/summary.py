@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_deploy.adapter.plan import plan_merge
 from lora_deploy.adapter.read import load_adapter
 from lora_deploy.io.checkpoint import Checkpoint
-from lora_deploy.adapter.plan import plan_merge
 
 
 def describe_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict:
@@ -32,8 +32,15 @@ def describe_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike
         "modules_to_save": list(cfg.modules_to_save),
         "base_model_name_or_path": cfg.base_model_name_or_path,
         "modules": [
-            {"module": m.name, "r": m.r, "alpha": m.alpha, "scaling": m.scaling,
-             "variant": m.variant, "embedding": m.embedding, "parameters": m.num_parameters()}
+            {
+                "module": m.name,
+                "r": m.r,
+                "alpha": m.alpha,
+                "scaling": m.scaling,
+                "variant": m.variant,
+                "embedding": m.embedding,
+                "parameters": m.num_parameters(),
+            }
             for m in adapter.modules.values()
         ],
         "replaced_tensors": sorted(adapter.replacements),

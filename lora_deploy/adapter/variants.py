@@ -66,40 +66,62 @@ def replacement_refusal(adapter: Adapter) -> str:
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("lora", ("peft_type", "r", "lora_alpha", "fan_in_fan_out", "init_lora_weights"),
-                lambda a: not a.config.use_rslora, layer_math=True),
+        Variant(
+            "lora",
+            ("peft_type", "r", "lora_alpha", "fan_in_fan_out", "init_lora_weights"),
+            lambda a: not a.config.use_rslora,
+            layer_math=True,
+        ),
         Variant("rslora", ("use_rslora",), lambda a: a.config.use_rslora),
         Variant("dora", ("use_dora",), lambda a: a.config.use_dora, dora_refusal, layer_math=True),
         Variant("lora_bias", ("lora_bias",), lambda a: a.config.lora_bias),
-        Variant("patterns", ("rank_pattern", "alpha_pattern"),
-                lambda a: bool(a.config.rank_pattern or a.config.alpha_pattern)),
+        Variant(
+            "patterns",
+            ("rank_pattern", "alpha_pattern"),
+            lambda a: bool(a.config.rank_pattern or a.config.alpha_pattern),
+        ),
         Variant("embedding", (), lambda a: any(m.embedding for m in a.modules.values()), embedding_refusal),
         # bias="all" / "lora_only" saves trained base biases, which replace the base ones.
-        Variant("modules_to_save", ("modules_to_save", "bias"), lambda a: bool(a.replacements),
-                replacement_refusal),
+        Variant("modules_to_save", ("modules_to_save", "bias"), lambda a: bool(a.replacements), replacement_refusal),
     )
 }
 
 # Keys that never change the weights: bookkeeping, training-only settings, and which
 # layers were adapted (the saved tensors already say that).
-NEUTRAL_KEYS = frozenset({
-    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-    "lora_dropout", "runtime_config", "megatron_config", "megatron_core", "ensure_weight_tying",
-    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-    # Settings of an initialisation that init_lora_weights names: EVA leaves the base
-    # alone; CorDA and QA-LoRA are refused through init_lora_weights and use_qalora.
-    "eva_config", "corda_config", "qalora_group_size",
-})
+NEUTRAL_KEYS = frozenset(
+    {
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "lora_dropout",
+        "runtime_config",
+        "megatron_config",
+        "megatron_core",
+        "ensure_weight_tying",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        # Settings of an initialisation that init_lora_weights names: EVA leaves the base
+        # alone; CorDA and QA-LoRA are refused through init_lora_weights and use_qalora.
+        "eva_config",
+        "corda_config",
+        "qalora_group_size",
+    }
+)
 
 # Keys refused whenever set, with the reason (the line after "<adapter dir>: ").
 REFUSED_KEYS = {
     "loftq_config": "LoftQ adapters are only valid on their LoftQ-initialised base",
     "layer_replication": "unsupported adapter: layer_replication duplicates base layers",
     "target_parameters": "unsupported adapter: target_parameters adapts raw nn.Parameters (MoE experts)",
-    "alora_invocation_tokens":
-        "unsupported adapter: activated LoRA applies only after invocation tokens and cannot be merged",
-    "trainable_token_indices":
-        "unsupported adapter: trainable_token_indices (trainable tokens) is not supported yet",
+    "alora_invocation_tokens": (
+        "unsupported adapter: activated LoRA applies only after invocation tokens and cannot be merged"
+    ),
+    "trainable_token_indices": "unsupported adapter: trainable_token_indices (trainable tokens) is not supported yet",
     "use_qalora": "unsupported adapter: QA-LoRA adapters target quantized bases",
     "arrow_config": "unsupported adapter: Arrow routing mixes several adapters per token",
     "monteclora_config": "unsupported adapter: MonteCLoRA samples its weights",

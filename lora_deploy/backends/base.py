@@ -148,7 +148,9 @@ def _check_input(name: str, array: Any, meta: InputMeta, dim_sizes: dict[str, tu
         raise BadInputError(f"input {name!r} has rank {array.ndim}, expected {len(shape)} {tuple(shape)}")
     for axis, (size, want) in enumerate(zip(array.shape, shape)):
         if isinstance(want, int) and want >= 0 and size != want:
-            raise BadInputError(f"input {name!r} dim {axis} is {size}, expected {want} (the graph expects {list(shape)})")
+            raise BadInputError(
+                f"input {name!r} dim {axis} is {size}, expected {want} (the graph expects {list(shape)})"
+            )
         if isinstance(want, str):
             seen = dim_sizes.setdefault(want, (size, name))
             if seen[0] != size:

@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 
 from lora_deploy import __version__
-from lora_deploy.io.staging import write_file_atomic
-from lora_deploy.errors import BadInputError
 from lora_deploy.bench.stats import (
     GateResult,
     bootstrap_median_ci,
@@ -33,6 +31,8 @@ from lora_deploy.bench.stats import (
     percentiles,
     regression_gate,
 )
+from lora_deploy.errors import BadInputError
+from lora_deploy.io.staging import write_file_atomic
 from lora_deploy.util import library_versions
 
 SCHEMA = "lora-deploy.bench/1"
@@ -167,9 +167,7 @@ def variant_entry(
 ) -> dict[str, Any]:
     """Summary of one variant at one shape; `ratio` is (median, low, high) vs reference."""
     stats = percentiles(samples)
-    _, ci_low, ci_high = bootstrap_median_ci(
-        samples, confidence=confidence, resamples=resamples, seed=seed
-    )
+    _, ci_low, ci_high = bootstrap_median_ci(samples, confidence=confidence, resamples=resamples, seed=seed)
     batch, seq = shape
     p50 = stats["p50"]
     entry: dict[str, Any] = {
@@ -200,8 +198,7 @@ def _shape_results(
     """Report block for one shape, plus (variant, ratio CI) for the gates."""
     if reference not in variants:
         raise BadInputError(
-            f"shape {shape_key(shape)}: reference variant {reference!r} was not measured "
-            f"(have {', '.join(variants)})"
+            f"shape {shape_key(shape)}: reference variant {reference!r} was not measured (have {', '.join(variants)})"
         )
     entries: dict[str, Any] = {}
     ratios: list[tuple[str, tuple[float, float, float]]] = []
@@ -314,9 +311,7 @@ def regression_gates(
         for name, entry in block["variants"].items():
             if name not in base_block["variants"]:
                 continue
-            gate = regression_gate(
-                entry, base_block["variants"][name], max_regression, subject=f"{key}/{name}", **ci
-            )
+            gate = regression_gate(entry, base_block["variants"][name], max_regression, subject=f"{key}/{name}", **ci)
             gates.append(dataclasses.replace(gate, message=gate.message + note))
     if not gates:
         raise BadInputError("the baseline report shares no shape and variant with this run")
@@ -375,8 +370,11 @@ def _check_results(results: Any, reference: str) -> None:
         shape = (block.get("batch"), block.get("seq"))
         _need(_as_shape(key) == shape, where, "batch/seq do not match the key")
         variants = block.get("variants")
-        _need(isinstance(variants, dict) and reference in variants, f"{where}.variants",
-              f"expected an object including the reference {reference!r}")
+        _need(
+            isinstance(variants, dict) and reference in variants,
+            f"{where}.variants",
+            f"expected an object including the reference {reference!r}",
+        )
         for name, entry in variants.items():
             _check_entry(entry, f"{where}.variants[{name!r}]")
 
@@ -509,12 +507,17 @@ def _draw_variant(
     p90 = np.array([e["p90_ms"] if e else nan for e in entries])
     yerr = np.nan_to_num(np.vstack([p50 - lo, hi - p50]), nan=0.0).clip(min=0.0)
     ax.bar(xs, p50, width, yerr=yerr, capsize=3, label=name)
-    ax.plot(xs, p90, linestyle="none", marker="_", markersize=12, color="black",
-            label="p90" if first else None)
+    ax.plot(xs, p90, linestyle="none", marker="_", markersize=12, color="black", label="p90" if first else None)
     for x, top, e in zip(xs, np.fmax(p90, p50), entries):
         if e and e.get("ratio"):
-            ax.annotate(f"x{e['ratio']['median']:.3f}", (x, top), textcoords="offset points",
-                        xytext=(0, 3), ha="center", fontsize=7)
+            ax.annotate(
+                f"x{e['ratio']['median']:.3f}",
+                (x, top),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                fontsize=7,
+            )
 
 
 def plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -27,12 +27,13 @@ import gc
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_deploy.errors import BadInputError, LoraDeployError
+from lora_deploy.backends import registry
+from lora_deploy.backends.base import Feed, TimedModel, check_feed
+from lora_deploy.backends.onnxrt.loader import error_line, ort_errors
 from lora_deploy.bench.report import (
     Shape,
     build_report,
@@ -44,13 +45,11 @@ from lora_deploy.bench.report import (
     to_markdown,
     write_json,
 )
-from lora_deploy.backends import registry
-from lora_deploy.backends.base import Feed, TimedModel, check_feed
-from lora_deploy.backends.onnxrt.loader import error_line, ort_errors
-from lora_deploy.modeling.samples import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, sample_inputs
 from lora_deploy.bench.stats import enforce_gates, parse_percent
 from lora_deploy.bench.timing import check_counts, measure_interleaved
+from lora_deploy.errors import BadInputError, LoraDeployError
 from lora_deploy.io.staging import write_file_atomic
+from lora_deploy.modeling.samples import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, sample_inputs
 from lora_deploy.util import library_versions
 
 # progress(shape key, rounds done, rounds in total), called after every round.
@@ -320,8 +319,12 @@ def measure_shapes(
 
 
 def _open_variants(
-    models: Mapping[str, Path], adapters: Mapping[str, Path], backend: str, device: str,
-    threads: int | None, options: Mapping[str, Any],
+    models: Mapping[str, Path],
+    adapters: Mapping[str, Path],
+    backend: str,
+    device: str,
+    threads: int | None,
+    options: Mapping[str, Any],
 ) -> dict[str, TimedModel]:
     """Open every variant, closing the ones already open if one fails."""
     variants: dict[str, TimedModel] = {}
@@ -387,9 +390,18 @@ def run_bench(
                 "libraries": library_versions(_VERSIONED),
             }
             return build_report(
-                results, backend=backend, device=device, reference=reference, rounds=rounds, warmup=warmup,
-                inner=inner, threads=threads, max_overhead=max_overhead, baseline=baseline,
-                max_regression=max_regression, extra_config=extra,
+                results,
+                backend=backend,
+                device=device,
+                reference=reference,
+                rounds=rounds,
+                warmup=warmup,
+                inner=inner,
+                threads=threads,
+                max_overhead=max_overhead,
+                baseline=baseline,
+                max_regression=max_regression,
+                extra_config=extra,
             )
         finally:
             for variant in variants.values():
@@ -432,31 +444,14 @@ def bench(
     json_path: str | os.PathLike | None = None,
     markdown_path: str | os.PathLike | None = None,
     plot_path: str | os.PathLike | None = None,
+    show: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """`run_bench`, then `write_outputs`, then `check_gates`: a failed gate leaves its evidence on disk."""
+    """`run_bench`, then `write_outputs`, then `show(report)`, then `check_gates`: a failed
+    gate leaves its evidence on disk and on screen."""
     report = run_bench(models, **options)
     write_outputs(report, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
+    if show is not None:
+        show(report)
     check_gates(report)
     return report
-
-
-@contextlib.contextmanager
-def bench_progress(enabled: bool = True) -> Iterator[BenchProgress | None]:
-    """A rich bar per shape on a terminal; None (no output) otherwise, e.g. in CI logs."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress("[bold]bench {task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(key: str, done: int, total: int) -> None:
-            if key not in tasks:
-                tasks[key] = bar.add_task(key, total=total)
-            bar.update(tasks[key], completed=done)
-
-        yield update

@@ -51,10 +51,7 @@ class GateResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for the JSON report; NaN (unset numbers) becomes null."""
-        return {
-            k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in asdict(self).items()
-        }
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GateResult:
@@ -100,8 +97,7 @@ def paired_ratios(reference: Sequence[float], candidate: Sequence[float]) -> np.
     cand = _as_samples(candidate, "candidate")
     if ref.shape != cand.shape:
         raise BadInputError(
-            f"paired ratios need the same number of rounds: reference has {ref.size}, "
-            f"candidate has {cand.size}"
+            f"paired ratios need the same number of rounds: reference has {ref.size}, candidate has {cand.size}"
         )
     if np.any(ref <= 0):
         raise BadInputError("reference: timings must be positive to form ratios")
@@ -115,9 +111,7 @@ def _check_ci_args(confidence: float, resamples: int) -> None:
         raise BadInputError(f"resamples must be at least 1, got {resamples}")
 
 
-def _bootstrap_medians(
-    arr: np.ndarray, resamples: int, rng: np.random.Generator
-) -> np.ndarray:
+def _bootstrap_medians(arr: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
     """`resamples` medians of `arr` resampled with replacement."""
     n = arr.size
     rows = max(1, _CHUNK_ELEMENTS // n)
@@ -129,9 +123,7 @@ def _bootstrap_medians(
     return out
 
 
-def _interval(
-    point: float, boot: np.ndarray, confidence: float
-) -> tuple[float, float, float]:
+def _interval(point: float, boot: np.ndarray, confidence: float) -> tuple[float, float, float]:
     """Percentile interval of `boot` around `point`."""
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.percentile(boot, [tail, 100.0 - tail])
@@ -277,9 +269,7 @@ def regression_gate(
     max_regression = _check_limit(max_regression, "max regression")
     cur = _entry_samples(current_report_entry, "current")
     base = _entry_samples(baseline_entry, "baseline")
-    ci = bootstrap_ratio_of_medians_ci(
-        cur, base, confidence=confidence, resamples=resamples, seed=seed
-    )
+    ci = bootstrap_ratio_of_medians_ci(cur, base, confidence=confidence, resamples=resamples, seed=seed)
     return _ratio_gate("regression", ci, max_regression, subject, confidence, "regression")
 
 

@@ -23,13 +23,20 @@ class Step:
     result: str
 
 
-def run_demo(out_dir: str | os.PathLike, *, family: str = "llama", variant: str = "plain",
-             on_step: Callable[[Step], None] | None = None) -> list[Step]:
+def run_demo(
+    out_dir: str | os.PathLike,
+    *,
+    family: str = "llama",
+    variant: str = "plain",
+    on_step: Callable[[Step], None] | None = None,
+) -> list[Step]:
     """Run every stage; returns one Step per stage. Raises like the stages do."""
     try:
         from lora_deploy.examples import models as reference
     except ImportError as exc:  # peft missing
-        raise BadInputError(f"the demo trains an adapter with PEFT: pip install 'lora-deploy[reference]' ({exc})") from None
+        raise BadInputError(
+            f"the demo trains an adapter with PEFT: pip install 'lora-deploy[reference]' ({exc})"
+        ) from None
     from lora_deploy.adapter.summary import describe_adapter
     from lora_deploy.export.model import export_checkpoint
     from lora_deploy.merge.streaming import merge
@@ -52,8 +59,10 @@ def run_demo(out_dir: str | os.PathLike, *, family: str = "llama", variant: str 
 
     def inspect() -> str:
         info = describe_adapter(adapter, base)
-        return (f"{info['variant']}, {len(info['modules'])} modules, "
-                f"{100 * info['trainable_fraction']:.2f}% of the base's parameters")
+        return (
+            f"{info['variant']}, {len(info['modules'])} modules, "
+            f"{100 * info['trainable_fraction']:.2f}% of the base's parameters"
+        )
 
     step("inspect", inspect)
     step("merge", lambda: merge(base, adapter, merged, overwrite=True).summary())
@@ -62,8 +71,11 @@ def run_demo(out_dir: str | os.PathLike, *, family: str = "llama", variant: str 
         report = verify(base, adapter, **kw)
         report.raise_if_different()
         outputs = [c for c in report.checks if c.name.startswith("outputs") and c.cosine is not None]
-        return "; ".join(f"{c.name.split(':')[1].split(' vs')[0].strip()}: max abs {c.max_abs:.1e}, "
-                         f"cosine {c.cosine:.6f}, top-1 {100 * c.top1:.0f}%" for c in outputs)
+        return "; ".join(
+            f"{c.name.split(':')[1].split(' vs')[0].strip()}: max abs {c.max_abs:.1e}, "
+            f"cosine {c.cosine:.6f}, top-1 {100 * c.top1:.0f}%"
+            for c in outputs
+        )
 
     step("verify merged (weights + outputs)", lambda: check(merged_dir=merged))
 

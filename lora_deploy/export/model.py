@@ -69,17 +69,16 @@ import torch
 from torch import nn
 
 from lora_deploy.arrays import from_torch
+from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
 from lora_deploy.compare import TOLERANCES, compare_array, tolerance
 from lora_deploy.dtypes import of_torch
-from lora_deploy.export import graph as onnx_graph
-from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
 from lora_deploy.errors import BadInputError, ExportError
+from lora_deploy.export import graph as onnx_graph
 from lora_deploy.export.graph import EXTERNAL_DATA_BYTES  # noqa: F401  (re-exported)
 from lora_deploy.modeling.hf import HFExportWrapper, flatten_outputs, parse_dtype, wrap_checkpoint
 from lora_deploy.modeling.samples import sample_inputs
 from lora_deploy.modeling.tasks import AUTO
 from lora_deploy.util import first_line
-
 
 
 @dataclass(frozen=True)

@@ -103,8 +103,9 @@ def adapter_names(adapter_dirs: list) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-def build_banks(model: nn.Module, adapters: list[Adapter], slots: Mapping[str, LoraSlot],
-                with_bias: bool) -> dict[str, np.ndarray]:
+def build_banks(
+    model: nn.Module, adapters: list[Adapter], slots: Mapping[str, LoraSlot], with_bias: bool
+) -> dict[str, np.ndarray]:
     """Every layer's banks, adapters stacked in order, zero-padded to the layer's largest rank."""
     modules = dict(model.named_modules())
     per_adapter = [renamed_parameters(a, modules) for a in adapters]
@@ -143,8 +144,10 @@ def example_banks(slots: Mapping[str, LoraSlot], n: int, with_bias: bool) -> lis
     gen = torch.Generator().manual_seed(0)
     out = []
     for s in slots.values():
-        tensors = [small_random((n, s.in_features, EXAMPLE_RANK), gen),
-                   small_random((n, EXAMPLE_RANK, s.out_features), gen)]
+        tensors = [
+            small_random((n, s.in_features, EXAMPLE_RANK), gen),
+            small_random((n, EXAMPLE_RANK, s.out_features), gen),
+        ]
         out.append(tensors + ([small_random((n, s.out_features), gen)] if with_bias else []))
     return out
 

@@ -106,7 +106,9 @@ def weight_files(model_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError):
             raise CheckpointError(f"{index}: corrupt index (no weight_map)") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and "/" not in v for v in weight_map.values()
+        ):
             raise CheckpointError(f"{index}: corrupt index (weight_map must map tensor names to shard file names)")
         names = list(dict.fromkeys(weight_map.values()))
         missing = [n for n in names if not (model_dir / n).is_file()]
@@ -189,11 +191,21 @@ def parse_size(text: str | int) -> int:
     """'5GB' -> 5_000_000_000, '200KiB' -> 204_800 (the units transformers accepts)."""
     if isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     s = text.strip().upper().replace(" ", "")
     digits = s.rstrip("KMGTIB")
-    unit = s[len(digits):]
+    unit = s[len(digits) :]
     try:
         value = float(digits)
     except ValueError:

@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from lora_deploy.io.checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array, pread_all
 from lora_deploy.errors import CheckpointError, InternalError, OutputError
+from lora_deploy.io.checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array, pread_all
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class ShardReader:
         self.skip_to(start)
         view = self._map(start, end)
         for offset in range(0, len(view), CHUNK):
-            self._consume(view[offset:offset + CHUNK])
+            self._consume(view[offset : offset + CHUNK])
         return view
 
     def skip_to(self, offset: int) -> None:
@@ -181,7 +181,7 @@ class ShardReader:
             w_start, w_end, view = self.window
             n = min(CHUNK, end - self.pos, w_end - self.pos)
             offset = self.pos
-            yield offset, self._consume(view[offset - w_start:offset - w_start + n])
+            yield offset, self._consume(view[offset - w_start : offset - w_start + n])
 
     def _consume(self, piece: memoryview) -> memoryview:
         self.sha.update(piece)
@@ -199,7 +199,7 @@ class ShardReader:
             mapping = mmap.mmap(self.file.fileno(), end - base, prot=mmap.PROT_READ, offset=base)
         except (OSError, ValueError):  # a file system that cannot map files: read instead
             return memoryview(pread_all(self.file.fileno(), end - start, start, self.path))
-        return memoryview(mapping)[start - base:]
+        return memoryview(mapping)[start - base :]
 
     def finish(self) -> HashThread:
         """Read (and hash) whatever is left, close the file; the digest follows."""
@@ -353,7 +353,7 @@ class BinaryFile:
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         for offset in range(0, len(view), WRITE_PIECE):  # each piece hashed while still in cache
-            self._put((None, 0, view[offset:offset + WRITE_PIECE]))
+            self._put((None, 0, view[offset : offset + WRITE_PIECE]))
         self.size += len(view)
 
     def copy_from(self, src: io.FileIO, offset: int, piece: memoryview) -> None:
@@ -416,7 +416,7 @@ class BinaryFile:
 
 def write_all(fd: int, data: memoryview) -> None:
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
@@ -505,4 +505,3 @@ def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
         while block := f.read(chunk):
             sha.update(block)
     return sha.hexdigest()
-

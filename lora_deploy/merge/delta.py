@@ -13,6 +13,7 @@ from lora_deploy.adapter.read import LoraModule, weight_shape
 from lora_deploy.arrays import round_to_float16, widen_float16
 from lora_deploy.merge.blocks import for_each_block
 
+
 def f32(array: np.ndarray) -> np.ndarray:
     return np.asarray(array).astype(np.float32, copy=False)
 
@@ -64,14 +65,14 @@ def lora_merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.f
     rows = max(1, BLOCK_ELEMENTS // max(1, right.shape[1]))
 
     def merge_block(i: int) -> None:
-        block = left[i:i + rows] @ right
+        block = left[i : i + rows] @ right
         block *= scaling
-        w = base[i:i + rows]
+        w = base[i : i + rows]
         block += widen_float16(w) if w.dtype == np.float16 else w  # numpy casts the others
         if out.dtype == np.float16:
-            round_to_float16(block, out[i:i + rows])  # the one rounding
+            round_to_float16(block, out[i : i + rows])  # the one rounding
         else:
-            out[i:i + rows] = block  # the one rounding
+            out[i : i + rows] = block  # the one rounding
 
     for_each_block(merge_block, range(0, out.shape[0], rows))
     return out.reshape(w0.shape)

@@ -21,15 +21,22 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from lora_deploy import __version__
+from lora_deploy.adapter.plan import MergePlan, Target, plan_merge
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.arrays import all_finite
 from lora_deploy.dtypes import BY_NAME
-from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
-from lora_deploy.io.stream import BinaryFile, CheckpointStream, OutputTensor, file_sha256, tensor_bytes, write_checkpoint
-from lora_deploy.merge.delta import lora_norm, merged_bias, merged_weight
 from lora_deploy.errors import BadInputError, NonFiniteError
+from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
 from lora_deploy.io.staging import staging_dir
-from lora_deploy.adapter.plan import MergePlan, Target, plan_merge
+from lora_deploy.io.stream import (
+    BinaryFile,
+    CheckpointStream,
+    OutputTensor,
+    file_sha256,
+    tensor_bytes,
+    write_checkpoint,
+)
+from lora_deploy.merge.delta import lora_norm, merged_bias, merged_weight
 from lora_deploy.util import library_versions
 
 MANIFEST_FILE = "merge-manifest.json"
@@ -227,7 +234,9 @@ def side_files(base_dir: Path) -> list[Path]:
     return out
 
 
-def copy_side_files(base_dir: Path, out_dir: Path, dtype: str, untied: bool, in_hashes: dict[str, str]) -> dict[str, str]:
+def copy_side_files(
+    base_dir: Path, out_dir: Path, dtype: str, untied: bool, in_hashes: dict[str, str]
+) -> dict[str, str]:
     """Copy config, tokenizer and other non-weight files; fix up config.json if needed."""
     hashes = {}
     for path in side_files(base_dir):
@@ -323,4 +332,3 @@ def build_manifest(base, adapter: Adapter, plan: MergePlan, tensors, dtype, shar
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-

@@ -16,7 +16,15 @@ from torch import nn
 
 from lora_deploy import dtypes
 from lora_deploy.errors import BadInputError, CheckpointError, ExportError
-from lora_deploy.modeling.tasks import AUTO, AUTO_CLASS, TASK_OUTPUT, TASKS, load_config, model_input_names, resolve_task
+from lora_deploy.modeling.tasks import (
+    AUTO,
+    AUTO_CLASS,
+    TASK_OUTPUT,
+    TASKS,
+    load_config,
+    model_input_names,
+    resolve_task,
+)
 from lora_deploy.util import first_line
 
 EXPORT_DTYPES = ("float32", "float16")
@@ -46,7 +54,9 @@ def load_for_task(model_dir: str | os.PathLike, task: str = AUTO, dtype: str | t
         model = auto_class.from_pretrained(model_dir, dtype=parse_dtype(dtype), attn_implementation="eager")
     except ValueError as err:
         # "Unrecognized configuration class ... for this kind of AutoModel"
-        raise BadInputError(f"architecture {config.model_type} does not support task {task}: {first_line(err)}") from err
+        raise BadInputError(
+            f"architecture {config.model_type} does not support task {task}: {first_line(err)}"
+        ) from err
     except OSError as err:
         raise CheckpointError(f"cannot load weights from {model_dir}: {first_line(err)}") from err
     return model.eval()
@@ -94,7 +104,9 @@ class HFExportWrapper(nn.Module):
         return {name: (np.dtype(np.int64), ("batch", "sequence")) for name in self.input_names}
 
 
-def wrap_checkpoint(model_dir: str | os.PathLike, task: str = AUTO, dtype: str | torch.dtype = "float32") -> HFExportWrapper:
+def wrap_checkpoint(
+    model_dir: str | os.PathLike, task: str = AUTO, dtype: str | torch.dtype = "float32"
+) -> HFExportWrapper:
     """Load a checkpoint and wrap it for export / TorchRunner."""
     config = load_config(model_dir)
     task = resolve_task(task, config)

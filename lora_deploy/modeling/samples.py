@@ -23,8 +23,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from lora_deploy.errors import BadInputError
-from lora_deploy.modeling.tasks import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, load_config, model_input_names, text_config
-
+from lora_deploy.modeling.tasks import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    TOKEN_TYPE_IDS,
+    load_config,
+    model_input_names,
+    text_config,
+)
 
 # Used for ``input_ids`` when only a metadata dict is given (no config, so no
 # vocabulary size): every real vocabulary is at least this big.

@@ -49,6 +49,7 @@ _ARCH_SUFFIX_TASK = (
     ("ForTokenClassification", TOKEN_CLASSIFICATION),
 )
 
+
 def load_config(model_dir: str | os.PathLike) -> Any:
     """Load config.json of a checkpoint directory, with one-line errors."""
     from transformers import AutoConfig
@@ -84,9 +85,7 @@ def detect_task(config: Any) -> str:
             return task
     if _is_bare_model(arch):
         return FEATURE_EXTRACTION
-    raise BadInputError(
-        f"cannot infer a task from architecture {arch}; pass --task (one of {', '.join(TASKS)})"
-    )
+    raise BadInputError(f"cannot infer a task from architecture {arch}; pass --task (one of {', '.join(TASKS)})")
 
 
 def resolve_task(task: str, config: Any) -> str:
@@ -113,9 +112,7 @@ def model_input_names(config: Any) -> list[str]:
     matches which models Optimum exports with ``token_type_ids``.
     """
     if getattr(config, "is_encoder_decoder", False):
-        raise BadInputError(
-            f"encoder-decoder models ({getattr(config, 'model_type', '?')}) are not supported"
-        )
+        raise BadInputError(f"encoder-decoder models ({getattr(config, 'model_type', '?')}) are not supported")
     names = [INPUT_IDS, ATTENTION_MASK]
     if (getattr(text_config(config), "type_vocab_size", 0) or 0) >= 2:
         names.append(TOKEN_TYPE_IDS)

@@ -128,9 +128,15 @@ def lora_update(layer: nn.Module, kind: str, lora: LoraModule, x: torch.Tensor, 
     """s * B A x (plus s * lora_B bias), computed in the factors' precision."""
     dtype = a.dtype
     if kind == "embedding":
-        looked_up = F.embedding(x, a.T, padding_idx=layer.padding_idx, max_norm=layer.max_norm,
-                                norm_type=layer.norm_type, scale_grad_by_freq=layer.scale_grad_by_freq,
-                                sparse=layer.sparse)
+        looked_up = F.embedding(
+            x,
+            a.T,
+            padding_idx=layer.padding_idx,
+            max_norm=layer.max_norm,
+            norm_type=layer.norm_type,
+            scale_grad_by_freq=layer.scale_grad_by_freq,
+            sparse=layer.sparse,
+        )
         return looked_up @ b.T * lora.scaling
     if kind == "conv":
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
@@ -180,6 +186,7 @@ def replace_parameters(model: nn.Module, adapter: Adapter, rename, handle: Attac
         owner = model.get_submodule(owner_name)
         original = getattr(owner, attr)
         handle.restore.append((owner, attr, original))
-        replacement = nn.Parameter(to_torch(tensor).to(original.dtype).to(original.device).clone(),
-                                   requires_grad=original.requires_grad)
+        replacement = nn.Parameter(
+            to_torch(tensor).to(original.dtype).to(original.device).clone(), requires_grad=original.requires_grad
+        )
         setattr(owner, attr, replacement)

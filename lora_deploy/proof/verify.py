@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_deploy.adapter.plan import plan_merge
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.arrays import all_finite
 from lora_deploy.compare import TOLERANCES, Comparison, OutputMatchError, Tolerance, compare, compare_array, tolerance
 from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
+from lora_deploy.errors import BadInputError, NotEquivalentError
 from lora_deploy.io.checkpoint import Checkpoint
 from lora_deploy.merge.delta import merged_bias, merged_weight
-from lora_deploy.errors import BadInputError, NotEquivalentError
-from lora_deploy.adapter.plan import plan_merge
 
 # Output tolerances are lora_deploy.compare.TOLERANCES, by the loosest dtype involved: the
 # merged model is run in float32, so what differs from the reference is one rounding of
@@ -63,7 +63,9 @@ class VerifyReport:
     def raise_if_different(self) -> None:
         bad = sorted(self.failures(), key=lambda c: -c.max_abs)
         if bad:
-            worst = "; ".join(f"{c.name} (max abs {c.max_abs:.3g}{', ' + c.detail if c.detail else ''})" for c in bad[:3])
+            worst = "; ".join(
+                f"{c.name} (max abs {c.max_abs:.3g}{', ' + c.detail if c.detail else ''})" for c in bad[:3]
+            )
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
             raise NotEquivalentError(f"not equivalent: {worst}{more}")
 
@@ -87,9 +89,19 @@ def verify(
     """Run every check that the given artifacts allow; never raises on a mismatch."""
     adapter = load_adapter(adapter_dir)
     graphs = Graphs(_path(onnx_path), _path(dynamic_path), _path(packed_path), _path(multi_path), Path(adapter_dir))
-    report = VerifyReport(inputs={"base": str(base_dir), "adapter": str(adapter_dir), "merged": _str(merged_dir),
-                                  "onnx": _str(onnx_path), "dynamic": _str(dynamic_path), "multi": _str(multi_path),
-                                  "batch": batch, "seq": seq, "seed": seed})
+    report = VerifyReport(
+        inputs={
+            "base": str(base_dir),
+            "adapter": str(adapter_dir),
+            "merged": _str(merged_dir),
+            "onnx": _str(onnx_path),
+            "dynamic": _str(dynamic_path),
+            "multi": _str(multi_path),
+            "batch": batch,
+            "seq": seq,
+            "seed": seed,
+        }
+    )
     dtypes = ["float32"]
     if merged_dir is not None:
         report.checks += check_weights(base_dir, adapter, merged_dir)
@@ -179,8 +191,11 @@ def check_weights(base_dir, adapter: Adapter, merged_dir) -> list[Check]:
             if not check.passed:
                 checks.append(check)
     changed = len(plan.targets) + len(bias_of)
-    summary = Check(f"weights: {changed} merged tensors within one rounding, {copied} others equal to the base",
-                    not checks, max_abs=worst)
+    summary = Check(
+        f"weights: {changed} merged tensors within one rounding, {copied} others equal to the base",
+        not checks,
+        max_abs=worst,
+    )
     return [summary] + checks
 
 
@@ -230,24 +245,32 @@ def ulp(x: np.ndarray, dtype: str) -> np.ndarray:
 def compare_weight(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> Check:
     """Within one ulp of the exact float32 result (1e-6 abs + 1e-5 rel for float32)."""
     if got.shape != want.shape:
-        return Check(f"weights: {name}", False, max_abs=float("inf"), detail=f"shape {list(got.shape)} != {list(want.shape)}")
+        return Check(
+            f"weights: {name}", False, max_abs=float("inf"), detail=f"shape {list(got.shape)} != {list(want.shape)}"
+        )
     diff = np.abs(as_f64(got) - as_f64(want))
     if dtype == "F32":
         allowed = 1e-6 + 1e-5 * np.abs(as_f64(want))
     else:
         allowed = ulp(want, dtype)
     passed = bool((diff <= allowed).all()) and all_finite(got)
-    return Check(f"weights: {name}", passed, max_abs=float(diff.max()) if diff.size else 0.0,
-                 max_rel=float((diff / np.maximum(np.abs(as_f64(want)), 1e-12)).max()) if diff.size else 0.0,
-                 detail="" if passed else f"more than one {dtype} rounding from W0 + dW")
+    return Check(
+        f"weights: {name}",
+        passed,
+        max_abs=float(diff.max()) if diff.size else 0.0,
+        max_rel=float((diff / np.maximum(np.abs(as_f64(want)), 1e-12)).max()) if diff.size else 0.0,
+        detail="" if passed else f"more than one {dtype} rounding from W0 + dW",
+    )
 
 
 # ------------------------------------------------------------------ outputs ----
 
 
-def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rtol, batch, seq, seed, task) -> list[Check]:
-    from lora_deploy.modeling.hf import wrap_checkpoint
+def check_outputs(
+    base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rtol, batch, seq, seed, task
+) -> list[Check]:
     from lora_deploy.backends.torch.runner import TorchRunner
+    from lora_deploy.modeling.hf import wrap_checkpoint
     from lora_deploy.modeling.samples import sample_inputs
     from lora_deploy.modeling.unmerged import attach
 
@@ -282,7 +305,11 @@ def check_outputs(base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rt
         against = "base" if want_all is base_out else "unmerged"
         for result in compare(outputs, want_all, tol, mask).outputs:
             missing = result.error is OutputMatchError
-            name = f"outputs: {label} lacks output {result.name}" if missing else f"outputs: {label} {result.name} vs {against}"
+            name = (
+                f"outputs: {label} lacks output {result.name}"
+                if missing
+                else f"outputs: {label} {result.name} vs {against}"
+            )
             checks.append(output_check(name, result))
     if multi is not None:
         checks += mixed_batch_checks(multi, feed, mask, tol)
@@ -310,7 +337,9 @@ def run_onnx_with_polygraphy(path: Path, feed: dict) -> dict:
         with OnnxrtRunner(SessionFromOnnx(path)) as runner:
             return {k: v for k, v in runner.infer(feed).items()}
     except ort_errors() as exc:
-        raise BadInputError(f"{path}: ONNX Runtime cannot run it on the sample inputs ({str(exc).splitlines()[0]})") from None
+        raise BadInputError(
+            f"{path}: ONNX Runtime cannot run it on the sample inputs ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def polygraphy_check(reference: dict, outputs: dict, tol: Tolerance) -> Check:
@@ -323,13 +352,23 @@ def polygraphy_check(reference: dict, outputs: dict, tol: Tolerance) -> Check:
 
     quiet_polygraphy()
     judge = SimpleCompareFunc(atol=tol.atol, rtol=tol.rtol)
-    result = judge(IterationResult(dict(reference), runner_name="unmerged"),
-                   IterationResult({k: outputs[k] for k in reference if k in outputs}, runner_name="onnx"))
+    result = judge(
+        IterationResult(dict(reference), runner_name="unmerged"),
+        IterationResult({k: outputs[k] for k in reference if k in outputs}, runner_name="onnx"),
+    )
     passed = bool(result) and all(bool(r) for r in result.values())
     ours = compare(outputs, reference, tol)
-    return Check("outputs: polygraphy comparator, onnx vs unmerged", passed, max_abs=ours.max_abs,
-                 max_rel=ours.max_rel, cosine=ours.cosine, top1=ours.top1, atol=tol.atol, rtol=tol.rtol,
-                 detail="" if passed else "polygraphy found outputs beyond tolerance")
+    return Check(
+        "outputs: polygraphy comparator, onnx vs unmerged",
+        passed,
+        max_abs=ours.max_abs,
+        max_rel=ours.max_rel,
+        cosine=ours.cosine,
+        top1=ours.top1,
+        atol=tol.atol,
+        rtol=tol.rtol,
+        detail="" if passed else "polygraphy found outputs beyond tolerance",
+    )
 
 
 def dynamic_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
@@ -345,16 +384,20 @@ def dynamic_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
         if packed is None:
             packed = pack_adapter(graphs.adapter_dir, Path(tmp) / "adapter.onnx_adapter", onnx_path=graphs.dynamic)
         session.load_adapter("adapter", packed)
-        return {"dynamic (adapter active)": session.run(feed, adapter="adapter"),
-                "dynamic (no adapter)": session.run(feed)}
+        return {
+            "dynamic (adapter active)": session.run(feed, adapter="adapter"),
+            "dynamic (no adapter)": session.run(feed),
+        }
 
 
 def multi_outputs(session, graphs: Graphs, feed: dict) -> dict[str, dict]:
     """The multi-adapter graph with every row on this adapter, and every row on none."""
     rows = len(next(iter(feed.values())))
     own = multi_id(session, graphs)
-    return {f"multi (adapter_ids={own})": session.run(feed, [own] * rows),
-            "multi (no adapter)": session.run(feed, [None] * rows)}
+    return {
+        f"multi (adapter_ids={own})": session.run(feed, [own] * rows),
+        "multi (no adapter)": session.run(feed, [None] * rows),
+    }
 
 
 def multi_id(session, graphs: Graphs) -> int:
@@ -377,9 +420,16 @@ def mixed_batch_checks(session, feed: dict, mask, tol) -> list[Check]:
     for row, adapter_id in enumerate(ids):
         alone = session.run(feed, [adapter_id] * rows)
         for name, want in alone.items():
-            row_mask = None if mask is None else mask[row:row + 1]
-            checks.append(compare_outputs(f"outputs: multi mixed batch row {row} (id {adapter_id}) {name} vs same id alone",
-                                          mixed[name][row:row + 1], want[row:row + 1], row_mask, same_graph))
+            row_mask = None if mask is None else mask[row : row + 1]
+            checks.append(
+                compare_outputs(
+                    f"outputs: multi mixed batch row {row} (id {adapter_id}) {name} vs same id alone",
+                    mixed[name][row : row + 1],
+                    want[row : row + 1],
+                    row_mask,
+                    same_graph,
+                )
+            )
     return checks
 
 
@@ -389,5 +439,14 @@ def compare_outputs(label: str, got, want, mask, tol: Tolerance) -> Check:
 
 
 def output_check(label: str, result: Comparison) -> Check:
-    return Check(label, result.passed, max_abs=result.max_abs, max_rel=result.max_rel, cosine=result.cosine,
-                 top1=result.top1, atol=result.tol.atol, rtol=result.tol.rtol, detail=result.reason)
+    return Check(
+        label,
+        result.passed,
+        max_abs=result.max_abs,
+        max_rel=result.max_rel,
+        cosine=result.cosine,
+        top1=result.top1,
+        atol=result.tol.atol,
+        rtol=result.tol.rtol,
+        detail=result.reason,
+    )

@@ -33,8 +33,19 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     """ONNX Runtime's exception classes; they do not share a base below Exception."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
-             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "EngineError",
+        "RuntimeException",
+        "InvalidProtobuf",
+        "ModelLoaded",
+        "NotImplemented",
+        "InvalidGraph",
+        "EPFail",
+    )
     found = tuple(getattr(state, name) for name in names if hasattr(state, name))
     return found + (RuntimeError, ValueError)
 
@@ -54,8 +65,15 @@ class SessionFromOnnx:
     `threads` sizes the intra-op pool, `inter_op_threads` the inter-op one.
     """
 
-    def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] = CPU, threads: int | None = None,
-                 inter_op_threads: int | None = None, log_level: int = QUIET):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        providers: Sequence[str] = CPU,
+        threads: int | None = None,
+        inter_op_threads: int | None = None,
+        log_level: int = QUIET,
+    ):
         self.path = Path(path)
         self.providers = list(providers)
         self.threads = threads

@@ -24,7 +24,8 @@ import numpy as np
 
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.adapter.variants import refuse_non_additive
-from lora_deploy.dtypes import BY_ONNX, BY_ORT, dtype as dtype_row
+from lora_deploy.dtypes import BY_ONNX, BY_ORT
+from lora_deploy.dtypes import dtype as dtype_row
 from lora_deploy.errors import AdapterError, BadInputError, NonFiniteError
 from lora_deploy.io.staging import write_path_atomic
 from lora_deploy.merge.delta import f32
@@ -189,8 +190,9 @@ def check_output_file(path: Path) -> None:
         raise BadInputError(f"{path.parent}: directory does not exist")
 
 
-def fit_to_graph(params: dict[str, np.ndarray], adapter: Adapter, graph: GraphInputs,
-                 dtype: str) -> dict[str, np.ndarray]:
+def fit_to_graph(
+    params: dict[str, np.ndarray], adapter: Adapter, graph: GraphInputs, dtype: str
+) -> dict[str, np.ndarray]:
     """Rename parameters to the graph's module paths and check shapes and dtype."""
     modules = {split_lora_name(n)[0]: None for n in graph.overridable if n.endswith(A_SUFFIX)}
     if not modules:

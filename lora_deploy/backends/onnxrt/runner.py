@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 
 from lora_deploy.backends.base import InputMeta, Runner
-from lora_deploy.backends.onnxrt.loader import CPU, SessionFromOnnx, SessionOrLoader, error_line, ort_errors, session_from
+from lora_deploy.backends.onnxrt.loader import (
+    CPU,
+    SessionFromOnnx,
+    SessionOrLoader,
+    error_line,
+    ort_errors,
+    session_from,
+)
 from lora_deploy.dtypes import BY_ORT
 from lora_deploy.errors import BadInputError
 
@@ -36,8 +43,14 @@ class OnnxrtRunner(Runner):
     active LoRA adapters: set the attribute once, or pass ``run_options=`` to ``infer``.
     """
 
-    def __init__(self, source: str | os.PathLike | SessionOrLoader, *, providers: Sequence[str] = CPU,
-                 threads: int | None = None, name: str | None = None):
+    def __init__(
+        self,
+        source: str | os.PathLike | SessionOrLoader,
+        *,
+        providers: Sequence[str] = CPU,
+        threads: int | None = None,
+        name: str | None = None,
+    ):
         super().__init__(name)
         if isinstance(source, (str, os.PathLike)):
             source = SessionFromOnnx(source, providers=providers, threads=threads)

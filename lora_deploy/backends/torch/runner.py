@@ -13,6 +13,7 @@ from lora_deploy.backends.base import InputMeta, Runner
 from lora_deploy.errors import BadInputError
 from lora_deploy.util import first_line
 
+
 class TorchRunner(Runner):
     """Run a torch module, or an HF checkpoint directory, under inference_mode.
 
@@ -78,7 +79,11 @@ class TorchRunner(Runner):
         # Unknown dtypes and shapes: only the names are checked.
         params = inspect.signature(self.module.forward).parameters.values()
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        return {param.name: (None, None) for param in params if param.kind in kinds and param.default is inspect.Parameter.empty}
+        return {
+            param.name: (None, None)
+            for param in params
+            if param.kind in kinds and param.default is inspect.Parameter.empty
+        }
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

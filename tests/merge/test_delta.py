@@ -75,8 +75,9 @@ def test_embedding_merge_matches_lookup_of_lora(vocab, dim, r, s):
     a, b, w0 = rand(r, vocab), rand(dim, r, seed=1), rand(vocab, dim, seed=2)
     ids = torch.arange(vocab)
     unmerged = F.embedding(ids, T(w0)) + s * F.embedding(ids, T(a.T)) @ T(b.T)
-    torch.testing.assert_close(F.embedding(ids, T(merged_weight(module(a, b, s), "embedding", w0))), unmerged,
-                               atol=1e-4 * max(1, s), rtol=1e-4)
+    torch.testing.assert_close(
+        F.embedding(ids, T(merged_weight(module(a, b, s), "embedding", w0))), unmerged, atol=1e-4 * max(1, s), rtol=1e-4
+    )
 
 
 @settings(max_examples=25, deadline=None)

@@ -19,11 +19,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lora_deploy.backends import registry
 from lora_deploy.bench import run as bench
+from lora_deploy.bench.report import load_report, validate_report
+from lora_deploy.bench.stats import GateFailed
 from lora_deploy.errors import BadInputError
 from lora_deploy.export.model import export_checkpoint
 from lora_deploy.merge.streaming import merge
-from lora_deploy.bench.report import load_report, validate_report
-from lora_deploy.bench.stats import GateFailed
 
 FEW = {"rounds": 5, "warmup": 1, "threads": 1}
 
@@ -122,11 +122,15 @@ def test_onnxruntime_bench_end_to_end(llama, tmp_path):
     _, _, _, base_onnx, merged_onnx = llama
     seen = []
     report = bench.run_bench(
-        {"base": base_onnx, "merged": merged_onnx}, shapes="1x8,2x8", max_overhead="50%",
-        progress=lambda key, done, total: seen.append((key, done, total)), **FEW,
+        {"base": base_onnx, "merged": merged_onnx},
+        shapes="1x8,2x8",
+        max_overhead="50%",
+        progress=lambda key, done, total: seen.append((key, done, total)),
+        **FEW,
     )
-    files = bench.write_outputs(report, json_path=tmp_path / "r.json", markdown_path=tmp_path / "r.md",
-                                plot_path=tmp_path / "r.png")
+    files = bench.write_outputs(
+        report, json_path=tmp_path / "r.json", markdown_path=tmp_path / "r.md", plot_path=tmp_path / "r.png"
+    )
     assert [f.name for f in files] == ["r.json", "r.md", "r.png"]
     validate_report(report)
     loaded = load_report(tmp_path / "r.json")
@@ -149,8 +153,13 @@ def test_onnxruntime_bench_end_to_end(llama, tmp_path):
 def test_torch_bench_with_unmerged_variant(llama):
     base_dir, adapter_dir, merged_dir, _, _ = llama
     report = bench.run_bench(
-        {"base": base_dir, "merged": merged_dir, "unmerged": base_dir}, adapters={"unmerged": adapter_dir},
-        backend="torch", shapes="2x8", rounds=3, warmup=1, threads=1,
+        {"base": base_dir, "merged": merged_dir, "unmerged": base_dir},
+        adapters={"unmerged": adapter_dir},
+        backend="torch",
+        shapes="2x8",
+        rounds=3,
+        warmup=1,
+        threads=1,
     )
     assert list(report["results"]["2x8"]["variants"]) == ["base", "merged", "unmerged"]
     assert report["config"]["adapters"] == {"unmerged": str(adapter_dir)}
@@ -224,8 +233,15 @@ def test_regression_gate_against_baseline(pair, tmp_path, monkeypatch):
     bench.bench(pair, shapes="1x4", rounds=30, warmup=0, json_path=tmp_path / "before.json")
     monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.3, "merged": 1.3}, seed=1))
     with pytest.raises(GateFailed, match="regression"):
-        bench.bench(pair, shapes="1x4", rounds=30, warmup=0, baseline_path=tmp_path / "before.json",
-                    max_regression="5%", json_path=tmp_path / "after.json")
+        bench.bench(
+            pair,
+            shapes="1x4",
+            rounds=30,
+            warmup=0,
+            baseline_path=tmp_path / "before.json",
+            max_regression="5%",
+            json_path=tmp_path / "after.json",
+        )
     gates = load_report(tmp_path / "after.json")["gates"]
     assert {g["gate"] for g in gates} == {"regression"} and not any(g["passed"] for g in gates)
 
@@ -241,7 +257,9 @@ def test_bad_model_specs(specs):
 
 def test_specs_parse_in_order():
     assert bench.parse_model_specs(["base=a.onnx", "merged=b=c.onnx"]) == {
-        "base": Path("a.onnx"), "merged": Path("b=c.onnx")}
+        "base": Path("a.onnx"),
+        "merged": Path("b=c.onnx"),
+    }
     assert bench.parse_adapter_specs([]) == {}
     with pytest.raises(BadInputError, match="twice"):
         bench.parse_adapter_specs(["d=x", "d=y"])
@@ -251,9 +269,11 @@ def test_bad_plans_fail_before_loading(pair, tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("nothing may be loaded for bad input")
 
-    monkeypatch.setitem(registry.BACKENDS, "onnxruntime",
-                        registry.Backend(registry.BACKENDS["onnxruntime"].model, registry.BACKENDS["onnxruntime"].adapter,
-                                      no_loading))
+    monkeypatch.setitem(
+        registry.BACKENDS,
+        "onnxruntime",
+        registry.Backend(registry.BACKENDS["onnxruntime"].model, registry.BACKENDS["onnxruntime"].adapter, no_loading),
+    )
     cases = [
         ({"base": tmp_path / "missing.onnx"}, {}, "not found"),
         (pair, {"reference": "nope"}, "reference 'nope' is not among"),

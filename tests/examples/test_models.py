@@ -54,7 +54,14 @@ def _with_adapter(model, adapter_dir):
 def test_public_names():
     assert ref.FAMILIES == ("llama", "gpt2", "bert")
     assert set(ref.VARIANTS) == {
-        "plain", "rslora", "patterns", "lora_bias", "dora", "modules_to_save", "embedding", "all_linear",
+        "plain",
+        "rslora",
+        "patterns",
+        "lora_bias",
+        "dora",
+        "modules_to_save",
+        "embedding",
+        "all_linear",
     }
     assert not ref.supported("llama", "lora_bias")
     assert all(ref.supported(f, v) for f, v in REFERENCE_CASES)

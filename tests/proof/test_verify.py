@@ -121,21 +121,34 @@ def test_modules_to_save_on_a_tied_embedding(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .oracle import load_model, logits_of, peft_model, token_batch
+    from tests.oracle import load_model, logits_of, peft_model, token_batch
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0))
     model.save_pretrained(tmp_path / "base")
-    lora = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
-                                            modules_to_save=["wte"], init_lora_weights=False))
+    lora = get_peft_model(
+        model,
+        LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["c_attn"],
+            fan_in_fan_out=True,
+            modules_to_save=["wte"],
+            init_lora_weights=False,
+        ),
+    )
     with torch.no_grad():
         lora.base_model.model.transformer.wte.modules_to_save["default"].weight.add_(0.5)
     lora.save_pretrained(tmp_path / "adapter")
 
     merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     batch = token_batch(64)
-    torch.testing.assert_close(logits_of(load_model(tmp_path / "out"), batch),
-                               logits_of(peft_model(tmp_path / "base", tmp_path / "adapter"), batch), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        logits_of(load_model(tmp_path / "out"), batch),
+        logits_of(peft_model(tmp_path / "base", tmp_path / "adapter"), batch),
+        atol=1e-5,
+        rtol=1e-4,
+    )
     report = verify(tmp_path / "base", tmp_path / "adapter", merged_dir=tmp_path / "out")
     assert report.equivalent, [c for c in report.checks if not c.passed]
 

@@ -15,12 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from lora_deploy.merge.streaming import merge
 import lora_deploy.io.staging as staging
 from lora_deploy.errors import BadInputError, InternalError, OutputError
 from lora_deploy.io.staging import (
-    HOST, lock, remove_dead_siblings, staging_dir, unlock, write_file_atomic, write_path_atomic,
+    HOST,
+    lock,
+    remove_dead_siblings,
+    staging_dir,
+    unlock,
+    write_file_atomic,
+    write_path_atomic,
 )
+from lora_deploy.merge.streaming import merge
 
 # Runs the CLI merge with a merge step that announces itself and then waits to be
 # signalled, so the signal lands mid-merge with the staging directory half written.
@@ -39,8 +45,12 @@ SLOW_MERGE = textwrap.dedent("""
 
 
 def start_slow_merge(base: Path, adapter: Path, out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(base), str(adapter), "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MERGE, str(base), str(adapter), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "merging", proc.stderr.read()
     return proc
 
@@ -175,8 +185,12 @@ SLOW_BLOCK = textwrap.dedent("""
 
 def test_sigterm_while_blocks_run_on_the_pool(small, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_BLOCK, *map(str, small), "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_BLOCK, *map(str, small), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "merging", proc.stderr.read()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -261,8 +275,12 @@ def old_file(tmp_path) -> Path:
 
 
 def test_a_killed_file_write_is_cleaned_up_by_the_next(old_file):
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_FILE_WRITE, str(old_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_FILE_WRITE, str(old_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
     proc.kill()  # SIGKILL: its staging directory stays, unlocked
     proc.communicate(timeout=60)

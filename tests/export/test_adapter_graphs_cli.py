@@ -20,11 +20,24 @@ def graphs(reference, tmp_path_factory):
     base, plain = reference("llama", "plain")
     _, rslora = reference("llama", "patterns")  # other ranks per module, same targets
     work = tmp_path_factory.mktemp("graphs")
-    result = cli("export", "onnx", base, "-o", work / "dynamic.onnx", "--dynamic-adapters",
-                 "--adapter", plain, "--adapter", rslora, "--json")
+    result = cli(
+        "export",
+        "onnx",
+        base,
+        "-o",
+        work / "dynamic.onnx",
+        "--dynamic-adapters",
+        "--adapter",
+        plain,
+        "--adapter",
+        rslora,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    result = cli("export", "onnx", base, "-o", work / "multi.onnx", "--multi-adapter", "--adapter", plain, "--adapter", rslora)
+    result = cli(
+        "export", "onnx", base, "-o", work / "multi.onnx", "--multi-adapter", "--adapter", plain, "--adapter", rslora
+    )
     assert result.exit_code == 0, result.output
     return base, plain, rslora, work, info
 
@@ -47,8 +60,21 @@ def test_pack_and_verify_each_adapter(graphs, which, tmp_path):
     packed = tmp_path / f"{which}.onnx_adapter"
     result = cli("pack", adapter, "-o", packed, "--onnx", work / "dynamic.onnx")
     assert result.exit_code == 0, result.output
-    result = cli("verify", base, adapter, "--dynamic", work / "dynamic.onnx", "--packed", packed,
-                 "--multi", work / "multi.onnx", "--batch", "3", "--report", tmp_path / "r.json")
+    result = cli(
+        "verify",
+        base,
+        adapter,
+        "--dynamic",
+        work / "dynamic.onnx",
+        "--packed",
+        packed,
+        "--multi",
+        work / "multi.onnx",
+        "--batch",
+        "3",
+        "--report",
+        tmp_path / "r.json",
+    )
     assert result.exit_code == 0, result.output
     checks = json.loads((tmp_path / "r.json").read_text())["checks"]
     names = " ".join(c["name"] for c in checks)

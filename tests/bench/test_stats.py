@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_deploy.errors import BadInputError
 from lora_deploy.bench.stats import (
     GateFailed,
     GateResult,
@@ -27,6 +26,7 @@ from lora_deploy.bench.stats import (
     regression_gate,
 )
 from lora_deploy.bench.timing import measure_interleaved, round_order
+from lora_deploy.errors import BadInputError
 
 BASE_S = 0.010  # a 10 ms forward pass
 
@@ -37,8 +37,9 @@ def lognormal_run(factor: float, sigma: float, rounds: int, seed: int) -> np.nda
     return BASE_S * factor * rng.lognormal(0.0, sigma, rounds)
 
 
-def overhead_verdict(factor: float, *, sigma_ref=0.05, sigma_cand=0.05, rounds=50, seed=0,
-                     max_overhead=0.02, resamples=10_000) -> GateResult:
+def overhead_verdict(
+    factor: float, *, sigma_ref=0.05, sigma_cand=0.05, rounds=50, seed=0, max_overhead=0.02, resamples=10_000
+) -> GateResult:
     ref = lognormal_run(1.0, sigma_ref, rounds, seed)
     cand = lognormal_run(factor, sigma_cand, rounds, seed + 10_000)
     ci = bootstrap_median_ci(paired_ratios(ref, cand), resamples=resamples, seed=seed)
@@ -264,13 +265,24 @@ def test_gate_result_dict_round_trip():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("2%", 0.02), ("2 %", 0.02), (" 2.5% ", 0.025), ("0.02", 0.02), ("0", 0.0), ("100%", 1.0), (".5", 0.5), ("1", 1.0)],
+    [
+        ("2%", 0.02),
+        ("2 %", 0.02),
+        (" 2.5% ", 0.025),
+        ("0.02", 0.02),
+        ("0", 0.0),
+        ("100%", 1.0),
+        (".5", 0.5),
+        ("1", 1.0),
+    ],
 )
 def test_parse_percent_accepts(text, expected):
     assert parse_percent(text) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text", ["", "abc", "-1%", "-0.02", "2", "150%", "nan", "inf%", "2%%", "% 2", "1e-2x", "2 percent"])
+@pytest.mark.parametrize(
+    "text", ["", "abc", "-1%", "-0.02", "2", "150%", "nan", "inf%", "2%%", "% 2", "1e-2x", "2 percent"]
+)
 def test_parse_percent_rejects(text):
     with pytest.raises(BadInputError):
         parse_percent(text)

@@ -8,15 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from lora_deploy.merge.streaming import MANIFEST_FILE, merge
 from lora_deploy.examples.models import FAMILIES, VARIANTS, supported
-
-from .oracle import load_model, logits_of, peft_merged_state, peft_model, read_checkpoint, token_batch, ulp
+from lora_deploy.merge.streaming import MANIFEST_FILE, merge
+from tests.oracle import load_model, logits_of, peft_merged_state, peft_model, read_checkpoint, token_batch, ulp
 
 CASES = [(f, v) for f in FAMILIES for v in VARIANTS if supported(f, v)]
 

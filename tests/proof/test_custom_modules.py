@@ -14,8 +14,7 @@ from torch import nn
 
 from lora_deploy.merge.streaming import merge
 from lora_deploy.modeling.unmerged import attach
-
-from .oracle import read_checkpoint
+from tests.oracle import read_checkpoint
 
 
 class VisionController(nn.Module):
@@ -50,8 +49,13 @@ def test_conv_embedding_linear_controller_matches_peft(tmp_path, use_dora):
     torch.manual_seed(0)
     model = VisionController().eval()
     save_base(model, tmp_path / "base")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["stem", "mix", "head.0", "head.2"] + ([] if use_dora else ["task"]),
-                        init_lora_weights=False, use_dora=use_dora)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["stem", "mix", "head.0", "head.2"] + ([] if use_dora else ["task"]),
+        init_lora_weights=False,
+        use_dora=use_dora,
+    )
     peft_model = trained_lora(model, config)
     peft_model.save_pretrained(tmp_path / "adapter")
     image, task_id = torch.randn(2, 3, 6, 6), torch.tensor([1, 3])
@@ -81,12 +85,15 @@ def test_adapter_from_task_model_onto_bare_backbone(tmp_path):
     """Adapter trained on BertForSequenceClassification ("bert.encoder..."), base saved as BertModel."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     torch.manual_seed(0)
     task_model = BertForSequenceClassification(config).eval()
     task_model.bert.save_pretrained(tmp_path / "backbone")
-    peft_model = get_peft_model(task_model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                                      init_lora_weights=False))
+    peft_model = get_peft_model(
+        task_model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     merged_backbone = peft_model.merge_and_unload().bert.state_dict()
 
@@ -101,13 +108,21 @@ def test_adapter_from_backbone_onto_task_checkpoint(tmp_path):
     """Adapter trained on LlamaModel ("layers.0..."), base saved as LlamaForCausalLM ("model.layers.0...")."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     full = LlamaForCausalLM(config).eval()
     full.save_pretrained(tmp_path / "base")
-    peft_backbone = get_peft_model(copy.deepcopy(full.model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                                         init_lora_weights=False))
+    peft_backbone = get_peft_model(
+        copy.deepcopy(full.model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    )
     peft_backbone.save_pretrained(tmp_path / "adapter")
     merged_backbone = peft_backbone.merge_and_unload().state_dict()
 
@@ -124,8 +139,9 @@ def test_verify_checks_a_custom_module_checkpoint_at_weight_level(tmp_path):
     torch.manual_seed(0)
     model = VisionController().eval()
     save_base(model, tmp_path / "base")
-    trained_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["stem", "head.0"],
-                                   init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    trained_lora(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["stem", "head.0"], init_lora_weights=False)
+    ).save_pretrained(tmp_path / "adapter")
     merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     report = verify(tmp_path / "base", tmp_path / "adapter", merged_dir=tmp_path / "out")
     assert report.equivalent and "skipped" in report.checks[-1].name

@@ -31,9 +31,13 @@ def write_adapter(root: Path, **config) -> Path:
     path = root / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
     rng = np.random.default_rng(0)
-    save_file({"base_model.model.q.lora_A.weight": rng.standard_normal((2, 3), dtype=np.float32),
-               "base_model.model.q.lora_B.weight": rng.standard_normal((4, 2), dtype=np.float32)},
-              str(root / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.q.lora_A.weight": rng.standard_normal((2, 3), dtype=np.float32),
+            "base_model.model.q.lora_B.weight": rng.standard_normal((4, 2), dtype=np.float32),
+        },
+        str(root / "adapter_model.safetensors"),
+    )
     return root
 
 
@@ -70,7 +74,7 @@ def test_every_lora_config_field_is_classified_once():
     handled = set(handled_keys())
     classes = [set(NEUTRAL_KEYS), handled, set(REFUSED_KEYS)]
     for i, one in enumerate(classes):
-        for other in classes[i + 1:]:
+        for other in classes[i + 1 :]:
             assert not one & other
     unclassified = {f.name for f in dataclasses.fields(peft.LoraConfig)} - set().union(*classes)
     assert not unclassified, f"classify these LoraConfig fields in adapter/variants.py: {sorted(unclassified)}"
@@ -114,8 +118,13 @@ def module(name="q", embedding=False, **parts) -> LoraModule:
 
 def adapter(modules=None, replacements=None, **config) -> Adapter:
     modules = modules or [module()]
-    return Adapter(Path("/adapters/x"), AdapterConfig(r=2, lora_alpha=4.0, **config),
-                   {m.name: m for m in modules}, replacements or {}, [])
+    return Adapter(
+        Path("/adapters/x"),
+        AdapterConfig(r=2, lora_alpha=4.0, **config),
+        {m.name: m for m in modules},
+        replacements or {},
+        [],
+    )
 
 
 EXAMPLES = {
@@ -125,8 +134,9 @@ EXAMPLES = {
     "lora_bias": lambda: adapter([module(bias=np.ones(4, np.float32))], lora_bias=True),
     "patterns": lambda: adapter(rank_pattern={"q": 2}),
     "embedding": lambda: adapter([module(), module("emb", embedding=True)]),
-    "modules_to_save": lambda: adapter(replacements={"head.weight": np.ones((2, 2), np.float32)},
-                                       modules_to_save=("head",)),
+    "modules_to_save": lambda: adapter(
+        replacements={"head.weight": np.ones((2, 2), np.float32)}, modules_to_save=("head",)
+    ),
 }
 
 
@@ -138,9 +148,9 @@ def test_every_variant_has_an_example():
 REFUSALS = {
     "dora": "/adapters/x: DoRA cannot be expressed as an additive low-rank input (merge it instead)",
     "embedding": "/adapters/x: embedding LoRA on emb cannot be expressed as an additive low-rank input "
-                 "(merge it instead)",
+    "(merge it instead)",
     "modules_to_save": "/adapters/x: the adapter replaces base tensors (head.weight, modules_to_save or trained "
-                       "bias); that cannot be expressed as an additive low-rank input (merge it instead)",
+    "bias); that cannot be expressed as an additive low-rank input (merge it instead)",
 }
 
 
@@ -159,10 +169,14 @@ def test_additive_flag_matches_what_export_refuses(name):
 
 
 def test_describe_keeps_the_inspect_strings():
-    both = adapter([module(magnitude=np.ones(4, np.float32), bias=np.ones(4, np.float32)),
-                    module("emb", embedding=True)],
-                   replacements={"head.weight": np.ones(1, np.float32)},
-                   use_rslora=True, use_dora=True, lora_bias=True, alpha_pattern={"q": 8.0})
+    both = adapter(
+        [module(magnitude=np.ones(4, np.float32), bias=np.ones(4, np.float32)), module("emb", embedding=True)],
+        replacements={"head.weight": np.ones(1, np.float32)},
+        use_rslora=True,
+        use_dora=True,
+        lora_bias=True,
+        alpha_pattern={"q": 8.0},
+    )
     assert both.variant == "rslora+dora+lora_bias+patterns+embedding+modules_to_save"
     with pytest.raises(AdapterError, match="DoRA"):  # the first non-additive variant, as export refuses
         refuse_non_additive(both)
@@ -178,8 +192,10 @@ def test_layer_math_variants_have_merge_and_unmerged_math():
 
 
 def test_registry_and_merge_math_import_without_torch():
-    code = ("import sys\n"
-            "import lora_deploy.adapter.variants, lora_deploy.adapter.read, lora_deploy.merge.delta\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n")
+    code = (
+        "import sys\n"
+        "import lora_deploy.adapter.variants, lora_deploy.adapter.read, lora_deploy.merge.delta\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

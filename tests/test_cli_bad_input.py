@@ -7,7 +7,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -114,8 +113,11 @@ def spatial_factors(t):
     t[a_key] = torch.zeros(*t[a_key].shape, 3, 3)
 
 
-@pytest.mark.parametrize("edit,words", [(widen_a, "does not fit"), (spatial_factors, "no LoRA layer produces")],
-                         ids=["shape mismatch", "factors no layer produces"])
+@pytest.mark.parametrize(
+    "edit,words",
+    [(widen_a, "does not fit"), (spatial_factors, "no LoRA layer produces")],
+    ids=["shape mismatch", "factors no layer produces"],
+)
 def test_malformed_factors(llama, tmp_path, edit, words):
     base, adapter = llama
     edit_adapter(adapter, edit)
@@ -308,8 +310,9 @@ def test_console_script_reports_one_line(llama, tmp_path):
     base, _ = llama
     out = tmp_path / "out"
     exe = shutil.which("lora-deploy") or pytest.skip("console script not installed")
-    done = subprocess.run([exe, "merge", str(base), str(tmp_path / "missing"), "-o", str(out)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [exe, "merge", str(base), str(tmp_path / "missing"), "-o", str(out)], capture_output=True, text=True
+    )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     assert not out.exists()
@@ -324,8 +327,15 @@ def test_overwrite_never_removes_an_input(llama, tmp_path):
 
 @pytest.mark.parametrize(
     "changes",
-    [{"r": 0}, {"r": "eight"}, {"r": 2.5}, {"lora_alpha": float("nan")}, {"rank_pattern": {"v_proj": 0}},
-     {"alpha_pattern": {"q_proj": "big"}}, {"rank_pattern": ["v_proj"]}],
+    [
+        {"r": 0},
+        {"r": "eight"},
+        {"r": 2.5},
+        {"lora_alpha": float("nan")},
+        {"rank_pattern": {"v_proj": 0}},
+        {"alpha_pattern": {"q_proj": "big"}},
+        {"rank_pattern": ["v_proj"]},
+    ],
 )
 def test_malformed_numbers_in_config(llama, tmp_path, changes):
     base, adapter = llama
@@ -339,12 +349,12 @@ def rewrite_header(path, edit):
 
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     edit(header)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (n - len(raw)) if len(raw) <= n else b""
     assert len(raw) == n, "edit must not grow the header"
-    path.write_bytes(data[:8] + raw + data[8 + n:])
+    path.write_bytes(data[:8] + raw + data[8 + n :])
 
 
 @pytest.mark.parametrize("field,value", [("data_offsets", ["0", "4"]), ("shape", [-1, 4]), ("dtype", 32)])

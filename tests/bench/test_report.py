@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from lora_deploy.errors import BadInputError
 from lora_deploy.bench.report import (
     SCHEMA,
     build_report,
@@ -23,6 +22,7 @@ from lora_deploy.bench.report import (
     write_json,
 )
 from lora_deploy.bench.stats import GateFailed, enforce_gates
+from lora_deploy.errors import BadInputError
 
 MACHINE = {
     "cpu": "Synthetic CPU @ 3.0GHz",
@@ -43,17 +43,22 @@ def synthetic_results(factors: dict[str, float], *, sigma=0.05, rounds=40, seed=
     out = {}
     for batch, seq in SHAPES:
         base = 1e-3 * (1 + batch * seq / 64)
-        out[(batch, seq)] = {
-            name: (base * f * rng.lognormal(0, sigma, rounds)).tolist() for name, f in factors.items()
-        }
+        out[(batch, seq)] = {name: (base * f * rng.lognormal(0, sigma, rounds)).tolist() for name, f in factors.items()}
     return out
 
 
 def make_report(factors=None, *, data_seed=0, **kwargs) -> dict:
     factors = factors or {"base": 1.0, "merged": 1.0, "dynamic": 1.10}
     options = dict(
-        backend="torch", device="cpu", reference="base", warmup=5, inner=1, threads=4,
-        max_overhead=0.02, resamples=1000, machine=MACHINE,
+        backend="torch",
+        device="cpu",
+        reference="base",
+        warmup=5,
+        inner=1,
+        threads=4,
+        max_overhead=0.02,
+        resamples=1000,
+        machine=MACHINE,
     )
     options.update(kwargs)
     return build_report(synthetic_results(factors, seed=data_seed), **options)
@@ -132,8 +137,13 @@ def test_regression_gates_against_baseline(report):
 
 
 def test_noisy_rerun_does_not_regress(report):
-    noisy = make_report({"base": 1.0, "merged": 1.0, "dynamic": 1.10}, data_seed=9, max_overhead=None,
-                        baseline=report, max_regression=0.05)
+    noisy = make_report(
+        {"base": 1.0, "merged": 1.0, "dynamic": 1.10},
+        data_seed=9,
+        max_overhead=None,
+        baseline=report,
+        max_regression=0.05,
+    )
     kinds = {g["gate"] for g in noisy["gates"]}
     assert kinds == {"regression"}
     assert all(g["passed"] for g in noisy["gates"]), [g["message"] for g in noisy["gates"] if not g["passed"]]
@@ -147,8 +157,9 @@ def test_baseline_on_other_hardware_is_noted(report):
 
 
 def test_baseline_sharing_nothing_is_bad_input(report):
-    other = build_report({(2, 2): {"base": [1.0, 1.1]}}, backend="torch", device="cpu",
-                         reference="base", machine=MACHINE)
+    other = build_report(
+        {(2, 2): {"base": [1.0, 1.1]}}, backend="torch", device="cpu", reference="base", machine=MACHINE
+    )
     with pytest.raises(BadInputError):
         regression_gates(other, report, 0.05)
 
@@ -251,8 +262,7 @@ def test_plot_writes_a_png(report, tmp_path):
 
 def test_plot_handles_wide_ranges_and_missing_variants(tmp_path):
     results = {(1, 1): {"base": [1e-4, 1.1e-4]}, (64, 512): {"base": [0.5, 0.6], "merged": [0.5, 0.61]}}
-    rep = build_report(results, backend="onnxruntime", device="cpu", reference="base",
-                       resamples=200, machine=MACHINE)
+    rep = build_report(results, backend="onnxruntime", device="cpu", reference="base", resamples=200, machine=MACHINE)
     assert plot(rep, tmp_path / "b.png").stat().st_size > 0
 
 

@@ -29,8 +29,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from lora_deploy.export import model as export_mod
 from lora_deploy.errors import BadInputError, CheckpointError, ExportError
+from lora_deploy.export import model as export_mod
 from lora_deploy.export.model import ExportResult, export_checkpoint, export_module
 from lora_deploy.modeling.hf import load_for_task
 from lora_deploy.modeling.samples import sample_inputs
@@ -43,29 +43,56 @@ MODELS = {
     "llama": (
         lambda: LlamaForCausalLM(
             LlamaConfig(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                pad_token_id=0,
             )
         ),
-        "AutoModelForCausalLM", "causal-lm", "logits",
+        "AutoModelForCausalLM",
+        "causal-lm",
+        "logits",
     ),
     "gpt2": (
         lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=64)),
-        "AutoModelForCausalLM", "causal-lm", "logits",
+        "AutoModelForCausalLM",
+        "causal-lm",
+        "logits",
     ),
     "bert-cls": (
         lambda: BertForSequenceClassification(
-            BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                       vocab_size=VOCAB, max_position_embeddings=64, num_labels=3)
+            BertConfig(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=64,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                num_labels=3,
+            )
         ),
-        "AutoModelForSequenceClassification", "sequence-classification", "logits",
+        "AutoModelForSequenceClassification",
+        "sequence-classification",
+        "logits",
     ),
     "bert": (
         lambda: BertModel(
-            BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                       vocab_size=VOCAB, max_position_embeddings=64)
+            BertConfig(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=64,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+            )
         ),
-        "AutoModel", "feature-extraction", "last_hidden_state",
+        "AutoModel",
+        "feature-extraction",
+        "last_hidden_state",
     ),
 }
 
@@ -200,7 +227,12 @@ def test_export_module_controller(controller_onnx):
     assert [value.name for value in model.graph.input] == ["obs"]
     assert [value.name for value in model.graph.output] == ["action"]
     assert _dims(model.graph.input[0]) == ["batch", 6]
-    assert {init.name for init in model.graph.initializer} == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    assert {init.name for init in model.graph.initializer} == {
+        "net.0.weight",
+        "net.0.bias",
+        "net.2.weight",
+        "net.2.bias",
+    }
     obs = np.random.default_rng(1).standard_normal((7, 6)).astype(np.float32)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"obs": obs})[0]
     with torch.inference_mode():
@@ -211,7 +243,11 @@ def test_export_module_controller(controller_onnx):
 def test_external_data_is_one_file_next_to_model(tmp_path):
     torch.manual_seed(0)
     path = export_module(
-        Controller().eval(), {"obs": torch.randn(2, 6)}, tmp_path / "c.onnx", output_names=["action"], external_data=True
+        Controller().eval(),
+        {"obs": torch.randn(2, 6)},
+        tmp_path / "c.onnx",
+        output_names=["action"],
+        external_data=True,
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx", "c.onnx.data"]
     onnx.checker.check_model(str(path))
@@ -246,11 +282,17 @@ def test_export_module_bad_arguments(tmp_path):
     with pytest.raises(BadInputError, match="obs"):
         export_module(module, {"obs": [1.0] * 6}, tmp_path / "a.onnx", output_names=["action"])
     with pytest.raises(BadInputError, match="goal"):
-        export_module(module, {"obs": torch.randn(2, 6)}, tmp_path / "a.onnx", output_names=["action"],
-                      dynamic_axes={"goal": {0: "batch"}})
+        export_module(
+            module,
+            {"obs": torch.randn(2, 6)},
+            tmp_path / "a.onnx",
+            output_names=["action"],
+            dynamic_axes={"goal": {0: "batch"}},
+        )
     with pytest.raises(BadInputError, match="must map axis"):
-        export_module(module, {"obs": torch.randn(2, 6)}, tmp_path / "a.onnx", output_names=["action"],
-                      dynamic_axes={"obs": [0]})
+        export_module(
+            module, {"obs": torch.randn(2, 6)}, tmp_path / "a.onnx", output_names=["action"], dynamic_axes={"obs": [0]}
+        )
     with pytest.raises(BadInputError, match="output name"):
         export_module(module, {"obs": torch.randn(2, 6)}, tmp_path / "a.onnx", output_names=["a", "b"])
     with pytest.raises(BadInputError, match="directory"):
@@ -311,8 +353,12 @@ def test_sample_inputs_deterministic_and_in_range():
 
 
 def test_sample_inputs_from_metadata():
-    feed = sample_inputs({"obs": (np.float32, ("batch", 6)), "input_ids": (np.int64, ("batch", "sequence"))},
-                         batch=4, seq=5, vocab_size=10)
+    feed = sample_inputs(
+        {"obs": (np.float32, ("batch", 6)), "input_ids": (np.int64, ("batch", "sequence"))},
+        batch=4,
+        seq=5,
+        vocab_size=10,
+    )
     assert feed["obs"].shape == (4, 6) and feed["obs"].dtype == np.float32
     assert feed["input_ids"].shape == (4, 5) and feed["input_ids"].max() < 10
     bert = sample_inputs(BertConfig(vocab_size=30), batch=2, seq=6)

@@ -10,9 +10,9 @@ import transformers
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from lora_deploy.backends import OnnxrtRunner, Runner, TorchRunner, check_feed
 from lora_deploy.errors import BadInputError
 from lora_deploy.export.model import export_checkpoint, export_module
-from lora_deploy.backends import OnnxrtRunner, Runner, TorchRunner, check_feed
 from lora_deploy.modeling.samples import sample_inputs
 
 
@@ -34,16 +34,23 @@ def controller(tmp_path_factory):
     module = Controller().eval()
     path = tmp_path_factory.mktemp("ctrl") / "controller.onnx"
     example = {"obs": torch.randn(3, 6), "goal": torch.randn(3, 2)}
-    export_module(module, example, path, output_names=["action"],
-                  dynamic_axes={"obs": {0: "batch"}, "goal": {0: "batch"}})
+    export_module(
+        module, example, path, output_names=["action"], dynamic_axes={"obs": {0: "batch"}, "goal": {0: "batch"}}
+    )
     return module, path
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=100, max_position_embeddings=64)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
     path = tmp_path_factory.mktemp("bert") / "bert"
     BertModel(config).save_pretrained(path)
     return path
@@ -138,8 +145,10 @@ def test_torch_runner_checkpoint_dir(bert_dir):
     feed = sample_inputs(bert_dir, batch=3, seq=7)
     with TorchRunner(bert_dir) as runner:
         meta = runner.input_metadata()
-        assert meta == {name: (np.dtype(np.int64), ("batch", "sequence"))
-                        for name in ("input_ids", "attention_mask", "token_type_ids")}
+        assert meta == {
+            name: (np.dtype(np.int64), ("batch", "sequence"))
+            for name in ("input_ids", "attention_mask", "token_type_ids")
+        }
         got = runner.infer(feed)
         with pytest.raises(BadInputError, match="'input_ids' has dtype int32"):
             runner.infer({**feed, "input_ids": feed["input_ids"].astype(np.int32)})

@@ -20,10 +20,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from lora_deploy.backends.onnxrt.lora_format import pack_adapter
 from lora_deploy.backends.onnxrt.sessions import DynamicSession, MultiSession
-from lora_deploy.export.dynamic import export_dynamic, resolve_slots
 from lora_deploy.errors import AdapterError, BadInputError
-from lora_deploy.merge.streaming import merge
+from lora_deploy.export.dynamic import export_dynamic, resolve_slots
 from lora_deploy.export.multi import export_multi
+from lora_deploy.merge.streaming import merge
 
 ATOL = 1e-4
 
@@ -41,8 +41,14 @@ def quiet_session(path) -> ort.InferenceSession:
 
 def llama_config(hidden: int = 64) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
-        vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
 
 
@@ -72,8 +78,14 @@ def save_adapter(cls, base_dir, path, seed: int = 1, **lora):
 LLAMA_ADAPTERS = {
     "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     # Different targets, rsLoRA, and per-module ranks/alphas.
-    "rs": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "o_proj", "up_proj"],
-               rank_pattern={"up_proj": 2}, alpha_pattern={"layers.1.self_attn.o_proj": 4}),
+    "rs": dict(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["k_proj", "o_proj", "up_proj"],
+        rank_pattern={"up_proj": 2},
+        alpha_pattern={"layers.1.self_attn.o_proj": 4},
+    ),
 }
 GPT2_ADAPTERS = {
     "attn": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
@@ -84,23 +96,29 @@ GPT2_ADAPTERS = {
 def build_family(root, cls, config, adapter_recipes: dict, first_seed: int) -> dict:
     """A base, its PEFT adapters, the dynamic graph over all of them and each packed adapter."""
     base = save_base(cls, config, root / "base")
-    adapters = {name: save_adapter(cls, base, root / name, seed=first_seed + i, **kw)
-                for i, (name, kw) in enumerate(adapter_recipes.items())}
+    adapters = {
+        name: save_adapter(cls, base, root / name, seed=first_seed + i, **kw)
+        for i, (name, kw) in enumerate(adapter_recipes.items())
+    }
     graph = export_dynamic(base, root / "dynamic.onnx", adapters=list(adapters.values()))
-    packed = {name: pack_adapter(d, root / f"{name}.onnx_adapter", onnx_path=graph.path) for name, d in adapters.items()}
+    packed = {
+        name: pack_adapter(d, root / f"{name}.onnx_adapter", onnx_path=graph.path) for name, d in adapters.items()
+    }
     return {"cls": cls, "root": root, "base": base, "adapters": adapters, "graph": graph, "packed": packed}
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return build_family(tmp_path_factory.mktemp("llama"), transformers.LlamaForCausalLM, llama_config(),
-                        LLAMA_ADAPTERS, first_seed=1)
+    return build_family(
+        tmp_path_factory.mktemp("llama"), transformers.LlamaForCausalLM, llama_config(), LLAMA_ADAPTERS, first_seed=1
+    )
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    return build_family(tmp_path_factory.mktemp("gpt2"), transformers.GPT2LMHeadModel, gpt2_config(),
-                        GPT2_ADAPTERS, first_seed=3)
+    return build_family(
+        tmp_path_factory.mktemp("gpt2"), transformers.GPT2LMHeadModel, gpt2_config(), GPT2_ADAPTERS, first_seed=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +194,10 @@ def test_zero_rank_matmul_gives_zeros_in_onnxruntime():
         "k0",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
-        [numpy_helper.from_array(np.zeros((3, 0), np.float32), "a"),
-         numpy_helper.from_array(np.zeros((0, 4), np.float32), "b")],
+        [
+            numpy_helper.from_array(np.zeros((3, 0), np.float32), "a"),
+            numpy_helper.from_array(np.zeros((0, 4), np.float32), "b"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -212,8 +232,11 @@ def test_graph_names_orientation_and_defaults(family, request):
 
 
 def test_llama_targets_are_the_union_of_the_adapters(llama):
-    expected = {f"model.layers.{i}.{m}" for i in range(2)
-                for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj")}
+    expected = {
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj")
+    }
     assert set(llama["graph"].slots) == expected
     assert llama["graph"].slots["model.layers.0.mlp.up_proj"].out_features == 128
 
@@ -297,7 +320,7 @@ def test_multi_rows_equal_single_adapter_runs(gpt2, multi):
         single.load_adapter(name, packed)
     for row, k in enumerate(ids):
         adapter = None if k == -1 else multi["names"][k]
-        alone = single.run({n: v[row:row + 1] for n, v in feeds.items()}, adapter=adapter)["logits"][0]
+        alone = single.run({n: v[row : row + 1] for n, v in feeds.items()}, adapter=adapter)["logits"][0]
         close(out[row], alone)
     refs = references(gpt2, feeds)
     for row, k in enumerate(ids):
@@ -338,8 +361,11 @@ def test_multi_graph_banks_are_overridable(multi):
 def test_multi_banks_replaced_at_run_time(gpt2, multi):
     """Feeding every bank with its adapters swapped makes id 0 run adapter 1, no re-export."""
     feeds = batch(size=2)
-    banks = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(multi["graph"].path)).graph.initializer
-             if t.name.endswith("bank")}
+    banks = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(multi["graph"].path)).graph.initializer
+        if t.name.endswith("bank")
+    }
     swapped = {name: np.ascontiguousarray(b[::-1]) for name, b in banks.items()}
     # A wider zero-padded rank is accepted too: the rank dimension is symbolic.
     name = "transformer.h.0.attn.c_attn"
@@ -401,10 +427,12 @@ def test_mismatched_ranks_in_an_adapter_file_are_refused(llama, tmp_path):
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
     module = "model.layers.0.self_attn.q_proj"
-    fmt.set_parameters({
-        module + ".lora_A.weight": ort.OrtValue.ortvalue_from_numpy(np.zeros((64, 2), np.float32)),
-        module + ".lora_B.weight": ort.OrtValue.ortvalue_from_numpy(np.zeros((3, 64), np.float32)),
-    })
+    fmt.set_parameters(
+        {
+            module + ".lora_A.weight": ort.OrtValue.ortvalue_from_numpy(np.zeros((64, 2), np.float32)),
+            module + ".lora_B.weight": ort.OrtValue.ortvalue_from_numpy(np.zeros((3, 64), np.float32)),
+        }
+    )
     fmt.export_adapter(str(tmp_path / "bad.onnx_adapter"))
     with pytest.raises(AdapterError, match="rank 2"):
         DynamicSession(llama["graph"].path).load_adapter("bad", tmp_path / "bad.onnx_adapter")
@@ -414,8 +442,11 @@ def test_lora_bias_needs_a_graph_with_bias_inputs():
     from lora_deploy.backends.onnxrt.lora_format import check_parameters
 
     graph = {"m.lora_A.weight": ([8, "rank_m"], "float32"), "m.lora_B.weight": (["rank_m", 4], "float32")}
-    params = {"m.lora_A.weight": ([8, 2], "float32"), "m.lora_B.weight": ([2, 4], "float32"),
-              "m.lora_B.bias": ([4], "float32")}
+    params = {
+        "m.lora_A.weight": ([8, 2], "float32"),
+        "m.lora_B.weight": ([2, 4], "float32"),
+        "m.lora_B.bias": ([4], "float32"),
+    }
     with pytest.raises(AdapterError, match="lora_bias=True"):
         check_parameters(params, graph, "adapter", "g.onnx")
 
@@ -423,8 +454,13 @@ def test_lora_bias_needs_a_graph_with_bias_inputs():
 def test_adapter_ids_out_of_range(multi):
     feeds = batch(size=2)
     session = multi["session"]
-    for ids, message in [([0, 2], "out of range"), ([-2, 0], "out of range"), ([0], "2 rows"),
-                         (["nope", 0], "unknown adapter"), ([0.5, 0], "not an integer")]:
+    for ids, message in [
+        ([0, 2], "out of range"),
+        ([-2, 0], "out of range"),
+        ([0], "2 rows"),
+        (["nope", 0], "unknown adapter"),
+        ([0.5, 0], "not an integer"),
+    ]:
         with pytest.raises(BadInputError, match=message):
             session.run(feeds, ids)
 
