@@ -21,7 +21,9 @@ from lora_deploy.errors import InternalError, LoraDeployError
 from lora_deploy.options import BenchOptions, ExportOptions, MergeOptions, VerifyOptions
 from lora_deploy.util import signal_handlers
 
-directory = click.Path(exists=False, file_okay=False, path_type=Path)  # existence is checked by the API, in one line
+# Existence and kind are checked by the API, in one line each.
+directory = click.Path(exists=False, file_okay=False, path_type=Path)
+a_file = click.Path(dir_okay=False, path_type=Path)
 
 
 class Terminated(KeyboardInterrupt):
@@ -171,25 +173,23 @@ def merge(
 @click.argument("base", type=directory)
 @click.argument("adapter", type=directory)
 @click.option("--merged", type=directory, help="Merged checkpoint to check (weights and outputs).")
-@click.option(
-    "--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), help="ONNX model to check in ONNX Runtime."
-)
+@click.option("--onnx", "onnx_path", type=a_file, help="ONNX model to check in ONNX Runtime.")
 @click.option(
     "--dynamic",
     "dynamic_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=a_file,
     help="Dynamic-adapter graph: checked with the adapter active and with none.",
 )
 @click.option(
     "--packed",
     "packed_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=a_file,
     help="The .onnx_adapter to activate on --dynamic (default: pack ADAPTER on the fly).",
 )
 @click.option(
     "--multi",
     "multi_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=a_file,
     help="Multi-adapter graph holding ADAPTER: its rows, no-adapter rows and a mixed batch.",
 )
 @click.option("--atol", type=float, help="Absolute output tolerance (default by dtype).")
@@ -198,7 +198,7 @@ def merge(
 @click.option("--seq", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--task", default="auto", show_default=True, help="Model task (see export onnx --task).")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
+@click.option("--report", type=a_file, help="Write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @run_guarded
 def verify(
@@ -271,7 +271,7 @@ def export() -> None:
 
 @export.command("onnx")
 @click.argument("model", type=directory)
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("-o", "--output", "out", type=a_file, required=True)
 @click.option(
     "--task",
     type=click.Choice(["auto", "causal-lm", "sequence-classification", "token-classification", "feature-extraction"]),
@@ -366,9 +366,6 @@ def demo(out: Path, family: str, variant: str) -> None:
     console.print(f"all stages passed; artifacts in {out}")
 
 
-out_file = click.Path(dir_okay=False, path_type=Path)
-
-
 @main.command("bench")
 @click.option(
     "--model",
@@ -406,14 +403,14 @@ out_file = click.Path(dir_okay=False, path_type=Path)
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs.")
 @click.option("--cuda-graphs", is_flag=True, help="torch on cuda: replay each shape's forward from a CUDA graph.")
-@click.option("--json", "json_path", type=out_file, help="Write the JSON report (schema lora-deploy.bench/1).")
-@click.option("--markdown", "markdown_path", type=out_file, help="Write a Markdown summary.")
-@click.option("--plot", "plot_path", type=out_file, help="Write a PNG plot of p50 latency.")
+@click.option("--json", "json_path", type=a_file, help="Write the JSON report (schema lora-deploy.bench/1).")
+@click.option("--markdown", "markdown_path", type=a_file, help="Write a Markdown summary.")
+@click.option("--plot", "plot_path", type=a_file, help="Write a PNG plot of p50 latency.")
 @click.option("--max-overhead", help="Exit 1 if a variant is provably slower than the reference by more, e.g. 2%.")
 @click.option(
     "--baseline",
     "baseline_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=a_file,
     help="Earlier JSON report to check for regressions.",
 )
 @click.option("--max-regression", help="Allowed slowdown against --baseline, e.g. 5%.  [default with --baseline: 5%]")
@@ -501,14 +498,14 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_j
     "-o",
     "--output",
     "out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=a_file,
     required=True,
     help="The .onnx_adapter file to write.",
 )
 @click.option(
     "--onnx",
     "onnx_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=a_file,
     help="Dynamic graph to check names and shapes against.",
 )
 @run_guarded
