@@ -178,3 +178,62 @@ def test_check_feed_skips_unknown_parts():
     check_feed({"x": np.zeros((2, 3), np.int8)}, {"x": (None, ("n", 3))})
     with pytest.raises(BadInputError, match="'x' dim 1 is 3, expected 4"):
         check_feed({"x": np.zeros((2, 3), np.int8)}, {"x": (None, ("n", 4))})
+
+
+def test_a_runner_takes_a_path_a_session_or_a_loader(controller):
+    """polygraphy's contract: the same runner over a path, a ready session, or a lazy loader."""
+    from lora_deploy.backends import SessionFromOnnx
+
+    _, path = controller
+    feed = _feed()
+    calls = []
+
+    def counting_loader():
+        calls.append(1)
+        return SessionFromOnnx(path, threads=1)()
+
+    ready = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = ready.run(["action"], feed)[0]
+    # The counting loader comes last: before it, nothing may have called it.
+    for source in (path, ready, SessionFromOnnx(path, threads=1), counting_loader):
+        runner = OnnxrtRunner(source)
+        assert calls == []  # the loader is called on activate(), not before
+        with runner:
+            np.testing.assert_array_equal(runner.infer(feed)["action"], want)
+    assert calls == [1]
+
+
+def test_the_loader_is_lazy_and_checks_once(tmp_path):
+    """A loader for a missing file is cheap to build; the error comes, as one line, when called."""
+    from lora_deploy.backends import SessionFromOnnx
+
+    loader = SessionFromOnnx(tmp_path / "missing.onnx")
+    with pytest.raises(BadInputError, match="missing.onnx: ONNX file not found"):
+        loader()
+
+
+def test_overridable_inputs_are_optional_feeds_checked_like_inputs(tmp_path):
+    """A graph input with a default (ONNX Runtime's overridable initializer) may be left out;
+    fed, its fixed dims are checked before ONNX Runtime sees it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [x, w],
+        [y],
+        initializer=[numpy_helper.from_array(np.ones(4, np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "g.onnx")
+    feed = {"x": np.zeros((2, 4), np.float32)}
+    with OnnxrtRunner(tmp_path / "g.onnx") as runner:
+        np.testing.assert_array_equal(runner.infer(feed)["y"], np.ones((2, 4), np.float32))
+        np.testing.assert_array_equal(runner.infer({**feed, "w": np.full(4, 2, np.float32)})["y"], np.full((2, 4), 2))
+        with pytest.raises(BadInputError, match="'w' dim 0 is 3, expected 4"):
+            runner.infer({**feed, "w": np.ones(3, np.float32)})

@@ -62,7 +62,8 @@ class SessionFromOnnx:
     """Lazy loader: `SessionFromOnnx(path, threads=1)()` -> onnxruntime.InferenceSession.
 
     `providers` must all be available (ONNX Runtime would otherwise drop them silently);
-    `threads` sizes the intra-op pool, `inter_op_threads` the inter-op one.
+    `threads` sizes the intra-op pool, `inter_op_threads` the inter-op one. A caller with
+    its own `onnxruntime.SessionOptions` passes them as `session_options` instead.
     """
 
     def __init__(
@@ -73,16 +74,20 @@ class SessionFromOnnx:
         threads: int | None = None,
         inter_op_threads: int | None = None,
         log_level: int = QUIET,
+        session_options: Any = None,
     ):
         self.path = Path(path)
         self.providers = list(providers)
         self.threads = threads
         self.inter_op_threads = inter_op_threads
         self.log_level = log_level
+        self.session_options = session_options
 
     def options(self) -> Any:
         import onnxruntime as ort
 
+        if self.session_options is not None:
+            return self.session_options
         options = ort.SessionOptions()
         options.log_severity_level = self.log_level
         if self.threads is not None:

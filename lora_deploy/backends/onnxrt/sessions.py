@@ -36,9 +36,9 @@ class DynamicSession(OnnxrtRunner):
     """
 
     def __init__(self, onnx_path: str | os.PathLike, *, providers: Sequence[str] | None = None, options=None):
-        super().__init__(SessionFromOnnx(onnx_path, providers=providers or CPU), name=str(onnx_path))
-        if options is not None:
-            self.loader.options = lambda: options
+        super().__init__(
+            SessionFromOnnx(onnx_path, providers=providers or CPU, session_options=options), name=str(onnx_path)
+        )
         self.activate()
         self.overridable = session_inputs(self.session)
         self.adapters: dict[str, object] = {}
@@ -75,9 +75,9 @@ class MultiSession(OnnxrtRunner):
     """
 
     def __init__(self, onnx_path: str | os.PathLike, *, providers: Sequence[str] | None = None, options=None):
-        super().__init__(SessionFromOnnx(onnx_path, providers=providers or CPU), name=str(onnx_path))
-        if options is not None:
-            self.loader.options = lambda: options
+        super().__init__(
+            SessionFromOnnx(onnx_path, providers=providers or CPU, session_options=options), name=str(onnx_path)
+        )
         self.activate()
         meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         info = json.loads(meta) if meta else {}
