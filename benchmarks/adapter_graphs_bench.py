@@ -249,9 +249,9 @@ def latency(args, files: dict) -> None:
         "vocab": args.vocab,
         "adapters": [{"r": r, "targets": list(t)} for r, t in ADAPTERS],
     }
-    write_json(report, args.out / "adapter_graphs_latency.json")
+    write_json(report, args.out / "adapter_graphs_latency.json", overwrite=True)  # a rerun replaces its results
     (args.out / "adapter_graphs_latency.md").write_text(to_markdown(report))
-    plot(report, args.out / "adapter_graphs_latency.png")
+    plot(report, args.out / "adapter_graphs_latency.png", overwrite=True)
     print(to_markdown(report))
 
 

@@ -81,6 +81,7 @@ def main() -> None:
         json_path=args.out / f"{name}.json",
         markdown_path=args.out / f"{name}.md",
         plot_path=args.out / f"{name}.png",
+        overwrite=True,  # a rerun replaces its results
     )
     for shape, row in report["results"].items():
         cells = ", ".join(

@@ -1,11 +1,15 @@
 """The `lora-deploy` command: a thin click layer over the Python API.
 
 Every command maps errors to one line on stderr and an exit code: 0 success,
-1 verification found a difference (or a gate failed), 2 bad input.
+1 verification found a difference (or a gate failed), 2 bad input, 3 a failed write or
+a bug. Every command that writes follows one output policy (lora_deploy.io.staging.
+check_output): an input is never an output, and an existing output is replaced only
+with --overwrite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,7 +22,7 @@ import click
 from lora_deploy import __version__
 from lora_deploy.backends import registry
 from lora_deploy.errors import InternalError, LoraDeployError
-from lora_deploy.options import BenchOptions, ExportOptions, MergeOptions, VerifyOptions
+from lora_deploy.options import PACK_DTYPES, BenchOptions, ExportOptions, MergeOptions, VerifyOptions
 from lora_deploy.util import signal_handlers
 
 # Existence and kind are checked by the API, in one line each.
@@ -36,8 +40,21 @@ def raise_terminated(signum, frame) -> None:
 
 
 def exit_interrupted(exc: KeyboardInterrupt) -> None:
+    code = 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    json_error("interrupted: no partial output left behind", code)
     click.echo("interrupted: no partial output left behind", err=True)
-    sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+    sys.exit(code)
+
+
+JSON_PRINTED = "lora_deploy.json_printed"  # ctx.meta key: the command printed its JSON document
+
+
+def json_error(message: str, exit_code: int) -> None:
+    """With --json, an error is JSON on stdout too: {"error": ..., "exit_code": N}, unless
+    the command already printed its document (which then carries the error itself)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.params.get("as_json") is True and not ctx.meta.get(JSON_PRINTED):
+        click.echo(json.dumps({"error": message, "exit_code": exit_code}))
 
 
 def run_guarded(fn):
@@ -58,6 +75,7 @@ def run_guarded(fn):
         except LoraDeployError as exc:
             if debug:
                 raise
+            json_error(str(exc), exc.exit_code)
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
@@ -68,7 +86,9 @@ def run_guarded(fn):
             if debug:
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
-            click.echo(f"error: unexpected {type(exc).__name__}: {first[:300]} (rerun with --debug)", err=True)
+            message = f"unexpected {type(exc).__name__}: {first[:300]} (rerun with --debug)"
+            json_error(message, InternalError.exit_code)
+            click.echo(f"error: {message}", err=True)
             sys.exit(InternalError.exit_code)  # not 2: nothing says the input was at fault
 
     return wrapper
@@ -76,9 +96,62 @@ def run_guarded(fn):
 
 def emit_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+    click.get_current_context().meta[JSON_PRINTED] = True
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXPORT_SCHEMA = "lora-deploy.export/1"
+
+
+def stamped(schema: str, data: dict, artifacts: dict) -> dict:
+    """A JSON report with its schema, time, tool version and the SHA-256 of each artifact
+    (role -> path; a directory's weight files, see lora_deploy.io.provenance)."""
+    from lora_deploy.io.provenance import artifact_hashes, report_header
+
+    hashes = {role: artifact_hashes(path) for role, path in artifacts.items() if path is not None}
+    return {**report_header(schema), "artifacts": hashes, **data}
+
+
+def note(message: str) -> None:
+    """Something the user should know that is not an error: one line on stderr."""
+    click.echo(f"note: {message}", err=True)
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown like every other error: one line, `error: ...`, exit 2."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class OneLineUsageGroup(click.Group):
+    """click shows a usage error in four lines (Usage / Try / blank / Error); the README
+    promises one. Every usage error (the group's options, an unknown command, a
+    subcommand's arguments and options) is parsed below make_context or invoke, so both
+    re-raise it as a OneLineUsageError. --help, and help shown for a bare group, are
+    click's own."""
+
+    group_class = type  # subgroups (export) are of this class too
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        with one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def one_line_usage_errors():
+    try:
+        yield
+    except (click.exceptions.NoArgsIsHelpError, OneLineUsageError):
+        raise
+    except click.UsageError as exc:
+        raise OneLineUsageError(exc.format_message(), exc.ctx) from exc
+
+
+@click.group(cls=OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lora-deploy")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
@@ -147,7 +220,7 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
     help="Output dtype; auto keeps each tensor's base dtype.",
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
 @click.option(
     "--fsync", "durable", is_flag=True, help="fsync every output file before the final rename (power-loss safe)."
 )
@@ -198,7 +271,19 @@ def merge(
 @click.option("--seq", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--task", default="auto", show_default=True, help="Model task (see export onnx --task).")
+@click.option(
+    "--inputs",
+    "inputs_path",
+    type=a_file,
+    help="Golden inputs (.npz of named arrays, e.g. real tokenized text): every output check runs on them too.",
+)
+@click.option(
+    "--allow-no-effect",
+    is_flag=True,
+    help="Pass even when the adapter does not change the outputs beyond the tolerance (default: exit 1).",
+)
 @click.option("--report", type=a_file, help="Write the JSON report here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --report file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @run_guarded
 def verify(
@@ -215,13 +300,20 @@ def verify(
     seq,
     seed,
     task,
+    inputs_path,
+    allow_no_effect,
     report,
+    overwrite,
     as_json,
 ) -> None:
     """Check that artifacts compute what BASE + ADAPTER compute (exit 1 if not)."""
+    from lora_deploy.io.staging import check_output
     from lora_deploy.proof.verify import verify as run_verify
 
     options = VerifyOptions.from_params(click.get_current_context().params)
+    inputs = [base, adapter, merged, onnx_path, dynamic_path, packed_path, multi_path, inputs_path]
+    if report:
+        check_output(report, inputs, overwrite)  # before the work, not after it
     result = run_verify(
         base,
         adapter,
@@ -230,12 +322,14 @@ def verify(
         dynamic_path=dynamic_path,
         packed_path=packed_path,
         multi_path=multi_path,
+        inputs_path=inputs_path,
         **options.kwargs(),
     )
     if report:
-        write_json_atomic(report, result.to_dict())
+        write_json_atomic(report, result.to_dict(), overwrite=overwrite, inputs=inputs)
     if as_json:
-        emit_json(result.to_dict())
+        problem = result.problem()  # in the one JSON document, not a second one after it
+        emit_json(result.to_dict() | ({} if problem is None else {"error": problem, "exit_code": 1}))
     else:
         print_checks(result)
     result.raise_if_different()
@@ -243,25 +337,31 @@ def verify(
 
 def print_checks(result) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    status = {"passed": "[green]pass[/]", "failed": "[red]FAIL[/]", "skipped": "[yellow]skip[/]"}
     table = Table("check", "result", "max abs", "cosine", "top-1")
     for c in result.checks:
         table.add_row(
-            c.name,
-            "[green]pass[/]" if c.passed else "[red]FAIL[/]",
-            f"{c.max_abs:.3g}",
+            escape(c.name),  # names hold brackets: "outputs [generated]: ..."
+            status[c.status],
+            "-" if c.max_abs is None else f"{c.max_abs:.3g}",  # "-": not measured
             "" if c.cosine is None else f"{c.cosine:.7f}",
             "" if c.top1 is None else f"{100 * c.top1:.1f}%",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for c in result.checks:
+        if c.name.startswith("effect") or c.skipped:
+            console.print(f"{c.name}: {'skipped: ' if c.skipped else ''}{c.detail}", markup=False, highlight=False)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict, *, overwrite: bool = False, inputs=()) -> None:
     from lora_deploy.io.staging import write_file_atomic
 
     text = json.dumps(data, indent=2, default=str) + "\n"
-    write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_file_atomic(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite, inputs=inputs)
 
 
 @main.group()
@@ -298,9 +398,12 @@ def export() -> None:
     help="PEFT adapter whose targets (dynamic) or weights (multi) the graph takes. Repeat.",
 )
 @click.option("--targets", help="Dynamic graph targets without an adapter, e.g. q_proj,v_proj.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True)
 @run_guarded
-def export_onnx(model, out, task, opset, dtype, dynamic_adapters, multi_adapter, adapters, targets, as_json) -> None:
+def export_onnx(
+    model, out, task, opset, dtype, dynamic_adapters, multi_adapter, adapters, targets, overwrite, as_json
+) -> None:
     """Export MODEL (an HF checkpoint directory) to ONNX, checked in ONNX Runtime."""
     from dataclasses import asdict
 
@@ -312,18 +415,19 @@ def export_onnx(model, out, task, opset, dtype, dynamic_adapters, multi_adapter,
             raise BadInputError("choose one of --dynamic-adapters and --multi-adapter")
         if dtype != "float32":
             raise BadInputError("dynamic and multi-adapter graphs are exported in float32")
-        export_adapter_graph(model, out, task, opset, multi_adapter, adapters, targets, as_json)
+        export_adapter_graph(model, out, task, opset, multi_adapter, adapters, targets, overwrite, as_json)
         return
     if adapters or targets:
         raise BadInputError("--adapter and --targets need --dynamic-adapters or --multi-adapter")
     options = ExportOptions.from_params(click.get_current_context().params)
     result = export_checkpoint(model, out, **options.kwargs())
     if as_json:
-        emit_json(asdict(result))
+        emit_json(stamped(EXPORT_SCHEMA, asdict(result), {"model": model, "onnx": result.path}))
     else:
+        error = "-" if result.max_abs_error is None else f"{result.max_abs_error:.2e}"
         click.echo(
             f"exported {result.task} model to {result.path} (opset {result.opset}); "
-            f"ONNX Runtime vs torch max abs error {result.max_abs_error:.2e}"
+            f"ONNX Runtime vs torch max abs error {error}"
         )
 
 
@@ -406,6 +510,7 @@ def demo(out: Path, family: str, variant: str) -> None:
 @click.option("--json", "json_path", type=a_file, help="Write the JSON report (schema lora-deploy.bench/1).")
 @click.option("--markdown", "markdown_path", type=a_file, help="Write a Markdown summary.")
 @click.option("--plot", "plot_path", type=a_file, help="Write a PNG plot of p50 latency.")
+@click.option("--overwrite", is_flag=True, help="Replace existing --json/--markdown/--plot files.")
 @click.option("--max-overhead", help="Exit 1 if a variant is provably slower than the reference by more, e.g. 2%.")
 @click.option(
     "--baseline",
@@ -432,6 +537,7 @@ def bench_cmd(
     json_path,
     markdown_path,
     plot_path,
+    overwrite,
     max_overhead,
     baseline_path,
     max_regression,
@@ -455,13 +561,14 @@ def bench_cmd(
             json_path=json_path,
             markdown_path=markdown_path,
             plot_path=plot_path,
+            overwrite=overwrite,
             show=show,
             progress=progress,
             **options.kwargs(),
         )
 
 
-def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_json) -> None:
+def export_adapter_graph(model, out, task, opset, multi, adapters, targets, overwrite, as_json) -> None:
     from lora_deploy.errors import BadInputError
 
     if multi:
@@ -469,24 +576,31 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_j
 
         if not adapters:
             raise BadInputError("--multi-adapter needs at least one --adapter")
-        graph = export_multi(model, out, list(adapters), task=task, opset=opset)
+        graph = export_multi(model, out, list(adapters), task=task, opset=opset, overwrite=overwrite)
     else:
         from lora_deploy.export.dynamic import export_dynamic
 
         if not adapters and not targets:
             raise BadInputError("--dynamic-adapters needs --adapter ADAPTER or --targets q_proj,v_proj")
         target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
-        graph = export_dynamic(model, out, adapters=list(adapters), targets=target_list, task=task, opset=opset)
+        graph = export_dynamic(
+            model, out, adapters=list(adapters), targets=target_list, task=task, opset=opset, overwrite=overwrite
+        )
     info = {
         "path": str(graph.path),
         "task": graph.task,
         "output": graph.output,
+        "outputs": graph.outputs,
         "modules": sorted(graph.slots),
+        "skipped": graph.skipped,
         "adapters": graph.adapters,
         "lora_inputs": graph.lora_inputs() if not multi else [],
     }
+    for module in graph.skipped:
+        note(f"skipped {module}: the {graph.task} graph does not compute it, so a LoRA there changes no output")
     if as_json:
-        emit_json(info)
+        artifacts = {"model": model, "onnx": graph.path} | {f"adapter {i + 1}": a for i, a in enumerate(adapters)}
+        emit_json(stamped(EXPORT_SCHEMA, info, artifacts))
     else:
         kind = f"multi-adapter graph ({len(graph.adapters)} adapters)" if multi else "dynamic-adapter graph"
         click.echo(f"exported {kind} to {graph.path}: {len(graph.slots)} LoRA layers, checked in ONNX Runtime")
@@ -508,10 +622,18 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, as_j
     type=a_file,
     help="Dynamic graph to check names and shapes against.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option(
+    "--dtype",
+    type=click.Choice(list(PACK_DTYPES)),
+    default="float32",
+    show_default=True,
+    help="dtype of the packed A and B (the graph's LoRA inputs must have it).",
+)
 @run_guarded
-def pack(adapter, out, onnx_path) -> None:
+def pack(adapter, out, onnx_path, overwrite, dtype) -> None:
     """Write ADAPTER in ONNX Runtime's adapter format for a dynamic-adapter graph."""
     from lora_deploy.backends.onnxrt.lora_format import pack_adapter
 
-    path = pack_adapter(adapter, out, onnx_path=onnx_path)
+    path = pack_adapter(adapter, out, onnx_path=onnx_path, overwrite=overwrite, dtype=dtype, note=note)
     click.echo(f"packed {adapter} into {path} ({path.stat().st_size / 1e3:.1f} kB); scaling folded into B")

@@ -98,12 +98,17 @@ def in_context(error: type[ComparisonError], kind: type[LoraDeployError]) -> typ
 
 @dataclass
 class Comparison:
-    """One output against its reference: the figures and, on a miss, why."""
+    """One output against its reference: the figures and, on a miss, why.
+
+    A figure that was not measured (no comparable position, a missing output, a shape
+    mismatch) is None, never 0.0 (a perfect match nobody saw) nor inf (an error nobody
+    measured); `error` and `reason` say why. inf is measured: an Inf where the reference
+    is finite, or NaN/Inf placed unlike the reference's."""
 
     name: str
     tol: Tolerance
-    max_abs: float = 0.0
-    max_rel: float = 0.0
+    max_abs: float | None = None
+    max_rel: float | None = None
     cosine: float | None = None
     top1: float | None = None  # share of positions whose argmax over the last axis agrees
     error: type[ComparisonError] | None = None
@@ -133,12 +138,13 @@ class Comparisons:
         return all(c.passed for c in self.outputs)
 
     @property
-    def max_abs(self) -> float:
-        return max((c.max_abs for c in self.outputs), default=0.0)
+    def max_abs(self) -> float | None:
+        """The largest measured max_abs; None when no output was measured."""
+        return max((c.max_abs for c in self.outputs if c.max_abs is not None), default=None)
 
     @property
-    def max_rel(self) -> float:
-        return max((c.max_rel for c in self.outputs), default=0.0)
+    def max_rel(self) -> float | None:
+        return max((c.max_rel for c in self.outputs if c.max_rel is not None), default=None)
 
     @property
     def cosine(self) -> float | None:
@@ -166,7 +172,6 @@ def compare(
             missing = Comparison(
                 name,
                 tol,
-                max_abs=float("inf"),
                 error=OutputMatchError,
                 reason=f"missing (outputs present: {', '.join(actual) or 'none'})",
             )
@@ -184,7 +189,6 @@ def compare_array(name: str, actual, expected, tol: Tolerance, mask: np.ndarray 
         return Comparison(
             name,
             tol,
-            max_abs=float("inf"),
             error=ShapeError,
             reason=f"shape {list(got.shape)} != expected {list(want.shape)}",
         )
@@ -253,7 +257,7 @@ def require_close(actual: np.ndarray, expected: np.ndarray, dtype_name: str, lab
     """Export's parity gate for one array: ExportError (ShapeError/AtolError) on a miss."""
     result = compare_array(label, actual, expected, tolerance(dtype_name))
     if not result.passed:
-        worst = result.max_abs if result.error is not ShapeError else float("nan")
+        worst = float("nan") if result.max_abs is None else result.max_abs  # nan: not measured (shapes differ)
         raise in_context(result.error, ExportError)(
             f"exported graph differs from PyTorch {label} (max abs error {worst:.3g})"
         )

@@ -13,6 +13,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+# `lora-deploy pack --dtype` and pack_adapter(dtype=): what a packed adapter's A and B are
+# stored as. Here, not in backends/onnxrt/lora_format.py (which re-exports it), so the CLI
+# lists the choices without importing torch.
+PACK_DTYPES = ("float32", "float16")
+
 
 @dataclass(frozen=True)
 class StageOptions:
@@ -43,11 +48,13 @@ class ExportOptions(StageOptions):
     task: str = "auto"
     opset: int | None = None
     dtype: str = "float32"
+    overwrite: bool = False  # replace an existing output file
 
 
 @dataclass(frozen=True)
 class VerifyOptions(StageOptions):
-    """`lora_deploy.proof.verify`: tolerances (None: by dtype) and the sample inputs."""
+    """`lora_deploy.proof.verify`: tolerances (None: by dtype), the sample inputs, and
+    whether an adapter with no effect on the outputs may pass."""
 
     atol: float | None = None
     rtol: float | None = None
@@ -55,6 +62,7 @@ class VerifyOptions(StageOptions):
     seq: int = 16
     seed: int = 0
     task: str = "auto"
+    allow_no_effect: bool = False
 
 
 @dataclass(frozen=True)

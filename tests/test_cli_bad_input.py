@@ -326,22 +326,22 @@ def test_overwrite_never_removes_an_input(llama, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "changes",
+    "changes,words",
     [
-        {"r": 0},
-        {"r": "eight"},
-        {"r": 2.5},
-        {"lora_alpha": float("nan")},
-        {"rank_pattern": {"v_proj": 0}},
-        {"alpha_pattern": {"q_proj": "big"}},
-        {"rank_pattern": ["v_proj"]},
+        ({"r": 0}, ("adapter_config.json", "r must be a positive integer", "got 0")),
+        ({"r": "eight"}, ("adapter_config.json", "r must be a positive integer", "got 'eight'")),
+        ({"r": 2.5}, ("adapter_config.json", "r must be a positive integer", "got 2.5")),
+        ({"lora_alpha": float("nan")}, ("adapter_config.json", "lora_alpha must be a positive finite number", "nan")),
+        ({"rank_pattern": {"v_proj": 0}}, ("adapter_config.json", "rank_pattern must map module patterns")),
+        ({"alpha_pattern": {"q_proj": "big"}}, ("adapter_config.json", "alpha_pattern must map module patterns")),
+        ({"rank_pattern": ["v_proj"]}, ("adapter_config.json", "rank_pattern must map module patterns")),
     ],
 )
-def test_malformed_numbers_in_config(llama, tmp_path, changes):
+def test_malformed_numbers_in_config(llama, tmp_path, changes, words):
     base, adapter = llama
     edit_config(adapter, **changes)
     out = tmp_path / "out"
-    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out)
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, *words)
 
 
 def rewrite_header(path, edit):
@@ -401,3 +401,340 @@ def test_an_interrupt_wrapped_by_python_is_still_an_interrupt(llama, tmp_path, m
     base, adapter = llama
     result = run_cli("merge", base, adapter, "-o", tmp_path / "out")
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted: no partial output left behind"
+
+
+# ---------------------------------------------------------------- one checkpoint validator
+
+
+def retarget(header):
+    """Point q_proj of layer 0 at o_proj's bytes (same shape): it was merged from them, exit 0."""
+    layer = "model.layers.0.self_attn."
+    header[layer + "q_proj.weight"]["data_offsets"] = header[layer + "o_proj.weight"]["data_offsets"]
+
+
+def rewrite_raw_header(path, raw: bytes):
+    """Replace a safetensors header by `raw` (any length), keeping the data section."""
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def duplicate_name(path):
+    """Rename o_proj's entry to q_proj's name: the header then holds q_proj twice."""
+    data = path.read_bytes()
+    path.write_bytes(
+        data.replace(b'"model.layers.0.self_attn.o_proj.weight"', b'"model.layers.0.self_attn.q_proj.weight"')
+    )
+
+
+def edit_any_header(path, edit):
+    """Edit a safetensors header, which may grow (rewrite_header keeps its length)."""
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    rewrite_raw_header(path, json.dumps(header).encode())
+
+
+def overflowing_shape(path):
+    """An extra zero-byte tensor whose shape [2^32, 2^32] wrapped to 0 in int64: the merge
+    wrote an output safetensors cannot load."""
+    huge = {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}
+    edit_any_header(path, lambda header: header.update({"zz.huge": huge}))
+
+
+@pytest.mark.parametrize(
+    "corrupt,words",
+    [
+        (lambda p: rewrite_header(p, retarget), ("q_proj", "overlaps")),
+        (duplicate_name, ("q_proj", "twice")),
+        (overflowing_shape, ("zz.huge", "overflows int64")),
+        (lambda p: rewrite_raw_header(p, b"[" * 200_000 + b"]" * 200_000), ("nested too deeply",)),
+    ],
+    ids=["overlapping offsets", "duplicate name", "int64 overflow", "deep nesting"],
+)
+def test_corrupt_base_header_is_refused(llama, tmp_path, corrupt, words):
+    base, adapter = llama
+    corrupt(base / "model.safetensors")
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "model.safetensors", *words)
+
+
+def test_adapter_header_with_an_overflowing_shape_is_refused(llama, tmp_path):
+    base, adapter = llama
+
+    def huge(header):
+        key = next(k for k in header if k.endswith("q_proj.lora_A.weight"))
+        header[key] = {"dtype": "F32", "shape": [2**70, 0], "data_offsets": [0, 0]}
+
+    edit_any_header(adapter / "adapter_model.safetensors", huge)
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "adapter_model.safetensors", "overflows")
+
+
+@pytest.fixture
+def sharded_llama(reference, tmp_path):
+    base, adapter = reference("llama", "plain", sharded=True)
+    work = tmp_path / "in"
+    shutil.copytree(base, work / "base")
+    return work / "base", adapter
+
+
+def edit_index(base, fn):
+    path = base / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    fn(index["weight_map"])
+    path.write_text(json.dumps(index))
+
+
+def test_index_naming_a_tensor_no_shard_holds_is_refused(sharded_llama, tmp_path):
+    # It was silently dropped from the merged output.
+    base, adapter = sharded_llama
+    edit_index(base, lambda m: m.update({"model.layers.0.extra.weight": next(iter(m.values()))}))
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "model.layers.0.extra.weight", "no shard")
+
+
+def escape_index(base, absolute: bool):
+    """Move the first shard out of BASE and point the index at it outside."""
+    shard = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"]
+    outside = base.parent / "outside.safetensors"
+    os.replace(base / shard, outside)
+    name = str(outside) if absolute else "../outside.safetensors"
+    edit_index(base, lambda m: m.update({k: name for k, v in m.items() if v == shard}))
+
+
+COMMANDS_READING_BASE = {
+    "merge": lambda base, adapter, out: ("merge", base, adapter, "-o", out),
+    "export": lambda base, adapter, out: ("export", "onnx", base, "-o", out),
+    "verify": lambda base, adapter, out: ("verify", base, adapter, "--merged", base),
+    "bench": lambda base, adapter, out: ("bench", "--backend", "torch", "--model", f"m={base}", "--shapes", "1x4"),
+}
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["dotdot", "absolute"])
+@pytest.mark.parametrize("command", list(COMMANDS_READING_BASE))
+def test_shard_outside_the_checkpoint_is_refused_by_every_command(sharded_llama, tmp_path, command, absolute):
+    """export/verify/bench handed the directory to transformers, which followed the index
+    out of BASE (exit 0, an ONNX model built from a file outside it)."""
+    base, adapter = sharded_llama
+    escape_index(base, absolute)
+    out = tmp_path / ("model.onnx" if command == "export" else "out")
+    result = run_cli(*COMMANDS_READING_BASE[command](base, adapter, out))
+    assert_bad_input(result, out, "outside the checkpoint directory", "lm_head.weight")
+
+
+def test_truncated_checkpoint_given_to_export(llama, tmp_path):
+    base, _ = llama
+    path = base / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 100)
+    out = tmp_path / "model.onnx"
+    assert_bad_input(run_cli("export", "onnx", base, "-o", out), out, "model.safetensors", "truncated")
+
+
+# ---------------------------------------------------------------- foreseeable inputs, specific messages
+
+
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        ('"r": 1' + "0" * 400, ("r must be",)),
+        ('"lora_alpha": 1' + "0" * 400, ("lora_alpha must be",)),
+        ('"rank_pattern": {"q_proj(": 8}', ("rank_pattern", "q_proj(", "regular expression")),
+        ('"alpha_pattern": {"[q_proj": 4}', ("alpha_pattern", "[q_proj", "regular expression")),
+    ],
+    ids=["r=10^400", "alpha=10^400", "rank_pattern regex", "alpha_pattern regex"],
+)
+def test_unusable_numbers_and_patterns_in_config(llama, tmp_path, raw, words):
+    base, adapter = llama
+    path = adapter / "adapter_config.json"
+    key = raw.split('"')[1]
+    config = json.loads(path.read_text())
+    config.pop(key, None)
+    path.write_text("{" + raw + ", " + json.dumps(config)[1:])
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "adapter_config.json", *words)
+
+
+@pytest.mark.parametrize("which", ["config.json", "adapter_config.json"])
+def test_deeply_nested_json_configs(llama, tmp_path, which):
+    base, adapter = llama
+    (adapter if which == "adapter_config.json" else base).joinpath(which).write_text(
+        '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    )
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, which, "nested too deeply")
+    if which == "config.json":  # export reads it through transformers
+        out = tmp_path / "model.onnx"
+        assert_bad_input(run_cli("export", "onnx", base, "-o", out), out, which, "nested too deeply")
+
+
+def test_three_d_factors_on_a_linear_weight(llama, tmp_path):
+    base, adapter = llama
+
+    def unsqueeze(t):
+        for key in [k for k in t if ".q_proj.lora_" in k]:
+            t[key] = t[key][:, :, None].contiguous()
+
+    edit_adapter(adapter, unsqueeze)
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", base, adapter, "-o", out), out, "q_proj", "3-D")
+
+
+def assert_write_failed(result, *words):
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "unexpected" not in lines[0], result.stderr
+    for word in words:
+        assert str(word) in lines[0], lines[0]
+
+
+def test_full_disk_while_copying_side_files_names_the_file(llama, tmp_path, monkeypatch):
+    import errno
+
+    real = shutil.copy2
+
+    def disk_full(src, dst, *args, **kwargs):
+        if str(src).endswith("tokenizer.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copy2", disk_full)
+    out = tmp_path / "out"
+    assert_write_failed(run_cli("merge", *llama, "-o", out), out / "tokenizer.json", "No space left")
+    assert not out.exists()
+
+
+class FullDiskFile:
+    """A file object whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_while_writing_the_manifest_names_the_file(llama, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    real = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        f = real(self, mode, *args, **kwargs)
+        return FullDiskFile(f) if "w" in mode and self.name == "merge-manifest.json" else f
+
+    monkeypatch.setattr(Path, "open", open_)
+    out = tmp_path / "out"
+    assert_write_failed(run_cli("merge", *llama, "-o", out), out / "merge-manifest.json", "No space left")
+    assert not out.exists()
+
+
+def test_full_disk_while_writing_the_report_names_the_file(reference, tmp_path, monkeypatch):
+    import builtins
+
+    base, adapter = reference("llama", "plain")
+    merged = tmp_path / "merged"
+    assert run_cli("merge", base, adapter, "-o", merged).exit_code == 0
+    real = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        return FullDiskFile(f) if "w" in mode and str(file).endswith("report.json") else f
+
+    monkeypatch.setattr(builtins, "open", open_)
+    report = tmp_path / "report.json"
+    result = run_cli("verify", base, adapter, "--merged", merged, "--report", report)
+    assert_write_failed(result, report, "No space left")
+    assert not report.exists()
+
+
+def test_pack_on_a_full_disk_names_the_file(reference, tmp_path):
+    """ONNX Runtime reports a failed write as a RuntimeError quoting its C++ source; here
+    a file size limit (RLIMIT_FSIZE) makes its write fail for real."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    exe = shutil.which("lora-deploy") or pytest.skip("console script not installed")
+    _, adapter = reference("llama", "plain")
+    out = tmp_path / "a.onnx_adapter"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    done = subprocess.run(
+        [exe, "pack", str(adapter), "-o", str(out)], capture_output=True, text=True, preexec_fn=small_files
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: {out}: cannot write"), done.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bench_shape_too_large_for_memory_is_refused_with_an_estimate(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not loaded: the shape is refused first")
+    result = run_cli("bench", "--model", f"m={model}", "--shapes", "1x4,100000x100000")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "100000x100000" in result.stderr and "GB" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [(("--seq", "100000"), ("100000", "128 positions")), (("--batch", str(10**9)), ("GB",))],
+    ids=["seq beyond positions", "batch beyond memory"],
+)
+def test_verify_batch_and_seq_are_bounded_before_running(reference, tmp_path, args, words):
+    # --seq 100000 was killed by the OOM killer after 40 s, with no message.
+    base, adapter = reference("llama", "plain")
+    result = run_cli("verify", base, adapter, "--onnx", tmp_path / "never-read.onnx", *args)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("error: ") and all(w in result.stderr for w in words), result.stderr
+
+
+@pytest.mark.parametrize("size", ["0.5B", "1000", "10KB"])
+def test_shard_size_below_the_minimum(llama, tmp_path, size):
+    # 0.5B rounded to 0 and wrote one shard per tensor.
+    out = tmp_path / "out"
+    assert_bad_input(run_cli("merge", *llama, "-o", out, "--max-shard-size", size), out, "shard size", "smallest")
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (("merge",), ("Missing argument 'BASE'",)),
+        (("merge", "a", "b", "-o", "c", "--dtype", "int8"), ("--dtype", "int8")),
+        (("bench", "--model", "m=x.onnx", "--rounds", "0"), ("--rounds",)),
+        (("nope",), ("No such command 'nope'",)),
+        (("export", "onnx"), ("Missing argument 'MODEL'",)),
+        (("export", "onnx", "m", "-o", "x.onnx", "--bogus"), ("--bogus",)),
+        (("--bogus",), ("--bogus",)),
+    ],
+)
+def test_usage_errors_are_one_line(args, words):
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert all(w in result.stderr for w in words), result.stderr
+
+
+def test_help_is_unchanged():
+    result = run_cli("merge", "--help")
+    assert result.exit_code == 0 and result.output.startswith("Usage: ") and "--max-shard-size" in result.output
+    result = run_cli("export")  # a group without its subcommand shows its help
+    assert "Usage: " in result.output and "onnx" in result.output

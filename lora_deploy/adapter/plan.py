@@ -189,6 +189,11 @@ def resolve_target(
             f"base weight {key} is {base.tensors[key].dtype}: merging into quantized weights is not supported"
         )
     kind = layer_kind(module, key, shape, layout, fan_in_fan_out)
+    if module.a.ndim != (len(shape) if kind == "conv" else 2):  # a 1x1 "conv" pair on a Linear weight
+        raise AdapterError(
+            f"adapter module {module.name!r} does not fit the base: weight {key} is {list(shape)} ({kind}), "
+            f"but its LoRA factors A {list(module.a.shape)} and B {list(module.b.shape)} are {module.a.ndim}-D"
+        )
     if shape != weight_shape(module, kind):
         raise AdapterError(
             f"adapter module {module.name!r} does not fit the base: weight {key} is {list(shape)}, "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_deploy.adapter.variants import check_config, describe
+from lora_deploy.adapter.variants import check_config, describe, short_repr
 from lora_deploy.arrays import all_finite, from_torch
 from lora_deploy.errors import AdapterError, NonFiniteError
 from lora_deploy.util import first_line
@@ -27,6 +27,8 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 SAVED_PREFIX = "base_model.model."
+# No LoRA layer has more ranks than this (a rank is a dimension: int32 everywhere).
+MAX_RANK = 2**31 - 1
 
 # How a base weight is laid out relative to the LoRA product B @ A:
 #   linear      [out, in]            (nn.Linear)
@@ -142,7 +144,9 @@ def read_config(root: Path) -> AdapterConfig:
     except FileNotFoundError:
         raise AdapterError(f"{root}: no {CONFIG_FILE} (is this a PEFT adapter directory?)") from None
     except (OSError, ValueError) as exc:
-        raise AdapterError(f"{path}: unreadable ({exc})") from None
+        raise AdapterError(f"{path}: unreadable ({first_line(exc, 200)})") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: unreadable (JSON nested too deeply)") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: not a JSON object")
     check_config(raw, path)
@@ -168,22 +172,36 @@ def read_config(root: Path) -> AdapterConfig:
 
 
 def check_numbers(raw: dict, path: Path) -> None:
-    """r and alpha (and their per-module patterns) must be positive numbers."""
+    """r and alpha (and their per-module patterns) must be positive numbers: r an integer
+    up to MAX_RANK, alpha a finite float; pattern keys must be valid regular expressions."""
 
     def positive(value, integer: bool) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        return value > 0 and math.isfinite(value) and (not integer or float(value).is_integer())
+        if integer:
+            return (isinstance(value, int) or value.is_integer()) and 0 < value <= MAX_RANK
+        try:
+            number = float(value)  # JSON's 1 followed by 400 zeros is an int no float holds
+        except OverflowError:
+            return False
+        return number > 0 and math.isfinite(number)
 
     for key, integer in (("r", True), ("lora_alpha", False)):
         if key in raw and not positive(raw[key], integer):
-            raise AdapterError(
-                f"{path}: {key} must be a positive {'integer' if integer else 'number'}, got {raw[key]!r}"
-            )
+            kind = f"integer up to {MAX_RANK}" if integer else "finite number"
+            raise AdapterError(f"{path}: {key} must be a positive {kind}, got {short_repr(raw[key])}")
     for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         pattern = raw.get(key) or {}
         if not isinstance(pattern, dict) or not all(positive(v, integer) for v in pattern.values()):
             raise AdapterError(f"{path}: {key} must map module patterns to positive numbers")
+        for regex in pattern:
+            try:
+                re.compile(regex)
+                re.compile(rf"(.*\.)?({regex})$")  # as pattern_key matches it
+            except re.error as exc:
+                raise AdapterError(
+                    f"{path}: {key} key {short_repr(regex)} is not a valid regular expression ({exc})"
+                ) from None
 
 
 def read_tensors(root: Path) -> tuple[dict[str, np.ndarray], list[Path]]:

@@ -15,7 +15,7 @@ import math
 import os
 import platform
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from lora_deploy.bench.stats import (
 )
 from lora_deploy.errors import BadInputError
 from lora_deploy.io.staging import write_file_atomic
+from lora_deploy.modeling.samples import check_input_size
 from lora_deploy.util import library_versions
 
 SCHEMA = "lora-deploy.bench/1"
@@ -80,6 +81,8 @@ def parse_shapes(text: str) -> list[Shape]:
         if shape in seen:
             raise BadInputError(f"shape {shape_key(shape)} is listed twice")
         seen.add(shape)
+        # Refused now with an estimate, not by a MemoryError (or the OOM killer) after loading.
+        check_input_size(*shape, what=f"shape {shape_key(shape)}")
     return shapes
 
 
@@ -403,11 +406,18 @@ def validate_report(report: Any) -> Any:
 # ---------------------------------------------------------------- files
 
 
-def write_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Validate and write `report` as JSON, atomically."""
+def write_json(
+    report: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
+    """Validate and write `report` as JSON, atomically (an existing file is replaced only
+    with overwrite; never one of `inputs`)."""
     validate_report(report)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    return write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    return write_file_atomic(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite, inputs=inputs)
 
 
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -520,8 +530,15 @@ def _draw_variant(
             )
 
 
-def plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Grouped bars of p50 latency by shape and variant, written as PNG atomically.
+def plot(
+    report: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
+    """Grouped bars of p50 latency by shape and variant, written as PNG atomically (an
+    existing file is replaced only with overwrite; never one of `inputs`).
 
     Error bars are the bootstrap CI of each p50, the black tick is p90, and
     the label over a bar is its median ratio to the reference.
@@ -551,4 +568,4 @@ def plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     ax.set_title(f"{config['backend']} on {config['device']}: p50 (bars: CI of p50; tick: p90)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), overwrite=overwrite, inputs=inputs)

@@ -27,7 +27,7 @@ import gc
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from lora_deploy.bench.report import (
 from lora_deploy.bench.stats import enforce_gates, parse_percent
 from lora_deploy.bench.timing import check_counts, measure_interleaved
 from lora_deploy.errors import BadInputError, LoraDeployError
-from lora_deploy.io.staging import write_file_atomic
+from lora_deploy.io.staging import check_output, write_file_atomic
 from lora_deploy.modeling.samples import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, sample_inputs
 from lora_deploy.util import library_versions
 
@@ -411,8 +411,29 @@ def run_bench(
 # ---------------------------------------------------------------- outputs
 
 
-def _write_text(path: str | os.PathLike, text: str) -> Path:
-    return write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
+def _write_text(path: str | os.PathLike, text: str, **policy: Any) -> Path:
+    return write_file_atomic(path, lambda f: f.write(text.encode("utf-8")), **policy)
+
+
+def bench_inputs(options: Mapping[str, Any], models: Mapping[str, str | os.PathLike]) -> list:
+    """Every file or directory a bench run reads: models, adapters, the baseline."""
+    adapters = options.get("adapters") or {}
+    return [*models.values(), *adapters.values(), options.get("baseline_path")]
+
+
+def check_outputs(
+    paths: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None], overwrite: bool
+) -> None:
+    """The output policy for every requested file, before any timing; two outputs may not share a path."""
+    given = [Path(p) for p in paths if p is not None]
+    inputs = list(inputs)
+    seen: dict[Path, Path] = {}
+    for path in given:
+        check_output(path, inputs, overwrite)
+        real = path.resolve()
+        if real in seen:
+            raise BadInputError(f"{path}: given for two outputs (also as {seen[real]})")
+        seen[real] = path
 
 
 def write_outputs(
@@ -421,15 +442,22 @@ def write_outputs(
     json_path: str | os.PathLike | None = None,
     markdown_path: str | os.PathLike | None = None,
     plot_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
 ) -> list[Path]:
-    """Write the requested files (each atomically); return their paths."""
+    """Write the requested files (each atomically); return their paths.
+
+    An existing file is replaced only with overwrite, and none may be one of `inputs`
+    (lora_deploy.io.staging.check_output)."""
+    policy = {"overwrite": overwrite, "inputs": list(inputs)}
+    check_outputs([json_path, markdown_path, plot_path], policy["inputs"], overwrite)
     written = []
     if json_path is not None:
-        written.append(write_json(report, json_path))
+        written.append(write_json(report, json_path, **policy))
     if markdown_path is not None:
-        written.append(_write_text(markdown_path, to_markdown(report)))
+        written.append(_write_text(markdown_path, to_markdown(report), **policy))
     if plot_path is not None:
-        written.append(plot(report, plot_path))
+        written.append(plot(report, plot_path, **policy))
     return written
 
 
@@ -445,12 +473,19 @@ def bench(
     markdown_path: str | os.PathLike | None = None,
     plot_path: str | os.PathLike | None = None,
     show: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """`run_bench`, then `write_outputs`, then `show(report)`, then `check_gates`: a failed
-    gate leaves its evidence on disk and on screen."""
+    gate leaves its evidence on disk and on screen.
+
+    The files are checked against the output policy before any timing: an existing one
+    is replaced only with overwrite, and none may be a model, adapter or baseline."""
+    outputs = {"json_path": json_path, "markdown_path": markdown_path, "plot_path": plot_path}
+    inputs = bench_inputs(options, models)
+    check_outputs(outputs.values(), inputs, overwrite)
     report = run_bench(models, **options)
-    write_outputs(report, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
+    write_outputs(report, **outputs, overwrite=overwrite, inputs=inputs)
     if show is not None:
         show(report)
     check_gates(report)

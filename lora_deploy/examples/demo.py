@@ -31,13 +31,17 @@ def run_demo(
     on_step: Callable[[Step], None] | None = None,
 ) -> list[Step]:
     """Run every stage; returns one Step per stage. Raises like the stages do."""
+    # models.py imports peft only inside the functions that train, so importing it proves
+    # nothing: ask for peft itself, before any work, or a missing one surfaces mid-run as an
+    # unexpected ModuleNotFoundError.
     try:
-        from lora_deploy.examples import models as reference
-    except ImportError as exc:  # peft missing
+        import peft  # noqa: F401
+    except ImportError as exc:
         raise BadInputError(
-            f"the demo trains an adapter with PEFT: pip install 'lora-deploy[reference]' ({exc})"
+            f"the demo trains an adapter with PEFT, not installed here: pip install 'lora-deploy[reference]' ({exc})"
         ) from None
     from lora_deploy.adapter.summary import describe_adapter
+    from lora_deploy.examples import models as reference
     from lora_deploy.export.model import export_checkpoint
     from lora_deploy.merge.streaming import merge
     from lora_deploy.proof.verify import verify
@@ -80,7 +84,7 @@ def run_demo(
     step("verify merged (weights + outputs)", lambda: check(merged_dir=merged))
 
     def export() -> str:
-        result = export_checkpoint(merged, onnx)
+        result = export_checkpoint(merged, onnx, overwrite=True)  # the demo's own working directory
         return f"{result.path.name} (opset {result.opset}), ORT vs torch max abs {result.max_abs_error:.1e}"
 
     step("export ONNX", export)

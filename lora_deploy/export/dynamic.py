@@ -26,6 +26,12 @@ with those names and orientations, the scaling already folded into B. `DynamicSe
 per call through RunOptions.add_active_adapter. ONNX Runtime ignores active adapters
 when IO binding is used, so the session never binds.
 
+Modules the graph does not compute (BertModel's pooler in a feature-extraction graph,
+which returns last_hidden_state) get no LoRA inputs; an adapter's LoRA there changes no
+output and is skipped with a note (uncomputed_modules; the list goes into the graph's
+metadata so that pack_adapter skips them too). A sentence-transformers checkpoint's
+graph also returns sentence_embedding.
+
 DoRA and embedding LoRA are refused: DoRA rescales every output feature by a norm of
 the merged weight, and an embedding LoRA is a lookup, not x @ A; neither is an additive
 low-rank term on a layer's input. Adapters that replace whole base tensors
@@ -49,14 +55,21 @@ from torch import nn
 
 from lora_deploy.adapter.read import Adapter, LoraModule, load_adapter
 from lora_deploy.adapter.variants import refuse_non_additive
-from lora_deploy.backends.onnxrt.lora_format import A_SUFFIX, B_SUFFIX, BIAS_SUFFIX, check_output_file, split_lora_name
+from lora_deploy.backends.onnxrt.lora_format import (
+    A_SUFFIX,
+    B_SUFFIX,
+    BIAS_SUFFIX,
+    METADATA_KEY,
+    check_output_file,
+    split_lora_name,
+)
 from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
-from lora_deploy.backends.onnxrt.sessions import METADATA_KEY
 from lora_deploy.compare import require_close
 from lora_deploy.errors import AdapterError, BadInputError, ExportError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.modeling.hf import load_for_task
 from lora_deploy.modeling.samples import sample_inputs
+from lora_deploy.modeling.sentence import SENTENCE_EMBEDDING, SentencePooling, pooling_for_task
 from lora_deploy.modeling.tasks import TASK_OUTPUT, load_config, model_input_names, resolve_task
 from lora_deploy.modeling.unmerged import choose_prefix, layer_kind
 
@@ -94,7 +107,12 @@ class LoraSlot:
 
 @dataclass
 class DynamicGraph:
-    """What an export wrote: the file, its targeted layers and its named inputs/outputs."""
+    """What an export wrote: the file, its targeted layers and its named inputs/outputs.
+
+    `uncomputed` are the model's modules that the graph's outputs do not depend on
+    (BertModel's pooler when only last_hidden_state is returned); they get no LoRA
+    inputs, and `skipped` lists those an adapter or the targets asked for.
+    """
 
     path: Path
     slots: dict[str, LoraSlot]  # by module path
@@ -104,6 +122,14 @@ class DynamicGraph:
     lora_bias: bool
     adapters: list[str] = field(default_factory=list)  # multi-adapter graphs: names by id
     seconds: float = 0.0
+    sentence: SentencePooling | None = None  # sentence-transformers pooling: a sentence_embedding output
+    uncomputed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[str]:
+        """The graph's outputs: `output`, then sentence_embedding for a sentence-transformers model."""
+        return [self.output] + ([SENTENCE_EMBEDDING] if self.sentence is not None else [])
 
     def lora_inputs(self) -> list[str]:
         """Names of the overridable LoRA inputs (dynamic graphs)."""
@@ -119,8 +145,10 @@ class DynamicGraph:
             "task": self.task,
             "inputs": self.inputs,
             "output": self.output,
+            "outputs": self.outputs,
             "lora_bias": self.lora_bias,
             "modules": {s.module: [s.kind, s.in_features, s.out_features] for s in self.slots.values()},
+            "uncomputed": self.uncomputed,
             "adapters": self.adapters,
         }
 
@@ -139,32 +167,44 @@ def export_dynamic(
     task: str = "auto",
     opset: int | None = None,
     lora_bias: bool | None = None,
+    overwrite: bool = False,
 ) -> DynamicGraph:
     """Export the base model with LoRA A/B inputs on every targeted layer.
 
     Targets are the union of the given adapters' layers and `targets` (PEFT's
     target_modules rule: a list matches module-name suffixes at a dot boundary, a string
     is a full regex). `lora_bias` adds `<module>.lora_B.bias` inputs; by default it is on
-    when one of the adapters was trained with lora_bias.
+    when one of the adapters was trained with lora_bias. An existing file is replaced
+    only with overwrite=True, and never an input.
     """
     start = time.perf_counter()
     path = Path(path)
-    check_output_file(path)
     if isinstance(adapters, (str, os.PathLike)):  # one directory, not its characters
         adapters = [adapters]
+    adapters = list(adapters)
+    inputs = [model_dir, *adapters]
+    check_output_file(path, inputs, overwrite)
+    onnx_graph.check_output(path, inputs, overwrite)
     loaded = [load_adapter(d) for d in adapters]
     for adapter in loaded:
         refuse_non_additive(adapter)
     if not loaded and not targets:
         raise BadInputError("nothing to target: give adapters or targets (e.g. ['q_proj', 'v_proj'])")
     model, task, inputs, output = load_model(model_dir, task)
-    slots = resolve_slots(model, loaded, targets)
+    uncomputed = uncomputed_modules(model, inputs, output)
+    slots, skipped = resolve_slots(model, loaded, targets, uncomputed)
     with_bias = any(a.config.lora_bias for a in loaded) if lora_bias is None else lora_bias
-    graph = DynamicGraph(path, slots, inputs, output, task, with_bias)
+    sentence = pooling_for_task(model_dir, task)
+    graph = DynamicGraph(
+        path, slots, inputs, output, task, with_bias, sentence=sentence, uncomputed=uncomputed, skipped=skipped
+    )
     shapes = [lora_dims(slot, with_bias) for slot in slots.values()]
     wrapper = LoraExport(model, graph, 3 if with_bias else 2, low_rank_update)
     defaults = {name: default_value(name, graph) for name in graph.lora_inputs()}
-    build_graph(wrapper, graph, flatten(example_lora(slots, with_bias)), flatten(shapes), defaults, "dynamic", opset)
+    lora = flatten(example_lora(slots, with_bias))
+    build_graph(
+        wrapper, graph, lora, flatten(shapes), defaults, "dynamic", opset, overwrite=overwrite, input_paths=inputs
+    )
     graph.seconds = time.perf_counter() - start
     return graph
 
@@ -178,9 +218,68 @@ def load_model(model_dir: str | os.PathLike, task: str) -> tuple[nn.Module, str,
     return model, task, model_input_names(config), TASK_OUTPUT[task]
 
 
-def resolve_slots(model: nn.Module, adapters: list[Adapter], targets) -> dict[str, LoraSlot]:
-    """Targeted layers: the adapters' layers (renamed to the model's paths) plus `targets`."""
+def uncomputed_modules(model: nn.Module, input_names: list[str], output: str) -> list[str]:
+    """Modules holding parameters that `output` does not depend on, found by walking the
+    autograd graph of one forward pass on the sample inputs (no backward, no gradients).
+
+    BertModel computes its pooler in forward, but a feature-extraction graph returns only
+    last_hidden_state, so the exporter drops the pooler, and a LoRA input there would be
+    read by nothing: such modules get none, and adapters' LoRA on them is skipped (it
+    changes nothing the graph outputs).
+    """
+    params = list(model.parameters())
+    saved = [p.requires_grad for p in params]
+    named = dict(zip(input_names, example_inputs(model, input_names)))
+    try:
+        for p in params:
+            p.requires_grad_(True)  # a frozen weight would look unreached
+        with torch.enable_grad():
+            result = getattr(model(**named, **call_kwargs(model), return_dict=True), output)
+            reached = reached_parameters(result)
+            del result
+    finally:
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+    return sorted(
+        name
+        for name, module in model.named_modules()
+        if list(module.parameters(recurse=False))
+        and not any(id(p) in reached for p in module.parameters(recurse=False))
+    )
+
+
+def reached_parameters(result: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters) the autograd graph of `result` reads."""
+    reached: set[int] = set()
+    seen: set[int] = set()
+    stack = [result.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        leaf = getattr(fn, "variable", None)  # AccumulateGrad: a parameter
+        if leaf is not None:
+            reached.add(id(leaf))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return reached
+
+
+def call_kwargs(model: nn.Module) -> dict:
+    """Decoders would otherwise compute and return their key/value cache."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+def resolve_slots(
+    model: nn.Module, adapters: list[Adapter], targets, uncomputed: Iterable[str] = ()
+) -> tuple[dict[str, LoraSlot], list[str]]:
+    """Targeted layers: the adapters' layers (renamed to the model's paths) plus `targets`.
+
+    Returns (slots by module path, skipped): modules in `uncomputed` (uncomputed_modules:
+    the graph does not compute them) get no slot and are listed in `skipped`.
+    """
     modules = dict(model.named_modules())
+    idle = set(uncomputed)
     placed: list[tuple[Adapter, LoraModule, str]] = []  # (adapter, module, model path)
     for adapter in adapters:
         try:
@@ -193,11 +292,19 @@ def resolve_slots(model: nn.Module, adapters: list[Adapter], targets) -> dict[st
         matched = {n for n in modules if n and matches_target(n, targets)}
         if not matched:
             raise BadInputError(f"targets {targets!r} match no module of the model")
+        if matched <= idle:
+            raise BadInputError(
+                f"targets {targets!r} match only modules the graph does not compute: {', '.join(sorted(matched))}"
+            )
         names |= matched
-    slots = {name: make_slot(name, modules[name]) for name in sorted(names)}
+    skipped = sorted(names & idle)
+    if names and names <= idle:
+        raise BadInputError(f"the adapters target only modules the graph does not compute: {', '.join(skipped)}")
+    slots = {name: make_slot(name, modules[name]) for name in sorted(names - idle)}
     for adapter, lora, path in placed:
-        check_fits(lora, slots[path], adapter.path)
-    return slots
+        if path in slots:
+            check_fits(lora, slots[path], adapter.path)
+    return slots, skipped
 
 
 def matches_target(name: str, targets: Sequence[str] | str) -> bool:
@@ -271,11 +378,11 @@ class LoraExport(nn.Module):
         self.base = model
         self.input_names = graph.inputs
         self.output_name = graph.output
+        self.sentence = graph.sentence
         self.layers = list(graph.slots)
         self.per_layer = per_layer  # LoRA tensors per layer, in input order
         self.update = update
-        # Decoders would otherwise trace and return their key/value cache.
-        self.extra_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        self.extra_kwargs = call_kwargs(model)
         self.current: dict[str, list[torch.Tensor]] = {}
         self.ids: torch.Tensor | None = None
         modules = dict(model.named_modules())
@@ -299,7 +406,10 @@ class LoraExport(nn.Module):
             out = self.base(**named, **self.extra_kwargs, return_dict=True)
         finally:
             self.current, self.ids = {}, None
-        return getattr(out, self.output_name)
+        output = getattr(out, self.output_name)
+        if self.sentence is None:
+            return output
+        return output, self.sentence(output, named.get("attention_mask"))
 
     def remove_hooks(self) -> None:
         for hook in self.hooks:
@@ -316,22 +426,26 @@ def build_graph(
     kind: str,
     opset: int | None,
     extra: Mapping[str, torch.Tensor] | None = None,
+    *,
+    overwrite: bool = False,
+    input_paths: Iterable[str | os.PathLike] = (),
 ) -> None:
     """Trace, name the graph exactly, prove it against PyTorch on the example, move it into place.
 
     `lora` are tracing values of the LoRA inputs (in `defaults` order), `defaults` the
     initializers they get; `extra` inputs sit between the model's inputs and the LoRA
     ones (adapter_ids). Two runs are proven: the LoRA inputs fed, and left at their
-    defaults. Hooks are removed before returning, whatever happens.
+    defaults. Hooks are removed before returning, whatever happens. `overwrite` and
+    `input_paths`: the output policy (lora_deploy.io.staging.check_output).
     """
     extra = dict(extra or {})
     inputs = example_inputs(wrapper.base, graph.inputs)
     try:
         wrapper.eval()
         with torch.no_grad():
-            expected_fed = wrapper(inputs + list(extra.values()), lora).numpy()
+            expected_fed = output_arrays(wrapper(inputs + list(extra.values()), lora))
             as_default = [torch.from_numpy(a) for a in defaults.values()]
-            expected_default = wrapper(inputs + list(extra.values()), as_default).numpy()
+            expected_default = output_arrays(wrapper(inputs + list(extra.values()), as_default))
         ir_model = export_wrapper(wrapper, inputs, list(extra.values()), lora, lora_shapes, opset)
     finally:
         wrapper.remove_hooks()
@@ -342,13 +456,19 @@ def build_graph(
     def prove(tmp: Path) -> None:
         try:
             with OnnxrtRunner(tmp) as runner:
-                with_fed, with_default = (runner.infer(f)[graph.output] for f in (fed, feeds))
+                with_fed, with_default = (runner.infer(f) for f in (fed, feeds))
         except BadInputError as exc:  # here a failure of the export, not of the user's input
             raise ExportError(f"ONNX Runtime cannot run the exported graph: {exc}") from None
-        require_close(with_fed, expected_fed, "float32", "with LoRA inputs fed")
-        require_close(with_default, expected_default, "float32", "with default LoRA inputs")
+        for name, want_fed, want_default in zip(graph.outputs, expected_fed, expected_default):
+            require_close(with_fed[name], want_fed, "float32", f"{name} with LoRA inputs fed")
+            require_close(with_default[name], want_default, "float32", f"{name} with default LoRA inputs")
 
-    onnx_graph.save_atomic(ir_model, graph.path, prove)
+    onnx_graph.save_atomic(ir_model, graph.path, prove, overwrite=overwrite, inputs=input_paths)
+
+
+def output_arrays(result) -> list[np.ndarray]:
+    """The wrapper's output (one tensor, or a tuple with sentence_embedding) as arrays."""
+    return [t.numpy() for t in (result if isinstance(result, tuple) else (result,))]
 
 
 def example_inputs(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
@@ -411,20 +531,26 @@ def finish_graph(
 
     g = ir_model.graph
     names = list(graph.inputs) + list(extra_names) + list(lora_names)
-    if len(g.inputs) != len(names) or len(g.outputs) != 1:
+    outputs = graph.outputs
+    if len(g.inputs) != len(names) or len(g.outputs) != len(outputs):
         raise ExportError(
-            f"exported graph has {len(g.inputs)} inputs / {len(g.outputs)} outputs, expected {len(names)} / 1"
+            f"exported graph has {len(g.inputs)} inputs / {len(g.outputs)} outputs, "
+            f"expected {len(names)} / {len(outputs)}"
         )
     for value, name in zip(g.inputs, names):
         value.name = name
-    g.outputs[0].name = graph.output
+    for value, name in zip(g.outputs, outputs):
+        value.name = name
     onnx_graph.strip_prefix(g, LoraExport.PREFIX)
     onnx_graph.rename_tied(g, model)
     lora_values = g.inputs[len(names) - len(lora_names) :]
     for value, array in zip(lora_values, defaults):
         if not value.uses():
-            # An input nobody reads means the exporter folded the LoRA path away.
-            raise ExportError(f"exported graph does not use LoRA input {value.name}")
+            # Modules the outputs do not depend on got no slot (uncomputed_modules), so an
+            # input nobody reads means the exporter folded the LoRA path of a computed layer.
+            raise ExportError(
+                f"exported graph does not use LoRA input {value.name}, though the model computes that layer"
+            )
         value.const_value = ir.tensor(array, name=value.name)
         g.register_initializer(value)  # also a graph input: ONNX Runtime may override it
     ir_model.metadata_props[METADATA_KEY] = json.dumps(graph.metadata(kind))

@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lora_deploy.errors import ExportError
+from lora_deploy.io import staging
 from lora_deploy.io.staging import staging_dir
 from lora_deploy.util import first_line
 
@@ -148,24 +149,39 @@ def initializer_bytes(graph: Any) -> int:
     return sum(value.const_value.nbytes for value in graph.initializers.values() if value.const_value is not None)
 
 
+def check_output(path: Path, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False) -> None:
+    """The output policy (lora_deploy.io.staging.check_output) for an ONNX file and the
+    ``<name>.data`` file that may come with it; call it before the export's work."""
+    for output in (path, path.with_name(f"{path.name}.data")):
+        staging.check_output(output, inputs, overwrite)
+
+
 def save_atomic(
     ir_model: Any,
     path: Path,
     check: Callable[[Path], Any] | None = None,
     external_data: bool | None = None,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
 ) -> Any:
     """Write the model in a hidden sibling directory, run ``check`` on it there,
     then move it into place; returns what ``check`` returns.
 
     Any error leaves nothing behind, and an older file at ``path`` untouched.
     ``external_data=None`` puts the weights in ``<name>.data`` only above
-    ``EXTERNAL_DATA_BYTES``; True/False forces it.
+    ``EXTERNAL_DATA_BYTES``; True/False forces it. An existing file is replaced only
+    with ``overwrite``; ``path`` must keep clear of ``inputs`` (check_output).
     """
-    with staging_dir(path, rename=False) as tmp_dir:
+    check_output(path, inputs, overwrite)
+    with staging_dir(path, rename=False, overwrite=overwrite) as tmp_dir:
         tmp_path = tmp_dir / path.name
         external = write_model(ir_model, tmp_path, external_data)
         result = check(tmp_path) if check is not None else None
-        move_into_place(tmp_path, path, external)
+        try:
+            move_into_place(tmp_path, path, external, overwrite)
+        except OSError as exc:
+            raise staging.output_error(path, exc, "cannot move the output into place") from exc
     return result
 
 
@@ -184,13 +200,19 @@ def write_model(ir_model: Any, path: Path, external_data: bool | None) -> bool:
     return external
 
 
-def move_into_place(tmp_path: Path, path: Path, external: bool) -> None:
-    """os.replace the data file first, then the model, so a reader of the
-    final model never sees it without its weights; drop a stale data file."""
+def move_into_place(tmp_path: Path, path: Path, external: bool, overwrite: bool = False) -> None:
+    """Move the data file first, then the model, so a reader of the final model never
+    sees it without its weights; with overwrite, drop a stale data file. Without it
+    both are created only where nothing is (staging.place_file)."""
     data_name = f"{path.name}.data"
     final_data = path.with_name(data_name)
     if external:
-        os.replace(tmp_path.with_name(data_name), final_data)
-    os.replace(tmp_path, path)
-    if not external and final_data.exists():
+        staging.place_file(tmp_path.with_name(data_name), final_data, overwrite)
+    try:
+        staging.place_file(tmp_path, path, overwrite)
+    except BaseException:
+        if external and not overwrite:  # created by us a moment ago: nobody else's
+            final_data.unlink(missing_ok=True)
+        raise
+    if overwrite and not external and final_data.exists():
         final_data.unlink()  # left over from an earlier large export to this path

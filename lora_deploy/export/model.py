@@ -89,7 +89,7 @@ class ExportResult:
     task: str
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
-    max_abs_error: float
+    max_abs_error: float | None  # None: no output had a position to compare
     dtype: str
     opset: int
 
@@ -107,16 +107,20 @@ def export_checkpoint(
     batch: int = 2,
     seq: int = 16,
     optimize: bool = False,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export a Hugging Face checkpoint directory to one checked ONNX file.
 
     Inputs: input_ids, attention_mask (+ token_type_ids for BERT-like
     models), all int64 with dynamic dims "batch" and "sequence". Output:
-    ``logits`` or ``last_hidden_state``. ``dtype="float16"`` exports a
+    ``logits`` or ``last_hidden_state``, plus ``sentence_embedding`` for a
+    sentence-transformers checkpoint (modeling/sentence.py). ``dtype="float16"`` exports a
     half-precision graph (torch's CPU half kernels are used as the parity
     reference, with half-precision tolerances). Initializers keep the
-    checkpoint's state-dict names unless ``optimize=True``.
+    checkpoint's state-dict names unless ``optimize=True``. An existing file is
+    replaced only with ``overwrite=True``, and never one of the checkpoint's.
     """
+    onnx_graph.check_output(Path(path), [model_dir], overwrite)
     torch_dtype = parse_dtype(dtype)
     wrapper = wrap_checkpoint(model_dir, task, torch_dtype)
     feed = sample_inputs(wrapper.model.config, batch=batch, seq=seq)
@@ -132,6 +136,8 @@ def export_checkpoint(
         optimize=optimize,
         external_data=None,
         strip_prefix=HFExportWrapper.PARAM_PREFIX,
+        overwrite=overwrite,
+        inputs=[model_dir],
     )
     return ExportResult(
         path=written,
@@ -157,6 +163,7 @@ def export_module(
     strip_prefix: str = "",
     atol: float | None = None,
     rtol: float | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export any ``nn.Module`` to a checked ONNX file and return its path.
 
@@ -169,7 +176,8 @@ def export_module(
     ``EXTERNAL_DATA_BYTES``; True/False forces it. ``strip_prefix`` is removed
     from initializer names that start with it. ``atol``/``rtol`` override
     the per-dtype parity tolerances of ``lora_deploy.compare.TOLERANCES``
-    (giving one keeps the table's value of the other).
+    (giving one keeps the table's value of the other). An existing file is
+    replaced only with ``overwrite=True``.
 
     Raises ExportError if export, the ONNX checker or the ONNX Runtime parity
     run fails; BadInputError for unusable arguments.
@@ -186,6 +194,7 @@ def export_module(
         strip_prefix=strip_prefix,
         atol=atol,
         rtol=rtol,
+        overwrite=overwrite,
     )
     return written
 
@@ -203,12 +212,15 @@ def _export_verified(
     strip_prefix: str,
     atol: float | None = None,
     rtol: float | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> tuple[Path, float, int]:
     """Export, check, compare with torch, move into place.
 
     Returns (path, max abs error vs torch, opset of the written model).
     """
     output_names = _check_arguments(module, example_inputs, path, output_names, dynamic_axes, opset)
+    onnx_graph.check_output(path, inputs, overwrite)
     module.eval()
     reference = _torch_outputs(module, example_inputs)
     if len(reference) != len(output_names):
@@ -234,7 +246,7 @@ def _export_verified(
         return _compare(output_names, reference, outputs, atol, rtol)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    max_err = onnx_graph.save_atomic(model, path, prove, external_data)
+    max_err = onnx_graph.save_atomic(model, path, prove, external_data, overwrite=overwrite, inputs=inputs)
     return path, max_err, opset_used
 
 
@@ -349,14 +361,16 @@ def _compare(
     outputs: Sequence[np.ndarray],
     atol: float | None,
     rtol: float | None,
-) -> float:
-    """ORT outputs against torch's (ExportError on a miss); returns the max abs error over all outputs."""
-    worst = 0.0
+) -> float | None:
+    """ORT outputs against torch's (ExportError on a miss); returns the max abs error over all
+    outputs, None when no output had a position to compare."""
+    worst = None
     for name, ref_tensor, got in zip(output_names, reference, outputs):
         # Tolerance by the reference's dtype; integer outputs are compared exactly whatever it is.
         dtype_name = of_torch(ref_tensor.dtype).name if ref_tensor.dtype.is_floating_point else "float32"
         tol = tolerance(dtype_name if dtype_name in TOLERANCES else "float32", atol, rtol)
         result = compare_array(name, got, from_torch(ref_tensor), tol)
         result.raise_for(ExportError, "ONNX Runtime differs from torch")
-        worst = max(worst, result.max_abs)
+        if result.max_abs is not None:
+            worst = result.max_abs if worst is None else max(worst, result.max_abs)
     return worst

@@ -39,6 +39,7 @@ from lora_deploy.adapter.variants import refuse_non_additive
 from lora_deploy.backends.onnxrt.lora_format import adapter_parameters, check_output_file, split_lora_name
 from lora_deploy.backends.onnxrt.sessions import BASE_ID, IDS_INPUT
 from lora_deploy.errors import BadInputError
+from lora_deploy.export import graph as onnx_graph
 from lora_deploy.export.dynamic import (
     EXAMPLE_BATCH,
     EXAMPLE_RANK,
@@ -50,7 +51,9 @@ from lora_deploy.export.dynamic import (
     load_model,
     resolve_slots,
     small_random,
+    uncomputed_modules,
 )
+from lora_deploy.modeling.sentence import pooling_for_task
 from lora_deploy.modeling.unmerged import choose_prefix
 
 A_BANK = ".lora_A.bank"
@@ -70,29 +73,49 @@ def export_multi(
     *,
     task: str = "auto",
     opset: int | None = None,
+    overwrite: bool = False,
 ) -> DynamicGraph:
-    """Export one graph holding every adapter of `adapter_dirs`; the id of each is its position."""
+    """Export one graph holding every adapter of `adapter_dirs`; the id of each is its position.
+
+    An existing file is replaced only with overwrite=True, and never an input."""
     start = time.perf_counter()
     path = Path(path)
-    check_output_file(path)
     adapter_dirs = [adapter_dirs] if isinstance(adapter_dirs, (str, os.PathLike)) else list(adapter_dirs)
+    inputs = [model_dir, *adapter_dirs]
+    check_output_file(path, inputs, overwrite)
+    onnx_graph.check_output(path, inputs, overwrite)
     if not adapter_dirs:
         raise BadInputError("export_multi needs at least one adapter")
     adapters = [load_adapter(d) for d in adapter_dirs]
     for adapter in adapters:
         refuse_non_additive(adapter)
     model, task, inputs, output = load_model(model_dir, task)
-    slots = resolve_slots(model, adapters, None)
+    uncomputed = uncomputed_modules(model, inputs, output)
+    slots, skipped = resolve_slots(model, adapters, None, uncomputed)
     with_bias = any(a.config.lora_bias for a in adapters)
     names = adapter_names(adapter_dirs)
-    graph = DynamicGraph(path, slots, inputs, output, task, with_bias, adapters=names)
+    sentence = pooling_for_task(model_dir, task)
+    graph = DynamicGraph(
+        path, slots, inputs, output, task, with_bias, names, sentence=sentence, uncomputed=uncomputed, skipped=skipped
+    )
     banks = build_banks(model, adapters, slots, with_bias)
     wrapper = LoraExport(model, graph, 3 if with_bias else 2, banked_update)
     # Row 0 uses the last adapter, row 1 the base model: both paths are proven.
     ids = torch.tensor([len(adapters) - 1, BASE_ID][:EXAMPLE_BATCH])
     example = flatten(example_banks(slots, len(adapters), with_bias))
     shapes = flatten([bank_dims(slot, with_bias) for slot in slots.values()])
-    build_graph(wrapper, graph, example, shapes, banks, "multi", opset, extra={IDS_INPUT: ids})
+    build_graph(
+        wrapper,
+        graph,
+        example,
+        shapes,
+        banks,
+        "multi",
+        opset,
+        extra={IDS_INPUT: ids},
+        overwrite=overwrite,
+        input_paths=inputs,
+    )
     graph.seconds = time.perf_counter() - start
     return graph
 

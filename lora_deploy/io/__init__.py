@@ -1,2 +1,3 @@
 """I/O without torch: lazy sharded checkpoints (`checkpoint`), streaming reads and shard
-writes (`stream`), and locked staging for atomic outputs (`staging`)."""
+writes (`stream`), locked staging for atomic outputs (`staging`), and the SHA-256 and header
+that reports carry (`provenance`)."""

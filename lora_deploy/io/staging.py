@@ -16,21 +16,29 @@ locked staging directory and renamed out of it, so a killed write is cleaned up 
 A failure to write is an OutputError (exit 3), not bad input, except where the path the
 user gave has the wrong shape (a file where a directory belongs, a directory where a
 file belongs, a missing parent): that they can fix on the command line.
+
+The output policy of every command is here too (check_output): an output is never an
+input, and an existing output is replaced only when asked (overwrite=True, the CLI's
+--overwrite). Without it the final step is an atomic create-if-absent (place_new), so of
+two runs racing for one new output exactly one succeeds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import os
 import re
 import shutil
 import signal
 import socket
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -60,6 +68,215 @@ CREATING_GRACE_S = 60.0
 LOCK_WAIT_S = 5.0
 # What an OSError says about the user's path rather than about the disk.
 PATH_SHAPE_ERRNOS = (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT)
+# renameat2(2) flag: fail with EEXIST instead of replacing the target.
+RENAME_NOREPLACE = 1
+AT_FDCWD = -100
+
+
+# ----------------------------------------------------------- output policy ----
+
+
+def check_output(
+    out: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    *,
+    directory: bool = False,
+) -> Path:
+    """The one output policy: an input is never an output; an output that exists is
+    replaced only with overwrite. Raises BadInputError (one line, naming both paths).
+
+    `out` must not be, contain or lie inside an input directory, nor be or contain an
+    input file or the directory it lives in, whatever `overwrite` says. Every path is
+    resolved through symlinks, and so is every file of an input directory (a Hugging Face
+    cache snapshot links its shards into a blob directory: that directory is protected
+    too). `out` is checked both as the path given and as what it points to.
+
+    directory=True: `out` is a directory output, where an empty directory counts as absent.
+    """
+    out = Path(out)
+    refuse_input_overlap(out, inputs)
+    if directory:
+        if os.path.lexists(out) and not out.is_dir():
+            raise BadInputError(f"{out}: exists and is not a directory")
+        exists = os.path.lexists(out) and not is_empty_dir(out)
+    else:
+        if out.is_dir():
+            raise BadInputError(f"{out}: is a directory; give a file path")
+        exists = os.path.lexists(out)
+    if exists and not overwrite:
+        raise exists_error(out)
+    return out
+
+
+def exists_error(out: Path) -> BadInputError:
+    return BadInputError(f"{out}: exists; pass --overwrite to replace it")
+
+
+def is_empty_dir(path: Path) -> bool:
+    """A real (not symlinked) directory with nothing in it."""
+    try:
+        return not path.is_symlink() and path.is_dir() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def refuse_input_overlap(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    absolute = Path(os.path.abspath(out))
+    given = absolute.parent.resolve() / absolute.name if absolute.name else absolute
+    candidates = dict.fromkeys([given, out.resolve()])
+    for protected, tree, what in protected_paths(inputs):
+        for candidate in candidates:
+            if candidate == protected:
+                relation = "is"
+            elif candidate in protected.parents:
+                relation = "contains"
+            elif tree and protected in candidate.parents:
+                relation = "lies inside"
+            else:
+                continue
+            raise BadInputError(
+                f"{out}: output must not be or contain an input, nor lie inside one: it {relation} {what}"
+            )
+
+
+def protected_paths(inputs: Iterable[str | os.PathLike | None]) -> Iterator[tuple[Path, bool, str]]:
+    """(resolved path, whether nothing may be written inside it either, description) for
+    every path an output must keep clear of. (An output that is the directory a file lives
+    in contains that file: no entry of its own is needed.)"""
+    for given in inputs:
+        if given is None:
+            continue
+        real = Path(given).resolve()
+        if not real.is_dir():
+            yield real, False, f"input {given}"
+            continue
+        yield real, True, f"input {given}"
+        for link in links_under(real):
+            target = link.resolve()
+            yield target, target.is_dir(), f"{target}, linked from input {given} ({link})"
+
+
+def links_under(root: Path) -> Iterator[Path]:
+    """Every symlink under `root`, following linked directories once each."""
+    seen = {root}
+    pending = [root]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:  # unreadable: whatever is in it cannot be an input we read either
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_symlink():
+                yield path
+            try:
+                is_dir = entry.is_dir()  # follows a link
+            except OSError:
+                continue
+            if is_dir:
+                real = path.resolve()
+                if real not in seen:
+                    seen.add(real)
+                    pending.append(path)
+
+
+def place_new(src: Path, target: Path) -> None:
+    """Move `src` onto `target` only if nothing is there (for a directory: nothing, or an
+    empty directory), atomically: of two runs racing for one new output, exactly one
+    succeeds and the other gets "exists". The same file system is assumed (a sibling).
+    """
+    if src.is_dir() and not src.is_symlink():
+        if rename_noreplace(src, target):
+            return
+        # No renameat2 here, or the target exists. POSIX rename() moves a directory onto
+        # nothing or onto an empty directory only (a full one: ENOTEMPTY; a file or link:
+        # ENOTDIR); on Windows onto nothing only.
+        try:
+            os.rename(src, target)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise exists_error(target) from None
+            raise
+        return
+    try:
+        os.link(src, target)  # fails with EEXIST, atomically, if anything is there
+    except FileExistsError:
+        raise exists_error(target) from None
+    except OSError as exc:  # no hard links on this file system
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EXDEV):
+            raise
+        if not rename_noreplace(src, target):
+            try:  # last resort: claim the name exclusively, then replace the claim
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                raise exists_error(target) from None
+            os.replace(src, target)
+        return
+    os.unlink(src)
+
+
+def rename_noreplace(src: Path, target: Path) -> bool:
+    """rename(2) that fails with EEXIST rather than replace `target` (Linux renameat2).
+
+    False where the system or the file system has no such call; raises BadInputError
+    when `target` exists.
+    """
+    renameat2 = libc_renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(target), RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EEXIST:
+        if is_empty_dir(target):  # counts as absent: the caller's rename() takes it atomically
+            return False
+        raise exists_error(target)
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # an old kernel, or a file system without the flag
+    raise OSError(code, os.strerror(code), str(target))
+
+
+@functools.cache
+def libc_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def place_file(src: Path, target: Path, overwrite: bool) -> None:
+    """The final step of a file output: replace `target` if overwrite, else create it only
+    if it does not exist."""
+    if overwrite:
+        os.replace(src, target)
+    else:
+        place_new(src, target)
+
+
+def discard(path: Path) -> str | None:
+    """Remove a swapped-out output (directory, file or symlink); the reason if it stays."""
+    if path.is_symlink() or not path.is_dir():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return None
+    shutil.rmtree(path, ignore_errors=True)  # as much as it can
+    if not os.path.lexists(path):
+        return None
+    try:
+        shutil.rmtree(path)  # again, for the reason
+    except OSError as exc:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return None
 
 
 class staging_dir:
@@ -67,16 +284,31 @@ class staging_dir:
 
     Errors (Ctrl-C included) remove it; our errors are re-raised naming the file under
     `target`, not under the hidden directory. With rename=False it is a scratch
-    directory the caller moves files out of, removed either way.
+    directory the caller moves a file out of (with place_file), removed either way.
+
+    The output policy (check_output) is applied before anything is created: `target`
+    must keep clear of `inputs`, and an existing `target` is refused unless overwrite.
+    Without overwrite the final rename is a create-if-absent, so a target that appeared
+    meanwhile (another run's) is refused too, never replaced.
     """
 
-    def __init__(self, target: Path, rename: bool = True):
+    def __init__(
+        self,
+        target: Path,
+        rename: bool = True,
+        *,
+        overwrite: bool = False,
+        inputs: Iterable[str | os.PathLike | None] = (),
+    ):
         self.target = target
         self.rename = rename
+        self.overwrite = overwrite
+        self.inputs = inputs
         self.tmp = sibling(target, STAGING)
         self._lock: int | None = None
 
     def __enter__(self) -> Path:
+        check_output(self.target, self.inputs, self.overwrite, directory=self.rename)
         creating = sibling(self.target, CREATING)
         try:
             remove_dead_siblings(self.target)
@@ -105,7 +337,10 @@ class staging_dir:
 
     def _commit(self) -> None:
         try:
-            replace_dir(self.tmp, self.target)
+            if self.overwrite:
+                replace_dir(self.tmp, self.target)
+            else:
+                place_new(self.tmp, self.target)
         except BaseException as exc:
             shutil.rmtree(self.tmp, ignore_errors=True)  # gone already if the rename was done
             if isinstance(exc, OSError):
@@ -113,10 +348,18 @@ class staging_dir:
             raise
 
 
-def write_file_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, durable: bool = False) -> Path:
+def write_file_atomic(
+    path: str | os.PathLike,
+    write: Callable[[IO[bytes]], None],
+    *,
+    durable: bool = False,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
     """Write a file through `write(stream)`; readers see the old file or the whole new one.
 
     durable=True also fsyncs the file and then its directory (survives a power cut).
+    overwrite and inputs: the output policy (check_output).
     """
 
     def to_file(staged: Path) -> None:
@@ -126,23 +369,29 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None
                 f.flush()
                 os.fsync(f.fileno())
 
-    target = write_path_atomic(path, to_file)
+    target = write_path_atomic(path, to_file, overwrite=overwrite, inputs=inputs)
     if durable:
         sync_dir(target.parent)
     return target
 
 
-def write_path_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_path_atomic(
+    path: str | os.PathLike,
+    write: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
     """Write a file through `write(path)`, for libraries that open the file themselves.
 
     `write` gets a path in a locked staging directory beside the target; the file is
     renamed onto the target only if `write` returns. On an error (Ctrl-C included) the
     old file is untouched and nothing is left; after a kill, the next write of the same
-    target removes the leftover.
+    target removes the leftover. overwrite and inputs: the output policy (check_output).
     """
-    target = Path(path)
+    target = check_output(path, inputs, overwrite)
     make_parent(target)
-    with staging_dir(target, rename=False) as tmp:
+    with staging_dir(target, rename=False, overwrite=overwrite) as tmp:
         staged = tmp / target.name
         try:
             write(staged)
@@ -151,7 +400,7 @@ def write_path_atomic(path: str | os.PathLike, write: Callable[[Path], None]) ->
         except LoraDeployError as exc:
             rename_in_message(exc, staged, target)
             raise
-        move_file(staged, target)
+        move_file(staged, target, overwrite)
     return target
 
 
@@ -164,11 +413,11 @@ def make_parent(target: Path) -> None:
         raise output_error(target.parent, exc, "cannot create the directory") from exc
 
 
-def move_file(staged: Path, target: Path) -> None:
+def move_file(staged: Path, target: Path, overwrite: bool = False) -> None:
     if not staged.is_file():  # `write` returned without writing the file it promised
         raise InternalError(f"{target}: nothing was written")
     try:
-        os.replace(staged, target)
+        place_file(staged, target, overwrite)
     except OSError as exc:
         raise output_error(target, exc, "cannot move the output into place") from exc
 
@@ -211,7 +460,10 @@ def replace_dir(src: Path, target: Path) -> None:
     Runs with Ctrl-C and SIGTERM held back (they are delivered when it returns), so target
     is always either the old output or the new one, and no swapped-out copy is left. The
     swapped-out directory stays locked until it is gone, so a concurrent run never takes
-    it for a leftover while it may still be moved back.
+    it for a leftover while it may still be moved back. A target that is a symlink is
+    replaced itself (what it points to is left alone). An old output that cannot be
+    removed is an OutputError naming what is left, raised with the new output in place
+    (the next run writing target retries the removal).
     """
     with signals_deferred():
         try:
@@ -229,9 +481,14 @@ def replace_dir(src: Path, target: Path) -> None:
             except BaseException:
                 os.replace(trash, target)
                 raise
-            shutil.rmtree(trash, ignore_errors=True)
+            reason = discard(trash)
         finally:
             unlock(held)
+    if reason is not None:
+        raise OutputError(
+            f"{target}: written, but the output it replaced could not be removed ({reason}); "
+            f"delete {trash} (the next run writing {target.name} here tries again)"
+        )
 
 
 @contextlib.contextmanager
@@ -256,6 +513,10 @@ def remove_dead_siblings(target: Path) -> list[Path]:
     removed = []
     for path in target.parent.iterdir():
         found = name.fullmatch(path.name)
+        if found and found.group(1) == SWAPPED_OUT and (path.is_symlink() or not path.is_dir()):
+            if remove_swapped_out_link(path, target):
+                removed.append(path)
+            continue
         if not found or path.is_symlink() or not path.is_dir():
             continue
         try:
@@ -265,7 +526,7 @@ def remove_dead_siblings(target: Path) -> list[Path]:
             continue
         if not is_abandoned(path):
             continue
-        if found.group(1) == SWAPPED_OUT and not target.exists():
+        if found.group(1) == SWAPPED_OUT and not os.path.lexists(target):
             # killed between swapping the old output out and the new one in: put it back
             with contextlib.suppress(OSError):
                 os.replace(path, target)
@@ -273,6 +534,21 @@ def remove_dead_siblings(target: Path) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def remove_swapped_out_link(path: Path, target: Path) -> bool:
+    """A swapped-out symlink (or file) left by a killed run: it cannot be locked, so one
+    older than the grace period is taken as dead; put back if the target is missing."""
+    try:
+        if time.time() - path.lstat().st_ctime < CREATING_GRACE_S:  # a rename sets ctime
+            return False
+        if not os.path.lexists(target):
+            os.replace(path, target)
+            return False
+        path.unlink()
+    except OSError:
+        return False
+    return True
 
 
 def is_abandoned(path: Path) -> bool:

@@ -25,9 +25,9 @@ from lora_deploy.adapter.plan import MergePlan, Target, plan_merge
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.arrays import all_finite
 from lora_deploy.dtypes import BY_NAME
-from lora_deploy.errors import BadInputError, NonFiniteError
+from lora_deploy.errors import BadInputError, CheckpointError, NonFiniteError, OutputError
 from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
-from lora_deploy.io.staging import staging_dir
+from lora_deploy.io.staging import check_output, staging_dir
 from lora_deploy.io.stream import (
     BinaryFile,
     CheckpointStream,
@@ -36,6 +36,7 @@ from lora_deploy.io.stream import (
     tensor_bytes,
     write_checkpoint,
 )
+from lora_deploy.merge.card import CARD_FILE, merged_card
 from lora_deploy.merge.delta import lora_norm, merged_bias, merged_weight
 from lora_deploy.util import library_versions
 
@@ -78,7 +79,9 @@ def merge(
     """Merge a PEFT LoRA adapter into a safetensors checkpoint directory, shard by shard.
 
     durable=True fsyncs every file and the directory before the final rename, so the
-    output also survives a power loss (at the cost of waiting for the disk).
+    output also survives a power loss (at the cost of waiting for the disk). An existing
+    non-empty out_dir is replaced only with overwrite=True; out_dir is never an input, nor
+    inside or around one (lora_deploy.io.staging.check_output).
     """
     start = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -89,14 +92,17 @@ def merge(
     # calls, take the second core from the hashing threads (3 s of CPU on a 2 GB merge).
     with Checkpoint(base_dir) as base, threadpool_limits(limits=1, user_api="blas"):
         adapter = load_adapter(adapter_dir)
-        check_output_dir(out_dir, [base_dir, Path(adapter_dir)], overwrite)
+        inputs = [base_dir, Path(adapter_dir)]
+        check_output_dir(out_dir, inputs, overwrite)
         plan = plan_merge(adapter, base)
-        manifest = write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress)
+        manifest = write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress, overwrite, inputs)
     return MergeResult(out_dir, manifest, time.perf_counter() - start, sorted(plan.targets))
 
 
-def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress) -> dict:
-    with staging_dir(out_dir) as tmp:
+def write_merged(
+    base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress, overwrite=False, inputs=()
+) -> dict:
+    with staging_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         stream = CheckpointStream(base)
         try:
             tensors = output_tensors(stream, plan, dtype)
@@ -105,7 +111,7 @@ def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, durable, prog
         except BaseException:
             stream.abort()  # stop its helper threads; the original error is what matters
             raise
-        out_hashes.update(copy_side_files(base.dir, tmp, dtype, bool(plan.untie), in_hashes["base"]))
+        out_hashes.update(copy_side_files(base.dir, tmp, dtype, bool(plan.untie), in_hashes["base"], adapter))
         manifest = build_manifest(base, adapter, plan, tensors, dtype, shard_bytes, in_hashes, out_hashes)
         write_json(tmp / MANIFEST_FILE, manifest)
         if durable:
@@ -114,15 +120,8 @@ def write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, durable, prog
 
 
 def check_output_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
-    resolved = out_dir.resolve()
-    for path in inputs:
-        # --overwrite removes OUT: it must not be, or contain, an input.
-        if path.resolve() == resolved or resolved in path.resolve().parents:
-            raise BadInputError(f"{out_dir}: output directory must not be or contain an input ({path})")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BadInputError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise BadInputError(f"{out_dir}: not empty (pass --overwrite to replace it)")
+    """The output policy (an empty directory counts as absent), before any work is done."""
+    check_output(out_dir, inputs, overwrite, directory=True)
     if not out_dir.parent.is_dir():
         raise BadInputError(f"{out_dir.parent}: parent directory does not exist")
 
@@ -235,20 +234,35 @@ def side_files(base_dir: Path) -> list[Path]:
 
 
 def copy_side_files(
-    base_dir: Path, out_dir: Path, dtype: str, untied: bool, in_hashes: dict[str, str]
+    base_dir: Path,
+    out_dir: Path,
+    dtype: str,
+    untied: bool,
+    in_hashes: dict[str, str],
+    adapter: Adapter | None = None,
 ) -> dict[str, str]:
-    """Copy config, tokenizer and other non-weight files; fix up config.json if needed."""
+    """Copy config, tokenizer and other non-weight files; fix up config.json if needed.
+
+    With `adapter`, the model card (README.md) gets a section on what was merged
+    (merge/card.py), and is written when the base has none."""
     hashes = {}
     for path in side_files(base_dir):
         rel = path.relative_to(base_dir)
         dest = out_dir / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(dest.parent)
         if rel == Path("config.json"):
             write_json(dest, updated_config(json.loads(path.read_text()), dtype, untied))
             hashes[str(rel)] = file_sha256(dest)
+        elif rel == Path(CARD_FILE) and adapter is not None:
+            write_bytes(dest, merged_card(path.read_bytes(), adapter, dtype, base_dir.resolve().name))
+            hashes[str(rel)] = file_sha256(dest)
         else:
-            shutil.copy2(path, dest)
+            copy_file(path, dest)
             hashes[str(rel)] = in_hashes[str(rel)]  # a byte-for-byte copy of a file hashed as input
+    card = out_dir / CARD_FILE
+    if adapter is not None and not card.exists():
+        write_bytes(card, merged_card(None, adapter, dtype, base_dir.resolve().name))
+        hashes[CARD_FILE] = file_sha256(card)
     return hashes
 
 
@@ -331,4 +345,32 @@ def build_manifest(base, adapter: Adapter, plan: MergePlan, tensors, dtype, shar
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+# Output files of the merge, written inside the staging directory: a failure is the disk's
+# (OutputError, exit 3) and names the file (under OUT once staging_dir renames it).
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+def make_dirs(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the directory ({exc.strerror or exc})") from exc
+
+
+def copy_file(source: Path, dest: Path) -> None:
+    """A side file copied byte for byte; a failure to read it is the input's."""
+    try:
+        shutil.copy2(source, dest)
+    except OSError as exc:
+        if exc.filename2 is None and exc.filename == str(source):
+            raise CheckpointError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+        raise OutputError(f"{dest}: cannot write ({exc.strerror or exc})") from exc

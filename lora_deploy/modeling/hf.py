@@ -16,9 +16,12 @@ from torch import nn
 
 from lora_deploy import dtypes
 from lora_deploy.errors import BadInputError, CheckpointError, ExportError
+from lora_deploy.io.checkpoint import check_checkpoint
+from lora_deploy.modeling.sentence import SENTENCE_EMBEDDING, SentencePooling, pooling_for_task
 from lora_deploy.modeling.tasks import (
     AUTO,
     AUTO_CLASS,
+    FEATURE_EXTRACTION,
     TASK_OUTPUT,
     TASKS,
     load_config,
@@ -46,6 +49,9 @@ def load_for_task(model_dir: str | os.PathLike, task: str = AUTO, dtype: str | t
     import transformers
 
     config = load_config(model_dir)
+    # The same validation as the merge's, before transformers opens a file: it would follow
+    # a shard name out of the directory and read overlapping or truncated headers.
+    check_checkpoint(model_dir)
     if getattr(config, "is_encoder_decoder", False):
         raise BadInputError(f"encoder-decoder models ({config.model_type}) are not supported")
     task = resolve_task(task, config)
@@ -63,17 +69,21 @@ def load_for_task(model_dir: str | os.PathLike, task: str = AUTO, dtype: str | t
 
 
 class HFExportWrapper(nn.Module):
-    """Call a transformers model with named tensors and return one tensor.
+    """Call a transformers model with named tensors and return its output tensor(s).
 
-    The ONNX graph gets exactly these inputs (Optimum's names) and one output:
-    ``logits`` or ``last_hidden_state``. Decoders run with ``use_cache=False``
-    so no past-key-value outputs are traced.
+    The ONNX graph gets exactly these inputs and outputs (Optimum's names):
+    ``logits`` or ``last_hidden_state``, and for a sentence-transformers checkpoint
+    exported for feature-extraction (``sentence`` given) ``sentence_embedding`` after it,
+    pooled (and normalized) as its modules.json says. Decoders run with
+    ``use_cache=False`` so no past-key-value outputs are traced.
     """
 
     # The attribute the model sits under; export strips it from initializer names.
     PARAM_PREFIX = "model."
 
-    def __init__(self, model: nn.Module, task: str, input_names: Sequence[str]):
+    def __init__(
+        self, model: nn.Module, task: str, input_names: Sequence[str], sentence: SentencePooling | None = None
+    ):
         super().__init__()
         if task not in TASKS:
             raise BadInputError(f"unknown task {task!r}")
@@ -81,6 +91,9 @@ class HFExportWrapper(nn.Module):
         self.task = task
         self.input_names = list(input_names)
         self.output_names = [TASK_OUTPUT[task]]
+        self.sentence = sentence if task == FEATURE_EXTRACTION else None
+        if self.sentence is not None:
+            self.output_names.append(SENTENCE_EMBEDDING)
         params = _forward_params(model)
         self._pass_use_cache = "use_cache" in params
         if "token_type_ids" in self.input_names and "token_type_ids" not in params:
@@ -97,7 +110,10 @@ class HFExportWrapper(nn.Module):
             kwargs["token_type_ids"] = token_type_ids
         if self._pass_use_cache:
             kwargs["use_cache"] = False
-        return getattr(self.model(**kwargs), self.output_names[0])
+        output = getattr(self.model(**kwargs), self.output_names[0])
+        if self.sentence is None:
+            return output
+        return output, self.sentence(output, attention_mask)
 
     def input_metadata(self) -> dict[str, tuple[np.dtype, tuple]]:
         """Same format as Runner.input_metadata: all int64 (batch, sequence)."""
@@ -107,11 +123,12 @@ class HFExportWrapper(nn.Module):
 def wrap_checkpoint(
     model_dir: str | os.PathLike, task: str = AUTO, dtype: str | torch.dtype = "float32"
 ) -> HFExportWrapper:
-    """Load a checkpoint and wrap it for export / TorchRunner."""
+    """Load a checkpoint and wrap it for export / TorchRunner (with sentence-transformers
+    pooling when the checkpoint has it and the task is feature-extraction)."""
     config = load_config(model_dir)
     task = resolve_task(task, config)
     model = load_for_task(model_dir, task, dtype)
-    return HFExportWrapper(model, task, model_input_names(config))
+    return HFExportWrapper(model, task, model_input_names(config), pooling_for_task(model_dir, task))
 
 
 def _forward_params(model: nn.Module) -> set[str]:

@@ -17,6 +17,8 @@ Two kinds of spec are accepted:
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -180,3 +182,91 @@ def _as_config(obj: Any) -> Any:
             f"expected a transformers config, a checkpoint dir or an input-spec dict, got {type(obj).__name__}"
         )
     return obj
+
+
+# ---------------------------------------------------------------- sizes
+
+# Config keys, as transformers families spell them.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions")
+_HEAD_KEYS = ("num_attention_heads", "n_head")
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def forward_bytes(batch: int, seq: int, *, heads: int = 1, width: int = 0, token_inputs: int = 3) -> int:
+    """A lower bound on the memory one forward pass over (batch, seq) tokens needs: the
+    int64 token inputs, one float32 attention-score matrix per head and row (eager
+    attention and ONNX Runtime on CPU both build it), and float32 hidden states `width`
+    wide (a language-model head's logits are wider still)."""
+    tokens = batch * seq
+    return tokens * 8 * token_inputs + batch * heads * seq * seq * 4 + tokens * width * 4
+
+
+def memory_limit() -> int | None:
+    """Bytes this process can have at most: physical memory, or a smaller cgroup limit."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        pass
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def check_input_size(
+    batch: int, seq: int, config: Any = None, *, what: str = "inputs", copies: int = 1, where: str = "config.json"
+) -> None:
+    """Refuse, early and in one line, inputs the model cannot take or this machine cannot hold.
+
+    `config` (a config.json dict or a transformers config, or None) bounds `seq` by the
+    model's positions (max_position_embeddings / n_positions) and sizes the estimate;
+    `copies` is how many forward passes' memory are held at once. What is refused would
+    otherwise end in a MemoryError, or the kernel's OOM killer, minutes later.
+    """
+    text = text_config(config) if config is not None and not isinstance(config, Mapping) else config
+    if isinstance(text, Mapping) and isinstance(text.get("text_config"), Mapping):
+        text = text["text_config"]
+    positions = _config_int(text, _POSITION_KEYS)
+    if positions is not None and seq > positions:
+        raise BadInputError(
+            f"{what}: sequence length {seq} is longer than the model's {positions} positions "
+            f"({next(k for k in _POSITION_KEYS if _config_int(text, (k,)) is not None)} in {where})"
+        )
+    estimate = copies * forward_bytes(
+        batch, seq, heads=_config_int(text, _HEAD_KEYS) or 1, width=_config_int(text, _WIDTH_KEYS) or 0
+    )
+    limit = memory_limit()
+    if limit is not None and estimate > limit:
+        raise BadInputError(
+            f"{what}: batch {batch} x sequence {seq} needs at least {_gigabytes(estimate)} of memory "
+            f"(token inputs, attention scores, hidden states); this machine has {_gigabytes(limit)}"
+        )
+
+
+def read_config_dict(path: str | os.PathLike) -> dict | None:
+    """config.json as a plain dict, or None when it is missing or unreadable (its own
+    loader reports that, in one line, where the config is needed)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _config_int(config: Any, keys: tuple[str, ...]) -> int | None:
+    """The first of `keys` that config holds as a positive int (dict or attribute)."""
+    for key in keys:
+        value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB"

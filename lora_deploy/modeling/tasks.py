@@ -66,6 +66,8 @@ def load_config(model_dir: str | os.PathLike) -> Any:
         raise BadInputError(f"unsupported architecture in {directory / 'config.json'}: {first_line(err)}") from err
     except OSError as err:
         raise CheckpointError(f"cannot read {directory / 'config.json'}: {first_line(err)}") from err
+    except RecursionError:
+        raise CheckpointError(f"{directory / 'config.json'}: corrupt config (JSON nested too deeply)") from None
 
 
 def detect_task(config: Any) -> str:

@@ -5,7 +5,15 @@ Two levels:
   the adapter within one rounding of its dtype; every other tensor is the base, bit for bit.
 - outputs: base + adapter run unmerged in torch (the way PEFT computes it) is the
   reference; the merged model (torch) and the ONNX model (ONNX Runtime) are compared with
-  it on deterministic inputs: max abs / rel error, cosine similarity, top-1 agreement.
+  it on deterministic inputs: max abs / rel error, cosine similarity, top-1 agreement;
+  with golden inputs (`--inputs FILE.npz`, real tokenized text) on those too.
+
+First, on every input set, the adapter's effect: base + adapter against the base. An
+adapter that changes nothing measurable makes every output check vacuous (the base itself
+would pass them), so it fails unless allowed (see effect_check).
+
+Each check is passed, failed or skipped (not run, with the reason): `equivalent` means no
+check failed and at least one passed. A figure that was not measured is None, never 0.
 """
 
 from __future__ import annotations
@@ -23,7 +31,14 @@ from lora_deploy.compare import TOLERANCES, Comparison, OutputMatchError, Tolera
 from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
 from lora_deploy.errors import BadInputError, NotEquivalentError
 from lora_deploy.io.checkpoint import Checkpoint
+from lora_deploy.io.provenance import artifact_hashes, report_header
 from lora_deploy.merge.delta import merged_bias, merged_weight
+from lora_deploy.modeling.samples import check_input_size, read_config_dict
+from lora_deploy.proof.inputs import GENERATED, InputSet, load_golden_inputs
+
+SCHEMA = "lora-deploy.verify/1"
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+ONNX = "onnx (onnxruntime)"
 
 # Output tolerances are lora_deploy.compare.TOLERANCES, by the loosest dtype involved: the
 # merged model is run in float32, so what differs from the reference is one rounding of
@@ -32,42 +47,109 @@ from lora_deploy.merge.delta import merged_bias, merged_weight
 
 @dataclass
 class Check:
-    """One comparison: passed or not, with the numbers that decided it."""
+    """One check: its status (passed / failed / skipped) and the figures that decided it.
+
+    A figure that was not measured (a missing tensor or output, a shape mismatch, a check
+    that did not run) is None (null in JSON), never 0.0 or inf. `detail` says why a check
+    failed or was skipped; `inputs` names the input set of an output check.
+    """
 
     name: str
-    passed: bool
-    max_abs: float = 0.0
-    max_rel: float = 0.0
+    status: str  # PASSED, FAILED or SKIPPED; a bool is read as passed / failed
+    max_abs: float | None = None
+    max_rel: float | None = None
     cosine: float | None = None
     top1: float | None = None
     atol: float | None = None
     rtol: float | None = None
     detail: str = ""
+    inputs: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.status, bool):
+            self.status = outcome(self.status)
+        if self.status not in (PASSED, FAILED, SKIPPED):
+            raise ValueError(f"check status must be {PASSED}, {FAILED} or {SKIPPED}, not {self.status!r}")
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAILED
+
+    @property
+    def skipped(self) -> bool:
+        return self.status == SKIPPED
+
+    def to_dict(self) -> dict:
+        # "passed" is kept for readers of older reports: null for a skipped check, which
+        # neither passed nor failed.
+        return {**asdict(self), "passed": None if self.skipped else self.passed}
+
+
+def outcome(passed: bool) -> str:
+    return PASSED if passed else FAILED
 
 
 @dataclass
 class VerifyReport:
     checks: list[Check] = field(default_factory=list)
     inputs: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)  # role -> {"path", "sha256": {file: digest}}
+    effect: dict = field(default_factory=dict)  # input set -> the adapter's effect (effect_check)
+    header: dict = field(default_factory=lambda: report_header(SCHEMA))  # schema, created, version
 
     @property
     def equivalent(self) -> bool:
-        return all(c.passed for c in self.checks)
+        """No check failed and at least one passed; skipped checks do not count."""
+        return not self.failures() and any(c.passed for c in self.checks)
 
     def failures(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
+        return [c for c in self.checks if c.failed]
+
+    def skipped(self) -> list[Check]:
+        return [c for c in self.checks if c.skipped]
 
     def to_dict(self) -> dict:
-        return {"equivalent": self.equivalent, "inputs": self.inputs, "checks": [asdict(c) for c in self.checks]}
+        return {
+            **self.header,
+            "equivalent": self.equivalent,
+            "inputs": self.inputs,
+            "artifacts": self.artifacts,
+            "effect": self.effect,
+            "skipped": [{"name": c.name, "reason": c.detail} for c in self.skipped()],
+            "checks": [c.to_dict() for c in self.checks],
+        }
+
+    def problem(self) -> str | None:
+        """Why the artifacts are not shown equivalent, in one line; None when they are."""
+        bad = self.failures()
+        if not bad:
+            return None if self.equivalent else "nothing was verified: every check was skipped"
+        # No effect first: it makes the other checks meaningless. Then the largest errors,
+        # those that could not be measured at all (missing, wrong shape) before them.
+        no_effect = [c for c in bad if c.name.startswith("effect")]
+        rest = sorted((c for c in bad if c not in no_effect), key=lambda c: -_or_inf(c.max_abs))
+        parts = [c.detail for c in no_effect]  # "no effect: ... on the generated inputs ..."
+        parts += [f"{c.name} (max abs {figure(c.max_abs)}{', ' + c.detail if c.detail else ''})" for c in rest[:3]]
+        more = f" and {len(rest) - 3} more" if len(rest) > 3 else ""
+        return f"{'not equivalent: ' if rest else ''}{'; '.join(parts)}{more}"
 
     def raise_if_different(self) -> None:
-        bad = sorted(self.failures(), key=lambda c: -c.max_abs)
-        if bad:
-            worst = "; ".join(
-                f"{c.name} (max abs {c.max_abs:.3g}{', ' + c.detail if c.detail else ''})" for c in bad[:3]
-            )
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise NotEquivalentError(f"not equivalent: {worst}{more}")
+        problem = self.problem()
+        if problem is not None:
+            raise NotEquivalentError(problem)
+
+
+def figure(value: float | None, spec: str = ".3g") -> str:
+    """A figure for a message or table: "-" when it was not measured."""
+    return "-" if value is None else format(value, spec)
+
+
+def _or_inf(value: float | None) -> float:
+    return float("inf") if value is None else value
 
 
 def verify(
@@ -85,10 +167,17 @@ def verify(
     seq: int = 16,
     seed: int = 0,
     task: str = "auto",
+    inputs_path: str | os.PathLike | None = None,
+    allow_no_effect: bool = False,
 ) -> VerifyReport:
     """Run every check that the given artifacts allow; never raises on a mismatch."""
+    config_path = Path(base_dir) / "config.json"
+    config = read_config_dict(config_path)
+    if config is not None:  # outputs will be computed: bound batch and seq first, not after an OOM kill
+        check_input_size(batch, seq, config, what="verify --batch/--seq", copies=2, where=str(config_path))
     adapter = load_adapter(adapter_dir)
     graphs = Graphs(_path(onnx_path), _path(dynamic_path), _path(packed_path), _path(multi_path), Path(adapter_dir))
+    golden = _path(inputs_path)
     report = VerifyReport(
         inputs={
             "base": str(base_dir),
@@ -96,10 +185,13 @@ def verify(
             "merged": _str(merged_dir),
             "onnx": _str(onnx_path),
             "dynamic": _str(dynamic_path),
+            "packed": _str(packed_path),
             "multi": _str(multi_path),
+            "golden_inputs": _str(golden),
             "batch": batch,
             "seq": seq,
             "seed": seed,
+            "allow_no_effect": allow_no_effect,
         }
     )
     dtypes = ["float32"]
@@ -111,11 +203,24 @@ def verify(
     dtype = loosest(dtypes)
     if not (Path(base_dir) / "config.json").is_file():
         # A plain torch module's checkpoint: no architecture to run, so weights are the proof.
-        if merged_dir is None or graphs.onnx or graphs.dynamic or graphs.multi:
+        if merged_dir is None or graphs.onnx or graphs.dynamic or graphs.multi or golden:
             raise BadInputError(f"{base_dir}: no config.json, so outputs cannot be computed; verify --merged only")
-        report.checks.append(Check("outputs: skipped (no config.json: checked at weight level only)", True))
-        return report
-    report.checks += check_outputs(base_dir, adapter, merged_dir, graphs, dtype, atol, rtol, batch, seq, seed, task)
+        report.checks.append(
+            Check(
+                "outputs",
+                SKIPPED,
+                detail="no config.json (a plain torch module's checkpoint): no architecture to run, so neither "
+                "the outputs nor the adapter's effect on them are checked; weights only",
+            )
+        )
+    else:
+        checks, report.effect = check_outputs(
+            base_dir, adapter, merged_dir, graphs, dtype, atol, rtol, batch, seq, seed, task, golden, allow_no_effect
+        )
+        report.checks += checks
+    roles = {"base": base_dir, "adapter": adapter_dir, "merged": merged_dir, "golden_inputs": golden}
+    roles.update(onnx=graphs.onnx, dynamic=graphs.dynamic, packed=graphs.packed, multi=graphs.multi)
+    report.artifacts = {role: artifact_hashes(path) for role, path in roles.items() if path is not None}
     return report
 
 
@@ -175,35 +280,53 @@ def check_weights(base_dir, adapter: Adapter, merged_dir) -> list[Check]:
     with Checkpoint(base_dir) as base, Checkpoint(merged_dir) as merged:
         plan = plan_merge(adapter, base)
         expected_names = set(base.tensors) | set(plan.untie)
-        checks = name_checks("missing from the merged checkpoint", expected_names - set(merged.tensors))
-        checks += name_checks("in the merged checkpoint but not the base", set(merged.tensors) - expected_names)
+        names = name_checks("missing from the merged checkpoint", expected_names - set(merged.tensors))
+        names += name_checks("in the merged checkpoint but not the base", set(merged.tensors) - expected_names)
+        checks = list(names)
         bias_of = {t.bias_key: t for t in plan.targets.values() if t.bias_key}
-        worst, copied = 0.0, 0
+        figures: list[Check] = []  # the merged tensors' checks: their errors are measured
+        copied = bad_copied = 0
         for name in sorted(expected_names & set(merged.tensors)):
             got = merged.read(name)
             expected = expected_tensor(name, base, plan, bias_of)
             if expected is None:  # untouched: must be the base tensor itself
                 copied += 1
                 check = compare_exact(name, got, base.read(plan.untie.get(name, name)))
+                bad_copied += not check.passed
             else:
                 check = compare_weight(name, got, expected, merged.tensors[name].dtype)
-                worst = max(worst, check.max_abs)
+                figures.append(check)
             if not check.passed:
                 checks.append(check)
-    changed = len(plan.targets) + len(bias_of)
+    measured = [c for c in figures if c.max_abs is not None]
     summary = Check(
-        f"weights: {changed} merged tensors within one rounding, {copied} others equal to the base",
+        weights_summary(len(figures), sum(not c.passed for c in figures), copied, bad_copied, names),
         not checks,
-        max_abs=worst,
+        max_abs=max((c.max_abs for c in measured), default=None),
+        max_rel=max((c.max_rel for c in measured if c.max_rel is not None), default=None),
     )
     return [summary] + checks
+
+
+def weights_summary(merged: int, bad_merged: int, copied: int, bad_copied: int, names: list[Check]) -> str:
+    """The summary's name: what was shown when all is well, what went wrong when not
+    (`names`: the missing / extra tensor checks)."""
+    if not (bad_merged or bad_copied or names):
+        return f"weights: {merged} merged tensors within one rounding, {copied} others equal to the base"
+    parts = []
+    if bad_merged:
+        parts.append(f"{bad_merged} of {merged} merged tensors not within one rounding of W0 + dW")
+    if bad_copied:
+        parts.append(f"{bad_copied} of {copied} other tensors differ from the base")
+    parts += [c.name.removeprefix("weights: ") for c in names]
+    return f"weights: {', '.join(parts)}"
 
 
 def name_checks(what: str, names: set[str]) -> list[Check]:
     if not names:
         return []
     listed = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return [Check(f"weights: {len(names)} tensors {what}", False, max_abs=float("inf"), detail=listed)]
+    return [Check(f"weights: {len(names)} tensors {what}", FAILED, detail=listed)]
 
 
 def expected_tensor(name: str, base: Checkpoint, plan, bias_of) -> np.ndarray | None:
@@ -213,7 +336,7 @@ def expected_tensor(name: str, base: Checkpoint, plan, bias_of) -> np.ndarray | 
         w0 = base.read(name) if w0 is None else w0
         return merged_weight(plan.targets[name].module, plan.targets[name].kind, w0)
     if name in bias_of:
-        return merged_bias(bias_of[name], base.read(name))
+        return merged_bias(bias_of[name].module, base.read(name))
     if name in plan.replacements:
         return plan.replacements[name].astype(np.float32)
     return None
@@ -223,9 +346,12 @@ def compare_exact(name: str, got: np.ndarray, base: np.ndarray) -> Check:
     """Untouched tensors: bit-exact, or exactly the base converted to the output dtype."""
     want = base.astype(got.dtype, copy=False)
     if got.shape == want.shape and got.tobytes() == want.tobytes():
-        return Check(f"weights: {name}", True)
-    diff = float(np.abs(as_f64(got) - as_f64(want)).max()) if got.shape == want.shape and got.size else float("inf")
-    return Check(f"weights: {name}", False, max_abs=diff, detail="should equal the base tensor")
+        return Check(f"weights: {name}", PASSED, max_abs=0.0 if got.size else None, max_rel=0.0 if got.size else None)
+    if got.shape != want.shape:
+        shapes = f"shape {list(got.shape)} != base {list(want.shape)}"
+        return Check(f"weights: {name}", FAILED, detail=f"should equal the base tensor; {shapes}")
+    diff = float(np.abs(as_f64(got) - as_f64(want)).max()) if got.size else None
+    return Check(f"weights: {name}", FAILED, max_abs=diff, detail="should equal the base tensor")
 
 
 def as_f64(array: np.ndarray) -> np.ndarray:
@@ -245,9 +371,7 @@ def ulp(x: np.ndarray, dtype: str) -> np.ndarray:
 def compare_weight(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> Check:
     """Within one ulp of the exact float32 result (1e-6 abs + 1e-5 rel for float32)."""
     if got.shape != want.shape:
-        return Check(
-            f"weights: {name}", False, max_abs=float("inf"), detail=f"shape {list(got.shape)} != {list(want.shape)}"
-        )
+        return Check(f"weights: {name}", FAILED, detail=f"shape {list(got.shape)} != {list(want.shape)}")
     diff = np.abs(as_f64(got) - as_f64(want))
     if dtype == "F32":
         allowed = 1e-6 + 1e-5 * np.abs(as_f64(want))
@@ -257,8 +381,8 @@ def compare_weight(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> 
     return Check(
         f"weights: {name}",
         passed,
-        max_abs=float(diff.max()) if diff.size else 0.0,
-        max_rel=float((diff / np.maximum(np.abs(as_f64(want)), 1e-12)).max()) if diff.size else 0.0,
+        max_abs=float(diff.max()) if diff.size else None,
+        max_rel=float((diff / np.maximum(np.abs(as_f64(want)), 1e-12)).max()) if diff.size else None,
         detail="" if passed else f"more than one {dtype} rounding from W0 + dW",
     )
 
@@ -267,66 +391,137 @@ def compare_weight(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> 
 
 
 def check_outputs(
-    base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rtol, batch, seq, seed, task
-) -> list[Check]:
+    base_dir, adapter, merged_dir, graphs: Graphs, dtype, atol, rtol, batch, seq, seed, task, golden, allow_no_effect
+) -> tuple[list[Check], dict]:
+    """Every output check on every input set, and the adapter's effect per input set."""
     from lora_deploy.backends.torch.runner import TorchRunner
     from lora_deploy.modeling.hf import wrap_checkpoint
     from lora_deploy.modeling.samples import sample_inputs
     from lora_deploy.modeling.unmerged import attach
 
+    if merged_dir is None and not (graphs.onnx or graphs.dynamic or graphs.multi):
+        raise BadInputError("nothing to verify: give --merged, --onnx, --dynamic and/or --multi")
     tol = tolerance(dtype, atol, rtol)
     model = wrap_checkpoint(base_dir, task, "float32")
-    feed = sample_inputs(model.model.config, batch=batch, seq=seq, seed=seed)
+    config = model.model.config
+    sets = [InputSet(GENERATED, sample_inputs(config, batch=batch, seq=seq, seed=seed))]
+    if golden is not None:
+        sets.append(load_golden_inputs(golden, config))
+    feeds = [s.feed for s in sets]
     with TorchRunner(model, name="base") as runner:
-        base_out = runner.infer(feed)
+        base_outs = [runner.infer(feed) for feed in feeds]
         with attach(model.model, adapter):
-            reference = runner.infer(feed)
-    candidates = {}
+            references = [runner.infer(feed) for feed in feeds]
+    candidates: list[dict[str, dict]] = [{} for _ in sets]  # per input set: label -> outputs
     if merged_dir is not None:
         with TorchRunner(wrap_checkpoint(merged_dir, task, "float32"), name="merged") as runner:
-            candidates["merged (torch)"] = runner.infer(feed)
+            for found, feed in zip(candidates, feeds):
+                found["merged (torch)"] = runner.infer(feed)
     if graphs.onnx is not None:
-        candidates["onnx (onnxruntime)"] = run_onnx_with_polygraphy(graphs.onnx, feed)
+        for found, outputs in zip(candidates, run_onnx_with_polygraphy(graphs.onnx, feeds)):
+            found[ONNX] = outputs
+    not_computed: dict[str, None] = {}  # pack's notes: adapter modules the dynamic graph does not compute
     if graphs.dynamic is not None:
-        candidates.update(dynamic_outputs(graphs, feed))
+        for found, feed in zip(candidates, feeds):
+            found.update(dynamic_outputs(graphs, feed, lambda line: not_computed.setdefault(line)))
     multi = None
     if graphs.multi is not None:
         from lora_deploy.backends.onnxrt.sessions import MultiSession
 
         multi = MultiSession(graphs.multi)  # loaded once for the per-adapter and mixed-batch checks
-        candidates.update(multi_outputs(multi, graphs, feed))
-    if not candidates:
-        raise BadInputError("nothing to verify: give --merged, --onnx, --dynamic and/or --multi")
-    mask = feed.get("attention_mask")
+        for found, feed in zip(candidates, feeds):
+            found.update(multi_outputs(multi, graphs, feed))
+    checks, effect = [], {}
+    for inputs, base_out, reference, found in zip(sets, base_outs, references, candidates):
+        check = effect_check(base_out, reference, tol, inputs, allow_no_effect)
+        checks.append(check)
+        effect[inputs.label] = {
+            "max_abs": check.max_abs,
+            "max_rel": check.max_rel,
+            "top1_changed": None if check.top1 is None else 1.0 - check.top1,
+            "no_effect": check.detail.startswith(NO_EFFECT),
+        }
+        checks += candidate_checks(found, base_out, reference, tol, inputs)
+        if multi is not None:
+            checks += mixed_batch_checks(multi, inputs.feed, inputs.mask, tol, inputs.label)
+        if graphs.onnx is not None:
+            checks.append(polygraphy_check(reference, found[ONNX], tol, inputs.label))
+    # "skipped <module>: ..." -> a skipped check "outputs: dynamic graph, skipped <module>".
+    checks += [Check(f"outputs: dynamic graph, {n.split(':')[0]}", SKIPPED, detail=n) for n in not_computed]
+    return checks, effect
+
+
+def candidate_checks(found: dict[str, dict], base_out, reference, tol: Tolerance, inputs: InputSet) -> list[Check]:
+    """Each candidate's outputs against the reference (labels ending in "(no adapter)":
+    against the base model)."""
     checks = []
-    for label, outputs in candidates.items():
-        # Labels ending in "(no adapter)" must equal the base model, the rest base + adapter.
+    for label, outputs in found.items():
         want_all = base_out if label.endswith("(no adapter)") else reference
         against = "base" if want_all is base_out else "unmerged"
-        for result in compare(outputs, want_all, tol, mask).outputs:
-            missing = result.error is OutputMatchError
-            name = (
-                f"outputs: {label} lacks output {result.name}"
-                if missing
-                else f"outputs: {label} {result.name} vs {against}"
-            )
-            checks.append(output_check(name, result))
-    if multi is not None:
-        checks += mixed_batch_checks(multi, feed, mask, tol)
-    if graphs.onnx is not None:
-        checks.append(polygraphy_check(reference, candidates["onnx (onnxruntime)"], tol))
+        for result in compare(outputs, want_all, tol, inputs.mask).outputs:
+            what = f"lacks output {result.name}" if result.error is OutputMatchError else f"{result.name} vs {against}"
+            checks.append(output_check(f"outputs [{inputs.label}]: {label} {what}", result, inputs.label))
     return checks
 
 
+NO_EFFECT = "no effect"
+
+
+def effect_check(base_out: dict, reference: dict, tol: Tolerance, inputs: InputSet, allow_no_effect: bool) -> Check:
+    """The adapter's effect: base + adapter (the reference) against the base model, as max
+    |delta| over the outputs and the share of positions whose top-1 prediction changes.
+
+    No effect means: every output of the reference is within the comparison tolerance of
+    the base, by the very test each candidate must pass (atol + rtol * |x| elementwise and
+    the cosine bound). That is the right line because it is the checks' own resolution:
+    below it the base model itself would pass every output check as this adapter's
+    merge, so they cannot tell a correct merge from one that lost the adapter and prove
+    nothing. Exactly zero would be too strict a test for that (an adapter too small to see
+    at this tolerance, e.g. with float16 artifacts or a loose --atol, proves nothing
+    either); anything above the tolerance would flag adapters the checks do resolve.
+    """
+    delta = compare(reference, base_out, tol, inputs.mask)
+    changed = None if delta.top1 is None else 1.0 - delta.top1
+    shown = f"max |delta| {figure(delta.max_abs)} vs the base"
+    if changed is not None:
+        shown += f", top-1 changed at {100 * changed:.1f}% of positions"
+    if not delta.passed:
+        status, detail = PASSED, f"the adapter changes the outputs: {shown}"
+    else:
+        detail = (
+            f"{NO_EFFECT}: base + adapter is within the comparison tolerance of the base on the {inputs.label} "
+            f"inputs ({shown}; atol {tol.atol:g}, rtol {tol.rtol:g}), so the output checks cannot tell the "
+            "adapter from its absence"
+        )
+        if allow_no_effect:
+            status, detail = PASSED, f"{detail} (allowed by --allow-no-effect)"
+        else:
+            status, detail = FAILED, f"{detail}; pass --allow-no-effect if that is intended"
+    return Check(
+        f"effect [{inputs.label}]: base + adapter vs base",
+        status,
+        max_abs=delta.max_abs,
+        max_rel=delta.max_rel,
+        cosine=delta.cosine,
+        top1=delta.top1,
+        atol=tol.atol,
+        rtol=tol.rtol,
+        detail=detail,
+        inputs=inputs.label,
+    )
+
+
 def quiet_polygraphy():
+    """Polygraphy logs to stdout, which must hold only our output (one JSON document with
+    --json); its verdicts and figures are in our checks, so it logs nothing below CRITICAL."""
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL
     return G_LOGGER
 
 
-def run_onnx_with_polygraphy(path: Path, feed: dict) -> dict:
-    """The ONNX model in ONNX Runtime, through polygraphy's loader and runner."""
+def run_onnx_with_polygraphy(path: Path, feeds: list[dict]) -> list[dict]:
+    """The ONNX model in ONNX Runtime, through polygraphy's loader and runner, on each feed."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     from lora_deploy.backends.onnxrt.loader import SessionFromOnnx, ort_errors
@@ -335,44 +530,58 @@ def run_onnx_with_polygraphy(path: Path, feed: dict) -> dict:
     try:
         # polygraphy's runner takes any session loader: ours, so every session is made one way.
         with OnnxrtRunner(SessionFromOnnx(path)) as runner:
-            return {k: v for k, v in runner.infer(feed).items()}
+            return [dict(runner.infer(feed).items()) for feed in feeds]
     except ort_errors() as exc:
         raise BadInputError(
             f"{path}: ONNX Runtime cannot run it on the sample inputs ({str(exc).splitlines()[0]})"
         ) from None
 
 
-def polygraphy_check(reference: dict, outputs: dict, tol: Tolerance) -> Check:
-    """A second opinion from polygraphy's comparator (elementwise, every position).
+def polygraphy_check(reference: dict, outputs: dict, tol: Tolerance, inputs: str = GENERATED) -> Check:
+    """A second opinion from polygraphy's comparator, with polygraphy's own figures.
 
-    Polygraphy decides pass/fail; the figures are ours, from the same arrays at every
-    position (polygraphy's result does not expose them)."""
+    Polygraphy compares elementwise at every position (padding included, which our checks
+    leave out) and passes an element within atol OR within rtol of the reference (ours
+    needs atol + rtol * |expected|). The ONNX outputs go first and the reference second,
+    so polygraphy's relative difference is relative to the reference, as ours is (it
+    nudges zeros by 2.2e-16 where we floor at 1e-6). Figures: the largest of polygraphy's
+    max absolute and relative differences over the outputs it compared; it measures no
+    cosine or top-1, so those are None.
+    """
     from polygraphy.comparator import SimpleCompareFunc
+    from polygraphy.comparator.compare import OutputCompareResult
     from polygraphy.comparator.struct import IterationResult
 
     quiet_polygraphy()
-    judge = SimpleCompareFunc(atol=tol.atol, rtol=tol.rtol)
+    judge = SimpleCompareFunc(check_error_stat="elemwise", atol=tol.atol, rtol=tol.rtol)
     result = judge(
-        IterationResult(dict(reference), runner_name="unmerged"),
         IterationResult({k: outputs[k] for k in reference if k in outputs}, runner_name="onnx"),
+        IterationResult(dict(reference), runner_name="unmerged"),
     )
-    passed = bool(result) and all(bool(r) for r in result.values())
-    ours = compare(outputs, reference, tol)
+    measured = [r for r in result.values() if isinstance(r, OutputCompareResult)]
+    problems = [
+        f"{name}: {'beyond tolerance' if isinstance(r, OutputCompareResult) else 'not compared (shape)'}"
+        for name, r in result.items()
+        if not r
+    ]
+    problems += [f"{name}: missing" for name in reference if name not in outputs]
+    passed = bool(result) and not problems
     return Check(
-        "outputs: polygraphy comparator, onnx vs unmerged",
-        passed,
-        max_abs=ours.max_abs,
-        max_rel=ours.max_rel,
-        cosine=ours.cosine,
-        top1=ours.top1,
+        f"outputs [{inputs}]: polygraphy comparator, onnx vs unmerged",
+        outcome(passed),
+        max_abs=max((r.max_absdiff for r in measured if r.max_absdiff is not None), default=None),
+        max_rel=max((r.max_reldiff for r in measured if r.max_reldiff is not None), default=None),
         atol=tol.atol,
         rtol=tol.rtol,
-        detail="" if passed else "polygraphy found outputs beyond tolerance",
+        detail="" if passed else f"polygraphy: {'; '.join(problems) or 'no output compared'}",
+        inputs=inputs,
     )
 
 
-def dynamic_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
-    """The dynamic graph with the adapter active, and with none (must be the base)."""
+def dynamic_outputs(graphs: Graphs, feed: dict, note=None) -> dict[str, dict]:
+    """The dynamic graph with the adapter active, and with none (must be the base).
+
+    Packed here, modules the graph does not compute are left out and reported to `note`."""
     import tempfile
 
     from lora_deploy.backends.onnxrt.lora_format import pack_adapter
@@ -382,7 +591,9 @@ def dynamic_outputs(graphs: Graphs, feed: dict) -> dict[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         packed = graphs.packed
         if packed is None:
-            packed = pack_adapter(graphs.adapter_dir, Path(tmp) / "adapter.onnx_adapter", onnx_path=graphs.dynamic)
+            packed = pack_adapter(
+                graphs.adapter_dir, Path(tmp) / "adapter.onnx_adapter", onnx_path=graphs.dynamic, note=note
+            )
         session.load_adapter("adapter", packed)
         return {
             "dynamic (adapter active)": session.run(feed, adapter="adapter"),
@@ -408,7 +619,7 @@ def multi_id(session, graphs: Graphs) -> int:
     return matches[0]
 
 
-def mixed_batch_checks(session, feed: dict, mask, tol) -> list[Check]:
+def mixed_batch_checks(session, feed: dict, mask, tol, inputs: str = GENERATED) -> list[Check]:
     """Every row of a batch mixing all adapters (and the base) equals that row run alone."""
     rows = len(next(iter(feed.values())))
     choices = list(range(len(session.adapters))) + [-1]
@@ -423,25 +634,26 @@ def mixed_batch_checks(session, feed: dict, mask, tol) -> list[Check]:
             row_mask = None if mask is None else mask[row : row + 1]
             checks.append(
                 compare_outputs(
-                    f"outputs: multi mixed batch row {row} (id {adapter_id}) {name} vs same id alone",
+                    f"outputs [{inputs}]: multi mixed batch row {row} (id {adapter_id}) {name} vs same id alone",
                     mixed[name][row : row + 1],
                     want[row : row + 1],
                     row_mask,
                     same_graph,
+                    inputs,
                 )
             )
     return checks
 
 
-def compare_outputs(label: str, got, want, mask, tol: Tolerance) -> Check:
+def compare_outputs(label: str, got, want, mask, tol: Tolerance, inputs: str | None = None) -> Check:
     """One output against its reference, as a check."""
-    return output_check(label, compare_array(label, got, want, tol, mask))
+    return output_check(label, compare_array(label, got, want, tol, mask), inputs)
 
 
-def output_check(label: str, result: Comparison) -> Check:
+def output_check(label: str, result: Comparison, inputs: str | None = None) -> Check:
     return Check(
         label,
-        result.passed,
+        outcome(result.passed),
         max_abs=result.max_abs,
         max_rel=result.max_rel,
         cosine=result.cosine,
@@ -449,4 +661,5 @@ def output_check(label: str, result: Comparison) -> Check:
         atol=result.tol.atol,
         rtol=result.tol.rtol,
         detail=result.reason,
+        inputs=inputs,
     )

@@ -246,6 +246,38 @@ def test_regression_gate_against_baseline(pair, tmp_path, monkeypatch):
     assert {g["gate"] for g in gates} == {"regression"} and not any(g["passed"] for g in gates)
 
 
+def bench_cli(pair, tmp_path, *extra):
+    from click.testing import CliRunner
+
+    from lora_deploy.cli import main
+
+    args = ["bench", "--model", f"base={pair['base']}", "--model", f"merged={pair['merged']}", "--shapes", "1x4"]
+    args += ["--rounds", "30", "--warmup", "0", "--quiet", *extra]
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_exit_codes_of_the_gates(pair, tmp_path, monkeypatch):
+    """README: exit 1 when a latency gate fails, 0 when it passes; the report is written
+    either way."""
+    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.10}))
+    result = bench_cli(pair, tmp_path, "--max-overhead", "2%", "--json", tmp_path / "fail.json")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: 1 latency gate(s) failed: 1x4/merged") and result.stderr.count("\n") == 1
+    assert [g["passed"] for g in load_report(tmp_path / "fail.json")["gates"]] == [False]
+
+    result = bench_cli(pair, tmp_path, "--max-overhead", "20%", "--json", tmp_path / "pass.json")
+    assert result.exit_code == 0, result.output
+    assert [g["passed"] for g in load_report(tmp_path / "pass.json")["gates"]] == [True]
+
+
+def test_cli_exit_code_of_a_model_that_cannot_be_benched(pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "measure_interleaved", synthetic({}))  # would KeyError if reached
+    missing = tmp_path / "missing.onnx"
+    result = bench_cli({"base": pair["base"], "merged": missing}, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and str(missing) in result.stderr and result.stderr.count("\n") == 1
+
+
 # ---------------------------------------------------------------- bad input
 
 

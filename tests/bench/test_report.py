@@ -178,10 +178,13 @@ def test_json_round_trip(report, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temp file left
 
 
-def test_write_json_replaces_existing_file(report, tmp_path):
+def test_write_json_replaces_existing_file_only_with_overwrite(report, tmp_path):
     path = tmp_path / "bench.json"
     path.write_text("old")
-    write_json(report, path)
+    with pytest.raises(BadInputError, match="exists; pass --overwrite"):
+        write_json(report, path)
+    assert path.read_text() == "old"
+    write_json(report, path, overwrite=True)
     assert json.loads(path.read_text())["schema"] == SCHEMA
 
 
@@ -250,20 +253,47 @@ def test_markdown_has_every_shape_and_variant(report):
     assert "Synthetic CPU" in md
 
 
-def test_plot_writes_a_png(report, tmp_path):
+def decoded_png(path) -> np.ndarray:
+    """The image, decoded by matplotlib (RGB(A) floats), after checking the PNG signature
+    and that the header's size is the decoded size."""
+    import struct
+
     from matplotlib.image import imread
 
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    image = imread(path)
+    assert image.shape[:2] == (height, width)
+    return image
+
+
+def bar_colours(image: np.ndarray) -> int:
+    """How many distinct saturated colours each cover at least 1% of the image: the bars of
+    the variants (text, axes and error bars are black, grey or white; edges and overlaps
+    give a few hundred pixels of other shades)."""
+    rgb = np.round(image[..., :3] * 255).astype(int).reshape(-1, 3)
+    saturated = rgb[rgb.max(axis=1) - rgb.min(axis=1) > 60]
+    _, counts = np.unique(saturated, axis=0, return_counts=True)
+    return int((counts >= 0.01 * len(rgb)).sum())
+
+
+def test_plot_writes_a_png(report, tmp_path):
     path = plot(report, tmp_path / "plots" / "bench.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    height, width, _ = imread(path).shape
-    assert width > 300 and height > 200
+    image = decoded_png(path)
+    # 4.5 in tall and 1 in + 0.6 in per bar wide (3 shapes x 3 variants), at 120 dpi
+    assert image.shape[:2] == (540, 768)
+    assert np.ptp(image[..., :3]) > 0.5  # not a blank canvas
+    assert bar_colours(image) == 3  # one colour per variant, each drawn
     assert [p.name for p in path.parent.iterdir()] == ["bench.png"]
 
 
 def test_plot_handles_wide_ranges_and_missing_variants(tmp_path):
     results = {(1, 1): {"base": [1e-4, 1.1e-4]}, (64, 512): {"base": [0.5, 0.6], "merged": [0.5, 0.61]}}
     rep = build_report(results, backend="onnxruntime", device="cpu", reference="base", resamples=200, machine=MACHINE)
-    assert plot(rep, tmp_path / "b.png").stat().st_size > 0
+    image = decoded_png(plot(rep, tmp_path / "b.png"))
+    assert image.shape[:2] == (540, 720)  # never narrower than 6 in
+    assert bar_colours(image) == 2  # "merged" drawn where it was measured, though missing at 1x1
 
 
 # ---------------------------------------------------------------- parse_shapes

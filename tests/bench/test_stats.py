@@ -295,13 +295,63 @@ positive_times = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
-@given(values=positive_times, seed=st.integers(0, 2**32 - 1), confidence=st.floats(0.5, 0.99))
-def test_ci_brackets_the_median(values, seed, confidence):
-    median, low, high = bootstrap_median_ci(values, confidence=confidence, resamples=500, seed=seed)
-    assert low <= median <= high
-    assert min(values) <= low and high <= max(values)
-    assert median == pytest.approx(float(np.median(values)))
+def exact_bootstrap_cdf(n: int) -> np.ndarray:
+    """P(median of a resample <= the j-th smallest value), j = 0..n-1, for n distinct
+    values (n odd): the exact bootstrap distribution of the median, no resampling.
+
+    A resample's median is the k-th smallest of n draws, k = (n + 1) / 2, so it is at most
+    the j-th order statistic exactly when at least k draws land at or below it:
+    P(Binomial(n, (j + 1) / n) >= k).
+    """
+    k = (n + 1) // 2
+    cdf = []
+    for j in range(n):
+        p = (j + 1) / n
+        cdf.append(sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+    return np.array(cdf)
+
+
+def percentile_bracket(ordered: np.ndarray, cdf: np.ndarray, q: float, resamples: int) -> tuple[float, float]:
+    """Where a q-percentile of `resamples` bootstrap medians can fall: the exact quantile's
+    order statistic, widened to a neighbour only where the exact CDF passes within four
+    Monte Carlo standard errors of q (there, resampling may pick either)."""
+    slack = 4 * math.sqrt(q * (1 - q) / resamples)
+    candidates = [j for j in range(len(cdf)) if cdf[j] >= q - slack and (j == 0 or cdf[j - 1] <= q + slack)]
+    return float(ordered[min(candidates)]), float(ordered[max(candidates)])
+
+
+@pytest.mark.parametrize(
+    "n,confidence,seed", [(21, 0.95, 0), (21, 0.8, 1), (51, 0.9, 2), (51, 0.99, 3), (101, 0.95, 4)]
+)
+def test_ci_is_the_percentile_interval_of_the_exact_bootstrap(n, confidence, seed):
+    """Against the exact bootstrap distribution of the median (binomial, computed above),
+    not against a resampling of our own: the ends are its percentiles."""
+    values = lognormal_run(1.0, 0.3, n, seed)
+    ordered, cdf = np.sort(values), exact_bootstrap_cdf(n)
+    median, low, high = bootstrap_median_ci(values, confidence=confidence, resamples=10_000, seed=seed)
+    assert median == float(np.median(values))
+    tail = (1 - confidence) / 2
+    low_from, low_to = percentile_bracket(ordered, cdf, tail, 10_000)
+    high_from, high_to = percentile_bracket(ordered, cdf, 1 - tail, 10_000)
+    assert low_from <= low <= low_to, (low, low_from, low_to)
+    assert high_from <= high <= high_to, (high, high_from, high_to)
+    assert low < median < high
+
+
+@pytest.mark.parametrize("confidence", [0.8, 0.95])
+def test_ci_covers_the_true_median_at_the_nominal_rate(confidence):
+    """Repeated sampling from a known distribution (lognormal: true median exactly 1):
+    the share of intervals holding the true median is the nominal confidence, within three
+    binomial standard errors plus 0.02 for the percentile bootstrap's small-sample bias."""
+    trials, n = 400, 41
+    rng = np.random.default_rng(12345)
+    hits = 0
+    for trial in range(trials):
+        values = rng.lognormal(0.0, 0.5, n)
+        _, low, high = bootstrap_median_ci(values, confidence=confidence, resamples=400, seed=trial)
+        hits += low <= 1.0 <= high
+    allowed = 3 * math.sqrt(confidence * (1 - confidence) / trials) + 0.02
+    assert abs(hits / trials - confidence) <= allowed, hits / trials
 
 
 @settings(max_examples=60, deadline=None)

@@ -97,6 +97,8 @@ def test_pack_refuses_adapter_for_another_base(graphs, reference, tmp_path):
     out = tmp_path / "x.onnx_adapter"
     result = cli("pack", gpt2_adapter, "-o", out, "--onnx", work / "dynamic.onnx")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {gpt2_adapter}: module transformer.h.0.attn.c_attn has no LoRA input")
+    assert "adapter for another base" in result.stderr
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -105,7 +107,12 @@ def test_dynamic_export_refuses_dora_and_bad_flags(reference, tmp_path):
     out = tmp_path / "d.onnx"
     result = cli("export", "onnx", base, "-o", out, "--dynamic-adapters", "--adapter", dora)
     assert result.exit_code == 2 and "additive low-rank" in result.stderr
-    assert cli("export", "onnx", base, "-o", out, "--dynamic-adapters").exit_code == 2
-    assert cli("export", "onnx", base, "-o", out, "--multi-adapter").exit_code == 2
-    assert cli("export", "onnx", base, "-o", out, "--targets", "q_proj").exit_code == 2
+    for flags, message in [
+        (["--dynamic-adapters"], "error: --dynamic-adapters needs --adapter ADAPTER or --targets"),
+        (["--multi-adapter"], "error: --multi-adapter needs at least one --adapter"),
+        (["--targets", "q_proj"], "error: --adapter and --targets need --dynamic-adapters or --multi-adapter"),
+    ]:
+        result = cli("export", "onnx", base, "-o", out, *flags)
+        assert result.exit_code == 2 and result.stderr.startswith(message), (flags, result.stderr)
+        assert result.stderr.count("\n") == 1
     assert not list(tmp_path.iterdir())

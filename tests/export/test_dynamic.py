@@ -297,7 +297,8 @@ def load_lora(adapter_dir, module: str) -> dict[str, np.ndarray]:
 
 def test_explicit_targets_match_like_peft(llama):
     model = load(llama["cls"], llama["base"])
-    slots = resolve_slots(model, [], ["q_proj", "down_proj"])
+    slots, skipped = resolve_slots(model, [], ["q_proj", "down_proj"])
+    assert skipped == []
     assert sorted(slots) == [f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp.down_proj", "self_attn.q_proj")]
     assert slots["model.layers.1.mlp.down_proj"].in_features == 128
     with pytest.raises(AdapterError, match="additive low-rank"):

@@ -192,7 +192,14 @@ def test_float16_export(checkpoints, tmp_path):
     got = session.run(["logits"], feed)[0]
     assert got.dtype == np.float16
     want = _reference(checkpoints["gpt2"], "AutoModelForCausalLM", "logits", feed)  # float32 reference
-    np.testing.assert_allclose(got.astype(np.float32), want, atol=1e-2, rtol=1e-2)
+    # What float16 costs, measured by an oracle: PyTorch running the same model in float16
+    # (3e-4 here, about one float16 ulp of these logits). The graph may lose as much, twice
+    # over for other kernels and summation orders; not the 1e-2 + 1e-2|x| once allowed (57x).
+    half = _reference(checkpoints["gpt2"], "AutoModelForCausalLM", "logits", feed, dtype=torch.float16)
+    budget = np.abs(half - want).max()
+    assert 0 < budget < 1e-3
+    error = np.abs(got.astype(np.float32) - want)
+    assert 0 < error.max() <= 2 * budget, (error.max(), budget)
 
 
 # ----------------------------------------------------- any nn.Module ----
@@ -263,7 +270,7 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
     target = tmp_path / "c.onnx"
     target.write_bytes(b"previous export")
     with pytest.raises(ExportError, match="forced failure"):
-        export_module(Controller().eval(), {"obs": torch.randn(2, 6)}, target, output_names=["action"])
+        export_module(Controller().eval(), {"obs": torch.randn(2, 6)}, target, output_names=["action"], overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx"]  # no temp dir, no data file
     assert target.read_bytes() == b"previous export"
 

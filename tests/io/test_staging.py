@@ -65,7 +65,7 @@ def old_output(tmp_path) -> Path:
 
 
 def write_new_output(target: Path) -> None:
-    with staging_dir(target) as tmp:
+    with staging_dir(target, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
 
 
@@ -134,7 +134,7 @@ def test_live_staging_directories_are_kept(tmp_path):
 
 def test_a_live_run_is_not_disturbed_by_a_second(tmp_path):
     target = tmp_path / "out"
-    with staging_dir(target) as first:
+    with staging_dir(target, overwrite=True) as first:  # without overwrite, see tests/io/test_output_policy.py
         (first / "a").write_text("first")
         with staging_dir(tmp_path / "out") as second:  # its start-up cleans dead siblings
             assert first.exists()
@@ -147,7 +147,7 @@ def test_a_live_run_is_not_disturbed_by_a_second(tmp_path):
 def test_error_removes_staging_and_keeps_the_old_output(old_output):
     target = old_output
     with pytest.raises(RuntimeError):
-        with staging_dir(target) as tmp:
+        with staging_dir(target, overwrite=True) as tmp:
             (tmp / "new").write_text("half")
             raise RuntimeError("disk on fire")
     assert (target / "old").read_text() == "old" and not (target / "new").exists()
@@ -215,6 +215,38 @@ def test_a_signal_during_the_swap_waits_for_it(old_output, monkeypatch):
     assert not hidden_siblings(target)
 
 
+class Terminated(Exception):
+    """What the CLI's SIGTERM handler raises (lora_deploy.cli.Terminated), stood in for here."""
+
+
+def test_sigterm_during_the_swap_waits_for_it(old_output, monkeypatch):
+    """A cancelled CI job's SIGTERM must be held back like Ctrl-C: delivered between the two
+    renames it would leave neither the old output nor the new one in place."""
+    target = old_output
+    real = os.replace
+    delivered = []
+
+    def terminate(signum, frame):
+        delivered.append(Path(target / "new").exists())
+        raise Terminated
+
+    def terminated_replace(src, dst):
+        real(src, dst)
+        if Path(dst).name.startswith(".out.old-"):  # old output swapped out, new not yet in
+            signal.raise_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        monkeypatch.setattr(staging.os, "replace", terminated_replace)
+        with pytest.raises(Terminated):
+            write_new_output(target)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert delivered == [True]  # delivered once, after the new output was in place
+    assert (target / "new").read_text() == "new" and not (target / "old").exists()
+    assert not hidden_siblings(target)
+
+
 def test_a_failed_swap_keeps_the_old_output_and_says_so(old_output, monkeypatch):
     target = old_output
     real = os.replace
@@ -263,7 +295,7 @@ SLOW_FILE_WRITE = textwrap.dedent("""
         f.flush()
         print("writing", flush=True)
         time.sleep(60)
-    write_file_atomic(sys.argv[1], write)
+    write_file_atomic(sys.argv[1], write, overwrite=True)
 """)
 
 
@@ -287,13 +319,13 @@ def test_a_killed_file_write_is_cleaned_up_by_the_next(old_file):
     [leftover] = hidden_siblings(old_file)
     assert (leftover / old_file.name).read_bytes() == b"half"
     assert old_file.read_text() == "old"
-    write_file_atomic(old_file, lambda f: f.write(b"new"))
+    write_file_atomic(old_file, lambda f: f.write(b"new"), overwrite=True)
     assert old_file.read_text() == "new" and not hidden_siblings(old_file)
 
 
 def test_a_live_file_write_is_not_disturbed(old_file):
-    with staging_dir(old_file, rename=False) as live:  # as another run's write in progress
-        write_file_atomic(old_file, lambda f: f.write(b"new"))
+    with staging_dir(old_file, rename=False, overwrite=True) as live:  # as another run's write in progress
+        write_file_atomic(old_file, lambda f: f.write(b"new"), overwrite=True)
         assert live.exists()
     assert old_file.read_text() == "new" and not hidden_siblings(old_file)
 
@@ -305,7 +337,7 @@ def test_a_failed_file_write_leaves_the_old_file_and_nothing_else(old_file, erro
         raise error
 
     with pytest.raises(type(error)):
-        write_file_atomic(old_file, fail)
+        write_file_atomic(old_file, fail, overwrite=True)
     assert old_file.read_text() == "old" and not hidden_siblings(old_file)
 
 
@@ -325,7 +357,7 @@ def test_disk_full_is_an_output_error_naming_the_target(old_file):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OutputError, match="No space left") as info:
-        write_file_atomic(old_file, disk_full)
+        write_file_atomic(old_file, disk_full, overwrite=True)
     assert not isinstance(info.value, BadInputError) and info.value.exit_code == 3
     assert str(info.value).startswith(f"{old_file}: ")  # not the hidden staging path
     assert old_file.read_text() == "old" and not hidden_siblings(old_file)
@@ -350,12 +382,12 @@ def test_a_path_writer_that_writes_nothing_is_a_bug(tmp_path):
 
 
 def test_a_path_writer_output_is_renamed_into_place(old_file):
-    assert write_path_atomic(old_file, lambda staged: staged.write_text("new")) == old_file
+    assert write_path_atomic(old_file, lambda staged: staged.write_text("new"), overwrite=True) == old_file
     assert old_file.read_text() == "new" and not hidden_siblings(old_file)
 
 
 def test_durable_writes_land_whole(old_file):
-    write_file_atomic(old_file, lambda f: f.write(b"new"), durable=True)
+    write_file_atomic(old_file, lambda f: f.write(b"new"), durable=True, overwrite=True)
     assert old_file.read_text() == "new" and not hidden_siblings(old_file)
 
 

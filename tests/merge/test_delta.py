@@ -145,3 +145,69 @@ def test_many_block_merge_rounds_once(dtype, monkeypatch):
     assert rounded.dtype == dtype
     # one rounding of the float32 result, by numpy's own cast
     assert np.array_equal(rounded.view(np.uint8), float32.astype(dtype).view(np.uint8))
+
+
+def ulps(x: np.ndarray, dtype) -> np.ndarray:
+    """The spacing of `dtype` at |x| (float64), from numpy's own nextafter in that dtype."""
+    x = np.abs(x).astype(dtype)
+    return np.nextafter(x, np.asarray(np.inf, dtype)).astype(np.float64) - x.astype(np.float64)
+
+
+def layer_factors(kind: str, rows: int, cols: int, r: int, seed: int):
+    """(A, B, left, right) of a LoRA on a `kind` weight with `rows` rows: left @ right is
+    B A as a [rows, -1] matrix (conv: `cols` input channels, 3x3 kernels)."""
+    if kind == "linear":
+        a, b = rand(r, cols, seed=seed), rand(rows, r, seed=seed + 1)
+        return a, b, b, a
+    if kind == "conv":
+        a, b = rand(r, cols, 3, 3, seed=seed), rand(rows, r, 1, 1, seed=seed + 1)
+        return a, b, b.reshape(rows, r), a.reshape(r, -1)
+    # transposed (GPT-2 Conv1D, [in, out]) and embedding ([vocab, dim]): B A transposed
+    a, b = rand(r, rows, seed=seed), rand(cols, r, seed=seed + 1)
+    return a, b, a.T, b.T
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    data=st.data(),
+    kind=st.sampled_from(["linear", "transposed", "embedding", "conv"]),
+    rows=st.integers(2, 40),
+    cols=st.integers(1, 12),
+    r=ranks,
+    s=scales,
+    dtype=st.sampled_from([np.float32, np.float16, ml_dtypes.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_blocked_merge_matches_a_float64_reference(data, kind, rows, cols, r, s, dtype, seed):
+    """Blocks of rows smaller than the weight, so the merge takes its multi-block path (on
+    the pool's threads), uneven last block included; the real BLOCK_ELEMENTS (256K) is never
+    reached by the small shapes of the other property tests."""
+    import unittest.mock
+
+    import lora_deploy.merge.delta as delta
+
+    a, b, left, right = layer_factors(kind, rows, cols, r, seed)
+    shape = (rows, cols, 3, 3) if kind == "conv" else (rows, cols)
+    w0 = rand(*shape, seed=seed + 2).astype(dtype)
+    w0_64 = w0.astype(np.float64).reshape(rows, -1)
+    exact = w0_64 + s * (left.astype(np.float64) @ right.astype(np.float64))
+    block = data.draw(st.integers(1, right.shape[1] * (rows - 1)), label="BLOCK_ELEMENTS")
+    real_for_each_block, blocks_run = delta.for_each_block, []
+
+    def counting(work, starts):
+        blocks_run.append(len(starts))
+        return real_for_each_block(work, starts)
+
+    with (
+        unittest.mock.patch.object(delta, "BLOCK_ELEMENTS", block),
+        unittest.mock.patch.object(delta, "for_each_block", counting),
+        unittest.mock.patch("lora_deploy.merge.blocks.worker_count", lambda: 4),
+    ):
+        got = merged_weight(module(a, b, s), kind, w0, dtype)
+    assert blocks_run and blocks_run[0] >= 2  # the multi-block path ran
+    assert got.dtype == dtype and got.shape == w0.shape
+    # float32 arithmetic (bounded as above), then one rounding to dtype: within one ulp of it
+    allowed = rounding_bound(w0_64.astype(np.float32), right, left, s)
+    if dtype is not np.float32:
+        allowed = allowed + ulps(exact, dtype)
+    assert np.all(np.abs(got.astype(np.float64).reshape(rows, -1) - exact) <= allowed)

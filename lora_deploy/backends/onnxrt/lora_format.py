@@ -15,8 +15,10 @@ used when packing, loading into a session, and benchmarking.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +28,18 @@ from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.adapter.variants import refuse_non_additive
 from lora_deploy.dtypes import BY_ONNX, BY_ORT
 from lora_deploy.dtypes import dtype as dtype_row
-from lora_deploy.errors import AdapterError, BadInputError, NonFiniteError
-from lora_deploy.io.staging import write_path_atomic
+from lora_deploy.errors import AdapterError, BadInputError, NonFiniteError, OutputError
+from lora_deploy.io.staging import check_output, write_path_atomic
 from lora_deploy.merge.delta import f32
 from lora_deploy.modeling.unmerged import choose_prefix
+from lora_deploy.options import PACK_DTYPES  # the dtypes A and B may be packed in (pack --dtype)
 from lora_deploy.util import first_line
 
+# The adapter-graph exporters' metadata_props key.
+METADATA_KEY = "lora_deploy"
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
 BIAS_SUFFIX = ".lora_B.bias"
-PACK_DTYPES = ("float32", "float16")
 
 # (shape, dtype name) per parameter or graph input; a graph's dims may be symbolic (str).
 Shapes = Mapping[str, tuple[list, str]]
@@ -70,10 +74,16 @@ def adapter_parameters(adapter: Adapter, dtype=np.float32) -> dict[str, np.ndarr
 
 @dataclass
 class GraphInputs:
-    """Overridable inputs of a saved graph: name -> (dims, dtype name)."""
+    """Overridable inputs of a saved graph: name -> (dims, dtype name).
+
+    `uncomputed`: modules of the exported model that the graph's outputs do not depend
+    on (e.g. BertModel's pooler in a feature-extraction graph), from the exporter's
+    metadata; an adapter's LoRA there is skipped, not refused.
+    """
 
     path: Path
     overridable: dict[str, tuple[list, str]]
+    uncomputed: tuple[str, ...] = ()
 
 
 def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
@@ -95,7 +105,27 @@ def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
             dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
             row = BY_ONNX.get(tensor.elem_type)
             overridable[value.name] = (dims, row.name if row else str(tensor.elem_type))
-    return GraphInputs(onnx_path, overridable)
+    return GraphInputs(onnx_path, overridable, graph_uncomputed(proto))
+
+
+def graph_uncomputed(proto) -> tuple[str, ...]:
+    """The exporter's list of modules the graph does not compute; () for other graphs."""
+    text = next((e.value for e in proto.metadata_props if e.key == METADATA_KEY), None)
+    return tuple(graph_metadata(text).get("uncomputed", ()))
+
+
+def graph_metadata(text: str | None) -> dict:
+    """What an adapter-graph exporter wrote under METADATA_KEY ({} when absent or unreadable)."""
+    try:
+        info = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    if not isinstance(info.get("uncomputed", []), list):
+        info["uncomputed"] = []
+    info["uncomputed"] = [str(m) for m in info.get("uncomputed", [])]
+    return info
 
 
 def session_inputs(session) -> dict[str, tuple[list, str]]:
@@ -158,57 +188,113 @@ def pack_adapter(
     *,
     onnx_path: str | os.PathLike | None = None,
     dtype: str = "float32",
+    overwrite: bool = False,
+    note: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a PEFT adapter as an ONNX Runtime adapter file (.onnx_adapter).
 
     Layers the adapter does not target are absent and keep their rank-0 defaults. With
     `onnx_path`, every name must be an overridable input of that graph and fit its shape
     and dtype; adapter module paths are renamed to the graph's (one leading component
-    added or stripped) when needed.
+    added or stripped) when needed. Modules of the model that the graph does not compute
+    (BertModel's pooler in a feature-extraction graph) are left out, each reported by one
+    line to `note`. An existing file is replaced only with
+    overwrite=True, and never an input (lora_deploy.io.staging.check_output).
     """
     import onnxruntime as ort
 
     path = Path(path)
     row = dtype_row(dtype, PACK_DTYPES)
-    check_output_file(path)
+    inputs = [adapter_dir, onnx_path]
+    check_output_file(path, inputs, overwrite)
     adapter = load_adapter(adapter_dir)
     refuse_non_additive(adapter)
     params = adapter_parameters(adapter, row.numpy)
     if onnx_path is not None:
-        params = fit_to_graph(params, adapter, read_graph_inputs(onnx_path), dtype)
+        params = fit_to_graph(params, adapter, read_graph_inputs(onnx_path), dtype, note)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
     fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in params.items()})
-    return write_path_atomic(path, lambda tmp: fmt.export_adapter(str(tmp)))
+    return write_path_atomic(path, lambda tmp: export_adapter_file(fmt, tmp), overwrite=overwrite, inputs=inputs)
 
 
-def check_output_file(path: Path) -> None:
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory; give a file path")
+def export_adapter_file(fmt, path: Path) -> None:
+    """fmt.export_adapter(path); a failed write (a full disk) is an OutputError naming the
+    file. ONNX Runtime reports it as a RuntimeError quoting its C++ source, not an OSError."""
+    try:
+        fmt.export_adapter(str(path))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    except Exception as exc:  # onnxruntime's pybind11 error types
+        text = str(exc)
+        written = re.search(r"failed to write\W*(\d+) bytes", text, re.IGNORECASE)
+        if written is None and "open" not in text.lower():
+            raise  # not a write failure: a bug, reported as one
+        raise OutputError(f"{path}: cannot write ({write_failure(path, written)})") from None
+
+
+def write_failure(path: Path, written: re.Match | None) -> str:
+    """Why ONNX Runtime could not write `path`, in words: a full disk where it is."""
+    try:
+        stats = os.statvfs(path.parent)
+        full = stats.f_bavail * stats.f_frsize < (int(written.group(1)) if written else 1)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on this platform
+        full = False
+    if full:
+        return "No space left on device"
+    return f"ONNX Runtime failed to write {written.group(1)} bytes" if written else "ONNX Runtime cannot open it"
+
+
+def check_output_file(path: Path, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False) -> None:
+    """The output policy (check_output), and a parent directory that exists."""
+    check_output(path, inputs, overwrite)
     if not path.parent.is_dir():
         raise BadInputError(f"{path.parent}: directory does not exist")
 
 
 def fit_to_graph(
-    params: dict[str, np.ndarray], adapter: Adapter, graph: GraphInputs, dtype: str
+    params: dict[str, np.ndarray],
+    adapter: Adapter,
+    graph: GraphInputs,
+    dtype: str,
+    note: Callable[[str], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Rename parameters to the graph's module paths and check shapes and dtype."""
+    """Rename parameters to the graph's module paths and check shapes and dtype.
+
+    A module with no LoRA input that the exported model has but the graph does not
+    compute (graph.uncomputed) is dropped and reported to `note`; any other module
+    without a LoRA input is an error.
+    """
     modules = {split_lora_name(n)[0]: None for n in graph.overridable if n.endswith(A_SUFFIX)}
     if not modules:
         raise AdapterError(f"{graph.path}: the graph has no LoRA inputs (export it with export_dynamic)")
+    idle = {m: None for m in graph.uncomputed if m not in modules}
+    known = {**modules, **idle}
     try:
-        rename = choose_prefix(list(adapter.modules), modules)
+        rename = choose_prefix(list(adapter.modules), known)
     except AdapterError:
-        missing = first_unplaced(list(adapter.modules), modules)
+        missing = first_unplaced(list(adapter.modules), known)
         raise AdapterError(
             f"{adapter.path}: module {missing} has no LoRA input in {graph.path.name} "
             "(adapter for another base, or a layer the graph was not exported to target)"
         ) from None
-    out = {}
+    out: dict[str, np.ndarray] = {}
+    skipped: dict[str, None] = {}  # adapter module names, in order
     for name, array in params.items():
         module, suffix = split_lora_name(name)
+        if rename(module) in idle:
+            skipped[module] = None
+            continue
         out[rename(module) + suffix] = array
+    if not out:
+        raise AdapterError(
+            f"{adapter.path}: every module of the adapter is one {graph.path.name} does not compute "
+            f"({', '.join(skipped)}): it would change nothing"
+        )
+    for module in skipped:
+        if note is not None:
+            note(f"skipped {module}: {graph.path.name} does not compute it, so its LoRA changes no output")
     shapes = {n: (list(a.shape), dtype) for n, a in out.items()}
     check_parameters(shapes, graph.overridable, adapter.path, graph.path.name)
     return out

@@ -10,19 +10,23 @@ the runner contract and sessions come from the one loader.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from lora_deploy.backends.onnxrt.loader import CPU, SessionFromOnnx
-from lora_deploy.backends.onnxrt.lora_format import check_parameters, read_adapter_file, session_inputs
+from lora_deploy.backends.onnxrt.lora_format import (
+    METADATA_KEY,
+    check_parameters,
+    graph_metadata,
+    read_adapter_file,
+    session_inputs,
+    split_lora_name,
+)
 from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
-from lora_deploy.errors import BadInputError
+from lora_deploy.errors import AdapterError, BadInputError
 
-# Written by the adapter-graph exporters into the model's metadata_props.
-METADATA_KEY = "lora_deploy"
 IDS_INPUT = "adapter_ids"
 BASE_ID = -1
 
@@ -46,8 +50,18 @@ class DynamicSession(OnnxrtRunner):
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Load a packed adapter (once, memory-mapped) under `name`, after checking it fits the graph."""
         shapes, adapter = read_adapter_file(path)
+        idle = sorted({split_lora_name(n)[0] for n in shapes if n not in self.overridable} & set(self.uncomputed()))
+        if idle:
+            raise AdapterError(
+                f"{path}: carries LoRA for {idle[0]}, which {self.path.name} does not compute; "
+                f"pack it with --onnx {self.path.name} to leave such modules out"
+            )
         check_parameters(shapes, self.overridable, path, self.path.name)
         self.adapters[name] = adapter
+
+    def uncomputed(self) -> list[str]:
+        """Modules the exporter found the graph's outputs do not depend on (its metadata)."""
+        return graph_metadata(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))["uncomputed"]
 
     def unload_adapter(self, name: str) -> None:
         self.adapters.pop(name, None)
@@ -79,8 +93,7 @@ class MultiSession(OnnxrtRunner):
             SessionFromOnnx(onnx_path, providers=providers or CPU, session_options=options), name=str(onnx_path)
         )
         self.activate()
-        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        info = json.loads(meta) if meta else {}
+        info = graph_metadata(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
         if info.get("format") != "multi":
             raise BadInputError(f"{self.path}: not a multi-adapter graph (export it with export_multi)")
         self.adapters: list[str] = list(info["adapters"])
