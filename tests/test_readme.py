@@ -13,7 +13,9 @@ def python_blocks() -> list[str]:
 
 
 def test_every_import_in_the_readme_works():
-    imports = [line for block in python_blocks() for line in block.splitlines() if line.startswith(("from ", "import "))]
+    imports = [
+        line for block in python_blocks() for line in block.splitlines() if line.startswith(("from ", "import "))
+    ]
     assert len(imports) >= 8  # the Python API section and the task-switching example
     code = "\n".join(line.split("#")[0].rstrip() for line in imports)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
