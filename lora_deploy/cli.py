@@ -22,7 +22,15 @@ import click
 from lora_deploy import __version__
 from lora_deploy.backends import registry
 from lora_deploy.errors import InternalError, LoraDeployError
-from lora_deploy.options import PACK_DTYPES, BenchOptions, ExportOptions, MergeOptions, VerifyOptions
+from lora_deploy.options import (
+    PACK_DTYPES,
+    BenchOptions,
+    ExportOptions,
+    MergeOptions,
+    TrtBuildOptions,
+    TrtRefitOptions,
+    VerifyOptions,
+)
 from lora_deploy.util import signal_handlers
 
 # Existence and kind are checked by the API, in one line each.
@@ -211,7 +219,20 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
 @main.command()
 @click.argument("base", type=directory)
 @click.argument("adapter", type=directory)
-@click.option("-o", "--output", "out", type=directory, required=True, help="Output checkpoint directory.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output checkpoint directory (with --onnx-like: the merged .onnx file).",
+)
+@click.option(
+    "--onnx-like",
+    "onnx_like",
+    type=a_file,
+    help="An ONNX export of BASE: write the merged model as ONNX with its graph, at copy speed.",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
@@ -227,19 +248,51 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the merge manifest as JSON.")
 @run_guarded
 def merge(
-    base: Path, adapter: Path, out: Path, dtype: str, max_shard_size: str, overwrite: bool, durable: bool, as_json: bool
+    base: Path,
+    adapter: Path,
+    out: Path,
+    onnx_like: Path | None,
+    dtype: str,
+    max_shard_size: str,
+    overwrite: bool,
+    durable: bool,
+    as_json: bool,
 ) -> None:
-    """Merge ADAPTER into BASE, shard by shard, writing an ordinary HF checkpoint."""
+    """Merge ADAPTER into BASE, shard by shard, writing an ordinary HF checkpoint
+    (with --onnx-like BASE.onnx: the merged ONNX model, from BASE's graph)."""
     from lora_deploy.merge import merge as run_merge
     from lora_deploy.progress import byte_progress
 
     options = MergeOptions.from_params(click.get_current_context().params)
+    if onnx_like is not None:
+        merge_onnx_like(base, adapter, onnx_like, out, options, as_json)
+        return
     with byte_progress("merging", enabled=not as_json) as progress:
         result = run_merge(base, adapter, out, **options.kwargs(), progress=progress)
     if as_json:
         emit_json(result.manifest)
     else:
         click.echo(result.summary())
+
+
+def merge_onnx_like(base: Path, adapter: Path, graph: Path, out: Path, options: MergeOptions, as_json: bool) -> None:
+    """merge --onnx-like: the merged model as ONNX, from BASE's exported graph."""
+    from lora_deploy.errors import BadInputError
+    from lora_deploy.export.like import merge_onnx
+
+    ctx = click.get_current_context()
+    if options.dtype != "auto":
+        raise BadInputError("--onnx-like keeps the graph's dtypes; --dtype must be auto")
+    if ctx.get_parameter_source("max_shard_size") is not click.core.ParameterSource.DEFAULT:
+        raise BadInputError("--max-shard-size does not apply to --onnx-like (one ONNX file and its data)")
+    result = merge_onnx(base, adapter, graph, out, overwrite=options.overwrite, durable=options.durable)
+    if as_json:
+        emit_json(stamped(MERGE_ONNX_SCHEMA, result.to_dict(), {"base": base, "adapter": adapter, "onnx": out}))
+    else:
+        click.echo(result.summary())
+
+
+MERGE_ONNX_SCHEMA = "lora-deploy.merge-onnx/1"
 
 
 @main.command()
@@ -379,7 +432,19 @@ def export() -> None:
     show_default=True,
 )
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Graph dtype; auto follows the checkpoint (float16 stays float16, bfloat16 becomes float32).",
+)
+@click.option(
+    "--stream-weights",
+    is_flag=True,
+    help="Trace without the weights and stream them from the checkpoint into OUT.data (memory: about one "
+    "tensor); the ONNX Runtime check runs when the model fits in memory.",
+)
 @click.option(
     "--dynamic-adapters",
     is_flag=True,
@@ -402,7 +467,18 @@ def export() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @run_guarded
 def export_onnx(
-    model, out, task, opset, dtype, dynamic_adapters, multi_adapter, adapters, targets, overwrite, as_json
+    model,
+    out,
+    task,
+    opset,
+    dtype,
+    stream_weights,
+    dynamic_adapters,
+    multi_adapter,
+    adapters,
+    targets,
+    overwrite,
+    as_json,
 ) -> None:
     """Export MODEL (an HF checkpoint directory) to ONNX, checked in ONNX Runtime."""
     from dataclasses import asdict
@@ -413,8 +489,8 @@ def export_onnx(
     if dynamic_adapters or multi_adapter:
         if dynamic_adapters and multi_adapter:
             raise BadInputError("choose one of --dynamic-adapters and --multi-adapter")
-        if dtype != "float32":
-            raise BadInputError("dynamic and multi-adapter graphs are exported in float32")
+        if dtype != "float32" or stream_weights:
+            raise BadInputError("dynamic and multi-adapter graphs are exported in float32, with their weights")
         export_adapter_graph(model, out, task, opset, multi_adapter, adapters, targets, overwrite, as_json)
         return
     if adapters or targets:
@@ -425,9 +501,10 @@ def export_onnx(
         emit_json(stamped(EXPORT_SCHEMA, asdict(result), {"model": model, "onnx": result.path}))
     else:
         error = "-" if result.max_abs_error is None else f"{result.max_abs_error:.2e}"
+        check = f"ONNX Runtime vs torch max abs error {error}" if result.parity == "checked" else result.parity
         click.echo(
-            f"exported {result.task} model to {result.path} (opset {result.opset}); "
-            f"ONNX Runtime vs torch max abs error {error}"
+            f"exported {result.task} model to {result.path} (opset {result.opset}, {result.dtype}: "
+            f"{result.dtype_source}; weights {result.weights}); {check}"
         )
 
 
@@ -490,7 +567,17 @@ def demo(out: Path, family: str, variant: str) -> None:
 @click.option("--reference", help="Variant the others are compared with.  [default: base, else the first model]")
 @click.option("--backend", type=click.Choice(list(registry.BACKENDS)), default="onnxruntime", show_default=True)
 @click.option("--device", type=click.Choice(list(registry.DEVICES)), default="cpu", show_default=True)
-@click.option("--shapes", default="1x1,1x128,8x128", show_default=True, help="Comma-separated BATCHxSEQ.")
+@click.option(
+    "--shapes",
+    help="Comma-separated BATCHxSEQ.  [default: 1x1,1x128,8x128; with --inputs: the arrays' shape]",
+)
+@click.option(
+    "--inputs",
+    "inputs_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="An .npz of real inputs by input name (recorded observations, tokenized text); cast to each "
+    "model's input types. Replaces --shapes.",
+)
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
@@ -507,7 +594,7 @@ def demo(out: Path, family: str, variant: str) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs.")
 @click.option("--cuda-graphs", is_flag=True, help="torch on cuda: replay each shape's forward from a CUDA graph.")
-@click.option("--json", "json_path", type=a_file, help="Write the JSON report (schema lora-deploy.bench/1).")
+@click.option("--json", "json_path", type=a_file, help="Write the JSON report (schema lora-deploy.bench/2).")
 @click.option("--markdown", "markdown_path", type=a_file, help="Write a Markdown summary.")
 @click.option("--plot", "plot_path", type=a_file, help="Write a PNG plot of p50 latency.")
 @click.option("--overwrite", is_flag=True, help="Replace existing --json/--markdown/--plot files.")
@@ -518,7 +605,41 @@ def demo(out: Path, family: str, variant: str) -> None:
     type=a_file,
     help="Earlier JSON report to check for regressions.",
 )
-@click.option("--max-regression", help="Allowed slowdown against --baseline, e.g. 5%.  [default with --baseline: 5%]")
+@click.option(
+    "--baseline-model",
+    type=click.Path(exists=True, path_type=Path),
+    help="The previous release's artifact: timed as 'previous' (the reference) in the same interleaved run and "
+    "gated with --max-regression. The recommended regression gate.",
+)
+@click.option(
+    "--max-regression",
+    help="Allowed slowdown against --baseline or --baseline-model, e.g. 5%.  [default with either: 5%]",
+)
+@click.option(
+    "--run-margin",
+    help="Between-run allowance added to --max-regression against a saved --baseline.  [default: 3%]",
+)
+@click.option(
+    "--allow-mismatch",
+    is_flag=True,
+    help="Compare with a --baseline of another configuration (threads, machine, libraries, inputs) "
+    "instead of refusing; its gates are then inconclusive.",
+)
+@click.option(
+    "--on-inconclusive",
+    type=click.Choice(["pass", "warn", "fail"]),
+    default="warn",
+    show_default=True,
+    help="What a gate that cannot decide does (warn: passes, with a warning on stderr).",
+)
+@click.option("--rate", help="Control-loop mode: one call per tick at this rate, e.g. 100hz; ticks alternate variants.")
+@click.option("--duration", help="Control-loop mode: how long each shape runs, e.g. 30s.  [default: 30s]")
+@click.option("--max-p99", help="Control-loop mode: exit 1 if a variant's p99 exceeds this, e.g. 8ms (this machine).")
+@click.option(
+    "--max-misses",
+    type=click.IntRange(min=0),
+    help="Control-loop mode: exit 1 if a variant misses more deadlines (a call ending after the next tick).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary table.")
 @run_guarded
 def bench_cmd(
@@ -528,6 +649,7 @@ def bench_cmd(
     backend,
     device,
     shapes,
+    inputs_path,
     threads,
     rounds,
     warmup,
@@ -540,7 +662,15 @@ def bench_cmd(
     overwrite,
     max_overhead,
     baseline_path,
+    baseline_model,
     max_regression,
+    run_margin,
+    allow_mismatch,
+    on_inconclusive,
+    rate,
+    duration,
+    max_p99,
+    max_misses,
     quiet,
 ) -> None:
     """Time model variants interleaved and gate the overhead (exit 1 when a gate fails).
@@ -563,6 +693,7 @@ def bench_cmd(
             plot_path=plot_path,
             overwrite=overwrite,
             show=show,
+            warn=lambda message: click.echo(f"warning: {message}", err=True),
             progress=progress,
             **options.kwargs(),
         )
@@ -637,3 +768,64 @@ def pack(adapter, out, onnx_path, overwrite, dtype) -> None:
 
     path = pack_adapter(adapter, out, onnx_path=onnx_path, overwrite=overwrite, dtype=dtype, note=note)
     click.echo(f"packed {adapter} into {path} ({path.stat().st_size / 1e3:.1f} kB); scaling folded into B")
+
+
+@main.group()
+def build() -> None:
+    """Build a runtime engine from an ONNX model."""
+
+
+@build.command("trt")
+@click.argument("model", type=a_file)
+@click.option("-o", "--output", "out", type=a_file, required=True, help="The engine (MODEL.engine.json beside it).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option(
+    "--shapes",
+    multiple=True,
+    default=(),
+    metavar="NAME:MIN,OPT,MAX",
+    help="Profile of a dynamic input, e.g. input_ids:1x1,1x128,8x512. Repeat.  [default: from the ONNX dims]",
+)
+@click.option("--timing-cache", type=a_file, help="Timing cache to read and update (specific to GPU, CUDA, TensorRT).")
+@click.option("--refittable", type=click.Choice(["none", "all", "adapter-targets"]), default="none", show_default=True)
+@click.option("--refit-targets", help="Modules whose weights adapter-targets marks refittable, e.g. q_proj,v_proj.")
+@click.option("--strip-weights", is_flag=True, help="Leave refittable weights out of the plan (refit at deploy time).")
+@click.option("--hardware-compat", type=click.Choice(["same", "ampere+"]), default="same", show_default=True)
+@click.option("--version-compatible", is_flag=True, help="An engine later TensorRT versions can run (slower).")
+@click.option("--workspace", help="Builder workspace limit, e.g. 4GB.")
+@click.option("--base", type=directory, help="Checkpoint the ONNX was exported from: checks the weight name map.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing engine and manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the engine manifest as JSON.")
+@run_guarded
+def build_trt(model, out, as_json, **params) -> None:
+    """Build a TensorRT engine from MODEL (an .onnx file). Needs TensorRT and an NVIDIA GPU."""
+    from lora_deploy.backends.trt.build import build_engine
+
+    options = TrtBuildOptions.from_params(click.get_current_context().params)
+    result = build_engine(model, out, **options.kwargs())
+    if as_json:
+        emit_json(result.manifest)
+    else:
+        click.echo(result.summary())
+
+
+@main.command("refit")
+@click.argument("engine", type=a_file)
+@click.option("--base", type=directory, required=True, help="The base checkpoint the engine was built from.")
+@click.option("--adapter", type=directory, required=True, help="The PEFT adapter to switch to.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=a_file,
+    required=True,
+    help="Write the refitted engine here (ENGINE is never changed).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o engine.")
+@run_guarded
+def refit_cmd(engine, base, adapter, **params) -> None:
+    """Refit ENGINE to BASE + ADAPTER (W0 + dW from the base), no rebuild. Needs TensorRT and a GPU."""
+    from lora_deploy.backends.trt.refit import refit_engine
+
+    options = TrtRefitOptions.from_params(click.get_current_context().params)
+    click.echo(refit_engine(engine, base, adapter, **options.kwargs()).summary())

@@ -47,8 +47,9 @@ class ExportOptions(StageOptions):
 
     task: str = "auto"
     opset: int | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # auto: follow the checkpoint (float16 -> float16; bfloat16 -> float32)
     overwrite: bool = False  # replace an existing output file
+    stream_weights: bool = False  # trace without weights, stream initializers from the checkpoint
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ class BenchOptions(StageOptions):
 
     backend: str = "onnxruntime"
     device: str = "cpu"
-    shapes: str = "1x1,1x128,8x128"
+    shapes: str | None = None  # None: 1x1,1x128,8x128, or the shape of --inputs
+    inputs_path: Path | None = None  # an .npz of real inputs, by input name
     reference: str | None = None
     threads: int | None = None
     rounds: int = 50
@@ -79,6 +81,39 @@ class BenchOptions(StageOptions):
     inner: int = 1
     seed: int = 0
     max_overhead: float | str | None = None
-    baseline_path: Path | None = None
+    baseline_model: Path | None = None  # the previous artifact, timed in the same run (recommended)
+    baseline_path: Path | None = None  # a saved JSON report
     max_regression: float | str | None = None
+    run_margin: float | str | None = None  # between-run allowance against a saved report
+    allow_mismatch: bool = False  # compare with a baseline of another configuration (gates inconclusive)
+    on_inconclusive: str = "warn"  # pass | warn | fail
+    rate: str | None = None  # control-loop mode, e.g. "100hz"
+    duration: str | None = None  # per shape in control-loop mode, e.g. "30s"
+    max_p99: str | None = None  # control-loop budget, e.g. "8ms"
+    max_misses: int | None = None
     cuda_graphs: bool = False
+
+
+@dataclass(frozen=True)
+class TrtBuildOptions(StageOptions):
+    """`lora_deploy.backends.trt.build.build_engine` (`lora-deploy build trt`)."""
+
+    precision: str = "fp32"  # fp32 | fp16 | bf16: flags on TensorRT 10, a converted ONNX on 11
+    shapes: tuple[str, ...] = ()  # NAME:MIN,OPT,MAX per dynamic input; defaults from the ONNX dims
+    timing_cache: Path | None = None
+    refittable: str = "none"  # none | all | adapter-targets
+    refit_targets: str | None = None  # modules marked refittable with adapter-targets, e.g. q_proj,v_proj
+    strip_weights: bool = False
+    hardware_compat: str = "same"  # same | ampere+
+    version_compatible: bool = False
+    workspace: str | None = None  # e.g. 4GB
+    base: Path | None = None  # checkpoint the ONNX came from: checks the initializer -> checkpoint map
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class TrtRefitOptions(StageOptions):
+    """`lora_deploy.backends.trt.refit.refit_engine` (`lora-deploy refit`)."""
+
+    out: Path | None = None  # required: the input engine is never changed
+    overwrite: bool = False

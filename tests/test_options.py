@@ -6,6 +6,8 @@ from dataclasses import fields
 import pytest
 
 from lora_deploy import options
+from lora_deploy.backends.trt.build import build_engine
+from lora_deploy.backends.trt.refit import refit_engine
 from lora_deploy.bench import run_bench
 from lora_deploy.cli import main
 from lora_deploy.export import export_checkpoint
@@ -17,6 +19,8 @@ CASES = [
     (options.ExportOptions, ("export", "onnx"), export_checkpoint),
     (options.VerifyOptions, ("verify",), verify),
     (options.BenchOptions, ("bench",), run_bench),
+    (options.TrtBuildOptions, ("build", "trt"), build_engine),
+    (options.TrtRefitOptions, ("refit",), refit_engine),
 ]
 
 

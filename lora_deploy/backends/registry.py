@@ -56,6 +56,12 @@ BACKENDS: dict[str, Backend] = {
         adapter=PathKind(directory=True, label="a PEFT adapter directory", marker="adapter_config.json"),
         make="lora_deploy.backends.torch.timed:timed_model",
     ),
+    # Needs TensorRT and a GPU; without them opening a model fails in one line (exit 2).
+    "tensorrt": Backend(
+        model=PathKind(directory=False, label="a TensorRT engine file (lora-deploy build trt)"),
+        adapter=PathKind(directory=False, label="no adapter (refit the engine: lora-deploy refit)"),
+        make="lora_deploy.backends.trt.timed:timed_model",
+    ),
 }
 
 

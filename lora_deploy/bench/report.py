@@ -1,4 +1,4 @@
-"""The bench report: JSON schema "lora-deploy.bench/1", Markdown and a plot.
+"""The bench report: JSON schema "lora-deploy.bench/2", Markdown and a plot.
 
 A report keeps the raw per-round samples next to every summary, so any
 number in it (and any later regression check against it) can be recomputed
@@ -9,7 +9,6 @@ interrupted bench never leaves a half-written report that a later
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -25,18 +24,26 @@ import numpy as np
 from lora_deploy import __version__
 from lora_deploy.bench.stats import (
     GateResult,
+    absolute_gate,
     bootstrap_median_ci,
     overhead_gate,
     paired_ratios,
     percentiles,
     regression_gate,
+    yardstick_note,
 )
+from lora_deploy.bench.timing import longest_run
 from lora_deploy.errors import BadInputError
 from lora_deploy.io.staging import write_file_atomic
 from lora_deploy.modeling.samples import check_input_size
 from lora_deploy.util import library_versions
 
-SCHEMA = "lora-deploy.bench/1"
+SCHEMA = "lora-deploy.bench/2"
+# Reports a baseline may come from: /1 lacks fed shapes, conclusive flags and the baseline block.
+READABLE_SCHEMAS = ("lora-deploy.bench/1", SCHEMA)
+# The between-run allowance of a regression gate against a saved report, measured by
+# benchmarks/gate_calibration.py (README, "Calibration of the gates").
+DEFAULT_RUN_MARGIN = 0.03
 
 Shape = tuple[int, int]
 
@@ -167,29 +174,66 @@ def variant_entry(
     confidence: float = 0.95,
     resamples: int = 10_000,
     seed: int = 0,
+    fed: Mapping[str, Any] | None = None,
+    loop: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Summary of one variant at one shape; `ratio` is (median, low, high) vs reference."""
+    """Summary of one variant at one shape; `ratio` is (median, low, high) vs reference.
+
+    `fed` ({"batch", "seq", "tokens", "inputs"}) is what the variant was really given:
+    throughput counts its batch, and tokens only when it takes token inputs. Without it
+    the requested shape is assumed to be a token shape. `loop` ({"rate_hz", "lag_s",
+    "miss"}) adds the control-loop figures.
+    """
     stats = percentiles(samples)
     _, ci_low, ci_high = bootstrap_median_ci(samples, confidence=confidence, resamples=resamples, seed=seed)
-    batch, seq = shape
+    fed = dict(fed) if fed is not None else {"batch": shape[0], "seq": shape[1], "tokens": True}
+    batch, seq = fed["batch"], fed.get("seq")
     p50 = stats["p50"]
     entry: dict[str, Any] = {
         "samples_s": [float(x) for x in samples],
         "n": len(samples),
         **{f"{name}_ms": _ms(value) for name, value in stats.items()},
         "p50_ci_ms": [_ms(ci_low), _ms(ci_high)],
+        "fed": fed,
         # Throughput from the median, not the mean: one stall should not
         # move the headline number.
         "throughput": {
             "samples_per_s": batch / p50 if p50 > 0 else None,
-            "tokens_per_s": batch * seq / p50 if p50 > 0 else None,
+            "tokens_per_s": batch * seq / p50 if p50 > 0 and fed.get("tokens") and seq else None,
         },
         "ratio": None,
     }
     if ratio is not None:
         median, low, high = ratio
         entry["ratio"] = {"vs": reference, "median": median, "low": low, "high": high}
+    if loop is not None:
+        entry["loop"] = loop_summary(samples, loop)
     return entry
+
+
+def loop_summary(latencies: Sequence[float], loop: Mapping[str, Any]) -> dict[str, Any]:
+    """Control-loop figures of one variant: misses, the longest run of them, jitter, lag.
+
+    `jitter_ms` is the standard deviation of the time from each tick's scheduled start to
+    the end of its call (start lag + latency): how unevenly the outputs arrive.
+    """
+    lag = np.asarray(loop["lag_s"], dtype=float)
+    done = lag + np.asarray(latencies, dtype=float)
+    misses = [bool(m) for m in loop["miss"]]
+    rate = float(loop["rate_hz"])
+    return {
+        "rate_hz": rate,
+        "period_ms": 1000.0 / rate,
+        "ticks": len(misses),
+        "misses": int(sum(misses)),
+        "miss_rate": sum(misses) / len(misses) if misses else 0.0,
+        "longest_miss_run": longest_run(misses),
+        "jitter_ms": _ms(float(done.std())),
+        "lag_p99_ms": _ms(float(np.percentile(lag, 99))),
+        "lag_max_ms": _ms(float(lag.max())),
+        "lag_s": [float(x) for x in lag],
+        "miss": misses,
+    }
 
 
 def _shape_results(
@@ -197,8 +241,11 @@ def _shape_results(
     variants: Mapping[str, Sequence[float]],
     reference: str,
     ci: dict[str, Any],
+    fed: Mapping[str, Any] | None = None,
+    loop: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, tuple[float, float, float]]]]:
     """Report block for one shape, plus (variant, ratio CI) for the gates."""
+    fed = fed or {}
     if reference not in variants:
         raise BadInputError(
             f"shape {shape_key(shape)}: reference variant {reference!r} was not measured (have {', '.join(variants)})"
@@ -210,8 +257,19 @@ def _shape_results(
         if name != reference:
             ratio = bootstrap_median_ci(paired_ratios(variants[reference], samples), **ci)
             ratios.append((name, ratio))
-        entries[name] = variant_entry(samples, shape, ratio=ratio, reference=reference, **ci)
-    return {"batch": shape[0], "seq": shape[1], "variants": entries}, ratios
+        entries[name] = variant_entry(
+            samples,
+            shape,
+            ratio=ratio,
+            reference=reference,
+            fed=fed.get(name),
+            loop=None if loop is None else {"rate_hz": loop["rate_hz"], **loop["variants"][name]},
+            **ci,
+        )
+    # A requested sequence length no variant takes (no token or sequence input): the
+    # report says so instead of quoting tokens it never fed.
+    seq_used = any((f or {}).get("seq") for f in fed.values()) if fed else True
+    return {"batch": shape[0], "seq": shape[1], "seq_used": seq_used, "variants": entries}, ratios
 
 
 def build_report(
@@ -232,28 +290,56 @@ def build_report(
     seed: int = 0,
     machine: Mapping[str, Any] | None = None,
     extra_config: Mapping[str, Any] | None = None,
+    fed: Mapping[str, Mapping[str, Any]] | None = None,
+    loop: Mapping[str, Any] | None = None,
+    on_inconclusive: str = "warn",
+    run_margin: float | None = None,
+    baseline_path: str | os.PathLike | None = None,
+    baseline_model: str | None = None,
+    max_p99: float | None = None,
+    max_misses: int | None = None,
 ) -> dict[str, Any]:
     """Assemble a schema-valid report from raw samples.
 
     `results` maps a shape ((batch, seq) or 'BxS') to {variant: seconds per
     round}, as returned by `timing.measure_interleaved`. With `max_overhead`
-    every non-reference variant gets an overhead gate; with `baseline` (a
-    loaded report) and `max_regression` every variant present in both gets a
-    regression gate. `machine` defaults to `machine_info(threads)`.
+    every non-reference variant gets an overhead gate. With `baseline_model`
+    (the name of the variant timed from the previous artifact, which is then the
+    reference) and `max_regression`, every other variant gets an in-run regression
+    gate. With `baseline` (a loaded report) and `max_regression` every (shape,
+    variant) present in both gets a regression gate with the between-run
+    `run_margin`. `fed` maps shape key -> variant -> what it was really fed;
+    `loop` ({"rate_hz", "shapes": {key: {variant: {"lag_s", "miss"}}}}) marks a
+    control-loop run, gated by `max_p99` (seconds) and `max_misses`. `machine`
+    defaults to `machine_info(threads)`.
     """
-    if (baseline is None) != (max_regression is None):
+    if baseline is not None and max_regression is None:
         raise BadInputError("a baseline report and a max regression go together")
+    if max_regression is not None and baseline is None and baseline_model is None:
+        raise BadInputError("a max regression needs a baseline report or a baseline model")
     ci = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    policy = {"on_inconclusive": on_inconclusive}
     blocks: dict[str, Any] = {}
     gates: list[GateResult] = []
     for key, variants in results.items():
         shape = _as_shape(key)
-        block, ratios = _shape_results(shape, variants, reference, ci)
-        blocks[shape_key(shape)] = block
-        if max_overhead is not None:
-            for name, ratio in ratios:
-                subject = f"{shape_key(shape)}/{name}"
-                gates.append(overhead_gate(ratio, max_overhead, subject=subject, confidence=confidence))
+        k = shape_key(shape)
+        shape_loop = None
+        if loop is not None:
+            shape_loop = {"rate_hz": loop["rate_hz"], "variants": loop["shapes"][k]}
+        block, ratios = _shape_results(shape, variants, reference, ci, (fed or {}).get(k), shape_loop)
+        blocks[k] = block
+        for name, ratio in ratios:
+            subject = f"{k}/{name}"
+            if max_overhead is not None:
+                gates.append(overhead_gate(ratio, max_overhead, subject=subject, confidence=confidence, **policy))
+            if baseline_model is not None and max_regression is not None:
+                gates.append(
+                    overhead_gate(
+                        ratio, max_regression, subject=f"{subject} vs {reference}", gate="regression", **policy
+                    )
+                )
+        gates += _loop_gates(block, k, max_p99, max_misses, on_inconclusive)
     if not blocks:
         raise BadInputError("no results to report")
     if rounds is None:
@@ -269,6 +355,12 @@ def build_report(
         "reference": reference,
         "max_overhead": max_overhead,
         "max_regression": max_regression,
+        "baseline_model": baseline_model,
+        "on_inconclusive": on_inconclusive,
+        "run_margin": (DEFAULT_RUN_MARGIN if run_margin is None else run_margin) if baseline is not None else None,
+        "rate_hz": None if loop is None else loop["rate_hz"],
+        "max_p99_ms": None if max_p99 is None else _ms(max_p99),
+        "max_misses": max_misses,
         **ci,
         **(extra_config or {}),
     }
@@ -280,20 +372,136 @@ def build_report(
         "config": config,
         "results": blocks,
         "gates": [g.to_dict() for g in gates],
+        "baseline": None,
     }
     if baseline is not None:
+        report["baseline"] = baseline_summary(report, baseline, baseline_path)
         add_gates(report, regression_gates(report, baseline, max_regression))
     return validate_report(report)
 
 
-def _machine_note(report: Mapping[str, Any], baseline: Mapping[str, Any]) -> str:
-    """A warning when the baseline came from other hardware."""
-    here, there = report.get("machine", {}), baseline.get("machine", {})
-    diffs = [k for k in ("cpu", "gpu") if here.get(k) != there.get(k)]
-    if not diffs:
-        return ""
-    what = ", ".join(f"{k} {there.get(k)!r} vs {here.get(k)!r}" for k in diffs)
-    return f" Note: the baseline ran on different hardware ({what})."
+def _loop_gates(
+    block: Mapping[str, Any], key: str, max_p99: float | None, max_misses: int | None, on_inconclusive: str
+) -> list[GateResult]:
+    """Absolute budgets of the control-loop mode, one per variant."""
+    gates = []
+    for name, entry in block["variants"].items():
+        subject = f"{key}/{name}"
+        if max_p99 is not None:
+            n = entry["n"]
+            gates.append(
+                absolute_gate(
+                    "p99",
+                    round(entry["p99_ms"], 4),
+                    _ms(max_p99),
+                    subject=subject,
+                    unit="ms",
+                    conclusive=n >= MIN_P99_SAMPLES,
+                    why=f"{n} calls; a p99 needs >= {MIN_P99_SAMPLES} (10 beyond it) to mean much",
+                    on_inconclusive=on_inconclusive,
+                )
+            )
+        if max_misses is not None and "loop" in entry:
+            gates.append(
+                absolute_gate(
+                    "misses", entry["loop"]["misses"], max_misses, subject=subject, unit="", **_policy(on_inconclusive)
+                )
+            )
+    return gates
+
+
+def _policy(on_inconclusive: str) -> dict[str, str]:
+    return {"on_inconclusive": on_inconclusive}
+
+
+# A p99 budget is conclusive only with 10 calls or more beyond the 99th percentile.
+MIN_P99_SAMPLES = 1000
+
+# What must match between a saved baseline and this run for their latencies to be
+# comparable: (label, getter on (config, machine)).
+_COMPARED = (
+    ("backend", lambda c, m: c.get("backend")),
+    ("device", lambda c, m: c.get("device")),
+    ("threads", lambda c, m: c.get("threads")),
+    ("inner", lambda c, m: c.get("inner")),
+    ("rate_hz", lambda c, m: c.get("rate_hz")),
+    ("cpu", lambda c, m: m.get("cpu")),
+    ("gpu", lambda c, m: m.get("gpu")),
+    ("usable cores", lambda c, m: m.get("usable_cores")),
+    ("thread variables", lambda c, m: (m.get("threads") or {}).get("env")),
+)
+
+
+def config_mismatches(config: Mapping[str, Any], machine: Mapping[str, Any], baseline: Mapping[str, Any]) -> list[str]:
+    """What differs between this run's configuration and a baseline report's, one
+    phrase each ("threads 1 in the baseline, None here"): settings, machine, library
+    versions (lora-deploy's own excepted: it is what a regression run tests)."""
+    there_c, there_m = baseline.get("config", {}), baseline.get("machine", {})
+    diffs = []
+    for label, get in _COMPARED:
+        a, b = get(there_c, there_m), get(config, machine)
+        if a != b:
+            diffs.append(f"{label} {a!r} in the baseline, {b!r} here")
+    libs_a, libs_b = there_m.get("libraries") or {}, machine.get("libraries") or {}
+    for lib in sorted(set(libs_a) | set(libs_b)):
+        if libs_a.get(lib) != libs_b.get(lib):
+            diffs.append(f"{lib} {libs_a.get(lib)} in the baseline, {libs_b.get(lib)} here")
+    return diffs
+
+
+def _fed_mismatches(report: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, str]:
+    """{'key/variant': phrase} where a shared shape fed different inputs in the two runs."""
+    out = {}
+    for key, block in report["results"].items():
+        base_block = baseline["results"].get(key) or {"variants": {}}
+        for name, entry in block["variants"].items():
+            there = base_block["variants"].get(name, {}).get("fed")
+            here = entry.get("fed")
+            if there is not None and here is not None and there.get("inputs") != here.get("inputs"):
+                out[f"{key}/{name}"] = f"inputs {there.get('inputs')} in the baseline, {here.get('inputs')} here"
+    return out
+
+
+def shared_and_unshared(report: Mapping[str, Any], baseline: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """('key/variant' timed in both runs, 'key/variant (where)' timed in only one)."""
+    shared, unshared = [], []
+    for key, block in report["results"].items():
+        base_variants = (baseline["results"].get(key) or {}).get("variants", {})
+        for name in block["variants"]:
+            (shared if name in base_variants else unshared).append(f"{key}/{name}")
+    unshared = [f"{s} (this run only)" for s in unshared]
+    for key, block in baseline["results"].items():
+        mine = (report["results"].get(key) or {}).get("variants", {})
+        unshared += [f"{key}/{name} (baseline only)" for name in block["variants"] if name not in mine]
+    return shared, unshared
+
+
+def baseline_summary(
+    report: Mapping[str, Any], baseline: Mapping[str, Any], path: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """The baseline as the JSON report records it: where it came from, its configuration,
+    its figures, what differs and which shapes and variants only one run has."""
+    config, machine = baseline.get("config", {}), baseline.get("machine", {})
+    _, unshared = shared_and_unshared(report, baseline)
+    here = report["config"]
+    return {
+        "path": None if path is None else str(path),
+        "schema": baseline.get("schema"),
+        "created": baseline.get("created"),
+        "config": {k: config.get(k) for k in ("backend", "device", "threads", "inner", "rounds", "shapes", "rate_hz")},
+        "machine": {k: machine.get(k) for k in ("cpu", "gpu", "usable_cores", "libraries")},
+        "run_margin": here.get("run_margin"),
+        "mismatches": config_mismatches(here, report["machine"], baseline)
+        + [f"{k}: {v}" for k, v in _fed_mismatches(report, baseline).items()],
+        "unshared": unshared,
+        "results": {
+            key: {
+                name: {k: e.get(k) for k in ("p50_ms", "p90_ms", "p99_ms", "p50_ci_ms", "n")}
+                for name, e in block["variants"].items()
+            }
+            for key, block in baseline["results"].items()
+        },
+    }
 
 
 def regression_gates(
@@ -301,11 +509,20 @@ def regression_gates(
     baseline: Mapping[str, Any],
     max_regression: float,
 ) -> list[GateResult]:
-    """A regression gate for every (shape, variant) present in both reports."""
+    """A regression gate for every (shape, variant) present in both reports.
+
+    Each allows the configured between-run margin; a configuration mismatch (settings,
+    machine, libraries, the inputs fed) makes every gate it touches inconclusive, with
+    the differences named (run_bench refuses such a baseline unless told to allow it).
+    """
     validate_report(baseline)
     config = report["config"]
     ci = {k: config.get(k, d) for k, d in (("confidence", 0.95), ("resamples", 10_000), ("seed", 0))}
-    note = _machine_note(report, baseline)
+    margin = config.get("run_margin")
+    margin = DEFAULT_RUN_MARGIN if margin is None else margin
+    common = config_mismatches(config, report["machine"], baseline)
+    fed = _fed_mismatches(report, baseline)
+    policy = config.get("on_inconclusive") or "warn"
     gates = []
     for key, block in report["results"].items():
         base_block = baseline["results"].get(key)
@@ -314,8 +531,28 @@ def regression_gates(
         for name, entry in block["variants"].items():
             if name not in base_block["variants"]:
                 continue
-            gate = regression_gate(entry, base_block["variants"][name], max_regression, subject=f"{key}/{name}", **ci)
-            gates.append(dataclasses.replace(gate, message=gate.message + note))
+            subject = f"{key}/{name}"
+            notes = [f"configuration differs: {d}" for d in common]
+            ref = config["reference"]
+            if ref in block["variants"] and ref in base_block["variants"]:
+                note = yardstick_note(
+                    block["variants"][ref]["samples_s"], base_block["variants"][ref]["samples_s"], margin, ref
+                )
+                notes += [note] if note else []
+            if subject in fed:
+                notes.append(f"the runs fed different inputs: {fed[subject]}")
+            gates.append(
+                regression_gate(
+                    entry,
+                    base_block["variants"][name],
+                    max_regression,
+                    subject=subject,
+                    margin=margin,
+                    notes=notes,
+                    on_inconclusive=policy,
+                    **ci,
+                )
+            )
     if not gates:
         raise BadInputError("the baseline report shares no shape and variant with this run")
     return gates
@@ -383,9 +620,9 @@ def _check_results(results: Any, reference: str) -> None:
 
 
 def validate_report(report: Any) -> Any:
-    """Return `report` if it follows schema lora-deploy.bench/1, else BadInputError."""
+    """Return `report` if it follows schema lora-deploy.bench/2 (or /1, for baselines), else BadInputError."""
     _need(isinstance(report, dict), "top level", "expected a JSON object")
-    _need(report.get("schema") == SCHEMA, "schema", f"expected {SCHEMA!r}, got {report.get('schema')!r}")
+    _need(report.get("schema") in READABLE_SCHEMAS, "schema", f"expected {SCHEMA!r}, got {report.get('schema')!r}")
     for key in ("machine", "config", "results"):
         _need(isinstance(report.get(key), dict), key, "expected an object")
     config = report["config"]
@@ -400,6 +637,8 @@ def validate_report(report: Any) -> Any:
         ok = isinstance(gate, dict) and isinstance(gate.get("passed"), bool)
         ok = ok and isinstance(gate.get("message"), str)
         _need(ok, f"gates[{i}]", "expected {passed: bool, message: str, ...}")
+        if report["schema"] == SCHEMA:
+            _need(isinstance(gate.get("conclusive"), bool), f"gates[{i}].conclusive", "expected true or false")
     return report
 
 
@@ -468,30 +707,114 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _fed_cell(block: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
+    """What the variant was really fed, e.g. '8x128 tokens', 'batch 1 (static)'."""
+    fed = entry.get("fed")
+    if not fed:
+        return f"{block['batch']}x{block['seq']}"
+    text = f"{fed['batch']}x{fed['seq']}" if fed.get("seq") else f"batch {fed['batch']}"
+    return text + (" tokens" if fed.get("tokens") else "") + (" (file)" if fed.get("source") == "file" else "")
+
+
+def _gate_index(report: Mapping[str, Any], kind: str) -> dict[str, Mapping[str, Any]]:
+    return {g["subject"]: g for g in report["gates"] if g.get("gate") == kind}
+
+
+def _verdict(gate: Mapping[str, Any] | None) -> str:
+    if gate is None:
+        return ""
+    verdict = gate.get("verdict") or ("pass" if gate["passed"] else "fail")
+    return {"pass": "pass", "fail": "**FAIL**", "inconclusive": "*inconclusive*"}[verdict]
+
+
 def _table_lines(report: Mapping[str, Any]) -> list[str]:
     conf = report["config"].get("confidence", 0.95)
+    baseline = report.get("baseline")
+    regressions = _gate_index(report, "regression")
+    head = f"| shape | variant | fed | p50 ms | p90 ms | p99 ms | samples/s | tok/s | ratio [{conf:.0%} CI] |"
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---|"
+    if baseline:
+        head += " baseline p50 ms | vs baseline [CI] | gate |"
+        rule += "---:|---|---|"
+    lines = [head, rule]
+    for key, block in report["results"].items():
+        base_block = (baseline or {}).get("results", {}).get(key, {})
+        for name, entry in block["variants"].items():
+            tp = entry["throughput"]
+            row = (
+                f"| {key} | {_cell(name)} | {_fed_cell(block, entry)} | {entry['p50_ms']:.4g} | {entry['p90_ms']:.4g} "
+                f"| {entry['p99_ms']:.4g} | {_num(tp.get('samples_per_s'), ',.1f')} "
+                f"| {_num(tp.get('tokens_per_s'), ',.0f')} | {_ratio_cell(entry)} |"
+            )
+            if baseline:
+                there = base_block.get(name)
+                gate = regressions.get(f"{key}/{name}")
+                vs = "" if gate is None else f"{gate['median']:.3f} [{gate['low']:.3f}, {gate['high']:.3f}]"
+                then = "not in baseline" if there is None else format(there["p50_ms"], ".4g")
+                row += f" {then} | {vs} | {_verdict(gate)} |"
+            lines.append(row)
+    return lines
+
+
+def _loop_lines(report: Mapping[str, Any]) -> list[str]:
+    rate = report["config"].get("rate_hz")
+    if not rate:
+        return []
     lines = [
-        f"| shape | variant | p50 ms | p90 ms | throughput tok/s | ratio [{conf:.0%} CI] |",
-        "|---|---|---:|---:|---:|---|",
+        "",
+        f"Control loop at {rate:g} Hz (period {1000 / rate:.3g} ms), ticks alternating between variants:",
+        "",
+        "| shape | variant | ticks | p50 ms | p99 ms | p99.9 ms | max ms | jitter ms | start lag p99 ms "
+        "| misses | longest miss run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, block in report["results"].items():
         for name, entry in block["variants"].items():
-            tokens = entry["throughput"].get("tokens_per_s")
+            loop = entry.get("loop")
+            if loop is None:
+                continue
             lines.append(
-                f"| {key} | {_cell(name)} | {entry['p50_ms']:.4g} | {entry['p90_ms']:.4g} "
-                f"| {_num(tokens, ',.0f')} | {_ratio_cell(entry)} |"
+                f"| {key} | {_cell(name)} | {loop['ticks']} | {entry['p50_ms']:.4g} | {entry['p99_ms']:.4g} "
+                f"| {entry.get('p999_ms', float('nan')):.4g} | {entry.get('max_ms', float('nan')):.4g} "
+                f"| {loop['jitter_ms']:.3g} | {loop['lag_p99_ms']:.3g} | {loop['misses']} "
+                f"| {loop['longest_miss_run']} |"
             )
     return lines
 
 
+def _baseline_lines(report: Mapping[str, Any]) -> list[str]:
+    baseline = report.get("baseline")
+    config = report["config"]
+    if config.get("baseline_model"):
+        return [
+            "",
+            f"- Baseline: the previous artifact {config['baseline_model']} timed as {config['reference']!r} "
+            "in this same interleaved run (the recommended gate).",
+        ]
+    if not baseline:
+        return []
+    lines = [
+        "",
+        f"- Baseline: {baseline.get('path') or 'a saved report'} (created {baseline.get('created')}), "
+        f"between-run margin {(baseline.get('run_margin') or 0):.1%}",
+    ]
+    for what in baseline.get("mismatches") or []:
+        lines.append(f"- Configuration differs: {_cell(what)}")
+    if baseline.get("unshared"):
+        lines.append(f"- Not gated (in one run only): {_cell(', '.join(baseline['unshared']))}")
+    return lines
+
+
 def to_markdown(report: Mapping[str, Any]) -> str:
-    """A human summary: header, one table row per shape and variant, gate verdicts."""
-    lines = _header_lines(report) + _table_lines(report)
+    """A human summary: header, one table row per shape and variant (baseline side by
+    side when there is one), control-loop figures, gate verdicts."""
+    lines = _header_lines(report) + _table_lines(report) + _loop_lines(report) + _baseline_lines(report)
     if report["gates"]:
         lines += ["", "Gates:", ""]
         for gate in report["gates"]:
-            verdict = "PASS" if gate["passed"] else "FAIL"
-            lines.append(f"- **{verdict}** {_cell(gate['message'])}")
+            verdict = (gate.get("verdict") or ("pass" if gate["passed"] else "fail")).upper()
+            outcome = "" if verdict != "INCONCLUSIVE" else (" (passes)" if gate["passed"] else " (fails)")
+            lines.append(f"- **{verdict}**{outcome} {_cell(gate['message'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -506,28 +829,98 @@ def _variant_names(report: Mapping[str, Any]) -> list[str]:
     return names
 
 
+_MARKS = {"pass": ("pass", "tab:green"), "fail": ("FAIL", "tab:red"), "inconclusive": ("?", "tab:orange")}
+
+
+def _gate_marks(report: Mapping[str, Any]) -> dict[str, str]:
+    """{'key/variant': worst verdict of its gates}: fail > inconclusive > pass."""
+    order = {"pass": 0, "inconclusive": 1, "fail": 2}
+    marks: dict[str, str] = {}
+    for gate in report["gates"]:
+        subject = str(gate.get("subject", "")).split(" vs ")[0]
+        verdict = gate.get("verdict") or ("pass" if gate["passed"] else "fail")
+        if order[verdict] >= order.get(marks.get(subject, "pass"), 0):
+            marks[subject] = verdict
+    return marks
+
+
 def _draw_variant(
-    ax: Any, xs: np.ndarray, entries: list[Mapping[str, Any] | None], name: str, width: float, first: bool
+    ax: Any,
+    xs: np.ndarray,
+    entries: list[Mapping[str, Any] | None],
+    name: str,
+    width: float,
+    first: bool,
+    marks: Sequence[str | None] = (),
+    colour: Any = None,
 ) -> None:
-    """One variant's bars (p50, CI error bars), p90 ticks and ratio labels."""
+    """One variant's bars (p50, CI error bars), p90 ticks, ratio labels and gate marks."""
     nan = float("nan")
     p50 = np.array([e["p50_ms"] if e else nan for e in entries])
     lo = np.array([e["p50_ci_ms"][0] if e and "p50_ci_ms" in e else nan for e in entries])
     hi = np.array([e["p50_ci_ms"][1] if e and "p50_ci_ms" in e else nan for e in entries])
     p90 = np.array([e["p90_ms"] if e else nan for e in entries])
     yerr = np.nan_to_num(np.vstack([p50 - lo, hi - p50]), nan=0.0).clip(min=0.0)
-    ax.bar(xs, p50, width, yerr=yerr, capsize=3, label=name)
+    ax.bar(xs, p50, width, yerr=yerr, capsize=3, label=name, color=colour)
     ax.plot(xs, p90, linestyle="none", marker="_", markersize=12, color="black", label="p90" if first else None)
-    for x, top, e in zip(xs, np.fmax(p90, p50), entries):
-        if e and e.get("ratio"):
+    marks = list(marks) or [None] * len(entries)
+    for x, top, e, mark in zip(xs, np.fmax(p90, p50), entries, marks):
+        label = f"x{e['ratio']['median']:.3f}" if e and e.get("ratio") else ""
+        if label:
+            ax.annotate(label, (x, top), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+        if e and mark:
+            text, col = _MARKS[mark]
             ax.annotate(
-                f"x{e['ratio']['median']:.3f}",
+                text,
                 (x, top),
                 textcoords="offset points",
-                xytext=(0, 3),
+                xytext=(0, 12 if label else 3),
                 ha="center",
                 fontsize=7,
+                fontweight="bold",
+                color=col,
             )
+
+
+def _draw_baseline(
+    ax: Any, xs: np.ndarray, entries: list[Mapping[str, Any] | None], width: float, colour: Any, first: bool
+) -> None:
+    """The saved baseline's p50 bars (hatched, pale) beside the current ones."""
+    p50 = np.array([e["p50_ms"] if e and e.get("p50_ms") is not None else np.nan for e in entries])
+    ax.bar(
+        xs,
+        p50,
+        width,
+        color=colour,
+        alpha=0.35,
+        hatch="//",
+        edgecolor="black",
+        linewidth=0.5,
+        label="baseline (saved run)" if first else None,
+    )
+
+
+def _draw_histogram(ax: Any, report: Mapping[str, Any]) -> None:
+    """Control-loop mode: latency histograms per variant, the period as a red line."""
+    period = 1000.0 / report["config"]["rate_hz"]
+    every = [np.asarray(e["samples_s"]) * 1000.0 for b in report["results"].values() for e in b["variants"].values()]
+    top = max(float(np.concatenate(every).max()), period) * 1.05
+    bins = np.linspace(0.0, top, 80)  # shared bins: variants side by side, none hidden by its own binning
+    for key, block in report["results"].items():
+        for name, entry in block["variants"].items():
+            ms = np.asarray(entry["samples_s"]) * 1000.0
+            ax.hist(
+                ms, bins=bins, histtype="step", linewidth=1.5, label=f"{key}/{name} (misses {entry['loop']['misses']})"
+            )
+    ax.axvline(period, color="tab:red", linestyle="--", label=f"period {period:.3g} ms")
+    budget = report["config"].get("max_p99_ms")
+    if budget:
+        ax.axvline(budget, color="tab:orange", linestyle=":", label=f"p99 budget {budget:.3g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("latency per call (ms)")
+    ax.set_ylabel("calls")
+    ax.set_title(f"control loop at {report['config']['rate_hz']:g} Hz: latency histogram", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def plot(
@@ -540,8 +933,10 @@ def plot(
     """Grouped bars of p50 latency by shape and variant, written as PNG atomically (an
     existing file is replaced only with overwrite; never one of `inputs`).
 
-    Error bars are the bootstrap CI of each p50, the black tick is p90, and
-    the label over a bar is its median ratio to the reference.
+    Error bars are the bootstrap CI of each p50, the black tick is p90, the label over a
+    bar is its median ratio to the reference and the coloured mark its gates' verdict
+    (pass, FAIL, ? = inconclusive). With a saved baseline its p50 bars stand hatched
+    beside the current ones; in control-loop mode a latency histogram follows.
     """
     # The Agg canvas directly, not pyplot: no global backend switch, no GUI,
     # safe to call from a CLI or a test without a display.
@@ -550,22 +945,44 @@ def plot(
 
     shapes = list(report["results"])
     names = _variant_names(report)
-    width = 0.8 / len(names)
-    fig = Figure(figsize=(max(6.0, 1.0 + 0.6 * len(shapes) * len(names)), 4.5))
+    baseline = (report.get("baseline") or {}).get("results")
+    slots = len(names) * (2 if baseline else 1)
+    width = 0.8 / slots
+    loop = bool(report["config"].get("rate_hz"))
+    fig = Figure(figsize=(max(6.0, 1.0 + 0.6 * len(shapes) * slots), 8.0 if loop else 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(2, 1, 1) if loop else fig.add_subplot()
     base = np.arange(len(shapes), dtype=float)
+    marks = _gate_marks(report)
+    colours = [f"C{j % 10}" for j in range(len(names))]
     for j, name in enumerate(names):
         entries = [report["results"][s]["variants"].get(name) for s in shapes]
-        _draw_variant(ax, base + (j - (len(names) - 1) / 2) * width, entries, name, width, j == 0)
+        variant_marks = [marks.get(f"{s}/{name}") for s in shapes]
+        if baseline:
+            xs = base + (2 * j - (slots - 1) / 2) * width
+            _draw_baseline(ax, xs, [baseline.get(s, {}).get(name) for s in shapes], width, colours[j], j == 0)
+            xs = xs + width
+        else:
+            xs = base + (j - (slots - 1) / 2) * width
+        _draw_variant(ax, xs, entries, name, width, j == 0, variant_marks, colours[j])
     p50s = [e["p50_ms"] for b in report["results"].values() for e in b["variants"].values()]
+    if baseline:
+        p50s += [e["p50_ms"] for b in baseline.values() for e in b.values() if e.get("p50_ms")]
     if min(p50s) > 0 and max(p50s) / min(p50s) > 10:
         ax.set_yscale("log")  # 1x1 and 8x512 on one linear axis would hide the small shapes
     config = report["config"]
     ax.set_xticks(base, shapes)
     ax.set_xlabel("shape (batch x seq)")
     ax.set_ylabel("p50 latency (ms)")
-    ax.set_title(f"{config['backend']} on {config['device']}: p50 (bars: CI of p50; tick: p90)", fontsize=9)
+    title = f"{config['backend']} on {config['device']}: p50 (bars: CI of p50; tick: p90; marks: gates)"
+    if baseline:
+        title += "\nhatched: saved baseline"
+    elif config.get("baseline_model"):
+        title += f"\nbaseline: {config['reference']} (previous artifact, same run)"
+    ax.set_title(title, fontsize=9)
+    ax.margins(y=0.15)
     ax.legend(fontsize=8)
+    if loop:
+        _draw_histogram(fig.add_subplot(2, 1, 2), report)
     fig.tight_layout()
     return write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), overwrite=overwrite, inputs=inputs)

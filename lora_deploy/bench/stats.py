@@ -36,8 +36,14 @@ class GateResult:
 
     `median`, `low` and `high` are the ratio (candidate / reference, or
     current / baseline) and its confidence interval; `limit` is 1 + the
-    allowed overhead. `gate` is "overhead" or "regression"; `subject` names
-    what was compared, e.g. "8x128/merged".
+    allowed overhead. `gate` is "overhead", "regression" (against a saved
+    baseline report or, in-run, against a --baseline-model), "p99" or
+    "misses" (absolute budgets of the control-loop mode); `subject` names what
+    was compared, e.g. "8x128/merged". `conclusive` is False when the data
+    cannot settle the question (the interval straddles the limit, the
+    baseline's configuration differs, ...); `passed` then follows the
+    on-inconclusive policy. `margin` is the between-run allowance a saved
+    baseline's gate adds to the limit; `notes` say why a gate is inconclusive.
     """
 
     passed: bool
@@ -48,10 +54,23 @@ class GateResult:
     low: float = math.nan
     high: float = math.nan
     limit: float = math.nan
+    conclusive: bool = True
+    margin: float = 0.0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def verdict(self) -> str:
+        """'fail', 'inconclusive' or 'pass' (the outcome before any on-inconclusive policy)."""
+        if not self.conclusive:
+            return "inconclusive"
+        return "pass" if self.passed else "fail"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for the JSON report; NaN (unset numbers) becomes null."""
-        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
+        data = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
+        data["notes"] = list(self.notes)
+        data["verdict"] = self.verdict
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GateResult:
@@ -60,6 +79,7 @@ class GateResult:
         for name in ("median", "low", "high", "limit"):
             if known.get(name) is None:
                 known.pop(name, None)
+        known["notes"] = tuple(known.get("notes") or ())
         return cls(**known)
 
 
@@ -74,15 +94,17 @@ def _as_samples(values: Sequence[float] | np.ndarray, what: str = "samples") -> 
 
 
 def percentiles(samples: Sequence[float] | np.ndarray) -> dict[str, float]:
-    """p50, p90, p99, mean and min of `samples`, in the samples' own unit."""
+    """p50, p90, p99, p99.9 ("p999"), mean, min and max of `samples`, in the samples' own unit."""
     arr = _as_samples(samples)
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    p50, p90, p99, p999 = np.percentile(arr, [50, 90, 99, 99.9])
     return {
         "p50": float(p50),
         "p90": float(p90),
         "p99": float(p99),
+        "p999": float(p999),
         "mean": float(arr.mean()),
         "min": float(arr.min()),
+        "max": float(arr.max()),
     }
 
 
@@ -192,6 +214,15 @@ def _pct(ratio: float) -> str:
     return f"{(ratio - 1.0) * 100:+.1f}%"
 
 
+ON_INCONCLUSIVE = ("pass", "warn", "fail")
+
+
+def check_on_inconclusive(policy: str) -> str:
+    if policy not in ON_INCONCLUSIVE:
+        raise BadInputError(f"on-inconclusive must be one of {', '.join(ON_INCONCLUSIVE)}, got {policy!r}")
+    return policy
+
+
 def _ratio_gate(
     gate: str,
     ratio_ci: Sequence[float],
@@ -199,28 +230,76 @@ def _ratio_gate(
     subject: str,
     confidence: float,
     noun: str,
+    *,
+    margin: float = 0.0,
+    notes: Sequence[str] = (),
+    on_inconclusive: str = "warn",
 ) -> GateResult:
-    """Shared verdict logic for the overhead and regression gates."""
+    """Shared verdict logic for the overhead and regression gates.
+
+    Fails when the whole interval lies above (1 + max_fraction) * (1 + margin): the
+    slowdown is shown to exceed the limit plus the between-run margin. Passes
+    conclusively when the whole interval lies at or below the limit. Anything between,
+    or any `notes` (reasons the comparison itself is doubtful), is inconclusive, and
+    `on_inconclusive` decides whether that passes ("pass", "warn") or fails ("fail").
+    """
     median, low, high = (float(x) for x in ratio_ci)
     if not all(math.isfinite(x) for x in (median, low, high)) or not low <= median <= high:
         raise BadInputError(f"ratio CI must be finite with low <= median <= high, got {ratio_ci}")
+    check_on_inconclusive(on_inconclusive)
     limit = 1.0 + max_fraction
+    fail_above = limit * (1.0 + margin)
     ci = f"{confidence:.0%} CI {low:.3f}-{high:.3f}"
     head = f"{_label(subject)}{noun} {_pct(median)} (ratio {median:.3f}, {ci})"
-    allowed = f"allowed {max_fraction:.1%}"
-    if low > limit:
-        passed = False
+    allowed = f"allowed {max_fraction:.1%}" + (f" + {margin:.1%} between-run margin" if margin else "")
+    doubts = "; ".join(notes)
+    if low > fail_above and not notes:
+        passed, conclusive = False, True
         msg = f"{head}: FAIL, the whole interval is above the {allowed}."
-    elif high > limit:
-        passed = True
-        msg = (
-            f"{head}: pass, but inconclusive: the interval reaches past the {allowed}; "
-            f"more rounds or a quieter machine would settle it."
-        )
-    else:
-        passed = True
+    elif high <= limit and not notes:
+        passed, conclusive = True, True
         msg = f"{head}: pass, within the {allowed}."
-    return GateResult(passed, msg, gate, subject, median, low, high, limit)
+    else:
+        conclusive = False
+        passed = on_inconclusive != "fail"
+        why = doubts or f"the interval reaches past the {allowed}; more rounds or a quieter machine would settle it"
+        outcome = "FAIL (--on-inconclusive fail)" if not passed else "pass"
+        msg = f"{head}: INCONCLUSIVE, {outcome}: {why}."
+    return GateResult(passed, msg, gate, subject, median, low, high, limit, conclusive, margin, tuple(notes))
+
+
+def absolute_gate(
+    gate: str,
+    value: float,
+    limit: float,
+    *,
+    subject: str,
+    unit: str,
+    conclusive: bool = True,
+    why: str = "",
+    on_inconclusive: str = "warn",
+) -> GateResult:
+    """An absolute budget (control-loop p99 in ms, deadline misses): value <= limit.
+
+    Absolute figures belong to one machine: the message says so. A gate without enough
+    data (`conclusive` False, `why`) follows `on_inconclusive` like the ratio gates.
+    """
+    check_on_inconclusive(on_inconclusive)
+    within = value <= limit
+    head = f"{_label(subject)}{gate} {value:g}{unit} (budget {limit:g}{unit}, valid on the target machine only)"
+    if not within:
+        passed, msg = False, f"{head}: FAIL."
+    elif conclusive:
+        passed, msg = True, f"{head}: pass."
+    else:
+        passed = on_inconclusive != "fail"
+        outcome = "FAIL (--on-inconclusive fail)" if not passed else "pass"
+        msg = f"{head}: INCONCLUSIVE, {outcome}: {why}."
+    conclusive = conclusive or not within
+    notes = () if conclusive else (why,)
+    return GateResult(
+        passed, msg, gate, subject, float(value), float(value), float(value), float(limit), conclusive, 0.0, notes
+    )
 
 
 def overhead_gate(
@@ -229,16 +308,20 @@ def overhead_gate(
     *,
     subject: str = "",
     confidence: float = 0.95,
+    gate: str = "overhead",
+    on_inconclusive: str = "warn",
 ) -> GateResult:
-    """Gate on candidate / reference latency.
+    """Gate on candidate / reference latency, measured in one interleaved run.
 
     `ratio_ci` is (median, low, high) from `bootstrap_median_ci` of the paired
     ratios. Fails only when the lower bound exceeds 1 + max_overhead, i.e. the
     overhead is both real and above the threshold; `confidence` is only used
-    to word the message.
+    to word the message. No between-run margin: both sides shared every round.
+    `gate="regression"` labels the in-run regression gate against a --baseline-model.
     """
     max_overhead = _check_limit(max_overhead, "max overhead")
-    return _ratio_gate("overhead", ratio_ci, max_overhead, subject, confidence, "overhead")
+    noun = "overhead" if gate == "overhead" else "regression"
+    return _ratio_gate(gate, ratio_ci, max_overhead, subject, confidence, noun, on_inconclusive=on_inconclusive)
 
 
 def _entry_samples(entry: Mapping[str, Any] | Sequence[float], what: str) -> np.ndarray:
@@ -259,18 +342,76 @@ def regression_gate(
     confidence: float = 0.95,
     resamples: int = 10_000,
     seed: int = 0,
+    margin: float = 0.0,
+    notes: Sequence[str] = (),
+    on_inconclusive: str = "warn",
 ) -> GateResult:
     """Gate this run against an earlier one for the same shape and variant.
 
     Entries are report variant entries (with 'samples_s') or bare sample
-    lists. Fails only when the bootstrap CI of median(current) /
-    median(baseline) lies wholly above 1 + max_regression.
+    lists. The bootstrap CI of median(current) / median(baseline) covers the
+    noise inside each run, not the drift between runs (a process, a session,
+    clocks, a neighbour: measured at a few percent, README "Calibration"), so
+    it fails only when the CI lies wholly above (1 + max_regression) *
+    (1 + margin). A real improvement larger than the margin is suspicious — a
+    baseline measured on a loaded machine makes everything look fast — and is
+    inconclusive, as is any comparison with `notes` (configuration mismatches).
     """
     max_regression = _check_limit(max_regression, "max regression")
+    margin = _check_limit(margin, "between-run margin")
     cur = _entry_samples(current_report_entry, "current")
     base = _entry_samples(baseline_entry, "baseline")
     ci = bootstrap_ratio_of_medians_ci(cur, base, confidence=confidence, resamples=resamples, seed=seed)
-    return _ratio_gate("regression", ci, max_regression, subject, confidence, "regression")
+    notes = list(notes)
+    if margin and ci[2] < 1.0 / (1.0 + 2.0 * margin):
+        notes.append(
+            f"this run is {1 - ci[0]:.0%} faster than the baseline, beyond twice the between-run margin: "
+            "was the baseline measured on a loaded machine? Re-record it"
+        )
+    dispersion = relative_iqr(base)
+    if dispersion > max(LOADED_DISPERSION, 2.0 * relative_iqr(cur)):
+        notes.append(
+            f"the baseline's own spread (IQR {dispersion:.0%} of its median, this run {relative_iqr(cur):.0%}) "
+            "says it was measured under load; re-record it"
+        )
+    return _ratio_gate(
+        "regression",
+        ci,
+        max_regression,
+        subject,
+        confidence,
+        "regression",
+        margin=margin,
+        notes=notes,
+        on_inconclusive=on_inconclusive,
+    )
+
+
+def yardstick_note(
+    current_reference: Sequence[float], baseline_reference: Sequence[float], margin: float, name: str = "reference"
+) -> str | None:
+    """A doubt when the reference variant (usually the unchanged base model: the machine's
+    yardstick) itself moved by more than the between-run margin: the machine's state
+    differs between the runs (load, clocks), so no variant's change can be read off."""
+    drift = float(np.median(_as_samples(current_reference)) / np.median(_as_samples(baseline_reference)))
+    if abs(drift - 1.0) <= margin:
+        return None
+    return (
+        f"the reference {name!r} itself ran {_pct(drift)} against the baseline, beyond the {margin:.1%} "
+        "between-run margin: the machine's state differs between the runs"
+    )
+
+
+# A baseline whose interquartile range exceeds this fraction of its median (and twice this
+# run's) was measured under load: quiet runs of the calibration stayed below 0.05.
+LOADED_DISPERSION = 0.10
+
+
+def relative_iqr(samples: Sequence[float] | np.ndarray) -> float:
+    """Interquartile range / median: the spread of one run, independent of its speed."""
+    arr = _as_samples(samples)
+    q1, q2, q3 = np.percentile(arr, [25, 50, 75])
+    return float((q3 - q1) / q2) if q2 > 0 else math.inf
 
 
 def enforce_gates(gates: Sequence[GateResult | Mapping[str, Any]]) -> None:

@@ -60,7 +60,7 @@ Facts about the torch 2.13 dynamo exporter this module relies on
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -89,9 +89,12 @@ class ExportResult:
     task: str
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
-    max_abs_error: float | None  # None: no output had a position to compare
+    max_abs_error: float | None  # None: no output had a position to compare (or no parity check)
     dtype: str
     opset: int
+    dtype_source: str = "requested"  # "requested", or why --dtype auto chose `dtype`
+    weights: str = "loaded"  # "loaded": traced with the weights; "streamed": traced fake, streamed by name
+    parity: str = "checked"  # ONNX Runtime vs torch: "checked", or "skipped: <why>"
 
 
 # --------------------------------------------------------------- export ----
@@ -108,6 +111,7 @@ def export_checkpoint(
     seq: int = 16,
     optimize: bool = False,
     overwrite: bool = False,
+    stream_weights: bool = False,
 ) -> ExportResult:
     """Export a Hugging Face checkpoint directory to one checked ONNX file.
 
@@ -119,9 +123,19 @@ def export_checkpoint(
     reference, with half-precision tolerances). Initializers keep the
     checkpoint's state-dict names unless ``optimize=True``. An existing file is
     replaced only with ``overwrite=True``, and never one of the checkpoint's.
+
+    ``dtype="auto"`` follows the checkpoint's float dtype (float32 for bfloat16, which
+    ONNX Runtime's CPU kernels lack); the result says which and why. ``stream_weights``
+    traces the model without its weights and streams them from the checkpoint into
+    ``<name>.data`` (export/streamed.py): memory is about one tensor, and the parity
+    check runs only when the model fits twice in half the available memory.
     """
     onnx_graph.check_output(Path(path), [model_dir], overwrite)
+    dtype, dtype_source = resolve_dtype(model_dir, dtype)
     torch_dtype = parse_dtype(dtype)
+    if stream_weights:
+        result = _export_streamed(model_dir, Path(path), task, opset, torch_dtype, batch, seq, optimize, overwrite)
+        return replace(result, dtype_source=dtype_source)
     wrapper = wrap_checkpoint(model_dir, task, torch_dtype)
     feed = sample_inputs(wrapper.model.config, batch=batch, seq=seq)
     example = {name: torch.from_numpy(array) for name, array in feed.items()}
@@ -147,6 +161,73 @@ def export_checkpoint(
         max_abs_error=max_err,
         dtype=of_torch(torch_dtype).name,
         opset=opset_used,
+        dtype_source=dtype_source,
+    )
+
+
+def resolve_dtype(model_dir: str | os.PathLike, dtype: str) -> tuple[str, str]:
+    """(export dtype, why): ``auto`` follows the checkpoint's float tensors."""
+    if dtype != "auto":
+        return dtype, "requested"
+    from lora_deploy.io.checkpoint import Checkpoint
+
+    with Checkpoint(model_dir) as ckpt:
+        sizes: dict[str, int] = {}
+        for info in ckpt.tensors.values():
+            if info.np_dtype.kind == "f" or info.dtype == "BF16":
+                sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
+    stored = max(sizes, key=sizes.get) if sizes else "F32"
+    if stored == "F16":
+        return "float16", "auto: the checkpoint is float16"
+    if stored == "BF16":
+        return "float32", "auto: the checkpoint is bfloat16, which ONNX Runtime's CPU kernels lack; float32"
+    return "float32", f"auto: the checkpoint is {of_numpy_name(stored)}"
+
+
+def of_numpy_name(code: str) -> str:
+    from lora_deploy.dtypes import BY_SAFETENSORS
+
+    return BY_SAFETENSORS[code].name
+
+
+def _export_streamed(model_dir, path: Path, task, opset, torch_dtype, batch, seq, optimize, overwrite) -> ExportResult:
+    """export_checkpoint(stream_weights=True): see export/streamed.py."""
+    from lora_deploy.export.streamed import export_streamed
+    from lora_deploy.modeling.tasks import load_config
+
+    if optimize:
+        raise BadInputError("stream_weights keeps checkpoint names on initializers: optimize must be False")
+    feed = sample_inputs(load_config(model_dir), batch=batch, seq=seq)
+
+    def parity(tmp_path: Path, output_names: Sequence[str]) -> float | None:
+        _check_onnx(tmp_path)
+        wrapper = wrap_checkpoint(model_dir, task, torch_dtype)
+        example = {name: torch.from_numpy(feed[name]) for name in wrapper.input_names}
+        reference = _torch_outputs(wrapper, example)
+        del wrapper  # the torch model goes before the ORT session comes
+        outputs = _ort_outputs(tmp_path, {name: feed[name] for name in example}, output_names)
+        return _compare(output_names, reference, outputs, None, None)
+
+    wrapper, max_err, opset_used, status = export_streamed(
+        Path(model_dir),
+        path,
+        task=task,
+        opset=opset,
+        torch_dtype=torch_dtype,
+        feed=feed,
+        parity=parity,
+        overwrite=overwrite,
+    )
+    return ExportResult(
+        path=path,
+        task=wrapper.task,
+        input_names=tuple(wrapper.input_names),
+        output_names=tuple(wrapper.output_names),
+        max_abs_error=max_err,
+        dtype=of_torch(torch_dtype).name,
+        opset=opset_used,
+        weights="streamed",
+        parity=status,
     )
 
 

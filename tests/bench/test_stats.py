@@ -56,7 +56,7 @@ def test_percentiles_known_values():
     assert p["p50"] == pytest.approx(50.5)
     assert p["p90"] == pytest.approx(90.1)
     assert p["p99"] == pytest.approx(99.01)
-    assert set(p) == {"p50", "p90", "p99", "mean", "min"}
+    assert set(p) == {"p50", "p90", "p99", "p999", "mean", "min", "max"}
 
 
 @pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [float("inf")], [[1.0, 2.0]]])
@@ -193,7 +193,7 @@ def test_overhead_gate_boundaries_and_wording():
     assert overhead_gate((1.05, 1.021, 1.08), 0.02).passed is False
     assert overhead_gate((1.05, 1.02, 1.08), 0.02).passed is True  # not strictly above
     inconclusive = overhead_gate((1.01, 0.99, 1.04), 0.02)
-    assert inconclusive.passed and "inconclusive" in inconclusive.message
+    assert inconclusive.passed and "INCONCLUSIVE" in inconclusive.message and not inconclusive.conclusive
     clean = overhead_gate((1.0, 0.99, 1.01), 0.02)
     assert clean.passed and "within" in clean.message
     assert "1.000" in clean.message and "0.990" in clean.message and "2.0%" in clean.message

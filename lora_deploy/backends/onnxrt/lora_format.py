@@ -247,10 +247,10 @@ def write_failure(path: Path, written: re.Match | None) -> str:
 
 
 def check_output_file(path: Path, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False) -> None:
-    """The output policy (check_output), and a parent directory that exists."""
+    """The output policy (check_output) for a file: a missing parent is created when it is written."""
     check_output(path, inputs, overwrite)
-    if not path.parent.is_dir():
-        raise BadInputError(f"{path.parent}: directory does not exist")
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a directory; give a file path")
 
 
 def fit_to_graph(

@@ -1,0 +1,164 @@
+"""merge --onnx-like: an adapter's merged ONNX from the base's graph, without an export.
+
+The claim: the result equals a fresh `export onnx` of the merged checkpoint (same graph,
+initializers byte-identical) and computes what base + adapter compute unmerged. The base
+is float16 and its graph float32, so the merged tensors must be rounded to the
+checkpoint's dtype first, as `merge` then `export onnx` do. The base graph is exported
+once (with external data); an inline copy is made from it without a second export.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from lora_deploy.cli import main
+from lora_deploy.compare import TOLERANCES
+from lora_deploy.examples import models as ref
+from lora_deploy.export import graph as onnx_graph
+from lora_deploy.export.like import merge_onnx
+from lora_deploy.export.model import export_checkpoint
+from lora_deploy.merge import merge
+from lora_deploy.modeling.samples import sample_inputs
+from lora_deploy.modeling.tasks import load_config
+from lora_deploy.proof.verify import verify
+
+
+@pytest.fixture(scope="module")
+def case(reference, tmp_path_factory):
+    base, adapter = reference("llama", "plain", dtype="float16")
+    root = tmp_path_factory.mktemp("like")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_graph, "EXTERNAL_DATA_BYTES", 0)  # the streamed path: weights in base.onnx.data
+        export_checkpoint(base, root / "base.onnx")
+    inline = onnx.load(str(root / "base.onnx"))  # loads the external data into the graph
+    onnx.save(inline, str(root / "inline.onnx"))
+    merge(base, adapter, root / "merged")
+    export_checkpoint(root / "merged", root / "fresh.onnx")
+    return base, adapter, root
+
+
+def initializers(path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def ort_logits(path, feed) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("graph", ["base.onnx", "inline.onnx"])
+def test_equals_a_fresh_export_of_the_merged_checkpoint(case, graph, tmp_path):
+    base, adapter, root = case
+    out = tmp_path / "merged.onnx"
+    result = merge_onnx(base, adapter, root / graph, out)
+    assert result.external_data == (graph == "base.onnx")
+    assert (tmp_path / "merged.onnx.data").exists() == result.external_data
+    assert len(result.merged) == 4 and result.graph_dtypes == ["float32"] and result.checkpoint_dtypes == ["float16"]
+
+    ours, fresh, before = initializers(out), initializers(root / "fresh.onnx"), initializers(root / "base.onnx")
+    assert set(ours) == set(fresh)
+    for name in fresh:
+        assert ours[name].dtype == fresh[name].dtype and ours[name].tobytes() == fresh[name].tobytes(), name
+    assert sorted(n for n in ours if ours[n].tobytes() != before[n].tobytes()) == result.merged
+    ops = [node.op_type for node in onnx.load(str(out), load_external_data=False).graph.node]
+    assert ops == [node.op_type for node in onnx.load(str(root / "fresh.onnx"), load_external_data=False).graph.node]
+
+    feed = sample_inputs(load_config(base), batch=3, seq=11)
+    np.testing.assert_array_equal(ort_logits(out, feed), ort_logits(root / "fresh.onnx", feed))
+    onnx.checker.check_model(str(out))
+
+
+def test_matches_the_unmerged_reference(case, tmp_path):
+    base, adapter, root = case
+    out = tmp_path / "merged.onnx"
+    assert cli("merge", base, adapter, "--onnx-like", root / "base.onnx", "-o", out).exit_code == 0
+    # The merged weights are float16 (rounded once, as `merge` writes them) in a float32
+    # graph: verify picks tolerances by the graph's dtype, so give it the weights'.
+    tol = TOLERANCES["float16"]
+    report = verify(base, adapter, onnx_path=out, atol=tol.atol, rtol=tol.rtol)
+    assert report.equivalent, report.problem()
+
+
+def test_output_policy(case, tmp_path):
+    base, adapter, root = case
+    out = tmp_path / "merged.onnx"
+    args = ("merge", base, adapter, "--onnx-like", root / "base.onnx", "-o")
+    assert cli(*args, out).exit_code == 0
+    again = cli(*args, out)
+    assert again.exit_code == 2 and "exists; pass --overwrite" in again.output
+    assert cli(*args, out, "--overwrite", "--json").exit_code == 0
+    for bad in (root / "base.onnx", base / "x.onnx"):
+        result = cli(*args, bad, "--overwrite")
+        assert result.exit_code == 2 and "must not be or contain an input" in result.output, bad
+    assert not (base / "x.onnx").exists()
+    assert "must end in .onnx" in cli(*args, root / "base.onnx.data", "--overwrite").output
+    assert cli(*args, tmp_path / "d.onnx", "--dtype", "float16").exit_code == 2
+
+
+def edited(root, tmp_path, edit):
+    """A copy of the inline base graph with `edit(model)` applied."""
+    model = onnx.load(str(root / "inline.onnx"))
+    edit(model)
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def rename_all(model):
+    for init in model.graph.initializer:
+        init.name = "x." + init.name
+
+
+def rename_target(model):
+    for init in model.graph.initializer:
+        if init.name.endswith("q_proj.weight"):
+            init.name += ".renamed"
+
+
+def reshape_target(model):
+    init = next(i for i in model.graph.initializer if i.name.endswith("layers.0.self_attn.q_proj.weight"))
+    values = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array(np.concatenate([values, values]), init.name))
+
+
+def perturb_norm(model):  # a tensor the adapter does not touch: still checked
+    init = next(i for i in model.graph.initializer if i.name == "model.norm.weight")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(1e-3), init.name))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (rename_all, "no initializer name maps onto a tensor"),
+        (rename_target, "no initializer of the graph has that name"),
+        (reshape_target, "has shape [128, 64] but"),
+        (perturb_norm, "differs from"),
+    ],
+)
+def test_refuses_a_graph_that_is_not_the_bases(case, tmp_path, edit, message):
+    base, adapter, root = case
+    graph = edited(root, tmp_path, edit)
+    out = tmp_path / "out" / "merged.onnx"
+    out.parent.mkdir()
+    result = cli("merge", base, adapter, "--onnx-like", graph, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert list(out.parent.iterdir()) == []
+
+
+def test_refuses_another_models_graph(case, tmp_path):
+    _, adapter, root = case
+    other = ref.build_base("llama", tmp_path / "other", dtype="float16", seed=1)
+    out = tmp_path / "merged.onnx"
+    result = cli("merge", other, adapter, "--onnx-like", root / "base.onnx", "-o", out)
+    assert result.exit_code == 2 and "is not an export of this base" in result.output
+    assert not out.exists() and not (tmp_path / "merged.onnx.data").exists()
