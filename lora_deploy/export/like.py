@@ -40,7 +40,8 @@ from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
 from lora_deploy.errors import BadInputError, CheckpointError, NonFiniteError, OutputError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.io.checkpoint import DTYPES, Checkpoint, TensorInfo, pread_all
-from lora_deploy.io.staging import output_error, staging_dir
+from lora_deploy.io.staging import output_error, staging_dir, sync_path
+from lora_deploy.io.stream import write_at
 from lora_deploy.merge.delta import merged_bias, merged_weight
 
 # Tensors are compared with the checkpoint this many bytes at a time.
@@ -377,16 +378,6 @@ def finite(values: np.ndarray, name: str) -> np.ndarray:
     return values
 
 
-def write_at(fd: int, path: Path, data: np.ndarray, offset: int) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-
-
 def relocate(inits: dict[str, Initializer], location: str) -> None:
     """Point every external initializer at the output's data file (offsets are unchanged)."""
     for init in inits.values():
@@ -404,11 +395,7 @@ def write_proto(model: Any, path: Path, data_file: Path | None, durable: bool) -
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        if durable and data_file is not None:
-            fd = os.open(data_file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    if durable and data_file is not None:
+        sync_path(data_file)

@@ -32,6 +32,7 @@ from lora_deploy.errors import BadInputError, ExportError, OutputError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.io.checkpoint import Checkpoint, check_checkpoint
 from lora_deploy.io.staging import output_error, staging_dir
+from lora_deploy.io.stream import write_at
 from lora_deploy.modeling.hf import HFExportWrapper
 from lora_deploy.modeling.sentence import pooling_for_task
 from lora_deploy.modeling.tasks import AUTO_CLASS, load_config, model_input_names, resolve_task
@@ -156,15 +157,6 @@ def stream_initializers(model: Any, ckpt: Checkpoint, buffers: Mapping[str, np.n
     finally:
         os.close(fd)
     return offset
-
-
-def write_at(fd: int, path: Path, data: memoryview, offset: int) -> None:
-    try:
-        while data:
-            written = os.pwrite(fd, data, offset)
-            data, offset = data[written:], offset + written
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
 def memory_available() -> int | None:

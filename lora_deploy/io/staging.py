@@ -371,7 +371,7 @@ def write_file_atomic(
 
     target = write_path_atomic(path, to_file, overwrite=overwrite, inputs=inputs)
     if durable:
-        sync_dir(target.parent)
+        sync_path(target.parent)
     return target
 
 
@@ -422,16 +422,16 @@ def move_file(staged: Path, target: Path, overwrite: bool = False) -> None:
         raise output_error(target, exc, "cannot move the output into place") from exc
 
 
-def sync_dir(directory: Path) -> None:
-    """fsync a directory, so a rename into it survives a power cut."""
+def sync_path(path: Path) -> None:
+    """fsync a file, or a directory so a rename into it survives a power cut."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:
-        raise OutputError(f"{directory}: cannot sync ({exc.strerror or exc})") from exc
+        raise OutputError(f"{path}: cannot sync ({exc.strerror or exc})") from exc
 
 
 def output_error(path: Path, exc: OSError, doing: str) -> LoraDeployError:

@@ -419,6 +419,18 @@ def write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data) :]
 
 
+def write_at(fd: int, path: Path, data: memoryview | np.ndarray, offset: int) -> None:
+    """Write all of `data` at `offset` of an open file (short writes retried); a failure is
+    an OutputError naming `path`. Arrays are written as their raw bytes."""
+    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if isinstance(data, np.ndarray) else data
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
 def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
     """Group tensors into shards in order, starting a new shard when one would overflow."""
     shards: list[list[OutputTensor]] = [[]]
