@@ -125,9 +125,14 @@ def note(message: str) -> None:
 
 
 class OneLineUsageError(click.UsageError):
-    """A usage error shown like every other error: one line, `error: ...`, exit 2."""
+    """A usage error shown like every other error: one line, `error: ...`, exit 2 (and, when
+    the command line asked for --json, the same error as JSON on stdout)."""
+
+    as_json = False
 
     def show(self, file=None) -> None:
+        if self.as_json:
+            click.echo(json.dumps({"error": self.format_message(), "exit_code": self.exit_code}))
         click.echo(f"error: {self.format_message()}", err=True)
 
 
@@ -140,23 +145,28 @@ class OneLineUsageGroup(click.Group):
 
     group_class = type  # subgroups (export) are of this class too
 
-    def make_context(self, *args, **kwargs) -> click.Context:
-        with one_line_usage_errors():
-            return super().make_context(*args, **kwargs)
+    def make_context(self, info_name, args, *rest, **kwargs) -> click.Context:
+        with one_line_usage_errors(args):
+            return super().make_context(info_name, args, *rest, **kwargs)
 
     def invoke(self, ctx: click.Context):
-        with one_line_usage_errors():
+        # The subcommand's own arguments are parsed in here: they are what is left of the line.
+        with one_line_usage_errors([*getattr(ctx, "_protected_args", []), *ctx.args]):
             return super().invoke(ctx)
 
 
 @contextlib.contextmanager
-def one_line_usage_errors():
+def one_line_usage_errors(args):
     try:
         yield
-    except (click.exceptions.NoArgsIsHelpError, OneLineUsageError):
+    except click.exceptions.NoArgsIsHelpError:
         raise
     except click.UsageError as exc:
-        raise OneLineUsageError(exc.format_message(), exc.ctx) from exc
+        error = exc if isinstance(exc, OneLineUsageError) else OneLineUsageError(exc.format_message(), exc.ctx)
+        error.as_json = error.as_json or "--json" in args
+        if error is exc:
+            raise
+        raise error from exc
 
 
 @click.group(cls=OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"]})

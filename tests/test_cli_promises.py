@@ -65,3 +65,14 @@ def test_usage_errors_are_one_line(argv):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def test_usage_errors_are_json_too_when_json_was_asked_for():
+    import json
+
+    result = CliRunner().invoke(main, ["merge", "b", "a", "-o", "x", "--dtype", "foo", "--json"])
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)
+    assert error["exit_code"] == 2 and "--dtype" in error["error"]
+    assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert CliRunner().invoke(main, ["merge", "b", "a", "-o", "x", "--dtype", "foo"]).stdout == ""

@@ -238,11 +238,6 @@ def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None
     raise CheckpointError(f"{model_dir}: no model.safetensors or {INDEX_FILE}")
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, in index order."""
-    return checkpoint_files(model_dir)[0]
-
-
 def check_checkpoint(model_dir: str | os.PathLike) -> None:
     """Validate a checkpoint directory before another library (transformers) reads it,
     exactly as the merge would: every safetensors header and the index.
@@ -333,14 +328,15 @@ class Checkpoint:
         self.close()
 
 
-def parse_size(text: str | int, minimum: int = MIN_SHARD_BYTES) -> int:
+def parse_size(text: str | int, minimum: int = MIN_SHARD_BYTES, what: str = "shard size") -> int:
     """'5GB' -> 5_000_000_000, '200KiB' -> 204_800 (the units transformers accepts).
 
-    Sizes below `minimum` (a shard size: MIN_SHARD_BYTES) are refused.
+    Sizes below `minimum` (a shard size: MIN_SHARD_BYTES) are refused, naming `what`.
     """
     size = text if isinstance(text, int) and not isinstance(text, bool) else _size_in_bytes(text)
     if size < minimum:
-        raise CheckpointError(f"shard size {text!r} is {size} bytes; the smallest allowed is {minimum // 1024}KiB")
+        smallest = f"{minimum // 1024}KiB" if minimum >= 1024 else f"{minimum} bytes"
+        raise CheckpointError(f"{what} {text!r} is {size} bytes; the smallest allowed is {smallest}")
     return size
 
 

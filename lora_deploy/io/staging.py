@@ -150,11 +150,42 @@ def protected_paths(inputs: Iterable[str | os.PathLike | None]) -> Iterator[tupl
         real = Path(given).resolve()
         if not real.is_dir():
             yield real, False, f"input {given}"
+            for data in onnx_external_data(real):
+                yield data, False, f"{data}, the external data of input {given}"
             continue
         yield real, True, f"input {given}"
         for link in links_under(real):
             target = link.resolve()
             yield target, target.is_dir(), f"{target}, linked from input {given} ({link})"
+            if target.is_file():  # a Hugging Face cache's blob directory: nothing goes inside it
+                yield target.parent, True, f"{target.parent}, holding {target.name} linked from input {given}"
+
+
+# An ONNX file this large keeps its weights inline (protobuf's limit is 2 GB): parsing it
+# only to find external data would read it all. Such files get the conventional names only.
+ONNX_PARSE_LIMIT = 256 * 1024 * 1024
+
+
+def onnx_external_data(path: Path) -> list[Path]:
+    """The files an ONNX model reads its weights from (resolved), which are inputs as much as
+    the model itself; [] for anything that is not an .onnx file."""
+    if path.suffix != ".onnx" or not path.is_file():
+        return []
+    names = {f"{path.name}.data", f"{path.name}_data", f"{path.stem}.data"}
+    if path.stat().st_size <= ONNX_PARSE_LIMIT:
+        names |= onnx_locations(path)
+    return [(path.parent / name).resolve() for name in sorted(names) if (path.parent / name).exists()]
+
+
+def onnx_locations(path: Path) -> set[str]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not readable as ONNX: the command reading it will say so
+        return set()
+    tensors = list(model.graph.initializer)
+    return {e.value for t in tensors for e in t.external_data if e.key == "location"}
 
 
 def links_under(root: Path) -> Iterator[Path]:

@@ -61,7 +61,8 @@ class MergeResult:
         size = self.manifest["output"]["total_bytes"]
         return (
             f"merged {len(self.merged)} tensors into {self.out_dir} "
-            f"({size / 1e6:.1f} MB, {len(self.manifest['output']['files'])} files) in {self.seconds:.1f}s"
+            f"({size / 1e6:.1f} MB, {len(self.manifest['output']['files'])} files + {MANIFEST_FILE}) "
+            f"in {self.seconds:.1f}s"
         )
 
 
@@ -122,6 +123,8 @@ def write_merged(
 def check_output_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
     """The output policy (an empty directory counts as absent), before any work is done."""
     check_output(out_dir, inputs, overwrite, directory=True)
+    if out_dir.parent.exists() and not out_dir.parent.is_dir():
+        raise BadInputError(f"{out_dir.parent}: is a file, not a directory")
     if not out_dir.parent.is_dir():
         raise BadInputError(f"{out_dir.parent}: parent directory does not exist")
 

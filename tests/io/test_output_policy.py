@@ -460,3 +460,48 @@ def test_a_swapped_out_link_left_by_a_killed_run_is_removed_or_put_back(tmp_path
     swapped.symlink_to(real)
     assert remove_dead_siblings(target) == [swapped]  # the output is there: a leftover
     assert not os.path.lexists(swapped) and target.is_symlink() and real.is_dir()
+
+
+def test_nothing_is_written_inside_a_cached_base_blob_directory(hf_cache):
+    """The blob directory holds the base's real files: not even a new output goes inside it."""
+    snapshot, blobs, adapter = hf_cache
+    before = tree_digest(blobs)
+    result = run_cli("merge", snapshot, adapter, "-o", blobs / "out")
+    assert result.exit_code == 2 and "lies inside" in result.stderr, result.output
+    assert tree_digest(blobs) == before and not (blobs / "out").exists()
+
+
+def onnx_with_external_data(directory: Path) -> Path:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    directory.mkdir()
+    path = directory / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    return path
+
+
+@pytest.mark.parametrize("command", ["bench --json", "verify --report"])
+def test_the_external_data_of_an_input_model_is_an_input(reference, tmp_path, command):
+    """An ONNX model's weights file is read as much as the model: no output may replace it."""
+    model = onnx_with_external_data(tmp_path / "ext")
+    data = tmp_path / "ext" / "weights.bin"
+    before = data.read_bytes()
+    with pytest.raises(BadInputError, match="external data of input"):
+        check_output(data, [model], overwrite=True)
+    if command == "bench --json":
+        argv = ["bench", "--model", f"m={model}", "--shapes", "1x8", "--rounds", "2", "--quiet"]
+    else:
+        base, adapter = reference("llama", "plain")
+        argv = ["verify", base, adapter, "--onnx", model]
+    flag = command.split()[1]
+    result = run_cli(*argv, flag, data, "--overwrite")
+    assert result.exit_code == 2 and "external data of input" in result.stderr, result.output
+    assert data.read_bytes() == before

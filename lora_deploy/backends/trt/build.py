@@ -115,7 +115,7 @@ def parse_workspace(size: str | int | None) -> int | None:
         return size
     from lora_deploy.io.checkpoint import parse_size
 
-    return parse_size(size)
+    return parse_size(size, minimum=1, what="workspace")
 
 
 def build_engine(
