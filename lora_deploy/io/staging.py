@@ -106,7 +106,20 @@ def check_output(
         exists = os.path.lexists(out)
     if exists and not overwrite:
         raise exists_error(out)
+    if os.path.lexists(out) and holds_cwd(out):  # even empty: the rename would unlink it
+        raise BadInputError(
+            f"{out}: is or contains the current directory; replacing it would pull it out from under you"
+        )
     return out
+
+
+def holds_cwd(path: Path) -> bool:
+    try:
+        cwd = Path.cwd()
+    except OSError:
+        return False
+    real = path.resolve()
+    return real == cwd or real in cwd.parents
 
 
 def exists_error(out: Path) -> BadInputError:
@@ -331,11 +344,13 @@ class staging_dir:
         overwrite: bool = False,
         inputs: Iterable[str | os.PathLike | None] = (),
     ):
-        self.target = target
+        # Absolute (not resolved: a symlinked target stays one), so that "." or "out/" has a
+        # parent and a name and the hidden siblings land beside it, not inside it.
+        self.target = Path(os.path.abspath(target))
         self.rename = rename
         self.overwrite = overwrite
         self.inputs = inputs
-        self.tmp = sibling(target, STAGING)
+        self.tmp = sibling(self.target, STAGING)
         self._lock: int | None = None
 
     def __enter__(self) -> Path:
@@ -420,7 +435,7 @@ def write_path_atomic(
     old file is untouched and nothing is left; after a kill, the next write of the same
     target removes the leftover. overwrite and inputs: the output policy (check_output).
     """
-    target = check_output(path, inputs, overwrite)
+    target = Path(os.path.abspath(check_output(path, inputs, overwrite)))
     make_parent(target)
     with staging_dir(target, rename=False, overwrite=overwrite) as tmp:
         staged = tmp / target.name

@@ -505,3 +505,24 @@ def test_the_external_data_of_an_input_model_is_an_input(reference, tmp_path, co
     result = run_cli(*argv, flag, data, "--overwrite")
     assert result.exit_code == 2 and "external data of input" in result.stderr, result.output
     assert data.read_bytes() == before
+
+
+def test_the_current_directory_is_never_replaced(llama, tmp_path, monkeypatch):
+    """Renaming onto the working directory (even an empty one) would unlink it under the user."""
+    base, adapter = llama
+    work = tmp_path / "here"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for flags in ([], ["--overwrite"]):
+        result = run_cli("merge", base, adapter, "-o", ".", *flags)
+        assert result.exit_code == 2 and "current directory" in result.stderr, result.output
+    assert list(work.iterdir()) == [] and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_an_output_spelled_with_a_trailing_slash_is_staged_beside_it(llama, tmp_path):
+    base, adapter = llama
+    (tmp_path / "out").mkdir()
+    result = run_cli("merge", base, adapter, "-o", f"{tmp_path / 'out'}/")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "merge-manifest.json").is_file()
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())
