@@ -71,7 +71,7 @@ from torch import nn
 from lora_deploy.arrays import from_torch
 from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
 from lora_deploy.compare import TOLERANCES, compare_array, tolerance
-from lora_deploy.dtypes import of_torch
+from lora_deploy.dtypes import BY_SAFETENSORS, of_torch
 from lora_deploy.errors import BadInputError, ExportError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.export.graph import EXTERNAL_DATA_BYTES  # noqa: F401  (re-exported)
@@ -153,15 +153,20 @@ def export_checkpoint(
         overwrite=overwrite,
         inputs=[model_dir],
     )
+    return export_result(written, wrapper, max_err, torch_dtype, opset_used, dtype_source=dtype_source)
+
+
+def export_result(path: Path, wrapper, max_err, torch_dtype, opset: int, **extra) -> ExportResult:
+    """What an export of `wrapper` wrote: names from the wrapper, dtype from the torch dtype."""
     return ExportResult(
-        path=written,
+        path=path,
         task=wrapper.task,
         input_names=tuple(wrapper.input_names),
         output_names=tuple(wrapper.output_names),
         max_abs_error=max_err,
         dtype=of_torch(torch_dtype).name,
-        opset=opset_used,
-        dtype_source=dtype_source,
+        opset=opset,
+        **extra,
     )
 
 
@@ -181,13 +186,7 @@ def resolve_dtype(model_dir: str | os.PathLike, dtype: str) -> tuple[str, str]:
         return "float16", "auto: the checkpoint is float16"
     if stored == "BF16":
         return "float32", "auto: the checkpoint is bfloat16, which ONNX Runtime's CPU kernels lack; float32"
-    return "float32", f"auto: the checkpoint is {of_numpy_name(stored)}"
-
-
-def of_numpy_name(code: str) -> str:
-    from lora_deploy.dtypes import BY_SAFETENSORS
-
-    return BY_SAFETENSORS[code].name
+    return "float32", f"auto: the checkpoint is {BY_SAFETENSORS[stored].name}"
 
 
 def _export_streamed(model_dir, path: Path, task, opset, torch_dtype, batch, seq, optimize, overwrite) -> ExportResult:
@@ -218,17 +217,7 @@ def _export_streamed(model_dir, path: Path, task, opset, torch_dtype, batch, seq
         parity=parity,
         overwrite=overwrite,
     )
-    return ExportResult(
-        path=path,
-        task=wrapper.task,
-        input_names=tuple(wrapper.input_names),
-        output_names=tuple(wrapper.output_names),
-        max_abs_error=max_err,
-        dtype=of_torch(torch_dtype).name,
-        opset=opset_used,
-        weights="streamed",
-        parity=status,
-    )
+    return export_result(path, wrapper, max_err, torch_dtype, opset_used, weights="streamed", parity=status)
 
 
 def export_module(
