@@ -2,13 +2,22 @@
 
 Builds a synthetic sharded float16 LLaMA-shaped checkpoint (default about 2.1 GB) and an
 r=16 adapter (q_proj/v_proj, or every linear layer with --targets all-linear), then
-times, interleaved round by round:
+times, interleaved round by round (--modes picks which):
   copy   - copying the same shard files (shutil.copyfile), left in the page cache
-  ours   - `lora-deploy merge` (the CLI's entry point, interpreter start-up included)
+  ours   - `lora-deploy merge` (the CLI's entry point, interpreter start-up included); the
+           digest memo knows the base (an untimed merge before the rounds filled it), as
+           when a second adapter is merged into the same base
+  ours-rehash - `lora-deploy merge --rehash`: every input hashed again, as for a base
+           merged for the first time
+  ours-sha256 - `lora-deploy merge --rehash --sha256`: SHA-256 recorded beside BLAKE3
+  before - the merge of another source tree (--before DIR, e.g. `git archive` of an
+           older commit), run the same way: the comparison a change is judged by
   copy-fsync, ours-fsync - the same, made durable (fsync; `lora-deploy merge --fsync`)
   peft   - AutoModelForCausalLM.from_pretrained -> PeftModel -> merge_and_unload -> save_pretrained
-Each runs in its own process so its peak RSS (VmHWM) is its own. Ratios are per round
-against that round's copy; medians are reported, with 95% bootstrap intervals.
+Each runs in its own process so its peak RSS (VmHWM) and CPU time (user + system, all
+threads) are its own. Ratios are per round against that round's copy (copy-fsync for
+ours-fsync); medians are reported, with 95% bootstrap intervals. The digest memo lives
+in WORK/cache (LORA_DEPLOY_CACHE), not the user's cache.
 
     python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 4 --json benchmarks/results/merge.json
     python benchmarks/merge_bench.py --work /tmp/mergebench --rounds 4 --cold --json benchmarks/results/merge_cold.json
@@ -22,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -38,12 +48,13 @@ HERE = Path(__file__).resolve().parent
 # Peak RSS is read from /proc/self/status (VmHWM, this process's own address space):
 # ru_maxrss would include the parent's memory inherited at fork.
 CHILD = r"""
-import sys, time, json
+import sys, time, json, resource
 mode, base, adapter, out = sys.argv[1:5]
 t = time.perf_counter()
-if mode.startswith("ours"):
+if mode.startswith("ours") or mode == "before":
     from lora_deploy.cli import main
-    extra = ["--fsync"] if mode == "ours-fsync" else []
+    extra = {"ours-fsync": ["--fsync"], "ours-rehash": ["--rehash"], "ours-sha256": ["--rehash", "--sha256"]}
+    extra = extra.get(mode, [])
     try:
         main(["merge", base, adapter, "-o", out, "--max-shard-size", "500MB"] + extra, standalone_mode=False)
     except SystemExit as exc:
@@ -65,8 +76,10 @@ elif mode == "peft":
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.save_pretrained(out, max_shard_size="500MB")
+seconds = time.perf_counter() - t
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": seconds, "peak_rss": peak, "cpu_s": usage.ru_utime + usage.ru_stime}))
 """
 
 
@@ -173,12 +186,13 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run_child(mode: str, base: Path, adapter: Path, out: Path, cold: bool = False) -> dict:
+def run_child(mode: str, base: Path, adapter: Path, out: Path, cold: bool = False, env: dict | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     if cold and not drop_page_cache():
         sys.exit("--cold needs permission to write /proc/sys/vm/drop_caches (root)")
     cmd = [sys.executable, "-c", CHILD, mode, str(base), str(adapter), str(out)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # From WORK, so the interpreter's first import path (the working directory) is no source tree.
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=out.parent)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
     return result
@@ -186,17 +200,34 @@ def run_child(mode: str, base: Path, adapter: Path, out: Path, cold: bool = Fals
 
 def machine() -> dict:
     cpu = platform.processor()
+    flags: set[str] = set()
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        lines = open("/proc/cpuinfo").read().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+        flags = set(next(ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")))
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "hash_instructions": sorted(flags & {"sha_ni", "avx2", "avx512f"}),  # SHA-256 and BLAKE3 speed
         "memory_gb": round(mem / 2**30, 1),
+        "load_average_at_start": os.getloadavg()[0],
         "python": platform.python_version(),
         "torch": torch.__version__,
+    }
+
+
+def ratios(rows: dict, mode: str, against: str) -> dict:
+    """Median seconds and CPU seconds of `mode`, and its per-round ratio to `against`."""
+    ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows[mode], rows[against])]
+    return {
+        "seconds": statistics.median(x["seconds"] for x in rows[mode]),
+        "cpu_s": statistics.median(x["cpu_s"] for x in rows[mode]),
+        f"over_{against}": statistics.median(ratio),
+        f"over_{against}_ci95": bootstrap_median_ci(ratio)[1:] if len(ratio) > 1 else None,
+        "peak_rss": max(x["peak_rss"] for x in rows[mode]),
     }
 
 
@@ -213,6 +244,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every run (root only)")
     ap.add_argument("--targets", choices=sorted(TARGETS), default="qv", help="layers the r=16 adapter adapts")
+    ap.add_argument(
+        "--modes",
+        default="copy,ours,ours-rehash,ours-sha256,copy-fsync,ours-fsync",
+        help="comma-separated jobs to time each round, besides peft (see above); copy is always timed",
+    )
+    ap.add_argument("--before", type=Path, help="another lora-deploy source tree, timed as mode 'before'")
     args = ap.parse_args()
     base = args.work / "base"
     adapter = args.work / ("adapter" if args.targets == "qv" else f"adapter-{args.targets}")
@@ -225,21 +262,25 @@ def main() -> None:
     model_bytes = sum(p.stat().st_size for p in files)
     largest = max(p.stat().st_size for p in files)
     out = args.work / "out"
-    rows = {"copy": [], "ours": [], "copy-fsync": [], "ours-fsync": [], "peft": []}
+    modes = [m for m in re.split(r"[,\s]+", args.modes) if m]
+    modes = ["copy"] + [m for m in modes if m != "copy"] + (["before"] if args.before else [])
+    if "ours-fsync" in modes and "copy-fsync" not in modes:
+        modes.append("copy-fsync")
+    env = {**os.environ, "LORA_DEPLOY_CACHE": str(args.work / "cache")}
+    before_env = {**env, "PYTHONPATH": str(args.before.resolve())} if args.before else env
+    run_child("ours", base, adapter, out, env=env)  # fills the digest memo (and the page cache, when warm)
+    rows: dict[str, list] = {mode: [] for mode in modes + ["peft"]}
     for r in range(args.rounds):
-        order = ["copy", "ours", "copy-fsync", "ours-fsync"]
-        order = order if r % 2 == 0 else order[::-1]
+        order = modes if r % 2 == 0 else modes[::-1]
         if r < args.peft_rounds:
-            order.append("peft")
+            order = [*order, "peft"]
         for mode in order:
-            rows[mode].append(run_child(mode, base, adapter, out, args.cold))
+            rows[mode].append(run_child(mode, base, adapter, out, args.cold, before_env if mode == "before" else env))
             print(
-                f"round {r} {mode}: {rows[mode][-1]['seconds']:.2f}s, "
+                f"round {r} {mode}: {rows[mode][-1]['seconds']:.2f}s, cpu {rows[mode][-1]['cpu_s']:.2f}s, "
                 f"peak RSS {rows[mode][-1]['peak_rss'] / 1e9:.2f} GB",
                 flush=True,
             )
-    ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows["ours"], rows["copy"])]
-    durable_ratio = [o["seconds"] / c["seconds"] for o, c in zip(rows["ours-fsync"], rows["copy-fsync"])]
     summary = {
         "machine": machine(),
         "page_cache": "dropped before every run" if args.cold else "warm (whatever earlier runs left)",
@@ -247,21 +288,13 @@ def main() -> None:
         "model_bytes": model_bytes,
         "largest_shard_bytes": largest,
         "shards": len(files),
-        "copy_s": statistics.median(x["seconds"] for x in rows["copy"]),
-        "ours_s": statistics.median(x["seconds"] for x in rows["ours"]),
-        "ours_over_copy": statistics.median(ratio),
-        "ours_over_copy_ci95": bootstrap_median_ci(ratio)[1:],
-        "copy_fsync_s": statistics.median(x["seconds"] for x in rows["copy-fsync"]),
-        "ours_fsync_s": statistics.median(x["seconds"] for x in rows["ours-fsync"]),
-        "ours_over_copy_fsync": statistics.median(durable_ratio),
-        "ours_over_copy_fsync_ci95": bootstrap_median_ci(durable_ratio)[1:],
-        "ours_peak_rss": max(x["peak_rss"] for x in rows["ours"]),
+        "before": str(args.before) if args.before else None,
+        "jobs": {
+            mode: ratios(rows, mode, "copy-fsync" if mode == "ours-fsync" else "copy")
+            for mode in modes + (["peft"] if rows["peft"] else [])
+        },
         "rounds": rows,
     }
-    if rows["peft"]:
-        summary["peft_s"] = statistics.median(x["seconds"] for x in rows["peft"])
-        summary["peft_over_copy"] = summary["peft_s"] / summary["copy_s"]
-        summary["peft_peak_rss"] = max(x["peak_rss"] for x in rows["peft"])
     print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ torch; they convert here, once per tensor.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from lora_deploy.dtypes import BY_NAME, of_numpy
@@ -50,18 +49,19 @@ def from_torch(tensor) -> np.ndarray:
 # Per float dtype: the unsigned integer of its width, and its bit pattern with every
 # exponent bit set. Clearing the sign, a value is NaN or Inf exactly when its bits are at
 # least that pattern (float8_e4m3fn has no Inf: all bits set below the sign is its NaN).
+# Keyed by the dtype's name, so the ml_dtypes ones need no import of ml_dtypes (lora_deploy.dtypes).
 _NON_FINITE = {
-    np.dtype(np.float64): (np.uint64, 0x7FF0_0000_0000_0000),
-    np.dtype(np.float32): (np.uint32, 0x7F80_0000),
-    np.dtype(np.float16): (np.uint16, 0x7C00),
-    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
-    np.dtype(ml_dtypes.float8_e5m2): (np.uint8, 0x7C),
-    np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, 0x7F),
+    "float64": (np.uint64, 0x7FF0_0000_0000_0000),
+    "float32": (np.uint32, 0x7F80_0000),
+    "float16": (np.uint16, 0x7C00),
+    "bfloat16": (np.uint16, 0x7F80),
+    "float8_e5m2": (np.uint8, 0x7C),
+    "float8_e4m3fn": (np.uint8, 0x7F),
 }
 
 
 def is_float(array: np.ndarray) -> bool:
-    return array.dtype in _NON_FINITE
+    return array.dtype.name in _NON_FINITE and array.dtype.isnative
 
 
 def all_finite(array: np.ndarray) -> bool:
@@ -71,7 +71,7 @@ def all_finite(array: np.ndarray) -> bool:
     """
     if not is_float(array) or array.size == 0:
         return True
-    carrier, pattern = _NON_FINITE[array.dtype]
+    carrier, pattern = _NON_FINITE[array.dtype.name]
     bits = np.ascontiguousarray(array).view(carrier)
     magnitude = np.bitwise_and(bits, carrier((1 << (8 * bits.itemsize - 1)) - 1))
     return bool(magnitude.max() < pattern)

@@ -47,8 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(args: argparse.Namespace) -> None:
     steps = {} if args.steps is None else {"steps": args.steps}
     if args.minilm:
-        ref.train_minilm_adapter(args.out / "adapter", seed=args.seed, **steps)
-        print(f"base:    {ref.minilm_dir()}")
+        # The MiniLM adapter is the tests' own (tests/minilm.py): not part of the package.
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests import minilm
+
+        minilm.train_minilm_adapter(args.out / "adapter", seed=args.seed, **steps)
+        print(f"base:    {minilm.minilm_dir()}")
         print(f"adapter: {args.out / 'adapter'}")
         return
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_deploy.dtypes import BY_NAME, BY_SAFETENSORS, FLOATS
+from lora_deploy.dtypes import BY_NAME, FLOATS, NUMPY_BY_SAFETENSORS
 from lora_deploy.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -43,7 +43,7 @@ MIN_SHARD_BYTES = 64 * 1024
 
 # Views of lora_deploy.dtypes by safetensors code: the numpy dtype (little-endian) of each,
 # and the codes of the float dtypes an adapter can be merged into (float8 is storage only).
-DTYPES: dict[str, np.dtype] = {code: row.numpy for code, row in BY_SAFETENSORS.items()}
+DTYPES = NUMPY_BY_SAFETENSORS  # resolved on lookup: a float16 checkpoint never imports ml_dtypes
 FLOAT_DTYPES = {BY_NAME[name].safetensors for name in FLOATS}
 
 

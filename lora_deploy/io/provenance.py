@@ -1,9 +1,12 @@
 """Where a report came from: its schema, when it was made, by which version, and the
 SHA-256 of every artifact it speaks about, so a report can be matched to the exact bytes.
+(SHA-256, what `sha256sum` prints and the Hugging Face Hub names files by; an artifact
+file the digest memo knows unchanged is not read again: lora_deploy.io.digests.)
 
 A file artifact is hashed whole (an ONNX model with its external data files); for a
 directory (a checkpoint, an adapter), each weight file and the configs that decide how
-the weights are read (config.json, adapter_config.json: the LoRA scaling lives there).
+the weights are read (config.json, adapter_config.json: the LoRA scaling lives there;
+an onnxruntime-genai folder's genai_config.json).
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from typing import Any
 
 from lora_deploy import __version__
 from lora_deploy.errors import BadInputError
-from lora_deploy.io.stream import file_sha256
+from lora_deploy.io.digests import DigestMemo, file_digests
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".data", ".onnx_data", ".onnx_adapter")
-CONFIG_FILES = ("config.json", "adapter_config.json")
+CONFIG_FILES = ("config.json", "adapter_config.json", "genai_config.json")
 
 
 def report_header(schema: str) -> dict[str, Any]:
@@ -62,7 +65,6 @@ def artifact_hashes(path: str | os.PathLike) -> dict[str, Any]:
     """{"path": ..., "sha256": {file name (relative to a directory artifact): hex digest}}."""
     path = Path(path)
     root = path if path.is_dir() else path.parent
-    return {
-        "path": str(path),
-        "sha256": {str(f.relative_to(root)): file_sha256(f) for f in artifact_files(path)},
-    }
+    memo = DigestMemo()
+    digests = {str(f.relative_to(root)): file_digests(f, ("sha256",), memo) for f in artifact_files(path)}
+    return {"path": str(path), "sha256": {name: d["sha256"] for name, d in digests.items()}}

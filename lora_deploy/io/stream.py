@@ -3,16 +3,18 @@ shard by shard, both hashed on the way.
 
 Base shards are seen through memory mappings, in on-disk order; a tensor copied
 unchanged goes from the base shard to the output by the kernel (copy_file_range), and the
-SHA-256 of both files is computed from the same mapped bytes on helper threads. A
-prefetcher keeps the disk reading ahead. The writer knows every output tensor's dtype and
-shape before it starts (the merge plans them), so it writes each shard's header first and
-then streams tensor bytes: peak memory is about one tensor, not one shard.
+digests of both files (lora_deploy.io.digests: BLAKE3, and SHA-256 when asked) are
+computed from the same mapped bytes on helper threads; a base shard the digest memo
+knows unchanged is not hashed again. A prefetcher keeps the disk reading ahead. The
+writer knows every output tensor's dtype and shape before it starts (the merge plans
+them), so it writes each shard's header first and then streams tensor bytes: peak memory
+is about one tensor, not one shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import hashlib
 import io
 import json
 import mmap
@@ -20,6 +22,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +31,7 @@ import numpy as np
 
 from lora_deploy.errors import CheckpointError, InternalError, OutputError
 from lora_deploy.io.checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array, pread_all
+from lora_deploy.io.digests import DEFAULT_ALGORITHMS, DigestMemo, Digests, MultiHash, file_digests
 
 
 @dataclass(frozen=True)
@@ -100,16 +104,16 @@ class Worker:
 
 
 class HashThread:
-    """SHA-256 of a byte stream, computed on a helper thread.
+    """Digests of a byte stream, computed on a helper thread.
 
-    hashlib releases the GIL on large buffers, so hashing runs on another core while the
-    merge reads, computes and writes.
+    hashlib and blake3 release the GIL on large buffers, so hashing runs on other cores
+    while the merge reads, computes and writes.
     """
 
-    def __init__(self):
-        self._sha = hashlib.sha256()
-        self._worker = Worker(self._sha.update)
-        self._digest: str | None = None
+    def __init__(self, algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS):
+        self._hash = MultiHash(algorithms)
+        self._worker = Worker(self._hash.update)
+        self._digests: Digests | None = None
 
     def update(self, data: bytes | memoryview) -> None:
         self._worker.put(data)
@@ -117,25 +121,32 @@ class HashThread:
     def stop(self) -> None:
         self._worker.stop()
 
-    def hexdigest(self) -> str:
+    def hexdigests(self) -> Digests:
         self.stop()
         if self._worker.error is not None:
             raise InternalError(f"hashing failed ({self._worker.error})")
-        if self._digest is None:
-            self._digest = self._sha.hexdigest()
-        return self._digest
+        if self._digests is None:
+            self._digests = self._hash.hexdigests()
+        return self._digests
 
 
 class ShardReader:
     """One shard read front to back, exactly once, every byte hashed on the way.
 
     The merge visits tensors in on-disk order, so the pass that feeds it also feeds the
-    manifest's SHA-256 of the input: no shard is read twice. Bytes are seen through
-    memory mappings (no copy into Python); a copied tensor goes from this file to the
-    output by the kernel, and both files' hashes read it from the same mapping.
+    manifest's digests of the input: no shard is read twice, and one the memo knows
+    unchanged is not hashed at all. Bytes are seen through memory mappings (no copy into
+    Python); a copied tensor goes from this file to the output by the kernel, and both
+    files' hashes read it from the same mapping.
     """
 
-    def __init__(self, path: Path, progress: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        progress: Callable[[int], None] | None = None,
+        algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
+        memo: DigestMemo | None = None,
+    ):
         self.path = path
         try:
             # A file object, not a bare descriptor: queued copies hold it, and it closes
@@ -143,11 +154,14 @@ class ShardReader:
             self.file: io.FileIO | None = open(path, "rb", buffering=0)
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
-        self.size = os.fstat(self.file.fileno()).st_size
+        self.opened, self.opened_ns = os.fstat(self.file.fileno()), time.time_ns()
+        self.size = self.opened.st_size
         self.pos = 0
         self.progress = progress  # told how far the stream has read
         self.window: tuple[int, int, memoryview] | None = None  # (start, end, view)
-        self.sha = HashThread()
+        self.memo = memo
+        self.remembered = memo.lookup(self.opened, algorithms) if memo is not None else None
+        self.sha = HashThread(algorithms) if self.remembered is None else None
 
     def copy_to(self, out: "BinaryFile", start: int, end: int) -> None:
         """Append bytes [start, end) of this shard to `out`."""
@@ -184,7 +198,8 @@ class ShardReader:
             yield offset, self._consume(view[offset - w_start : offset - w_start + n])
 
     def _consume(self, piece: memoryview) -> memoryview:
-        self.sha.update(piece)
+        if self.sha is not None:
+            self.sha.update(piece)
         self.pos += len(piece)
         if self.progress is not None:
             self.progress(self.pos)
@@ -201,11 +216,24 @@ class ShardReader:
             return memoryview(pread_all(self.file.fileno(), end - start, start, self.path))
         return memoryview(mapping)[start - base :]
 
-    def finish(self) -> HashThread:
-        """Read (and hash) whatever is left, close the file; the digest follows."""
-        self.skip_to(self.size)
+    def finish(self) -> ShardReader:
+        """Read (and hash) whatever is left, close the file; digests() follows."""
+        if self.sha is not None:
+            self.skip_to(self.size)
         self.close()
-        return self.sha
+        return self
+
+    def digests(self) -> Digests:
+        """The shard's digests (waits for its hashing thread); remembered for the next run
+        if the file is still the one that was opened."""
+        if self.remembered is not None:
+            return self.remembered
+        assert self.sha is not None
+        digests = self.sha.hexdigests()
+        if self.memo is not None:
+            with contextlib.suppress(OSError):
+                self.memo.store(self.path, self.opened, self.opened_ns, os.stat(self.path), digests)
+        return digests
 
     def close(self) -> None:
         self.window = None
@@ -213,7 +241,8 @@ class ShardReader:
 
     def abort(self) -> None:
         self.close()
-        self.sha.stop()
+        if self.sha is not None:
+            self.sha.stop()
 
 
 class CheckpointStream:
@@ -223,10 +252,14 @@ class CheckpointStream:
     from the checkpoint; they were hashed when the stream passed them.
     """
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(
+        self, ckpt: Checkpoint, algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS, memo: DigestMemo | None = None
+    ):
         self.ckpt = ckpt
+        self.algorithms = algorithms
+        self.memo = memo
         self.reader: ShardReader | None = None
-        self.done: dict[Path, HashThread] = {}
+        self.done: dict[Path, ShardReader] = {}
         self.prefetch = Prefetcher(ckpt.files)
 
     def copy_to(self, out: "BinaryFile", info: TensorInfo) -> None:
@@ -251,28 +284,29 @@ class CheckpointStream:
             return None
         if self.reader is None:
             before = self.prefetch.offset_of(info.file)
-            self.reader = ShardReader(info.file, lambda pos: self.prefetch.consumed(before + pos))
+            progress = lambda pos: self.prefetch.consumed(before + pos)
+            self.reader = ShardReader(info.file, progress, self.algorithms, self.memo)
         return self.reader
 
-    def digests(self) -> dict[Path, str]:
-        """SHA-256 of every shard, reading the ones (or the tails) the merge never touched."""
+    def digests(self) -> dict[Path, Digests]:
+        """Digests of every shard, reading the ones (or the tails) the merge never touched."""
         if self.reader is not None:
             self.done[self.reader.path] = self.reader.finish()
             self.reader = None
         self.prefetch.stop()
         for path in self.ckpt.files:
             if path not in self.done:
-                reader = ShardReader(path)
-                self.done[path] = reader.sha  # registered first, so abort() stops it on failure
+                reader = ShardReader(path, None, self.algorithms, self.memo)
+                self.done[path] = reader  # registered first, so abort() stops it on failure
                 reader.finish()
-        return {path: self.done[path].hexdigest() for path in self.ckpt.files}
+        return {path: self.done[path].digests() for path in self.ckpt.files}
 
     def abort(self) -> None:
         self.prefetch.stop()
         if self.reader is not None:
             self.reader.abort()
-        for sha in self.done.values():
-            sha.stop()
+        for reader in self.done.values():
+            reader.abort()
 
 
 class Prefetcher:
@@ -339,7 +373,12 @@ class BinaryFile:
     raised at the next queued piece, or at close().
     """
 
-    def __init__(self, path: Path, durable: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        durable: bool = False,
+        algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
+    ):
         self.path = path
         self.durable = durable
         try:
@@ -347,7 +386,7 @@ class BinaryFile:
         except OSError as exc:
             raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
         self.size = 0
-        self._sha = HashThread()
+        self._sha = HashThread(algorithms)
         self._writer = Worker(self._write_and_hash)
 
     def write(self, data: bytes | memoryview) -> None:
@@ -395,7 +434,8 @@ class BinaryFile:
         self._sha.stop()
         os.close(self.fd)
 
-    def close(self) -> str:
+    def close(self) -> Digests:
+        """Digests of what was written."""
         self._writer.stop()
         try:
             self._check()
@@ -409,7 +449,7 @@ class BinaryFile:
             self._sha.stop()
             raise
         try:
-            return self._sha.hexdigest()
+            return self._sha.hexdigests()
         except InternalError as exc:
             raise InternalError(f"{self.path}: {exc}") from None
 
@@ -456,8 +496,9 @@ def write_checkpoint(
     max_shard_size: int,
     on_tensor: Callable[[OutputTensor], None] | None = None,
     durable: bool = False,
-) -> dict[str, str]:
-    """Write tensors as safetensors shards (+ index when sharded); returns {file: sha256}.
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
+) -> dict[str, Digests]:
+    """Write tensors as safetensors shards (+ index when sharded); returns {file: digests}.
 
     durable=True fsyncs every shard before returning (survives power loss, costs the
     disk's write time)."""
@@ -465,7 +506,7 @@ def write_checkpoint(
     names = shard_names(len(shards))
     hashes = {}
     for name, shard in zip(names, shards):
-        hashes[name] = _write_shard(out_dir / name, shard, on_tensor, durable)
+        hashes[name] = _write_shard(shard, on_tensor, BinaryFile(out_dir / name, durable, algorithms))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
@@ -476,11 +517,11 @@ def write_checkpoint(
             path.write_text(json.dumps(index, indent=2) + "\n")
         except OSError as exc:
             raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
-        hashes[INDEX_FILE] = file_sha256(path)
+        hashes[INDEX_FILE] = file_digests(path, algorithms)
     return hashes
 
 
-def _write_shard(path: Path, shard: list[OutputTensor], on_tensor, durable: bool) -> str:
+def _write_shard(shard: list[OutputTensor], on_tensor, out: BinaryFile) -> Digests:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in shard:
@@ -488,7 +529,6 @@ def _write_shard(path: Path, shard: list[OutputTensor], on_tensor, durable: bool
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns tensor data to 8 bytes
-    out = BinaryFile(path, durable)
     try:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
@@ -509,11 +549,3 @@ def tensor_bytes(array: np.ndarray) -> memoryview:
     """Raw little-endian bytes of an array (bfloat16 and float8 included)."""
     flat = np.ascontiguousarray(array).reshape(-1)
     return memoryview(flat.view(np.uint8))
-
-
-def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            sha.update(block)
-    return sha.hexdigest()

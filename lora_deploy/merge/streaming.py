@@ -27,15 +27,9 @@ from lora_deploy.arrays import all_finite
 from lora_deploy.dtypes import BY_NAME
 from lora_deploy.errors import BadInputError, CheckpointError, NonFiniteError, OutputError
 from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
+from lora_deploy.io.digests import DEFAULT_ALGORITHMS, DigestMemo, Digests, file_digests
 from lora_deploy.io.staging import check_output, staging_dir
-from lora_deploy.io.stream import (
-    BinaryFile,
-    CheckpointStream,
-    OutputTensor,
-    file_sha256,
-    tensor_bytes,
-    write_checkpoint,
-)
+from lora_deploy.io.stream import BinaryFile, CheckpointStream, OutputTensor, tensor_bytes, write_checkpoint
 from lora_deploy.merge.card import CARD_FILE, merged_card
 from lora_deploy.merge.delta import lora_norm, merged_bias, merged_weight
 from lora_deploy.util import library_versions
@@ -61,7 +55,7 @@ class MergeResult:
         size = self.manifest["output"]["total_bytes"]
         return (
             f"merged {len(self.merged)} tensors into {self.out_dir} "
-            f"({size / 1e6:.1f} MB, {len(self.manifest['output']['files'])} files + {MANIFEST_FILE}) "
+            f"({size / 1e6:.1f} MB, {len(self.manifest['output'][DEFAULT_ALGORITHMS[0]])} files + {MANIFEST_FILE}) "
             f"in {self.seconds:.1f}s"
         )
 
@@ -75,6 +69,8 @@ def merge(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     durable: bool = False,
+    sha256: bool = False,
+    rehash: bool = False,
     progress: Progress | None = None,
 ) -> MergeResult:
     """Merge a PEFT LoRA adapter into a safetensors checkpoint directory, shard by shard.
@@ -83,6 +79,11 @@ def merge(
     output also survives a power loss (at the cost of waiting for the disk). An existing
     non-empty out_dir is replaced only with overwrite=True; out_dir is never an input, nor
     inside or around one (lora_deploy.io.staging.check_output).
+
+    The manifest records every input and output file's BLAKE3; sha256=True adds SHA-256
+    (the Hugging Face Hub's LFS ids; costs about 1 s of CPU per GB here). An input whose
+    digests the memo (lora_deploy.io.digests) holds for its unchanged identity is not
+    hashed again; rehash=True reads and hashes every input anyway.
     """
     start = time.perf_counter()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -96,24 +97,43 @@ def merge(
         inputs = [base_dir, Path(adapter_dir)]
         check_output_dir(out_dir, inputs, overwrite)
         plan = plan_merge(adapter, base)
-        manifest = write_merged(base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress, overwrite, inputs)
+        digests = Hashing(DEFAULT_ALGORITHMS + (("sha256",) if sha256 else ()), DigestMemo(refresh=rehash))
+        manifest = write_merged(
+            base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress, overwrite, inputs, digests
+        )
     return MergeResult(out_dir, manifest, time.perf_counter() - start, sorted(plan.targets))
 
 
+@dataclass(frozen=True)
+class Hashing:
+    """Which digests the manifest records, and the memo of input digests."""
+
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    memo: DigestMemo | None = None
+
+    def file(self, path: Path) -> Digests:
+        return file_digests(path, self.algorithms, self.memo)
+
+
 def write_merged(
-    base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress, overwrite=False, inputs=()
+    base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress, overwrite=False, inputs=(), digests=Hashing()
 ) -> dict:
     with staging_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
-        stream = CheckpointStream(base)
+        stream = CheckpointStream(base, digests.algorithms, digests.memo)
         try:
             tensors = output_tensors(stream, plan, dtype)
-            out_hashes = write_checkpoint(tmp, tensors, shard_bytes, progress_hook(tensors, progress), durable)
-            in_hashes = input_hashes(base, adapter, stream.digests())
+            hook = progress_hook(tensors, progress)
+            out_hashes = write_checkpoint(tmp, tensors, shard_bytes, hook, durable, digests.algorithms)
+            in_hashes = input_hashes(base, adapter, stream.digests(), digests)
         except BaseException:
             stream.abort()  # stop its helper threads; the original error is what matters
             raise
-        out_hashes.update(copy_side_files(base.dir, tmp, dtype, bool(plan.untie), in_hashes["base"], adapter))
-        manifest = build_manifest(base, adapter, plan, tensors, dtype, shard_bytes, in_hashes, out_hashes)
+        out_hashes.update(
+            copy_side_files(base.dir, tmp, dtype, bool(plan.untie), in_hashes["base"], adapter, digests.algorithms)
+        )
+        manifest = build_manifest(
+            base, adapter, plan, tensors, dtype, shard_bytes, in_hashes, out_hashes, digests.algorithms
+        )
         write_json(tmp / MANIFEST_FILE, manifest)
         if durable:
             sync_tree(tmp)
@@ -241,9 +261,10 @@ def copy_side_files(
     out_dir: Path,
     dtype: str,
     untied: bool,
-    in_hashes: dict[str, str],
+    in_hashes: dict[str, Digests],
     adapter: Adapter | None = None,
-) -> dict[str, str]:
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS,
+) -> dict[str, Digests]:
     """Copy config, tokenizer and other non-weight files; fix up config.json if needed.
 
     With `adapter`, the model card (README.md) gets a section on what was merged
@@ -255,17 +276,17 @@ def copy_side_files(
         make_dirs(dest.parent)
         if rel == Path("config.json"):
             write_json(dest, updated_config(json.loads(path.read_text()), dtype, untied))
-            hashes[str(rel)] = file_sha256(dest)
+            hashes[str(rel)] = file_digests(dest, algorithms)
         elif rel == Path(CARD_FILE) and adapter is not None:
             write_bytes(dest, merged_card(path.read_bytes(), adapter, dtype, base_dir.resolve().name))
-            hashes[str(rel)] = file_sha256(dest)
+            hashes[str(rel)] = file_digests(dest, algorithms)
         else:
             copy_file(path, dest)
             hashes[str(rel)] = in_hashes[str(rel)]  # a byte-for-byte copy of a file hashed as input
     card = out_dir / CARD_FILE
     if adapter is not None and not card.exists():
         write_bytes(card, merged_card(None, adapter, dtype, base_dir.resolve().name))
-        hashes[CARD_FILE] = file_sha256(card)
+        hashes[CARD_FILE] = file_digests(card, algorithms)
     return hashes
 
 
@@ -299,18 +320,27 @@ def sync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def input_hashes(base: Checkpoint, adapter: Adapter, shard_hashes: dict[Path, str]) -> dict[str, dict[str, str]]:
-    """SHA-256 of every input: base shards (hashed while merging), index, side files, adapter."""
+def input_hashes(
+    base: Checkpoint, adapter: Adapter, shard_hashes: dict[Path, Digests], digests: Hashing
+) -> dict[str, dict[str, Digests]]:
+    """Digests of every input: base shards (hashed while merging), index, side files, adapter."""
     hashes = {str(path.relative_to(base.dir)): digest for path, digest in shard_hashes.items()}
     index = [base.dir / INDEX_FILE] if (base.dir / INDEX_FILE).is_file() else []
-    hashes.update({str(path.relative_to(base.dir)): file_sha256(path) for path in side_files(base.dir) + index})
+    hashes.update({str(path.relative_to(base.dir)): digests.file(path) for path in side_files(base.dir) + index})
     return {
         "base": dict(sorted(hashes.items())),
-        "adapter": {path.name: file_sha256(path) for path in adapter.files},
+        "adapter": {path.name: digests.file(path) for path in adapter.files},
     }
 
 
-def build_manifest(base, adapter: Adapter, plan: MergePlan, tensors, dtype, shard_bytes, in_hashes, out_hashes) -> dict:
+def by_algorithm(files: dict[str, Digests], algorithms: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """{file: {algorithm: digest}} -> {algorithm: {file: digest}}, as the manifest records them."""
+    return {name: {f: d[name] for f, d in sorted(files.items())} for name in algorithms}
+
+
+def build_manifest(
+    base, adapter: Adapter, plan: MergePlan, tensors, dtype, shard_bytes, in_hashes, out_hashes, algorithms
+) -> dict:
     modules = [
         {
             "module": t.module.name,
@@ -332,7 +362,10 @@ def build_manifest(base, adapter: Adapter, plan: MergePlan, tensors, dtype, shar
         "inputs": {
             "base": str(base.dir.resolve()),
             "adapter": str(adapter.path.resolve()),
-            "sha256": in_hashes,
+            **{
+                name: {role: by_algorithm(files, (name,))[name] for role, files in in_hashes.items()}
+                for name in algorithms
+            },
         },
         "adapter_config": adapter.config.raw,
         "options": {"dtype": dtype, "max_shard_size": shard_bytes},
@@ -341,7 +374,7 @@ def build_manifest(base, adapter: Adapter, plan: MergePlan, tensors, dtype, shar
         "untied": plan.untie,
         "output": {
             "total_bytes": sum(t.nbytes for t in tensors),
-            "files": out_hashes,
+            **by_algorithm(out_hashes, algorithms),
             "dtypes": sorted({t.dtype for t in tensors}),
         },
     }

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from lora_deploy.examples import models as ref
+from tests import minilm as minilm_models
 
 REFERENCE_CASES = [(f, v) for f in ref.FAMILIES for v in ref.VARIANTS if ref.supported(f, v)]
 
@@ -264,7 +265,7 @@ def _minilm_embed(model, tokenizer, sentences):
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
-    return torch.nn.functional.normalize(ref.mean_pool(hidden, batch["attention_mask"]), dim=-1)
+    return torch.nn.functional.normalize(minilm_models.mean_pool(hidden, batch["attention_mask"]), dim=-1)
 
 
 def test_minilm_is_the_real_pretrained_model(minilm):
@@ -302,6 +303,6 @@ def test_minilm_adapter(minilm):
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModel.from_pretrained(base_dir).eval()
-    before = ref.group_separation(model, tokenizer)
-    after = ref.group_separation(_with_adapter(model, adapter_dir), tokenizer)
+    before = minilm_models.group_separation(model, tokenizer)
+    after = minilm_models.group_separation(_with_adapter(model, adapter_dir), tokenizer)
     assert after > before + 0.2, (before, after)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+
+import blake3
 
 from lora_deploy import __version__
 from lora_deploy.merge import merge
@@ -14,8 +15,8 @@ from lora_deploy.merge.streaming import MANIFEST_FILE
 BASE_CARD = "---\nlicense: apache-2.0\nlanguage: en\n---\n\n# Tiny llama\n\nA card written by the base's authors. | é\n"
 
 
-def sha256(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def b3(path) -> str:
+    return blake3.blake3(path.read_bytes()).hexdigest()
 
 
 def test_a_base_without_a_card_gets_one(reference, tmp_path):
@@ -38,7 +39,7 @@ def test_a_base_without_a_card_gets_one(reference, tmp_path):
         f"| adapter saved by | PEFT {config['peft_version']} |",
     ):
         assert row in card, row
-    assert manifest["output"]["files"][CARD_FILE] == sha256(out / CARD_FILE)
+    assert manifest["output"]["blake3"][CARD_FILE] == b3(out / CARD_FILE)
     assert MANIFEST_NAME == MANIFEST_FILE
     assert not (base / CARD_FILE).exists()
 
@@ -55,8 +56,8 @@ def test_the_base_card_is_kept_and_the_merge_appended(reference, tmp_path):
     assert added.startswith("\n## Merged LoRA adapter\n") and added.count("## Merged LoRA adapter") == 1
     assert "| r | 8 (overrides: `v_proj`: 4) |" in added
     assert "| lora_alpha | 16 (overrides: `layers.1.self_attn.q_proj`: 32) |" in added
-    assert first["inputs"]["sha256"]["base"][CARD_FILE] == sha256(base / CARD_FILE)
-    assert first["output"]["files"][CARD_FILE] == sha256(tmp_path / "one" / CARD_FILE)
+    assert first["inputs"]["blake3"]["base"][CARD_FILE] == b3(base / CARD_FILE)
+    assert first["output"]["blake3"][CARD_FILE] == b3(tmp_path / "one" / CARD_FILE)
     # Nothing time- or output-dependent: the same inputs write the same card.
     merge(base, adapter, tmp_path / "two")
     assert (tmp_path / "two" / CARD_FILE).read_bytes() == card

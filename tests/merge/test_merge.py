@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 
@@ -128,19 +129,24 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def b3(path: Path) -> str:
+    return blake3.blake3(path.read_bytes()).hexdigest()
+
+
 def test_manifest_records_hashes_and_modules(reference, tmp_path):
     base, adapter = reference("gpt2", "patterns")
     result = merge(base, adapter, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
     assert manifest == json.loads(json.dumps(result.manifest))
-    for name, digest in manifest["output"]["files"].items():
-        assert sha256(tmp_path / "out" / name) == digest
-    for name, digest in manifest["inputs"]["sha256"]["adapter"].items():
-        assert sha256(adapter / name) == digest
-    base_hashes = manifest["inputs"]["sha256"]["base"]
+    assert "sha256" not in manifest["output"] and "sha256" not in manifest["inputs"]  # only when asked
+    for name, digest in manifest["output"]["blake3"].items():
+        assert b3(tmp_path / "out" / name) == digest
+    for name, digest in manifest["inputs"]["blake3"]["adapter"].items():
+        assert b3(adapter / name) == digest
+    base_hashes = manifest["inputs"]["blake3"]["base"]
     assert {"model.safetensors", "config.json"} <= set(base_hashes)
     for name, digest in base_hashes.items():
-        assert sha256(base / name) == digest
+        assert b3(base / name) == digest
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert manifest["adapter_config"] == adapter_config
     scalings = {m["module"]: m["scaling"] for m in manifest["modules"]}
@@ -152,20 +158,25 @@ def test_manifest_records_hashes_and_modules(reference, tmp_path):
     assert all(m["delta_norm"] > 0 for m in manifest["modules"])
 
 
-@pytest.mark.parametrize("family,variant", [("gpt2", "embedding"), ("llama", "dora"), ("bert", "modules_to_save")])
-def test_manifest_hashes_and_norms_of_a_sharded_merge(reference, tmp_path, family, variant):
+@pytest.mark.parametrize(
+    "family,variant,with_sha256",
+    [("gpt2", "embedding", True), ("llama", "dora", False), ("bert", "modules_to_save", False)],
+)
+def test_manifest_hashes_and_norms_of_a_sharded_merge(reference, tmp_path, family, variant, with_sha256):
     """Shards are hashed by the read that merges them; a tied tensor is read twice; the
-    manifest's ||dW|| is computed without forming dW. Check all three against the files."""
+    manifest's ||dW|| is computed without forming dW. Check all three against the files
+    (SHA-256 too when asked: hashlib is its oracle, the blake3 package BLAKE3's)."""
     base, adapter = reference(family, variant, sharded=True)
     out = tmp_path / "out"
-    manifest = merge(base, adapter, out, max_shard_size="100KB").manifest
-    inputs = manifest["inputs"]["sha256"]
-    assert set(inputs["base"]) == {p.name for p in base.iterdir()}
-    assert all(sha256(base / name) == digest for name, digest in inputs["base"].items())
-    assert all(sha256(adapter / name) == digest for name, digest in inputs["adapter"].items())
+    manifest = merge(base, adapter, out, max_shard_size="100KB", sha256=with_sha256, rehash=True).manifest
     written = {p.name for p in out.iterdir()} - {MANIFEST_FILE}
-    assert set(manifest["output"]["files"]) == written
-    assert all(sha256(out / name) == digest for name, digest in manifest["output"]["files"].items())
+    for algorithm, digest_of in [("blake3", b3)] + ([("sha256", sha256)] if with_sha256 else []):
+        inputs = manifest["inputs"][algorithm]
+        assert set(inputs["base"]) == {p.name for p in base.iterdir()}
+        assert all(digest_of(base / name) == digest for name, digest in inputs["base"].items())
+        assert all(digest_of(adapter / name) == digest for name, digest in inputs["adapter"].items())
+        assert set(manifest["output"][algorithm]) == written
+        assert all(digest_of(out / name) == digest for name, digest in manifest["output"][algorithm].items())
     before, after = read_checkpoint(base), read_checkpoint(out)
     for module in manifest["modules"]:
         key = module["weight"]
@@ -187,12 +198,13 @@ def test_unmappable_files_are_read_instead(reference, tmp_path, monkeypatch):
 
     monkeypatch.setattr(stream_module.mmap, "mmap", cannot_map)
     read = merge(base, adapter, tmp_path / "read", max_shard_size="100KB").manifest
-    assert read["output"]["files"] == mapped["output"]["files"]
-    assert read["inputs"]["sha256"] == mapped["inputs"]["sha256"]
+    assert read["output"]["blake3"] == mapped["output"]["blake3"]
+    assert read["inputs"]["blake3"] == mapped["inputs"]["blake3"]
 
 
 def test_cli_merge_never_imports_torch(reference, tmp_path):
-    """torch's import costs seconds per call, more than merging a 2 GB model's adapter."""
+    """torch's import costs seconds per call, more than merging a 2 GB model's adapter;
+    ml_dtypes 0.7's about 1 s of CPU, which a float32/float16 merge does not need."""
     base, adapter = reference("llama", "plain", sharded=True)
     code = (
         "import sys\n"
@@ -201,7 +213,8 @@ def test_cli_merge_never_imports_torch(reference, tmp_path):
         f"    main(['merge', {str(base)!r}, {str(adapter)!r}, '-o', {str(tmp_path / 'out')!r}])\n"
         "except SystemExit as exit:\n"
         "    assert not exit.code, exit.code\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'safetensors')))\n"
+        "heavy = ('torch', 'transformers', 'safetensors', 'ml_dtypes')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
