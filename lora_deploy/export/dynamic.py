@@ -16,9 +16,12 @@ where A and B are graph inputs named after the base model's module path:
 adapters of different ranks, rank_pattern included, fit one graph. Each of these inputs
 also has a same-named initializer holding a rank-0 default ([in, 0] and [0, out], zero
 bias): a run that feeds nothing is exactly the base model (a MatMul with K=0 yields
-zeros). Inputs with a default are ONNX Runtime's "overridable initializers": they are
-listed by session.get_overridable_initializers(), not get_inputs(), and ONNX Runtime
-never constant-folds them.
+zeros). `default_rank=1` writes rank-1 zero defaults instead ([in, 1] and [1, out], all
+zero: x @ 0 @ 0 adds exact zeros): for runtimes whose MatMul fails on an inner dim of 0
+(ONNX Runtime's CUDA and DirectML providers have); the inputs keep their symbolic rank,
+so packed adapters load and switch the same way. Inputs with a default are ONNX Runtime's
+"overridable initializers": they are listed by session.get_overridable_initializers(),
+not get_inputs(), and ONNX Runtime never constant-folds them.
 
 `pack_adapter` writes a PEFT adapter in ONNX Runtime's adapter format (.onnx_adapter)
 with those names and orientations, the scaling already folded into B. `DynamicSession`
@@ -74,6 +77,7 @@ from lora_deploy.modeling.tasks import TASK_OUTPUT, load_config, model_input_nam
 from lora_deploy.modeling.unmerged import choose_prefix, layer_kind
 
 FORMAT_VERSION = 1
+DEFAULT_RANKS = (0, 1)  # rank of the LoRA inputs' all-zero defaults (export onnx --default-rank)
 # Example sizes for tracing; none may be 0 or 1 (the exporter would specialise them)
 # and they differ from each other so no two dynamic dimensions look related.
 EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_RANK = 2, 5, 3
@@ -121,6 +125,7 @@ class DynamicGraph:
     task: str
     lora_bias: bool
     adapters: list[str] = field(default_factory=list)  # multi-adapter graphs: names by id
+    default_rank: int = 0  # dynamic graphs: the rank of the LoRA inputs' zero defaults
     seconds: float = 0.0
     sentence: SentencePooling | None = None  # sentence-transformers pooling: a sentence_embedding output
     uncomputed: list[str] = field(default_factory=list)
@@ -150,6 +155,7 @@ class DynamicGraph:
             "modules": {s.module: [s.kind, s.in_features, s.out_features] for s in self.slots.values()},
             "uncomputed": self.uncomputed,
             "adapters": self.adapters,
+            "default_rank": self.default_rank,
         }
 
 
@@ -167,6 +173,7 @@ def export_dynamic(
     task: str = "auto",
     opset: int | None = None,
     lora_bias: bool | None = None,
+    default_rank: int = 0,
     overwrite: bool = False,
 ) -> DynamicGraph:
     """Export the base model with LoRA A/B inputs on every targeted layer.
@@ -174,10 +181,14 @@ def export_dynamic(
     Targets are the union of the given adapters' layers and `targets` (PEFT's
     target_modules rule: a list matches module-name suffixes at a dot boundary, a string
     is a full regex). `lora_bias` adds `<module>.lora_B.bias` inputs; by default it is on
-    when one of the adapters was trained with lora_bias. An existing file is replaced
-    only with overwrite=True, and never an input.
+    when one of the adapters was trained with lora_bias. `default_rank` (0 or 1): the rank
+    of the all-zero defaults a run without an adapter uses (1 for runtimes that fail on a
+    MatMul with an inner dim of 0). An existing file is replaced only with overwrite=True,
+    and never an input.
     """
     start = time.perf_counter()
+    if default_rank not in DEFAULT_RANKS:
+        raise BadInputError(f"default rank {default_rank!r}: choose {' or '.join(map(str, DEFAULT_RANKS))}")
     path = Path(path)
     if isinstance(adapters, (str, os.PathLike)):  # one directory, not its characters
         adapters = [adapters]
@@ -198,6 +209,7 @@ def export_dynamic(
     graph = DynamicGraph(
         path, slots, inputs, output, task, with_bias, sentence=sentence, uncomputed=uncomputed, skipped=skipped
     )
+    graph.default_rank = default_rank
     shapes = [lora_dims(slot, with_bias) for slot in slots.values()]
     wrapper = LoraExport(model, graph, 3 if with_bias else 2, low_rank_update)
     defaults = {name: default_value(name, graph) for name in graph.lora_inputs()}
@@ -507,13 +519,15 @@ def export_wrapper(
 
 
 def default_value(name: str, graph: DynamicGraph) -> np.ndarray:
-    """The rank-0 default of a dynamic graph's LoRA input: the base model, exactly."""
+    """The zero default of a dynamic graph's LoRA input (rank graph.default_rank, 0 or 1):
+    the base model, exactly."""
     module, suffix = split_lora_name(name)
     slot = graph.slots[module]
+    rank = graph.default_rank
     if suffix == A_SUFFIX:
-        return np.zeros((slot.in_features, 0), np.float32)
+        return np.zeros((slot.in_features, rank), np.float32)
     if suffix == B_SUFFIX:
-        return np.zeros((0, slot.out_features), np.float32)
+        return np.zeros((rank, slot.out_features), np.float32)
     return np.zeros((slot.out_features,), np.float32)
 
 

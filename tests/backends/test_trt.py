@@ -1,10 +1,9 @@
 """TensorRT backend, tested without TensorRT: profiles, version gates, manifest, refit weights,
-the fp16 conversion, and the CLI's one-line refusal. No test here runs TensorRT; the one
+and the CLI's one-line refusal (the fp16/bf16 conversion: test_trt_convert.py). No test here runs TensorRT; the one
 that would is marked and skipped."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ from lora_deploy.backends.trt.profiles import InputProfile, build_profiles
 from lora_deploy.backends.trt.refit import refit_engine
 from lora_deploy.backends.trt.weights import initializer_map, refit_weights
 from lora_deploy.cli import main
-from lora_deploy.errors import AdapterError, BadInputError, ExportError
+from lora_deploy.errors import AdapterError, BadInputError
 from lora_deploy.io.checkpoint import Checkpoint
 
 INPUTS = {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"], "flags": [1, 4]}
@@ -225,17 +224,13 @@ def test_refit_refuses_targets_the_engine_cannot_refit(reference):
         refit_weights(base, adapter, some)
 
 
-# ------------------------------------------- ONNX: name map, fp16 conversion ----
+# ------------------------------------------------------------ ONNX: name map ----
 
 
-@pytest.fixture(scope="module")
-def exported(reference, tmp_path_factory):
-    from lora_deploy.export import export_checkpoint
-
-    base, _ = reference("llama", "plain")
-    out = tmp_path_factory.mktemp("trt") / "base.onnx"
-    export_checkpoint(base, out)
-    return base, out
+@pytest.fixture
+def exported(example_graphs):
+    base, path, _ = example_graphs("llama")
+    return base, path
 
 
 def test_initializer_map_names_checkpoint_tensors(exported):
@@ -248,36 +243,6 @@ def test_initializer_map_names_checkpoint_tensors(exported):
     assert set(mapping) <= set(onnx_weight_map(onnx_path))
     chosen = select_refit_weights(mapping, "q_proj,v_proj")
     assert chosen and all(("q_proj" in n or "v_proj" in n) for n in chosen)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("onnxconverter_common") is None, reason="needs onnxconverter-common")
-@pytest.mark.xfail(
-    strict=True,
-    raises=ExportError,
-    reason="onnxconverter-common's fp16 graph of the LLaMA export does not type-check in ONNX Runtime "
-    "(Expand output float16 where float is expected); convert() refuses it. Open: a converter that works.",
-)
-def test_fp16_conversion_matches_fp32_in_onnx_runtime(exported, tmp_path):
-    import onnx
-    import onnxruntime as ort
-
-    from lora_deploy.backends.trt.convert import convert
-
-    _, onnx_path = exported
-    out = tmp_path / "fp16.onnx"
-    info = convert(onnx_path, out, "fp16")
-    assert info["io_types_kept"]
-    model = onnx.load(str(out))
-    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
-    feed = {
-        "input_ids": np.random.default_rng(0).integers(0, 100, (2, 16)),
-        "attention_mask": np.ones((2, 16), np.int64),
-    }
-    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
-    ref, half = run(onnx_path), run(out)
-    assert half.dtype == np.float32  # io types kept
-    np.testing.assert_allclose(half, ref, atol=2e-2, rtol=2e-2)  # fp16 tolerance, as verify uses
-    assert np.abs(half - ref).max() > 0  # really ran in fp16
 
 
 # -------------------------------------------------------- without TensorRT ----
@@ -354,3 +319,164 @@ def test_build_and_refit_on_a_gpu(exported, reference, tmp_path):
     assert built.manifest["precision"]["problem"] is None
     result = refit_engine(built.path, base, adapter, out=tmp_path / "a.engine")
     assert result.weights > 0
+    from lora_deploy.proof.verify import verify
+
+    # The base engine matches ONNX Runtime on its ONNX; the refitted one base + adapter.
+    assert not verify(base, adapter, engine_path=built.path).equivalent  # it lacks the adapter
+    report = verify(base, adapter, engine_path=result.path)
+    assert report.equivalent, report.problem()
+
+
+# ------------------------------------------------- verify --engine, wiring ----
+
+
+def engine_manifest(onnx_path, realized="fp32+fp16", refit_adapter=None):
+    from lora_deploy.io.digests import file_sha256
+
+    document = mf.build_manifest(
+        header={"schema": mf.SCHEMA},
+        environment={"tensorrt": "10.13.0", "cuda": "12.9", "gpu": "none (written by a test)"},
+        onnx={"path": str(onnx_path), "sha256": file_sha256(onnx_path), "conversion": None},
+        options={"precision": "fp16", "refittable": "none"},
+        plan=versions.build_plan(10, "fp16"),
+        precision={"requested": "fp16", "realized": realized, "layer_types": {}, "problem": None},
+        profiles=[{"input": "input_ids", "min": [1, 1], "opt": [1, 128], "max": [8, 512]}],
+        weights={},
+        refittable=None,
+        build_seconds=1.0,
+        timing_cache=None,
+    )
+    document["refit"]["current_adapter"] = refit_adapter
+    return document
+
+
+def write_engine(tmp_path, document):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not a plan: the engine runner is replaced in these tests")
+    mf.manifest_path(engine).write_text(json.dumps(document))
+    return engine
+
+
+def test_engine_tolerance_comes_from_the_realized_precision():
+    def dtype(realized, requested="fp16"):
+        return mf.engine_dtype({"precision": {"realized": realized, "requested": requested}})
+
+    assert dtype("fp32", "fp32") == "float32"
+    assert dtype("fp32+fp16") == "float16"
+    assert dtype("fp32+bf16", "bf16") == "bfloat16"
+    assert dtype("fp32", "fp16") == "float32"  # read back as fp32: fp32's tolerance, not the request's
+    assert dtype("unknown", "bf16") == "bfloat16"  # inconclusive read-back: the requested precision
+
+
+def test_engine_onnx_is_found_and_must_be_unchanged(exported, tmp_path):
+    import shutil
+
+    _, onnx_path = exported
+    copy = tmp_path / "model.onnx"
+    shutil.copyfile(onnx_path, copy)
+    document = engine_manifest(copy)
+    engine = write_engine(tmp_path, document)
+    assert mf.engine_onnx(engine, document) == copy
+    document["onnx"]["path"] = "elsewhere/model.onnx"  # moved with the engine: found beside it
+    assert mf.engine_onnx(engine, document) == tmp_path / "model.onnx"
+    copy.write_bytes(copy.read_bytes() + b"\0")
+    with pytest.raises(BadInputError, match="changed since the engine was built"):
+        mf.engine_onnx(engine, document)
+    with pytest.raises(BadInputError, match="outside the engine's profile"):
+        mf.check_in_profiles(document, {"input_ids": np.zeros((9, 16), np.int64)})
+
+
+def test_fit_feed_casts_ids_to_the_engines_integer_type():
+    from lora_deploy.backends.trt.runner import fit_feed
+
+    meta = {"input_ids": (np.dtype(np.int32), ["dyn", "dyn"]), "x": (np.dtype(np.float16), [2])}
+    fed = fit_feed({"input_ids": np.arange(4, dtype=np.int64), "x": np.ones(2, np.float32)}, meta)
+    assert fed["input_ids"].dtype == np.int32 and fed["x"].dtype == np.float32  # floats are not converted
+    with pytest.raises(BadInputError, match="do not fit the engine's int32"):
+        fit_feed({"input_ids": np.array([2**40])}, meta)
+
+
+class StandInEngine:
+    """ONNX Runtime on the engine's ONNX in place of TensorRT, with input_ids bound as int32
+    the way TensorRT may bind them. It proves the wiring of verify --engine (checks, tolerance,
+    report, feed casting), nothing about TensorRT."""
+
+    fed: list = []
+
+    def __new__(cls, path, name=None):
+        from lora_deploy.backends.base import Runner
+        from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
+
+        inner = OnnxrtRunner(mf.engine_onnx(path, mf.read_manifest(path)))
+
+        class Runner_(Runner):
+            def _activate(self):
+                inner.activate()
+
+            def _deactivate(self):
+                inner.deactivate()
+
+            def _input_metadata(self):
+                meta = dict(inner.input_metadata())
+                meta["input_ids"] = (np.dtype(np.int32), meta["input_ids"][1])
+                return meta
+
+            def _infer(self, feed):
+                cls.fed.append(feed)
+                return inner.infer({k: v.astype(np.int64) for k, v in feed.items()})
+
+        return Runner_(name)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    from lora_deploy.backends.trt import runner
+
+    monkeypatch.setattr(versions, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(runner, "TrtEngineRunner", StandInEngine)
+    StandInEngine.fed = []
+
+
+def test_verify_engine_wiring(stand_in, exported, reference, tmp_path):
+    """An 'engine' computing the base ONNX: equal to ONNX Runtime on its ONNX, and not to
+    base + adapter, which verify must catch (exit 1), with the fp16 tolerance its manifest
+    records."""
+    _, onnx_path = exported
+    base, adapter = reference("llama", "plain")
+    engine = write_engine(tmp_path, engine_manifest(onnx_path))
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        main, ["verify", str(base), str(adapter), "--engine", str(engine), "--report", str(report)]
+    )
+    assert result.exit_code == 1, result.output
+    doc = json.loads(report.read_text())
+    checks = {c["name"]: c for c in doc["checks"]}
+    versus_unmerged = checks["outputs [generated]: engine (tensorrt) logits vs unmerged"]
+    versus_onnx = checks[f"outputs [generated]: engine (tensorrt) vs onnxruntime on {onnx_path.name}: logits"]
+    assert versus_unmerged["status"] == "failed" and versus_onnx["status"] == "passed"
+    assert versus_onnx["max_abs"] == 0.0 and versus_onnx["atol"] == 2e-2  # float16's row, from the manifest
+    assert checks["outputs [generated]: polygraphy comparator, engine vs unmerged"]["status"] == "failed"
+    assert set(doc["artifacts"]) >= {"engine", "engine_onnx"} and doc["inputs"]["engine"] == str(engine)
+    assert StandInEngine.fed and all(f["input_ids"].dtype == np.int32 for f in StandInEngine.fed)
+
+
+def test_verify_refitted_engine_skips_the_onnx_comparison(stand_in, exported, reference, tmp_path):
+    from lora_deploy.proof.verify import verify
+
+    _, onnx_path = exported
+    base, adapter = reference("llama", "plain")
+    engine = write_engine(tmp_path, engine_manifest(onnx_path, "fp32", refit_adapter={"path": str(adapter)}))
+    report = verify(base, adapter, engine_path=engine)
+    skipped = [c for c in report.checks if c.skipped]
+    assert len(skipped) == 1 and "refitted to" in skipped[0].detail
+    assert {c.atol for c in report.checks if c.atol is not None} == {1e-4}  # fp32 engine: fp32 tolerance
+
+
+def test_verify_engine_without_tensorrt_exits_2_and_writes_nothing(no_tensorrt, exported, reference, tmp_path):
+    _, onnx_path = exported
+    base, adapter = reference("llama", "plain")
+    engine = write_engine(tmp_path, engine_manifest(onnx_path))
+    report = tmp_path / "report.json"
+    args = ["verify", str(base), str(adapter), "--engine", str(engine), "--report", str(report)]
+    assert_clean_exit_2(CliRunner().invoke(main, args), "TensorRT is not installed", "lora-deploy[tensorrt]")
+    assert not report.exists()

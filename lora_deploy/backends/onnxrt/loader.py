@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +61,11 @@ def error_line(err: BaseException) -> str:
 class SessionFromOnnx:
     """Lazy loader: `SessionFromOnnx(path, threads=1)()` -> onnxruntime.InferenceSession.
 
-    `providers` must all be available (ONNX Runtime would otherwise drop them silently);
-    `threads` sizes the intra-op pool, `inter_op_threads` the inter-op one. A caller with
-    its own `onnxruntime.SessionOptions` passes them as `session_options` instead.
+    `providers` must all be available (ONNX Runtime would otherwise drop them silently),
+    each with its entry of `provider_options` when given; `config` holds session config
+    entries (`session.disable_cpu_ep_fallback`: backends/onnxrt/gpu.py). `threads` sizes the
+    intra-op pool, `inter_op_threads` the inter-op one. A caller with its own
+    `onnxruntime.SessionOptions` passes them as `session_options` instead.
     """
 
     def __init__(
@@ -75,9 +77,13 @@ class SessionFromOnnx:
         inter_op_threads: int | None = None,
         log_level: int = QUIET,
         session_options: Any = None,
+        provider_options: Sequence[Mapping[str, str]] | None = None,
+        config: Mapping[str, str] | None = None,
     ):
         self.path = Path(path)
         self.providers = list(providers)
+        self.provider_options = None if provider_options is None else [dict(o) for o in provider_options]
+        self.config = dict(config or {})
         self.threads = threads
         self.inter_op_threads = inter_op_threads
         self.log_level = log_level
@@ -87,8 +93,13 @@ class SessionFromOnnx:
         import onnxruntime as ort
 
         if self.session_options is not None:
-            return self.session_options
+            options = self.session_options
+            for key, value in self.config.items():
+                options.add_session_config_entry(key, value)
+            return options
         options = ort.SessionOptions()
+        for key, value in self.config.items():
+            options.add_session_config_entry(key, value)
         options.log_severity_level = self.log_level
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
@@ -106,7 +117,9 @@ class SessionFromOnnx:
         if missing:
             raise BadInputError(f"ONNX Runtime provider(s) {missing} not available; have {available}")
         try:
-            return ort.InferenceSession(str(self.path), self.options(), providers=self.providers)
+            return ort.InferenceSession(
+                str(self.path), self.options(), providers=self.providers, provider_options=self.provider_options
+            )
         except ort_errors() as err:
             raise BadInputError(f"ONNX Runtime cannot load {self.path}: {error_line(err)}") from None
 

@@ -9,24 +9,10 @@ from typing import Any
 import numpy as np
 
 from lora_deploy.backends.base import Feed, Runner, TimedModel
-from lora_deploy.backends.onnxrt.loader import SessionFromOnnx
+from lora_deploy.backends.onnxrt import gpu
 from lora_deploy.backends.onnxrt.lora_format import check_parameters, read_adapter_file, session_inputs
 from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
 from lora_deploy.backends.onnxrt.sessions import IDS_INPUT as ADAPTER_IDS
-from lora_deploy.errors import BadInputError
-
-
-def _ort_providers(device: str) -> list[str]:
-    import onnxruntime as ort
-
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise BadInputError(
-            "--device cuda: ONNX Runtime has no CUDAExecutionProvider here "
-            f"(have {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
-        )
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def _ort_run_options(runner: OnnxrtRunner, adapter: Path, model_name: str) -> Any:
@@ -82,17 +68,19 @@ def _ort_binder(runner: OnnxrtRunner, run_options: Any) -> Callable[[Feed], Call
 def timed_model(
     name: str, path: Path, device: str, threads: int | None, adapter: Path | None, options: Mapping[str, Any]
 ) -> TimedModel:
-    """An ONNX Runtime session; an adapter is activated on every run through RunOptions."""
+    """An ONNX Runtime session; an adapter is activated on every run through RunOptions.
+
+    options: `provider` (cuda | tensorrt, with device cuda), `trt_fp16`, `trt_cache`: the
+    GPU providers of backends/onnxrt/gpu.py, which checks and records where the session runs."""
+    choice = gpu.choose(device, options.get("provider"), bool(options.get("trt_fp16")), options.get("trt_cache"))
     # One graph runs at a time: inter-op threads would only compete with the intra-op
     # pool that --threads sizes.
-    loader = SessionFromOnnx(path, providers=_ort_providers(device), threads=threads, inter_op_threads=1, log_level=4)
-    runner = OnnxrtRunner(loader, name=name)
+    session, placement = gpu.open_session(choice, path, threads=threads, inter_op_threads=1, log_level=4)
+    runner = OnnxrtRunner(session, name=name)
+    runner.path = Path(path)
     runner.activate()
     try:
-        used = runner.session.get_providers()
-        # ORT silently falls back to CPU when the CUDA provider fails to load.
-        if device == "cuda" and used[0] != "CUDAExecutionProvider":
-            raise BadInputError(f"model {name!r}: ONNX Runtime could not use CUDA (session runs on {used[0]})")
+        used = placement["providers"]
         run_options = _ort_run_options(runner, adapter, name) if adapter is not None else None
         runner.run_options = run_options  # so runner.infer() runs with the adapter too
         n_adapters = adapter_bank_size(runner.session)
@@ -112,6 +100,7 @@ def timed_model(
             "path": str(path),
             "adapter": str(adapter) if adapter else None,
             "providers": used,
+            "onnxruntime": placement,
             "intra_op_threads": threads,
             "inter_op_threads": 1,
             "adapter_ids": {"n_adapters": n_adapters} if has_ids else None,

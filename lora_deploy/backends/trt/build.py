@@ -27,9 +27,9 @@ from lora_deploy.backends.trt.profiles import InputProfile, build_profiles, onnx
 from lora_deploy.backends.trt.refit import writer
 from lora_deploy.backends.trt.weights import initializer_map
 from lora_deploy.errors import BadInputError
+from lora_deploy.io.digests import file_sha256
 from lora_deploy.io.provenance import artifact_hashes, report_header
 from lora_deploy.io.staging import check_output, write_file_atomic
-from lora_deploy.io.stream import file_sha256
 
 
 @dataclass
@@ -132,6 +132,7 @@ def build_engine(
     version_compatible: bool = False,
     workspace: str | None = None,
     base: Path | None = None,
+    converter: str = "builtin",
     overwrite: bool = False,
 ) -> EngineBuild:
     """Build a TensorRT engine from an ONNX file and write MODEL.engine + MODEL.engine.json.
@@ -140,6 +141,7 @@ def build_engine(
     --refittable adapter-targets marks refittable. base: the checkpoint the ONNX was
     exported from, to check the initializer -> checkpoint map by shape (without it the
     initializer names are taken as the checkpoint's, which is what the export writes).
+    converter: what makes the fp16/bf16 graph TensorRT 11 builds (convert.CONVERTERS).
     """
     onnx_path, out = Path(onnx_path), Path(out)
     if not onnx_path.is_file():
@@ -169,7 +171,7 @@ def build_engine(
             from lora_deploy.backends.trt.convert import convert
 
             source = Path(scratch) / f"{onnx_path.stem}.{plan.convert}.onnx"
-            conversion = convert(onnx_path, source, plan.convert)
+            conversion = convert(onnx_path, source, plan.convert, converter)
             weights = initializer_map(source, base) if base is not None else onnx_weight_map(source)
         cache_before = timing_cache.stat().st_size if timing_cache and timing_cache.is_file() else None
         loader = engine_loader(
@@ -189,7 +191,7 @@ def build_engine(
     document = manifest_mod.build_manifest(
         header=report_header(manifest_mod.SCHEMA),
         environment=environment(trt),
-        onnx={"path": str(onnx_path), "sha256": file_sha256(onnx_path), "conversion": conversion},
+        onnx={"path": str(onnx_path.resolve()), "sha256": file_sha256(onnx_path), "conversion": conversion},
         options={
             "precision": precision,
             "shapes": list(shapes),
@@ -199,6 +201,7 @@ def build_engine(
             "hardware_compat": hardware_compat,
             "version_compatible": version_compatible,
             "workspace": workspace_bytes,
+            "converter": converter,
         },
         plan=plan,
         precision=realized,

@@ -1,7 +1,8 @@
 """MODEL.engine.json, written beside every engine: how it was built, from what, on what.
 
 Pure: the builder gathers the facts (TensorRT, CUDA, GPU, what the engine inspector read
-back) and this module lays them out, and reads them back for refit.
+back) and this module lays them out, and reads them back for refit and verify (the
+tolerance an engine gets, the ONNX it came from, the shapes its profiles take).
 """
 
 from __future__ import annotations
@@ -126,3 +127,57 @@ def layer_types(inspector_json: str | Mapping[str, Any]) -> dict[str, int]:
             )
             counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+# Realized precision -> the dtype whose output tolerance (compare.TOLERANCES) an engine gets.
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def engine_dtype(manifest: Mapping[str, Any]) -> str:
+    """The tolerance dtype of an engine: the loosest precision its layers were read back in
+    ("fp32+fp16" -> float16); the requested one when the read-back was inconclusive."""
+    precision = manifest.get("precision") or {}
+    realized = str(precision.get("realized") or "")
+    found: list[str] = [p for p in ("bf16", "fp16", "fp32") if p in realized.split("+")]
+    if not found:
+        found = [str(precision.get("requested") or "fp32")]
+    if found[0] not in PRECISION_DTYPES:
+        raise BadInputError(f"engine manifest: unknown precision {found[0]!r}")
+    return PRECISION_DTYPES[found[0]]
+
+
+def engine_onnx(engine: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
+    """The ONNX the engine was built from, as its manifest names it (absolute, or relative to
+    the directory the build ran in or to the engine's), and unchanged since (its sha256)."""
+    from lora_deploy.io.digests import file_sha256
+
+    entry = manifest.get("onnx") or {}
+    named = Path(str(entry.get("path") or ""))
+    if not entry.get("path"):
+        raise BadInputError(f"{manifest_path(engine)}: names no ONNX model")
+    candidates = (
+        [named] if named.is_absolute() else [named, Path(engine).parent / named, Path(engine).parent / named.name]
+    )
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise BadInputError(
+            f"{manifest_path(engine)}: its ONNX model {named} is not found (looked beside the engine too)"
+        )
+    if entry.get("sha256") and file_sha256(found) != entry["sha256"]:
+        raise BadInputError(f"{found}: changed since the engine was built from it (sha256 differs from the manifest's)")
+    return found
+
+
+def check_in_profiles(manifest: Mapping[str, Any], feed: Mapping[str, Any]) -> None:
+    """Each fed input's shape within its optimization profile (min <= shape <= max)."""
+    for profile in manifest.get("profiles") or []:
+        name = profile.get("input")
+        if name not in feed:
+            continue
+        shape = list(getattr(feed[name], "shape", ()))
+        low, high = list(profile.get("min") or []), list(profile.get("max") or [])
+        if len(shape) != len(low) or not all(a <= s <= b for a, s, b in zip(low, shape, high)):
+            raise BadInputError(
+                f"input {name} of shape {shape} is outside the engine's profile (min {low}, max {high}): "
+                "choose --batch/--seq within it, or rebuild with --shapes"
+            )

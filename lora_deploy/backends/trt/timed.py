@@ -1,4 +1,4 @@
-"""`bench --backend tensorrt`: a built engine, timed through polygraphy's TrtRunner.
+"""`bench --backend tensorrt`: a built engine, timed through polygraphy's TrtRunner (runner.py).
 
 Never run here (no TensorRT, no GPU). Opening one without them fails in one line (exit 2)
 before anything is timed.
@@ -10,37 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lora_deploy.backends.base import Feed, InputMeta, Runner, TimedModel
+from lora_deploy.backends.base import Feed, TimedModel
 from lora_deploy.backends.trt import versions
+from lora_deploy.backends.trt.runner import TrtEngineRunner, fit_feed
 from lora_deploy.errors import BadInputError
-
-
-class TrtEngineRunner(Runner):
-    """A serialized engine run by polygraphy's TrtRunner (which synchronizes each inference)."""
-
-    def __init__(self, path: Path, name: str | None = None):
-        super().__init__(name)
-        self.path = Path(path)
-        self._runner: Any = None
-
-    def _activate(self) -> None:
-        versions.require_tensorrt()
-        from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(self.path))))
-        self._runner.activate()
-
-    def _deactivate(self) -> None:
-        self._runner.deactivate()
-        self._runner = None
-
-    def _input_metadata(self) -> dict[str, InputMeta]:
-        meta = self._runner.get_input_metadata()
-        return {name: (dtype, ["dyn" if d < 0 else d for d in shape]) for name, (dtype, shape) in meta.items()}
-
-    def _infer(self, feed: Feed, **options: Any) -> dict[str, Any]:
-        return dict(self._runner.infer(feed, **options))
 
 
 def timed_model(
@@ -55,8 +28,10 @@ def timed_model(
     runner.activate()
 
     def bind(feed: Feed):
+        fitted = fit_feed(feed, runner.input_metadata())  # int64 ids to an int32 binding, once
+
         def call() -> None:
-            runner.infer(feed)
+            runner.infer(fitted)
 
         return call
 
