@@ -78,6 +78,19 @@ def sample_inputs(
     return _from_metadata(specs, batch, seq, rng, int(vocab), pad_id=pad_id)
 
 
+def sample_prompts(config: Any, lengths: list[int] | tuple[int, ...], seed: int = 0) -> list[list[int]]:
+    """Deterministic prompts for generation checks: one list of token ids per length, ids in
+    the vocabulary and never the pad id (padding is the generator's business)."""
+    if not lengths or min(lengths) < 1:
+        raise BadInputError(f"prompt lengths must be >= 1, got {list(lengths)}")
+    text = text_config(_as_config(config))
+    vocab = int(getattr(text, "vocab_size", 0) or DEFAULT_VOCAB_SIZE)
+    rng = np.random.default_rng(seed)
+    pad_id = getattr(text, "pad_token_id", None)
+    ones = np.ones((1, max(lengths)), dtype=np.int64)
+    return [_token_ids(rng, (1, n), vocab, pad_id, ones[:, :n])[0].tolist() for n in lengths]
+
+
 def _from_metadata(
     specs: Mapping[str, Any],
     batch: int,

@@ -7,6 +7,7 @@ Names follow Optimum's ONNX exports so artifacts are interchangeable.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ TOKEN_CLASSIFICATION = "token-classification"
 FEATURE_EXTRACTION = "feature-extraction"
 AUTO = "auto"
 TASKS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION)
+# Optimum's name for a decoder with its key/value cache as inputs and outputs. Not one of
+# TASKS (the full-sequence exports): its graph has other inputs and outputs (kv_layout).
+TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
+EXPORT_TASKS = (*TASKS, TEXT_GENERATION_WITH_PAST)
 
 # Output names follow Optimum's exports.
 TASK_OUTPUT = {
@@ -94,6 +99,11 @@ def resolve_task(task: str, config: Any) -> str:
     """Return a concrete task: detect it for "auto", validate it otherwise."""
     if task == AUTO:
         return detect_task(config)
+    if task == TEXT_GENERATION_WITH_PAST:
+        raise BadInputError(
+            f"task {task} (the key/value cache as inputs and outputs) is exported by lora_deploy.export."
+            "export_generation / export_generation_adapters and checked by verify --generate N"
+        )
     if task not in TASKS:
         raise BadInputError(f"unknown task {task!r}; expected auto or one of {', '.join(TASKS)}")
     return task
@@ -125,3 +135,72 @@ def text_config(config: Any) -> Any:
     """The text part of a multimodal config; the config itself otherwise."""
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config
+
+
+# ------------------------------------------------------------ key/value cache
+
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+# Dim names of a KV-cache graph (Optimum's meaning): new tokens, cached tokens, both.
+BATCH_DIM, SEQUENCE_DIM, PAST_DIM, TOTAL_DIM = "batch", "sequence", "past_sequence", "total_sequence"
+
+# model_type -> the config attribute its families use for the cache's head count when it
+# has fewer key/value heads than query heads (GQA); None: as many as attention heads.
+# Families here are exported and checked against transformers' cached forward (tests);
+# any other is refused in one line, never exported untested.
+KV_CACHE_FAMILIES = {"llama": "num_key_value_heads", "gpt2": None}
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """The cache of a decoder: `layers` x (key, value) of [batch, kv_heads, past, head_size]."""
+
+    layers: int
+    kv_heads: int
+    head_size: int
+    position_ids: bool  # the graph takes position_ids (left padding needs them)
+
+    @property
+    def input_names(self) -> list[str]:
+        """The model inputs, then the past key/values: input_ids, attention_mask, position_ids, past..."""
+        return [INPUT_IDS, ATTENTION_MASK] + ([POSITION_IDS] if self.position_ids else []) + self.past_names
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"{PAST_PREFIX}{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"{PRESENT_PREFIX}{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [LOGITS] + self.present_names
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": self.layers,
+            "kv_heads": self.kv_heads,
+            "head_size": self.head_size,
+            "position_ids": self.position_ids,
+        }
+
+
+def kv_layout(config: Any) -> KvLayout:
+    """The cache layout of a decoder checkpoint's config; BadInputError for a family the
+    KV-cache export does not handle (KV_CACHE_FAMILIES) or a config that is not a decoder."""
+    text = text_config(config)
+    family = getattr(text, "model_type", None)
+    if family not in KV_CACHE_FAMILIES:
+        supported = ", ".join(sorted(KV_CACHE_FAMILIES))
+        raise BadInputError(
+            f"--task {TEXT_GENERATION_WITH_PAST}: model family {family!r} is not supported by the KV-cache export "
+            f"(supported: {supported})"
+        )
+    heads = int(text.num_attention_heads)
+    kv_attr = KV_CACHE_FAMILIES[family]
+    kv_heads = int(getattr(text, kv_attr, None) or heads) if kv_attr else heads
+    head_size = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return KvLayout(int(text.num_hidden_layers), kv_heads, int(head_size), position_ids=True)

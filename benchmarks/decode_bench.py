@@ -1,0 +1,243 @@
+"""Decode-step latency of generation-ready graphs (export --task text-generation-with-past).
+
+ONNX Runtime on the CPU, one run, paired and interleaved rounds on identical inputs
+(`lora-deploy bench` itself: run_bench, so every figure carries its bootstrap CI):
+
+1. steps: prefill 1x128 and decode steps 1x1+128, 1x1+512, 8x1+512 (one new token per
+   row after P cached ones) for base, merged, dynamic (adapter active), dynamic with no
+   adapter active (the same graph), and multi-adapter (two adapters, ids alternating per
+   row); with --genai, onnxruntime-genai's model builder output for the merged checkpoint
+   too (same precision, fp32). Ratios from the same rounds: merged / base, dynamic /
+   merged, dynamic (no adapter) / base, multi / merged, ours / genai builder (merged).
+2. generation: tokens/s of a fixed-length greedy generation (prompt 32, N new tokens,
+   batch 1) through our ONNX Runtime loop (backends/onnxrt/decode.py), every variant
+   interleaved round by round.
+
+The model is LLaMA-shaped with random weights (default hidden 512, 4 layers, 8 heads, 2
+key/value heads: GQA), the adapters r=8 on q_proj/v_proj with random non-zero factors.
+
+    python benchmarks/decode_bench.py --work /tmp/decodebench --out benchmarks/results   # the real run
+    python benchmarks/decode_bench.py --smoke --out /tmp/decodebench-smoke                 # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from lora_deploy.backends.onnxrt.decode import KvGraph, onnx_generator
+from lora_deploy.backends.onnxrt.lora_format import pack_adapter
+from lora_deploy.bench.report import machine_info, to_markdown, write_json
+from lora_deploy.bench.run import run_bench
+from lora_deploy.bench.stats import bootstrap_median_ci, paired_ratios
+from lora_deploy.bench.timing import measure_interleaved
+from lora_deploy.export.generation import export_generation, export_generation_adapters
+from lora_deploy.merge.streaming import merge
+
+SHAPES = "1x128,1x1+128,1x1+512,8x1+512"
+# (variant, its reference) pairs reported from the same rounds.
+PAIRS = [("merged", "base"), ("dynamic", "merged"), ("dynamic_off", "base"), ("multi", "merged"), ("merged", "genai")]
+
+
+def build_base(path: Path, hidden: int, layers: int, vocab: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads = hidden // 64
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        vocab_size=vocab,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def build_adapter(path: Path, hidden: int, kv_width: int, layers: int, seed: int, rank: int = 8) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "v_proj"],
+        "task_type": "CAUSAL_LM",
+        "bias": "none",
+        "lora_dropout": 0.0,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        for name, out in (("q_proj", hidden), ("v_proj", kv_width)):
+            key = f"base_model.model.model.layers.{i}.self_attn.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) / hidden**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=gen) * 0.02
+    save_file(tensors, path / "adapter_model.safetensors")
+
+
+def prepare(work: Path, hidden: int, layers: int, vocab: int, genai: bool) -> dict[str, Path]:
+    base, merged = work / "base", work / "merged"
+    adapters = [work / "adapter0", work / "adapter1"]
+    kv_width = max(1, hidden // 64 // 4) * 64
+    files = {
+        "base": work / "base-kv.onnx",
+        "merged": work / "merged-kv.onnx",
+        "dynamic": work / "dynamic-kv.onnx",
+        "multi": work / "multi-kv.onnx",
+        "packed": work / "adapter0.onnx_adapter",
+    }
+    if not base.exists():
+        build_base(base, hidden, layers, vocab)
+        # The genai builder loads a tokenizer from the checkpoint: the example models' character one.
+        from lora_deploy.examples.models import _build_tokenizer
+
+        _build_tokenizer("llama").save_pretrained(base)
+        for i, adapter in enumerate(adapters):
+            build_adapter(adapter, hidden, kv_width, layers, seed=i + 1)
+        merge(base, adapters[0], merged)
+    for name, source in (("base", base), ("merged", merged)):
+        if not files[name].exists():
+            export_generation(source, files[name])
+    if not files["dynamic"].exists():
+        export_generation_adapters(base, files["dynamic"], adapters=adapters)
+    if not files["multi"].exists():
+        export_generation_adapters(base, files["multi"], adapters=adapters, multi=True)
+    if not files["packed"].exists():
+        pack_adapter(adapters[0], files["packed"], onnx_path=files["dynamic"])
+    if genai:
+        files["genai"] = genai_build(merged, work / "genai")
+    return files
+
+
+def genai_build(merged: Path, out: Path) -> Path:
+    """onnxruntime-genai's model builder on the merged checkpoint, fp32 on the CPU."""
+    if not (out / "model.onnx").exists():
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out)]
+        command += ["-p", "fp32", "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+        subprocess.run(command, check=True, capture_output=True)
+    return fixed_head_dims(out)
+
+
+def fixed_head_dims(folder: Path) -> Path:
+    """The builder's graph with its cache's symbolic head dim ("kv_cache_dim") set to the head
+    size from genai_config.json, so `bench` can size the past tensors from the graph alone
+    (the same graph and weights file; only the declared input shapes change)."""
+    import onnx
+
+    fixed = folder / "model-fixed-dims.onnx"
+    if not fixed.exists():
+        head = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+        proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)  # the .data file stays as it is
+        for value in [*proto.graph.input, *proto.graph.output]:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param == "kv_cache_dim":
+                    dim.dim_value = head
+        onnx.save(proto, str(fixed))
+    return fixed
+
+
+def ratios(report: dict) -> dict:
+    """Every PAIRS ratio per shape, from the same interleaved rounds (median, 95% CI)."""
+    out = {}
+    for key, block in report["results"].items():
+        variants = block["variants"]
+        out[key] = {}
+        for name, ref in PAIRS:
+            if name in variants and ref in variants:
+                per_round = paired_ratios(variants[ref]["samples_s"], variants[name]["samples_s"])
+                median, low, high = bootstrap_median_ci(per_round)
+                out[key][f"{name}/{ref}"] = {"median": median, "low": low, "high": high}
+    return out
+
+
+def generation(files: dict[str, Path], threads: int, rounds: int, n_new: int, vocab: int) -> dict:
+    """Tokens/s of a greedy generation of n_new tokens after a 32-token prompt, batch 1."""
+    prompt = [np.random.default_rng(0).integers(3, vocab, size=32).tolist()]
+    dynamic = KvGraph(files["dynamic"], threads=threads)
+    multi = KvGraph(files["multi"], threads=threads)
+    gens = {
+        "base": onnx_generator(KvGraph(files["base"], threads=threads)),
+        "merged": onnx_generator(KvGraph(files["merged"], threads=threads)),
+        "dynamic": onnx_generator(dynamic, adapter=files["packed"]),
+        "dynamic_off": onnx_generator(dynamic),
+        "multi": onnx_generator(multi, adapter_id=0),
+    }
+    calls = {name: (lambda g=g: g(prompt, n_new)) for name, g in gens.items()}
+    times = measure_interleaved(calls, warmup=2, rounds=rounds)
+    result = {"prompt": 32, "new_tokens": n_new, "batch": 1, "rounds": rounds, "variants": {}}
+    for name, samples in times.items():
+        median = float(np.median(samples))
+        result["variants"][name] = {"median_s": median, "tokens_per_s": n_new / median}
+    for name, ref in PAIRS:
+        if name in times and ref in times:
+            result["variants"][name][f"vs_{ref}"] = dict(
+                zip(("median", "low", "high"), bootstrap_median_ci(paired_ratios(times[ref], times[name])))
+            )
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/lora-deploy-decodebench"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens per timed generation")
+    ap.add_argument("--genai", action="store_true", help="time onnxruntime-genai's builder output side by side")
+    ap.add_argument("--smoke", action="store_true", help="a quick check: tiny model, 3 rounds, short generation")
+    args = ap.parse_args()
+    if args.smoke:
+        args.hidden, args.layers, args.vocab, args.rounds, args.new_tokens = 128, 2, 512, 3, 8
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = prepare(args.work, args.hidden, args.layers, args.vocab, args.genai)
+    models = {name: files[name] for name in ("base", "merged", "dynamic")}
+    models.update(dynamic_off=files["dynamic"], multi=files["multi"])
+    if args.genai:
+        models["genai"] = files["genai"]
+    report = run_bench(
+        models,
+        adapters={"dynamic": files["packed"]},
+        reference="base",
+        shapes=args.shapes,
+        threads=args.threads,
+        rounds=args.rounds,
+        warmup=5,
+    )
+    report["config"]["model"] = {
+        "family": "llama",
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "vocab": args.vocab,
+        "kv_heads": max(1, args.hidden // 64 // 4),
+        "adapters": [{"r": 8, "targets": ["q_proj", "v_proj"]}] * 2,
+    }
+    summary = {
+        "pairs": ratios(report),
+        "generation": generation(files, args.threads, max(3, args.rounds // 5), args.new_tokens, args.vocab),
+        "machine": machine_info(args.threads),
+    }
+    write_json(report, args.out / "decode_latency.json", overwrite=True)  # a rerun replaces its results
+    (args.out / "decode_latency.md").write_text(to_markdown(report))
+    (args.out / "decode_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(to_markdown(report))
+    print(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

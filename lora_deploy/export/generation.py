@@ -1,0 +1,353 @@
+"""Generation-ready decoder graphs: `--task text-generation-with-past` (Optimum's name).
+
+The graph takes the key/value cache and returns the updated one (modeling.generation):
+
+    input_ids [batch, sequence], attention_mask [batch, total_sequence],
+    position_ids [batch, sequence], past_key_values.{i}.key/.value
+    [batch, kv_heads, past_sequence, head_size]
+      -> logits [batch, sequence, vocab], present.{i}.key/.value
+
+so one graph runs the prefill (past_sequence 0, the prompt) and every decode step (one
+new token per row after `past_sequence` cached ones). GQA models cache their fewer
+key/value heads. Families: modeling.tasks.KV_CACHE_FAMILIES (LLaMA, GPT-2); any other
+is refused in one line before anything is written.
+
+- `export_generation`: a merged (or any) checkpoint, float32 or float16, initializers
+  named as the checkpoint's tensors (like export_checkpoint).
+- `export_generation_adapters`: the same graph with LoRA inputs, either a dynamic-adapter
+  graph (ONNX Runtime's multi-LoRA convention, rank-0 defaults: `.onnx_adapter` files
+  from `pack` switch tasks per run) or a multi-adapter graph (`adapter_ids`, one adapter
+  per row), built by export/dynamic.py's and export/multi.py's machinery.
+
+Each graph is proven before it is moved into place: onnx.checker, then ONNX Runtime
+against the torch model at the traced step, at a prefill (past 0) and at a one-token
+decode step with another batch size (adapter graphs: with the LoRA inputs fed and at
+their defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lora_deploy.adapter.read import load_adapter
+from lora_deploy.adapter.variants import refuse_non_additive
+from lora_deploy.arrays import from_torch
+from lora_deploy.backends.onnxrt.lora_format import METADATA_KEY, check_output_file
+from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
+from lora_deploy.backends.onnxrt.sessions import BASE_ID, IDS_INPUT
+from lora_deploy.compare import Comparison, compare_array, tolerance
+from lora_deploy.errors import BadInputError, ExportError
+from lora_deploy.export import graph as onnx_graph
+from lora_deploy.export.dynamic import (
+    DynamicGraph,
+    LoraExport,
+    default_value,
+    example_lora,
+    finish_graph,
+    flatten,
+    lora_dims,
+    low_rank_update,
+    resolve_slots,
+    uncomputed_modules,
+)
+from lora_deploy.export.model import ExportResult, _check_onnx, resolve_dtype
+from lora_deploy.export.multi import adapter_names, bank_dims, banked_update, build_banks, example_banks
+from lora_deploy.modeling.generation import KvCacheWrapper, example_cache_inputs, forward_with_cache, load_decoder
+from lora_deploy.modeling.hf import parse_dtype
+from lora_deploy.modeling.tasks import (
+    ATTENTION_MASK,
+    BATCH_DIM,
+    LOGITS,
+    PAST_DIM,
+    SEQUENCE_DIM,
+    TEXT_GENERATION_WITH_PAST,
+    TOTAL_DIM,
+    KvLayout,
+)
+
+# (batch, new tokens, past) of the traced example: none 0 or 1 (the exporter would
+# specialise it), all different from each other and from the LoRA example rank (3).
+TRACED = (2, 4, 6)
+# Where else the graph is proven: a prefill (no past) and a one-token decode step.
+PROVEN = (TRACED, (2, 7, 0), (5, 1, 9))
+
+
+def cache_dims(layout: KvLayout) -> list[dict[int, str]]:
+    """Dynamic dims of the inputs in KvLayout order. Named strings, not torch.export.Dim:
+    the exporter then lets total_sequence be derived as past_sequence + sequence."""
+    tokens = {0: BATCH_DIM, 1: SEQUENCE_DIM}
+    dims = [tokens, {0: BATCH_DIM, 1: TOTAL_DIM}] + ([dict(tokens)] if layout.position_ids else [])
+    return dims + [{0: BATCH_DIM, 2: PAST_DIM} for _ in layout.past_names]
+
+
+def model_input_count(layout: KvLayout) -> int:
+    return 3 if layout.position_ids else 2
+
+
+# ------------------------------------------------------------------ merged ----
+
+
+def export_generation(
+    model_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    task: str = TEXT_GENERATION_WITH_PAST,
+    opset: int | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    stream_weights: bool = False,
+) -> ExportResult:
+    """Export a decoder checkpoint with its key/value cache as inputs and outputs, checked
+    in ONNX Runtime against torch at a cached step, a prefill and a decode step.
+
+    Takes export_checkpoint's options (ExportOptions) so the CLI calls either the same way;
+    `task` must be text-generation-with-past, `stream_weights` is not supported here yet.
+    """
+    path = Path(path)
+    if task != TEXT_GENERATION_WITH_PAST:
+        raise BadInputError(f"export_generation exports task {TEXT_GENERATION_WITH_PAST}, not {task!r}")
+    if stream_weights:
+        raise BadInputError(f"--stream-weights is not supported for --task {TEXT_GENERATION_WITH_PAST} yet")
+    onnx_graph.check_output(path, [model_dir], overwrite)
+    dtype, dtype_source = resolve_dtype(model_dir, dtype)
+    torch_dtype = parse_dtype(dtype)
+    model, layout = load_decoder(model_dir, torch_dtype)
+    wrapper = KvCacheWrapper(model, layout).eval()
+    points = [example_cache_inputs(model, layout, *shape, seed=i, dtype=torch_dtype) for i, shape in enumerate(PROVEN)]
+    with torch.inference_mode():
+        expected = [wrapper(inputs, past) for inputs, past in points]
+    inputs, past = points[0]
+    program = onnx_graph.run_exporter(
+        wrapper,
+        (inputs, past),
+        dynamic_shapes=(cache_dims(layout)[: len(inputs)], cache_dims(layout)[len(inputs) :]),
+        output_names=layout.output_names,
+        opset=opset,
+    )
+    ir_model = program.model
+    name_values(ir_model.graph, layout.input_names, layout.output_names)
+    onnx_graph.rename_tied(ir_model.graph, wrapper)
+    onnx_graph.strip_prefix(ir_model.graph, KvCacheWrapper.PARAM_PREFIX)
+    ir_model.metadata_props[METADATA_KEY] = json.dumps({"format": "kv-cache", "kv_cache": layout.to_dict()})
+    opset_used = ir_model.opset_imports.get("", 0)
+    if opset is not None and opset_used != opset:
+        raise ExportError(f"requested opset {opset} but the exporter produced opset {opset_used}")
+
+    def prove(tmp: Path) -> float | None:
+        _check_onnx(tmp)
+        worst = None
+        with OnnxrtRunner(tmp, name="export-check") as runner:
+            for (inputs, past), want in zip(points, expected):
+                try:
+                    got = runner.infer(feed_of(layout, inputs, past))
+                except BadInputError as err:
+                    raise ExportError(f"ONNX Runtime cannot run the exported graph: {err}") from None
+                for name, tensor in zip(layout.output_names, want):
+                    result = compare_real(name, got[name], from_torch(tensor), from_torch(inputs[1]), dtype)
+                    result.raise_for(ExportError, "ONNX Runtime differs from torch")
+                    if result.max_abs is not None:
+                        worst = result.max_abs if worst is None else max(worst, result.max_abs)
+        return worst
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    max_err = onnx_graph.save_atomic(ir_model, path, prove, overwrite=overwrite, inputs=[model_dir])
+    return ExportResult(
+        path=path,
+        task=TEXT_GENERATION_WITH_PAST,
+        input_names=tuple(layout.input_names),
+        output_names=tuple(layout.output_names),
+        max_abs_error=max_err,
+        dtype=dtype,
+        opset=opset_used,
+        dtype_source=dtype_source,
+    )
+
+
+def name_values(graph, input_names: Sequence[str], output_names: Sequence[str]) -> None:
+    """The graph's inputs and outputs named exactly, in order (the exporter numbers list arguments)."""
+    if len(graph.inputs) != len(input_names) or len(graph.outputs) != len(output_names):
+        raise ExportError(
+            f"exported graph has {len(graph.inputs)} inputs / {len(graph.outputs)} outputs, "
+            f"expected {len(input_names)} / {len(output_names)}"
+        )
+    for value, name in zip(graph.inputs, input_names):
+        value.name = name
+    for value, name in zip(graph.outputs, output_names):
+        value.name = name
+
+
+def compare_real(name: str, got: np.ndarray, want: np.ndarray, mask: np.ndarray, dtype: str) -> Comparison:
+    """An output of a cached step against torch's at the real (unpadded) positions only:
+    logits [batch, new, vocab] at the new tokens' mask, present.* [batch, heads, total,
+    head_size] at the whole mask. Padded positions are undefined (their attention rows are
+    fully masked, and kernels fill those differently)."""
+    if name == LOGITS:
+        return compare_array(name, got, want, tolerance(dtype), mask[:, mask.shape[1] - got.shape[1] :])
+    swap = (0, 2, 1, 3)
+    return compare_array(name, got.transpose(swap), want.transpose(swap), tolerance(dtype), mask)
+
+
+def feed_of(layout: KvLayout, inputs: Sequence[torch.Tensor], past: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: from_torch(t) for name, t in zip(layout.input_names, [*inputs, *past])}
+
+
+# ---------------------------------------------------------------- adapters ----
+
+
+@dataclass
+class KvAdapterGraph(DynamicGraph):
+    """A dynamic- or multi-adapter graph of a decoder with its cache: DynamicGraph's slots and
+    LoRA inputs, KvLayout's inputs and outputs."""
+
+    layout: KvLayout | None = None
+    adapter_files: list[str] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[str]:
+        return self.layout.output_names
+
+    def metadata(self, kind: str) -> dict:
+        return {**super().metadata(kind), "kv_cache": self.layout.to_dict()}
+
+
+class KvLoraExport(LoraExport):
+    """LoraExport (forward hooks adding each layer's LoRA) around the cached forward:
+    `forward(inputs, lora)` takes the model inputs, the past, then adapter_ids if any."""
+
+    def __init__(self, model, graph: KvAdapterGraph, per_layer: int, update):
+        super().__init__(model, graph, per_layer, update)
+        self.layout = graph.layout
+
+    def forward(self, inputs: list[torch.Tensor], lora: list[torch.Tensor]):
+        n, layers = model_input_count(self.layout), len(self.layout.past_names)
+        self.ids = inputs[n + layers] if len(inputs) > n + layers else None
+        k = self.per_layer
+        self.current = {name: lora[i * k : (i + 1) * k] for i, name in enumerate(self.layers)}
+        try:
+            return forward_with_cache(self.base, self.layout, inputs[:n], inputs[n : n + layers])
+        finally:
+            self.current, self.ids = {}, None
+
+
+def export_generation_adapters(
+    model_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    adapters: Iterable[str | os.PathLike] = (),
+    targets: Sequence[str] | str | None = None,
+    multi: bool = False,
+    opset: int | None = None,
+    overwrite: bool = False,
+) -> KvAdapterGraph:
+    """A KV-cache graph that keeps LoRA separate: dynamic (default; `adapters` and/or
+    `targets` decide the LoRA inputs) or multi-adapter (`multi`: every adapter in the
+    graph's banks, input adapter_ids picks one per row, -1 the base)."""
+    start = time.perf_counter()
+    path = Path(path)
+    adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
+    paths = [model_dir, *adapters]
+    check_output_file(path, paths, overwrite)
+    onnx_graph.check_output(path, paths, overwrite)
+    if multi and (not adapters or targets):
+        raise BadInputError("a multi-adapter graph needs --adapter (one or more) and no --targets")
+    if not adapters and not targets:
+        raise BadInputError("nothing to target: give adapters or targets (e.g. q_proj,v_proj)")
+    loaded = [load_adapter(a) for a in adapters]
+    for adapter in loaded:
+        refuse_non_additive(adapter)
+    model, layout = load_decoder(model_dir)
+    uncomputed = uncomputed_modules(model, ["input_ids", ATTENTION_MASK], LOGITS)
+    slots, skipped = resolve_slots(model, loaded, None if multi else targets, uncomputed)
+    with_bias = any(a.config.lora_bias for a in loaded)
+    graph = KvAdapterGraph(
+        path,
+        slots,
+        layout.input_names,
+        LOGITS,
+        TEXT_GENERATION_WITH_PAST,
+        with_bias,
+        adapter_names(adapters) if multi else [],
+        uncomputed=uncomputed,
+        skipped=skipped,
+        layout=layout,
+    )
+    per_layer = 3 if with_bias else 2
+    if multi:
+        wrapper = KvLoraExport(model, graph, per_layer, banked_update)
+        defaults = build_banks(model, loaded, slots, with_bias)
+        lora = flatten(example_banks(slots, len(loaded), with_bias))
+        shapes = flatten([bank_dims(slot, with_bias) for slot in slots.values()])
+        ids = lambda batch: torch.tensor([(len(loaded) - 1 - i) if i % 2 == 0 else BASE_ID for i in range(batch)])
+    else:
+        wrapper = KvLoraExport(model, graph, per_layer, low_rank_update)
+        defaults = {name: default_value(name, graph) for name in graph.lora_inputs()}
+        lora = flatten(example_lora(slots, with_bias))
+        shapes = flatten([lora_dims(slot, with_bias) for slot in slots.values()])
+        ids = None
+    build_kv_graph(
+        wrapper, graph, lora, shapes, defaults, "multi" if multi else "dynamic", opset, ids, overwrite, paths
+    )
+    graph.seconds = time.perf_counter() - start
+    return graph
+
+
+def build_kv_graph(
+    wrapper: KvLoraExport,
+    graph: KvAdapterGraph,
+    lora: list[torch.Tensor],
+    lora_shapes: list,
+    defaults: dict[str, np.ndarray],
+    kind: str,
+    opset: int | None,
+    ids,
+    overwrite: bool,
+    input_paths: Sequence,
+) -> None:
+    """Trace, name exactly (finish_graph: rank-0 defaults or banks), prove at every PROVEN
+    step with the LoRA inputs fed and at their defaults, move into place."""
+    layout = graph.layout
+    model = wrapper.base
+    points = []
+    for i, (batch, seq, past) in enumerate(PROVEN):
+        inputs, cache = example_cache_inputs(model, layout, batch, seq, past, seed=i)
+        extra = [] if ids is None else [ids(batch)]
+        points.append([*inputs, *cache, *extra])
+    as_default = [torch.from_numpy(a) for a in defaults.values()]
+    try:
+        wrapper.eval()
+        with torch.no_grad():
+            expected = [(wrapper(p, lora), wrapper(p, as_default)) for p in points]
+            dims = cache_dims(layout) + ([] if ids is None else [{0: BATCH_DIM}])
+            program = onnx_graph.run_exporter(
+                wrapper, (points[0], lora), dynamic_shapes=(dims, lora_shapes), opset=opset, optimize=False
+            )
+    finally:
+        wrapper.remove_hooks()
+    extra_names = [] if ids is None else [IDS_INPUT]
+    finish_graph(program.model, graph, list(defaults), list(defaults.values()), kind, model, extra_names)
+    names = layout.input_names + extra_names
+
+    def prove(tmp: Path) -> None:
+        try:
+            with OnnxrtRunner(tmp) as runner:
+                for (batch, seq, past), point, (want_fed, want_default) in zip(PROVEN, points, expected):
+                    feed = {n: t.numpy() for n, t in zip(names, point)}
+                    fed = {**feed, **{n: t.numpy() for n, t in zip(defaults, lora)}}
+                    got_fed, got_default = runner.infer(fed), runner.infer(feed)
+                    mask = point[1].numpy()
+                    for name, a, b in zip(layout.output_names, want_fed, want_default):
+                        for got, want, how in ((got_fed, a, "LoRA inputs fed"), (got_default, b, "defaults")):
+                            where = f"ONNX Runtime differs from torch at {batch}x{seq}+{past}, {how}"
+                            compare_real(name, got[name], want.numpy(), mask, "float32").raise_for(ExportError, where)
+        except BadInputError as exc:
+            raise ExportError(f"ONNX Runtime cannot run the exported graph: {exc}") from None
+
+    onnx_graph.save_atomic(program.model, graph.path, prove, overwrite=overwrite, inputs=input_paths)
