@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +79,21 @@ class GraphInputs:
     `uncomputed`: modules of the exported model that the graph's outputs do not depend
     on (e.g. BertModel's pooler in a feature-extraction graph), from the exporter's
     metadata; an adapter's LoRA there is skipped, not refused.
+
+    `names`: for a graph whose LoRA inputs are named otherwise (an onnxruntime-genai
+    folder's `model.layers.0.attn.q_proj.lora_A.MatMul.weight`), our name -> the graph's,
+    from its metadata; `overridable` lists those inputs under our names
+    (`model.layers.0.self_attn.q_proj.lora_A.weight`) and `graph_names` maps back.
     """
 
     path: Path
     overridable: dict[str, tuple[list, str]]
     uncomputed: tuple[str, ...] = ()
+    names: dict[str, str] = field(default_factory=dict)
+
+    def graph_names(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Parameters renamed from our names to the graph's input names."""
+        return {self.names.get(name, name): array for name, array in params.items()}
 
 
 def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
@@ -105,13 +115,13 @@ def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
             dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
             row = BY_ONNX.get(tensor.elem_type)
             overridable[value.name] = (dims, row.name if row else str(tensor.elem_type))
-    return GraphInputs(onnx_path, overridable, graph_uncomputed(proto))
-
-
-def graph_uncomputed(proto) -> tuple[str, ...]:
-    """The exporter's list of modules the graph does not compute; () for other graphs."""
-    text = next((e.value for e in proto.metadata_props if e.key == METADATA_KEY), None)
-    return tuple(graph_metadata(text).get("uncomputed", ()))
+    info = graph_metadata(next((e.value for e in proto.metadata_props if e.key == METADATA_KEY), None))
+    names = {ours: theirs for ours, theirs in info["names"].items() if theirs in overridable}
+    renamed = set(names.values())
+    overridable = {ours: overridable[theirs] for ours, theirs in names.items()} | {
+        name: value for name, value in overridable.items() if name not in renamed
+    }
+    return GraphInputs(onnx_path, overridable, tuple(info["uncomputed"]), names)
 
 
 def graph_metadata(text: str | None) -> dict:
@@ -125,6 +135,8 @@ def graph_metadata(text: str | None) -> dict:
     if not isinstance(info.get("uncomputed", []), list):
         info["uncomputed"] = []
     info["uncomputed"] = [str(m) for m in info.get("uncomputed", [])]
+    names = info.get("names", {})
+    info["names"] = {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
     return info
 
 
@@ -211,7 +223,8 @@ def pack_adapter(
     refuse_non_additive(adapter)
     params = adapter_parameters(adapter, row.numpy)
     if onnx_path is not None:
-        params = fit_to_graph(params, adapter, read_graph_inputs(onnx_path), dtype, note)
+        graph = read_graph_inputs(onnx_path)
+        params = graph.graph_names(fit_to_graph(params, adapter, graph, dtype, note))
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
