@@ -58,6 +58,6 @@ def bench_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], N
         def update(key: str, done: int, total: int) -> None:
             if key not in tasks:
                 tasks[key] = bar.add_task(key, total=total)
-            bar.update(tasks[key], completed=done)
+            bar.update(tasks[key], completed=done, total=total)  # adaptive rounds and repeats raise the total
 
         yield update

@@ -167,7 +167,8 @@ class TimedModel:
     (prepared once, so the timed call does no conversion) and returning only when the
     work is done. `bind_plain` does the same without the adapter, so a failure can be
     blamed on the adapter or on the model. `extra_inputs(batch)` supplies
-    backend-specific inputs (adapter_ids).
+    backend-specific inputs (adapter_ids). `example_feed` holds the inputs the model
+    declares for itself (a plain torch module's `example_inputs()`), if any.
     """
 
     name: str
@@ -178,6 +179,7 @@ class TimedModel:
     bind_plain: Callable[[Feed], Callable[[], None]] | None = None
     extra_inputs: Callable[[int], Feed] = lambda batch: {}
     details: dict[str, Any] = field(default_factory=dict)
+    example_feed: Feed | None = None
 
     def close(self) -> None:
         """Release the session or model."""

@@ -37,6 +37,9 @@ class Backend:
     model: PathKind
     adapter: PathKind
     make: str | TimedModelFactory  # the factory, or its "module:function" to import on first use
+    # Takes plain modules in the factory form (--module package.module:factory, modeling.factory):
+    # the model path is then a checkpoint loaded into the module the factory returns.
+    module: bool = False
 
     def factory(self) -> TimedModelFactory:
         if callable(self.make):
@@ -55,6 +58,7 @@ BACKENDS: dict[str, Backend] = {
         model=PathKind(directory=True, label="a Hugging Face checkpoint directory", marker="config.json"),
         adapter=PathKind(directory=True, label="a PEFT adapter directory", marker="adapter_config.json"),
         make="lora_deploy.backends.torch.timed:timed_model",
+        module=True,
     ),
     # Needs TensorRT and a GPU; without them opening a model fails in one line (exit 2).
     "tensorrt": Backend(
@@ -78,6 +82,22 @@ def check_path(path: Path, kind: PathKind, role: str, name: str, backend: str) -
         raise BadInputError(f"{what}: no {kind.marker}, so not {kind.label}")
 
 
+def check_model(path: Path, backend: str, name: str, module: str | None = None) -> None:
+    """A model path `backend` takes: its own kind, or with `module` (the factory form) a
+    checkpoint that modeling.factory reads; otherwise one line saying what to use."""
+    spec = get(backend)
+    if module is None:
+        check_path(path, spec.model, "model", name, backend)
+        return
+    if not spec.module:
+        takers = [b for b, s in BACKENDS.items() if s.module]
+        raise BadInputError(f"--module (a plain torch module) needs --backend {' or '.join(takers)}, not {backend}")
+    from lora_deploy.modeling.factory import check_module_checkpoint, parse_factory
+
+    parse_factory(module)
+    check_module_checkpoint(path, f"model {name!r}")
+
+
 def get(backend: str) -> Backend:
     if backend not in BACKENDS:
         raise BadInputError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
@@ -95,14 +115,14 @@ def open_timed(
 ) -> TimedModel:
     """Open one variant (activated): `variant.runner` plus `variant.bind(feed)` -> zero-arg call.
 
-    `options` go to the backend factory (torch: `cuda_graphs=True`). The
+    `options` go to the backend factory (torch: `cuda_graphs=True`, `module="pkg.mod:factory"`). The
     caller closes it with `variant.close()`.
     """
     spec = get(backend)
     if device not in DEVICES:
         raise BadInputError(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
     path = Path(path)
-    check_path(path, spec.model, "model", name, backend)
+    check_model(path, backend, name, options.get("module"))
     if adapter is not None:
         adapter = Path(adapter)
         check_path(adapter, spec.adapter, "adapter", name, backend)

@@ -26,6 +26,7 @@ from lora_deploy.bench.stats import (
     GateResult,
     absolute_gate,
     bootstrap_median_ci,
+    noise_margin,
     overhead_gate,
     paired_ratios,
     percentiles,
@@ -42,10 +43,14 @@ SCHEMA = "lora-deploy.bench/2"
 # Reports a baseline may come from: /1 lacks fed shapes, conclusive flags and the baseline block.
 READABLE_SCHEMAS = ("lora-deploy.bench/1", SCHEMA)
 # The between-run allowance of a regression gate against a saved report, measured by
-# benchmarks/gate_calibration.py (README, "Calibration of the gates").
+# benchmarks/gate_calibration.py (README, "Calibration of the gates"). A baseline that
+# recorded its own noise floor (--noise-runs) widens it where its runs disagreed more;
+# never narrows it: runs inside one process agree better than separate processes do.
 DEFAULT_RUN_MARGIN = 0.03
 
-Shape = tuple[int, int]
+# (batch, seq), or (batch, seq, past) for a decode step of a KV-cache graph: seq new tokens
+# per row after past cached ones ("8x1+512"). A plain shape on a KV-cache graph is a prefill.
+Shape = tuple[int, ...]
 
 # Distribution names tried for each library; the first installed one wins.
 _LIBRARIES = {
@@ -59,22 +64,23 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 # ---------------------------------------------------------------- shapes
 
-_SHAPE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_SHAPE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*(?:\+\s*(\d+)\s*)?$")
 
 
 def shape_key(shape: Shape) -> str:
-    """(8, 128) -> '8x128', the key used in the report."""
-    return f"{shape[0]}x{shape[1]}"
+    """(8, 128) -> '8x128', (8, 1, 512) -> '8x1+512': the key used in the report."""
+    return f"{shape[0]}x{shape[1]}" + (f"+{shape[2]}" if len(shape) > 2 and shape[2] else "")
 
 
 def _parse_one_shape(item: str) -> Shape:
     match = _SHAPE_RE.match(item)
     if not match:
-        raise BadInputError(f"bad shape {item!r}: expected BATCHxSEQ, e.g. 8x128")
+        raise BadInputError(f"bad shape {item!r}: expected BATCHxSEQ (8x128) or BATCHxSEQ+PAST (8x1+512)")
     batch, seq = int(match.group(1)), int(match.group(2))
     if batch < 1 or seq < 1:
         raise BadInputError(f"bad shape {item!r}: batch and sequence length must be >= 1")
-    return batch, seq
+    past = int(match.group(3) or 0)
+    return (batch, seq, past) if past else (batch, seq)
 
 
 def parse_shapes(text: str) -> list[Shape]:
@@ -89,12 +95,12 @@ def parse_shapes(text: str) -> list[Shape]:
             raise BadInputError(f"shape {shape_key(shape)} is listed twice")
         seen.add(shape)
         # Refused now with an estimate, not by a MemoryError (or the OOM killer) after loading.
-        check_input_size(*shape, what=f"shape {shape_key(shape)}")
+        check_input_size(shape[0], sum(shape[1:]), what=f"shape {shape_key(shape)}")
     return shapes
 
 
 def _as_shape(key: Shape | str) -> Shape:
-    return _parse_one_shape(key) if isinstance(key, str) else (int(key[0]), int(key[1]))
+    return _parse_one_shape(key) if isinstance(key, str) else _parse_one_shape(shape_key(tuple(map(int, key))))
 
 
 # ---------------------------------------------------------------- machine
@@ -269,7 +275,10 @@ def _shape_results(
     # A requested sequence length no variant takes (no token or sequence input): the
     # report says so instead of quoting tokens it never fed.
     seq_used = any((f or {}).get("seq") for f in fed.values()) if fed else True
-    return {"batch": shape[0], "seq": shape[1], "seq_used": seq_used, "variants": entries}, ratios
+    block = {"batch": shape[0], "seq": shape[1], "seq_used": seq_used, "variants": entries}
+    if len(shape) > 2:
+        block["past"] = shape[2]
+    return block, ratios
 
 
 def build_report(
@@ -298,6 +307,8 @@ def build_report(
     baseline_model: str | None = None,
     max_p99: float | None = None,
     max_misses: int | None = None,
+    adaptive: Mapping[str, Any] | None = None,
+    noise: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble a schema-valid report from raw samples.
 
@@ -311,7 +322,14 @@ def build_report(
     `run_margin`. `fed` maps shape key -> variant -> what it was really fed;
     `loop` ({"rate_hz", "shapes": {key: {variant: {"lag_s", "miss"}}}}) marks a
     control-loop run, gated by `max_p99` (seconds) and `max_misses`. `machine`
-    defaults to `machine_info(threads)`.
+    defaults to `machine_info(threads)`. `adaptive` (how many rounds each shape ran and
+    why the run stopped adding them) goes into the config; `noise` (`noise_summary`: the
+    medians of N repeated runs) is stored for a later comparison's margin.
+
+    The between-run margin against `baseline`: `run_margin` when given; else, when the
+    baseline recorded a noise floor, per shape the larger of DEFAULT_RUN_MARGIN and the
+    floor's margin (config `run_margin` null, `baseline.run_margins` per shape); else
+    DEFAULT_RUN_MARGIN.
     """
     if baseline is not None and max_regression is None:
         raise BadInputError("a baseline report and a max regression go together")
@@ -357,10 +375,12 @@ def build_report(
         "max_regression": max_regression,
         "baseline_model": baseline_model,
         "on_inconclusive": on_inconclusive,
-        "run_margin": (DEFAULT_RUN_MARGIN if run_margin is None else run_margin) if baseline is not None else None,
+        "run_margin": _configured_margin(run_margin, baseline),
         "rate_hz": None if loop is None else loop["rate_hz"],
         "max_p99_ms": None if max_p99 is None else _ms(max_p99),
         "max_misses": max_misses,
+        "adaptive": None if adaptive is None else dict(adaptive),
+        "noise_runs": None if noise is None else noise["runs"],
         **ci,
         **(extra_config or {}),
     }
@@ -373,11 +393,70 @@ def build_report(
         "results": blocks,
         "gates": [g.to_dict() for g in gates],
         "baseline": None,
+        "noise": None if noise is None else dict(noise),
     }
     if baseline is not None:
         report["baseline"] = baseline_summary(report, baseline, baseline_path)
         add_gates(report, regression_gates(report, baseline, max_regression))
     return validate_report(report)
+
+
+def _configured_margin(run_margin: float | None, baseline: Mapping[str, Any] | None) -> float | None:
+    """config.run_margin: the given one; null without a baseline, and when the baseline's
+    own noise floor sets it per shape; else the default."""
+    if baseline is None:
+        return None
+    if run_margin is not None:
+        return run_margin
+    return None if baseline.get("noise") else DEFAULT_RUN_MARGIN
+
+
+def noise_summary(runs: Sequence[Mapping[str, Mapping[str, Sequence[float]]]], rounds: int) -> dict[str, Any]:
+    """The noise floor of a run made of N repeats ({shape: {variant: samples}} each, every
+    model reopened in between): each repeat's median per variant, and the between-run
+    margin they call for (`stats.noise_margin`), per variant and per shape (the largest)."""
+    shapes: dict[str, Any] = {}
+    for key in runs[0]:
+        k = shape_key(_as_shape(key))
+        variants = {}
+        for name in runs[0][key]:
+            medians = [float(np.median(run[key][name])) for run in runs]
+            variants[name] = {
+                "medians_ms": [_ms(m) for m in medians],
+                "spread": max(medians) / min(medians) - 1.0,
+                "margin": noise_margin(medians),
+            }
+        shapes[k] = {"margin": max(v["margin"] for v in variants.values()), "variants": variants}
+    return {
+        "runs": len(runs),
+        "rounds_per_run": rounds,
+        "method": "the whole measurement repeated, every model closed and reopened between repeats; margin = "
+        "upper end of a 95% prediction interval for one later run's median (log scale, Student's t)",
+        "shapes": shapes,
+    }
+
+
+def run_margins(config: Mapping[str, Any], baseline: Mapping[str, Any], max_regression: float) -> dict[str, Any]:
+    """{shape key: (margin, note or None)} for the gates against `baseline`: the configured
+    margin, or the baseline's noise floor (never below DEFAULT_RUN_MARGIN). A floor wider
+    than the regression the gate is asked to catch makes that shape's gates inconclusive."""
+    given = config.get("run_margin")
+    noise = baseline.get("noise") or {}
+    out = {}
+    for key in baseline["results"]:
+        floor = ((noise.get("shapes") or {}).get(key) or {}).get("margin")
+        if given is not None or floor is None:
+            out[key] = (DEFAULT_RUN_MARGIN if given is None else given, None)
+            continue
+        note = None
+        if floor > max_regression:
+            note = (
+                f"the baseline's own {noise.get('runs')} runs call for a {floor:.1%} between-run margin (its noise "
+                f"floor), more than the {max_regression:.1%} regression to catch: re-record it on a quieter machine "
+                "or with more runs"
+            )
+        out[key] = (max(DEFAULT_RUN_MARGIN, floor), note)
+    return out
 
 
 def _loop_gates(
@@ -491,6 +570,8 @@ def baseline_summary(
         "config": {k: config.get(k) for k in ("backend", "device", "threads", "inner", "rounds", "shapes", "rate_hz")},
         "machine": {k: machine.get(k) for k in ("cpu", "gpu", "usable_cores", "libraries")},
         "run_margin": here.get("run_margin"),
+        "run_margins": {k: m for k, (m, _) in run_margins(here, baseline, here.get("max_regression") or 0).items()},
+        "noise_runs": (baseline.get("noise") or {}).get("runs"),
         "mismatches": config_mismatches(here, report["machine"], baseline)
         + [f"{k}: {v}" for k, v in _fed_mismatches(report, baseline).items()],
         "unshared": unshared,
@@ -518,8 +599,7 @@ def regression_gates(
     validate_report(baseline)
     config = report["config"]
     ci = {k: config.get(k, d) for k, d in (("confidence", 0.95), ("resamples", 10_000), ("seed", 0))}
-    margin = config.get("run_margin")
-    margin = DEFAULT_RUN_MARGIN if margin is None else margin
+    margins = run_margins(config, baseline, max_regression)
     common = config_mismatches(config, report["machine"], baseline)
     fed = _fed_mismatches(report, baseline)
     policy = config.get("on_inconclusive") or "warn"
@@ -528,11 +608,12 @@ def regression_gates(
         base_block = baseline["results"].get(key)
         if base_block is None:
             continue
+        margin, floor_note = margins[key]
         for name, entry in block["variants"].items():
             if name not in base_block["variants"]:
                 continue
             subject = f"{key}/{name}"
-            notes = [f"configuration differs: {d}" for d in common]
+            notes = [f"configuration differs: {d}" for d in common] + ([floor_note] if floor_note else [])
             ref = config["reference"]
             if ref in block["variants"] and ref in base_block["variants"]:
                 note = yardstick_note(
@@ -606,8 +687,8 @@ def _check_results(results: Any, reference: str) -> None:
     for key, block in results.items():
         where = f"results[{key!r}]"
         _need(isinstance(block, dict), where, "expected an object")
-        _need(_SHAPE_RE.match(key) is not None, where, "key must be BATCHxSEQ")
-        shape = (block.get("batch"), block.get("seq"))
+        _need(_SHAPE_RE.match(key) is not None, where, "key must be BATCHxSEQ or BATCHxSEQ+PAST")
+        shape = (block.get("batch"), block.get("seq")) + ((block["past"],) if block.get("past") else ())
         _need(_as_shape(key) == shape, where, "batch/seq do not match the key")
         variants = block.get("variants")
         _need(
@@ -703,7 +784,31 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
         f"- {config['rounds']} interleaved rounds (warmup {config.get('warmup')}, "
         f"inner {config.get('inner')}); ratio = per-round variant / {config['reference']}, "
         f"median with {conf:.0%} bootstrap CI",
+        *_adaptive_lines(config.get("adaptive")),
+        *_noise_lines(report.get("noise")),
         "",
+    ]
+
+
+def _adaptive_lines(adaptive: Mapping[str, Any] | None) -> list[str]:
+    """How many rounds each shape ran with --until-width, and why the run stopped."""
+    if not adaptive:
+        return []
+    ran = ", ".join(f"{k} {v['rounds']} ({v['width']:.1%} wide)" for k, v in adaptive["shapes"].items())
+    return [
+        f"- Adaptive rounds (until every interval is at most {adaptive['until_width']:.1%} wide, budget "
+        f"{adaptive['max_time_s']:g} s): {ran}; stopped: {adaptive['reason']}"
+    ]
+
+
+def _noise_lines(noise: Mapping[str, Any] | None) -> list[str]:
+    """The noise floor this report records for a later --baseline comparison."""
+    if not noise:
+        return []
+    floors = ", ".join(f"{k} {v['margin']:.1%}" for k, v in noise["shapes"].items())
+    return [
+        f"- Noise floor: {noise['runs']} runs of {noise['rounds_per_run']} rounds, every model reopened between "
+        f"them; margin for a later --baseline comparison (never below {DEFAULT_RUN_MARGIN:.0%}): {floors}"
     ]
 
 
@@ -713,7 +818,9 @@ def _fed_cell(block: Mapping[str, Any], entry: Mapping[str, Any]) -> str:
     if not fed:
         return f"{block['batch']}x{block['seq']}"
     text = f"{fed['batch']}x{fed['seq']}" if fed.get("seq") else f"batch {fed['batch']}"
-    return text + (" tokens" if fed.get("tokens") else "") + (" (file)" if fed.get("source") == "file" else "")
+    source = {"file": " (file)", "example": " (example_inputs)"}.get(fed.get("source"), "")
+    cached = f", {fed['past']} cached" if fed.get("past") else ""
+    return text + (" tokens" if fed.get("tokens") else "") + cached + source
 
 
 def _gate_index(report: Mapping[str, Any], kind: str) -> dict[str, Mapping[str, Any]]:
@@ -793,10 +900,16 @@ def _baseline_lines(report: Mapping[str, Any]) -> list[str]:
         ]
     if not baseline:
         return []
+    margins = baseline.get("run_margins") or {}
+    if baseline.get("run_margin") is None and margins:
+        margin = ", ".join(f"{m:.1%} ({k})" for k, m in margins.items())
+        margin += f", from the baseline's noise floor over {baseline.get('noise_runs')} runs"
+    else:
+        margin = f"{(baseline.get('run_margin') or 0):.1%}"
     lines = [
         "",
         f"- Baseline: {baseline.get('path') or 'a saved report'} (created {baseline.get('created')}), "
-        f"between-run margin {(baseline.get('run_margin') or 0):.1%}",
+        f"between-run margin {margin}",
     ]
     for what in baseline.get("mismatches") or []:
         lines.append(f"- Configuration differs: {_cell(what)}")

@@ -27,6 +27,7 @@ import gc
 import math
 import os
 import re
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ from lora_deploy.bench.report import (
     config_mismatches,
     load_report,
     machine_info,
+    noise_summary,
     parse_shapes,
     plot,
     report_gates,
@@ -50,11 +52,19 @@ from lora_deploy.bench.report import (
     to_markdown,
     write_json,
 )
-from lora_deploy.bench.stats import GateResult, check_on_inconclusive, enforce_gates, parse_percent
+from lora_deploy.bench.stats import (
+    GateResult,
+    check_on_inconclusive,
+    enforce_gates,
+    more_rounds,
+    parse_percent,
+    widest_interval,
+)
 from lora_deploy.bench.timing import check_counts, measure_interleaved, measure_paced, parse_duration, parse_rate
 from lora_deploy.errors import BadInputError, LoraDeployError
 from lora_deploy.io.staging import check_output, write_file_atomic
 from lora_deploy.modeling.samples import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, sample_inputs
+from lora_deploy.modeling.tasks import PAST_PREFIX
 from lora_deploy.util import library_versions
 
 # progress(shape key, rounds done, rounds in total), called after every round.
@@ -67,6 +77,14 @@ DEFAULT_MAX_REGRESSION = 0.05
 DEFAULT_DURATION_S = 30.0
 # The variant --baseline-model adds: the previous artifact, timed in the same run.
 PREVIOUS = "previous"
+# Adaptive rounds (--until-width): the time budget when no --max-time is given, the most
+# rounds one shape may reach, and the bootstrap resamples of each width check (the
+# report's own intervals use the full count).
+DEFAULT_MAX_TIME_S = 120.0
+MAX_ADAPTIVE_ROUNDS = 10_000
+WIDTH_CHECK_RESAMPLES = 1000
+# --noise-runs: fewer runs leave the prediction bound too wide to be of use (t = 12.7 for 2).
+MIN_NOISE_RUNS = 3
 # Inputs that are always a (batch, sequence) matrix, whatever a graph declares.
 TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
 # Names end up as report keys, gate subjects ("8x128/merged") and table cells.
@@ -129,10 +147,12 @@ def check_plan(
     adapters: Mapping[str, str | os.PathLike] | None,
     backend: str,
     reference: str | None,
+    module: str | None = None,
 ) -> tuple[dict[str, Path], dict[str, Path], str]:
     """Validate names and paths before loading anything; return (models, adapters, reference).
 
-    The reference defaults to 'base' when there is one, else the first model.
+    The reference defaults to 'base' when there is one, else the first model. With
+    `module` (the factory form, torch only) every model path is a checkpoint for it.
     """
     spec = registry.get(backend)
     if not models:
@@ -142,7 +162,7 @@ def check_plan(
     for name, path in models.items():
         if not _NAME_RE.match(name):
             raise BadInputError(f"bad model name {name!r}: use letters, digits and _ . + - only")
-        registry.check_path(path, spec.model, "model", name, backend)
+        registry.check_model(path, backend, name, module)
     for name, path in adapters.items():
         if name not in models:
             raise BadInputError(
@@ -171,7 +191,7 @@ def _fraction(value: float | str | None) -> float | None:
 def _as_shapes(shapes: str | Sequence[Shape]) -> list[Shape]:
     if isinstance(shapes, str):
         return parse_shapes(shapes)
-    return parse_shapes(",".join(f"{b}x{s}" for b, s in shapes))
+    return parse_shapes(",".join(shape_key(shape) for shape in shapes))
 
 
 def _check_counts(rounds: int, warmup: int, inner: int, threads: int | None) -> None:
@@ -208,11 +228,8 @@ def load_baseline(
             f"baseline {path} ran {there['backend']} on {there['device']}, this run is {backend} on {device}: "
             "latencies are not comparable"
         )
-    results = baseline["results"]
     if shapes is not None:
-        shared = [k for k in map(shape_key, shapes) if k in results and set(names) & set(results[k]["variants"])]
-        if not shared:
-            raise BadInputError(f"baseline {path} shares no shape and model name with this run")
+        check_shared(baseline, path, shapes, names)
     if config is not None and machine is not None and not allow_mismatch:
         diffs = config_mismatches(config, machine, baseline)
         if diffs:
@@ -222,6 +239,14 @@ def load_baseline(
                 "(every gate is then inconclusive)"
             )
     return baseline, DEFAULT_MAX_REGRESSION if max_regression is None else max_regression
+
+
+def check_shared(baseline: Mapping[str, Any], path: Any, shapes: Sequence[Shape], names: Sequence[str]) -> None:
+    """Refuse a baseline that shares no shape and model name with this run."""
+    results = baseline["results"]
+    shared = [k for k in map(shape_key, shapes) if k in results and set(names) & set(results[k]["variants"])]
+    if not shared:
+        raise BadInputError(f"baseline {path} shares no shape and model name with this run")
 
 
 # ---------------------------------------------------------------- feeds
@@ -245,8 +270,15 @@ def _resolve_dims(name: str, dims: Any, shape: Shape) -> tuple[tuple[int, ...], 
     sequence length. Token inputs are forced to (batch, sequence) even where a graph
     declares fixed dims, so a graph that cannot take the shape is caught by `check_feed`
     instead of being fed another shape. Elsewhere fixed dims stay; a dynamic dim on axis
-    0, or named like "batch", is the batch; any other dynamic dim the sequence."""
-    batch, seq = shape
+    0, or named like "batch", is the batch; any other dynamic dim the sequence.
+
+    A decode shape (batch, seq, past) feeds a KV-cache graph: a dynamic dim named like
+    "past" (past_key_values.* [batch, heads, past_sequence, head_size]) is the past
+    length, and the attention mask covers past + new tokens."""
+    batch, seq = shape[0], shape[1]
+    past = shape[2] if len(shape) > 2 else 0
+    if name == ATTENTION_MASK:
+        return (batch, past + seq), True
     if name in TOKEN_INPUTS or dims is None:
         return (batch, seq), True
     out, uses_seq = [], False
@@ -255,6 +287,8 @@ def _resolve_dims(name: str, dims: Any, shape: Shape) -> tuple[tuple[int, ...], 
             out.append(int(dim))
         elif axis == 0 or (isinstance(dim, str) and "batch" in dim.lower()):
             out.append(batch)
+        elif isinstance(dim, str) and "past" in dim.lower():
+            out.append(past)
         else:
             out.append(seq)
             uses_seq = True
@@ -299,6 +333,7 @@ def build_feeds(
     shape: Shape,
     seed: int,
     supplied: Mapping[str, np.ndarray] | None = None,
+    source: str = "file",
 ) -> tuple[dict[str, Feed], dict[str, dict[str, Any]]]:
     """Each variant's feed at `shape` from its own input types, and what it really gets.
 
@@ -307,7 +342,9 @@ def build_feeds(
     variants of the same dtype share the very same arrays. `supplied` arrays (--inputs)
     replace drawn ones by name. The second result maps each variant to
     {"batch", "seq" (None when no input has a sequence axis), "tokens" (takes token
-    inputs), "inputs" ({name: shape}), "source"}: what throughput is computed from.
+    inputs), "inputs" ({name: shape}), "source"}: what throughput is computed from;
+    "source" is `source` ("file": --inputs, "example": the modules' example_inputs())
+    when supplied arrays were used, else "generated".
     """
     supplied = supplied or {}
     drawn: dict[tuple, np.ndarray] = {}
@@ -340,18 +377,29 @@ def build_feeds(
         batch = int(ranked[0].shape[0]) if ranked else 1
         feed.update(variant.extra_inputs(batch))
         tokens = any(name in TOKEN_INPUTS for name in meta)
-        token_arrays = [feed[n] for n in meta if n in TOKEN_INPUTS and feed[n].ndim == 2]
+        # New tokens per row: input_ids' width (a KV-cache graph's mask also spans the past).
+        token_arrays = [feed[n] for n in sorted(meta, key=lambda n: n != INPUT_IDS) if n in TOKEN_INPUTS]
+        token_arrays = [a for a in token_arrays if a.ndim == 2]
         seq = int(token_arrays[0].shape[1]) if token_arrays else (shape[1] if uses_seq else None)
+        past = past_length(meta, feed)
         feeds[vname] = feed
         fed[vname] = {
             "batch": batch,
             "seq": seq,
+            **({"past": past} if past is not None else {}),
             "tokens": tokens,
             "inputs": {name: list(arr.shape) for name, arr in feed.items()},
             "dtypes": {name: str(arr.dtype) for name, arr in feed.items()},
-            "source": "file" if any(n in supplied for n in meta) else "generated",
+            "source": source if any(n in supplied for n in meta) else "generated",
         }
     return feeds, fed
+
+
+def past_length(meta: Mapping[str, Any], feed: Feed) -> int | None:
+    """The cached tokens a KV-cache graph is fed (axis 2 of its past_key_values.* inputs);
+    None for a graph without a cache."""
+    pasts = [n for n in meta if n.startswith(PAST_PREFIX) and n in feed and feed[n].ndim == 4]
+    return int(feed[pasts[0]].shape[2]) if pasts else None
 
 
 def shared_feed(metadatas: Sequence[Mapping[str, Any]], shape: Shape, seed: int) -> Feed:
@@ -401,16 +449,22 @@ def prepare_shape(
     shape: Shape,
     seed: int,
     supplied: Mapping[str, np.ndarray] | None = None,
+    source: str = "file",
 ) -> tuple[dict[str, Callable[[], None]], dict[str, dict[str, Any]]]:
     """Timed calls for one shape, each validated by one inference, and what each is fed.
 
     A variant whose graph fixes another batch than the one asked for is refused (it
     would run its own batch under the requested shape's name)."""
     key = shape_key(shape)
-    feeds, fed = build_feeds(variants, shape, seed, supplied)
+    feeds, fed = build_feeds(variants, shape, seed, supplied, source)
     calls = {}
     for name, variant in variants.items():
         feed = feeds[name]
+        if len(shape) > 2 and fed[name].get("past") is None:
+            raise BadInputError(
+                f"shape {key} is a decode step ({shape[1]} new token(s) after {shape[2]} cached): model {name!r} "
+                f"({variant.path}) takes no {PAST_PREFIX}* inputs; export it with --task text-generation-with-past"
+            )
         if fed[name]["batch"] != shape[0]:
             fixed = ", ".join(f"{n!r} {list(s)}" for n, s in fed[name]["inputs"].items())
             raise BadInputError(
@@ -543,12 +597,115 @@ def _with_previous(
     return {PREVIOUS: baseline_model, **models}, PREVIOUS
 
 
+def measure_adaptive(
+    calls: Mapping[str, Mapping[str, Callable[[], None]]],
+    *,
+    rounds: int,
+    warmup: int,
+    inner: int,
+    reference: str,
+    until_width: float,
+    max_time_s: float,
+    own: bool = False,
+    progress: BenchProgress | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, Any]]:
+    """`measure_shapes`, then more rounds for every shape whose widest interval
+    (`stats.widest_interval`; `own`: each variant's own median counts too) is wider than
+    `until_width`, until none is or `max_time_s` (counted from the start, warm-up included)
+    is spent. Added rounds are whole interleaved rounds continuing the rotation, after one
+    untimed call per variant (the shape was cold while the others ran), so pairing and
+    balance are those of one long run. Returns (results, what happened: per shape its
+    rounds and final width, and why the run stopped)."""
+    start = clock()
+    results = measure_shapes(calls, rounds=rounds, warmup=warmup, inner=inner, progress=progress)
+    stopped = "narrow"
+    with _gc_paused():  # once for all the added rounds: a collection can take a second in a big process
+        while True:
+            widths = {
+                key: widest_interval(samples, reference, own=own, resamples=WIDTH_CHECK_RESAMPLES)
+                for key, samples in results.items()
+            }
+            wide = [key for key, (width, _) in widths.items() if width > until_width]
+            if not wide:
+                stopped = "narrow"
+                break
+            added = 0
+            for key in wide:
+                done = len(next(iter(results[key].values())))
+                # What one more round costs, from this shape's own samples.
+                per_round = inner * sum(float(np.mean(v)) for v in results[key].values())
+                left = max_time_s - (clock() - start)
+                fits = int(left // per_round) if per_round > 0 else MAX_ADAPTIVE_ROUNDS
+                step = min(more_rounds(done, widths[key][0], until_width), fits, MAX_ADAPTIVE_ROUNDS - done)
+                if step < 1:
+                    stopped = "time" if done < MAX_ADAPTIVE_ROUNDS else "rounds"
+                    continue
+                tick = None
+                if progress is not None:
+                    tick = lambda i, n, key=key, done=done: progress(key, done + i + 1, done + n)
+                more = measure_interleaved(
+                    calls[key], warmup=min(warmup, 1), rounds=step, inner=inner, progress=tick, first_round=done
+                )
+                for name, values in more.items():
+                    results[key][name].extend(values)
+                added += step
+            if not added:
+                break
+    elapsed = clock() - start
+    widest_key = max(widths, key=lambda k: widths[k][0])
+    width, what = widths[widest_key]
+    reason = {
+        "narrow": f"every interval at most {until_width:.1%} wide",
+        "time": f"the {max_time_s:g} s budget ran out with {widest_key}: {what} {width:.1%} wide",
+        "rounds": f"{MAX_ADAPTIVE_ROUNDS} rounds reached with {widest_key}: {what} {width:.1%} wide",
+    }[stopped]
+    return results, {
+        "until_width": until_width,
+        "max_time_s": max_time_s,
+        "initial_rounds": rounds,
+        "stopped": stopped,
+        "reason": reason,
+        "elapsed_s": elapsed,
+        "shapes": {
+            key: {"rounds": len(next(iter(results[key].values()))), "width": w, "widest": what}
+            for key, (w, what) in widths.items()
+        },
+    }
+
+
+def concat_runs(runs: Sequence[Mapping[str, Mapping[str, Sequence[float]]]]) -> dict[str, dict[str, list[float]]]:
+    """The rounds of repeated runs one after another (each round stays a pair)."""
+    return {key: {name: [x for run in runs for x in run[key][name]] for name in runs[0][key]} for key in runs[0]}
+
+
+def declared_inputs(variants: Mapping[str, TimedModel], module: str | None) -> dict[str, np.ndarray] | None:
+    """The inputs plain modules declare for themselves (example_inputs(); the first
+    declaration of a name wins), or None. A plain module that declares neither them nor
+    input_metadata() cannot be fed generated inputs: that is refused here."""
+    examples: dict[str, np.ndarray] = {}
+    for variant in variants.values():
+        for name, arr in (variant.example_feed or {}).items():
+            examples.setdefault(name, arr)
+    if examples:
+        return examples
+    if module is not None:
+        blind = [n for n, v in variants.items() if all(m == (None, None) for m in v.runner.input_metadata().values())]
+        if blind:
+            raise BadInputError(
+                f"model {blind[0]!r} (--module {module}) declares no inputs: pass --inputs FILE.npz (arrays named "
+                "like forward's arguments), or give the module example_inputs() (or input_metadata() for --shapes)"
+            )
+    return None
+
+
 def run_bench(
     models: Mapping[str, str | os.PathLike],
     *,
     adapters: Mapping[str, str | os.PathLike] | None = None,
     backend: str = "onnxruntime",
     device: str = "cpu",
+    module: str | None = None,
     shapes: str | Sequence[Shape] | None = None,
     inputs_path: str | os.PathLike | None = None,
     reference: str | None = None,
@@ -557,18 +714,24 @@ def run_bench(
     warmup: int = 5,
     inner: int = 1,
     seed: int = 0,
+    until_width: float | str | None = None,
+    max_time: str | float | None = None,
     max_overhead: float | str | None = None,
     baseline_model: str | os.PathLike | None = None,
     baseline_path: str | os.PathLike | None = None,
     max_regression: float | str | None = None,
     run_margin: float | str | None = None,
     allow_mismatch: bool = False,
+    noise_runs: int | None = None,
     on_inconclusive: str = "warn",
     rate: str | float | None = None,
     duration: str | float | None = None,
     max_p99: str | float | None = None,
     max_misses: int | None = None,
     cuda_graphs: bool = False,
+    provider: str | None = None,
+    trt_fp16: bool = False,
+    trt_cache: str | os.PathLike | None = None,
     progress: BenchProgress | None = None,
 ) -> dict[str, Any]:
     """Measure every model at every shape and return a validated bench report.
@@ -577,30 +740,51 @@ def run_bench(
     `write_outputs` and `check_gates`. Limits are fractions or percent
     strings ('2%'). Bad input of any kind raises BadInputError before timing.
 
-    `shapes` defaults to 1x1,1x128,8x128; `inputs_path` (an .npz) supplies the inputs
-    instead, and its arrays' shape is the one shape. `baseline_model` times the previous
-    artifact as the reference in the same interleaved run and gates every variant
-    against it with `max_regression` (default 5%): the recommended regression gate.
-    `baseline_path` (a saved report) gates against an earlier run, allowing
-    `run_margin` (default report.DEFAULT_RUN_MARGIN) for the drift between runs and
-    refusing a baseline of another configuration unless `allow_mismatch`.
+    `module` ("package.module:factory", torch only) makes every model path a checkpoint
+    loaded into the module that factory returns (modeling.factory). `shapes` defaults to
+    1x1,1x128,8x128; `inputs_path` (an .npz) supplies the inputs instead, and its
+    arrays' shape is the one shape; with `module` and neither, the modules' own
+    example_inputs() are used when they declare them. `until_width` ('1%') keeps adding
+    rounds until every interval the gates decide on is at most that wide (relative), or
+    `max_time` ('120s', the default budget) is spent; `rounds` is then the minimum.
+    `baseline_model` times the previous artifact as the reference in the same
+    interleaved run and gates every variant against it with `max_regression` (default
+    5%): the recommended regression gate. `baseline_path` (a saved report) gates against
+    an earlier run, allowing `run_margin` (default: the baseline's own noise floor when
+    it recorded one, never below report.DEFAULT_RUN_MARGIN) for the drift between runs
+    and refusing a baseline of another configuration unless `allow_mismatch`.
+    `noise_runs` (>= 3) repeats the whole measurement that many times, every model
+    reopened in between, and records the spread of their medians (report["noise"]) so a
+    later comparison against this report as a baseline is calibrated by it.
     `on_inconclusive` (pass | warn | fail) decides what a gate that cannot decide does.
     `rate` ('100hz') switches to the control-loop mode: each shape paced for `duration`
     ('30s'), gated by `max_p99` ('8ms') and `max_misses`.
+    `provider` (cuda | tensorrt), `trt_fp16` and `trt_cache`: ONNX Runtime's GPU providers
+    with device cuda (backends/onnxrt/gpu.py); each variant records where it really ran.
     """
     models, reference = _with_previous(models, baseline_model, reference)
-    models, adapters, reference = check_plan(models, adapters, backend, reference)
+    models, adapters, reference = check_plan(models, adapters, backend, reference, module)
     if device not in registry.DEVICES:
         raise BadInputError(f"unknown device {device!r}; choose {', '.join(registry.DEVICES)}")
     if cuda_graphs and (backend, device) != ("torch", "cuda"):
         raise BadInputError("CUDA graphs need --backend torch --device cuda")
+    ort_gpu = {"provider": provider, "trt_fp16": trt_fp16, "trt_cache": trt_cache}
+    factory_options = {"cuda_graphs": cuda_graphs, "module": module, **ort_gpu}
+    if backend == "onnxruntime":
+        from lora_deploy.backends.onnxrt import gpu
+
+        gpu.require_providers(gpu.choose(device, provider, trt_fp16, trt_cache))  # one line, before any work
+    elif provider or trt_fp16 or trt_cache is not None:
+        raise BadInputError("--provider, --trt-fp16 and --trt-cache are ONNX Runtime's: use --backend onnxruntime")
     check_on_inconclusive(on_inconclusive)
     supplied = None
     if inputs_path is not None:
         if shapes is not None:
             raise BadInputError("--inputs fixes the shape (its arrays'); drop --shapes")
         supplied = load_inputs(inputs_path)
-        shape_list = [shape_of_inputs(supplied)]
+        shape_list: list[Shape] | None = [shape_of_inputs(supplied)]
+    elif shapes is None and module is not None:
+        shape_list = None  # the modules' example_inputs() decide, once they are built
     else:
         shape_list = _as_shapes(DEFAULT_SHAPES if shapes is None else shapes)
     _check_counts(rounds, warmup, inner, threads)
@@ -622,6 +806,13 @@ def run_bench(
     max_p99_s = None if max_p99 is None else parse_duration(max_p99, "p99 budget")
     if max_misses is not None and max_misses < 0:
         raise BadInputError(f"max misses must be >= 0, got {max_misses}")
+    width, max_time_s = _adaptive_settings(until_width, max_time, rate_hz, noise_runs)
+    if noise_runs is not None and (noise_runs < MIN_NOISE_RUNS or rate_hz is not None):
+        raise BadInputError(
+            f"--noise-runs must be >= {MIN_NOISE_RUNS}, got {noise_runs}"
+            if rate_hz is None
+            else "--noise-runs records a baseline's rounds; the control-loop mode (--rate) has none"
+        )
     machine = machine_info(threads)
     here = {
         "backend": backend,
@@ -641,32 +832,79 @@ def run_bench(
         machine=machine,
         allow_mismatch=allow_mismatch,
     )
+    source = "file"
     # torch threads matter for the torch backend only; ORT sizes its own pool.
     with _torch_threads(threads if backend == "torch" else None):
-        variants = _open_variants(models, adapters, backend, device, threads, {"cuda_graphs": cuda_graphs})
+        opened = [_open_variants(models, adapters, backend, device, threads, factory_options)]
         try:
-            # Every shape is validated before any is timed: a misfit fails in seconds.
-            calls, fed = {}, {}
-            for shape in shape_list:
-                key = shape_key(shape)
-                calls[key], fed[key] = prepare_shape(variants, shape, seed, supplied)
+            variants = opened[-1]
+            if shape_list is None:
+                supplied, source = declared_inputs(variants, module), "example"
+                shape_list = _as_shapes(DEFAULT_SHAPES) if supplied is None else [shape_of_inputs(supplied)]
+                if baseline is not None:
+                    check_shared(baseline, baseline_path, shape_list, list(models))
+            elif supplied is None:
+                declared_inputs(variants, module)  # --shapes: a plain module must say what it takes
+
+            def prepare(variants: Mapping[str, TimedModel]) -> tuple[dict, dict]:
+                # Every shape is validated before any is timed: a misfit fails in seconds.
+                calls, fed = {}, {}
+                for shape in shape_list:
+                    key = shape_key(shape)
+                    calls[key], fed[key] = prepare_shape(variants, shape, seed, supplied, source)
+                return calls, fed
+
+            calls, fed = prepare(variants)
             _same_inputs(fed)
             if baseline is not None and not allow_mismatch:
                 _check_fed_against(baseline, baseline_path, fed)
-            loop = None
-            if rate_hz is None:
-                results = measure_shapes(calls, rounds=rounds, warmup=warmup, inner=inner, progress=progress)
-            else:
+            loop = adaptive = noise = None
+            measure = {"rounds": rounds, "warmup": warmup, "inner": inner}
+            if rate_hz is not None:
                 results, shapes_loop = measure_loop(
                     calls, rate_hz=rate_hz, duration_s=duration_s, warmup=warmup, progress=progress
                 )
                 loop = {"rate_hz": rate_hz, "shapes": shapes_loop}
+            elif width is not None:
+                own = baseline is not None
+                results, adaptive = measure_adaptive(
+                    calls,
+                    **measure,
+                    reference=reference,
+                    until_width=width,
+                    max_time_s=max_time_s,
+                    own=own,
+                    progress=progress,
+                )
+            elif noise_runs is not None:
+                runs = []
+                for run in range(noise_runs):
+                    if run:  # a fresh open of every model: new sessions, new allocations, a later moment
+                        for variant in opened[-1].values():
+                            variant.close()
+                        opened.append(
+                            _open_variants(
+                                models,
+                                adapters,
+                                backend,
+                                device,
+                                threads,
+                                factory_options,
+                            )
+                        )
+                        calls, _ = prepare(opened[-1])
+                    runs.append(measure_shapes(calls, **measure, progress=_offset(progress, run, rounds, noise_runs)))
+                results = concat_runs(runs)
+                noise = noise_summary(runs, rounds)
+            else:
+                results = measure_shapes(calls, **measure, progress=progress)
             extra = {
                 "models": {name: str(path) for name, path in models.items()},
                 "adapters": {name: str(path) for name, path in adapters.items()},
-                "variants": {name: v.details for name, v in variants.items()},
+                "variants": {name: v.details for name, v in opened[-1].items()},
                 "input_seed": seed,
                 "inputs": None if inputs_path is None else str(inputs_path),
+                "module": module,
                 "duration_s": duration_s if rate_hz else None,
                 "cuda_graphs": cuda_graphs,
                 "libraries": library_versions(_VERSIONED),
@@ -693,10 +931,37 @@ def run_bench(
                 baseline_model=None if baseline_model is None else str(baseline_model),
                 max_p99=max_p99_s,
                 max_misses=max_misses,
+                adaptive=adaptive,
+                noise=noise,
             )
         finally:
-            for variant in variants.values():
+            for variant in opened[-1].values():
                 variant.close()
+
+
+def _adaptive_settings(
+    until_width: float | str | None, max_time: str | float | None, rate_hz: float | None, noise_runs: int | None
+) -> tuple[float | None, float]:
+    """(target width or None, time budget in seconds) of --until-width / --max-time."""
+    if until_width is None:
+        if max_time is not None:
+            raise BadInputError("--max-time is the budget of --until-width: add --until-width (e.g. 1%)")
+        return None, DEFAULT_MAX_TIME_S
+    width = _fraction(until_width)
+    if not width:
+        raise BadInputError("--until-width must be above 0, e.g. 1%")
+    if rate_hz is not None:
+        raise BadInputError("--until-width adds rounds; the control-loop mode (--rate) runs for --duration instead")
+    if noise_runs is not None:
+        raise BadInputError("--noise-runs records fixed rounds per run, to compare their medians: drop --until-width")
+    return width, DEFAULT_MAX_TIME_S if max_time is None else parse_duration(max_time, "time budget")
+
+
+def _offset(progress: BenchProgress | None, run: int, rounds: int, runs: int) -> BenchProgress | None:
+    """Progress of repeat `run` as part of all `runs` repeats."""
+    if progress is None:
+        return None
+    return lambda key, done, total: progress(key, run * rounds + done, runs * rounds)
 
 
 def _check_fed_against(
@@ -729,6 +994,9 @@ def bench_inputs(options: Mapping[str, Any], models: Mapping[str, str | os.PathL
     """Every file or directory a bench run reads: models, adapters, baselines, inputs."""
     adapters = options.get("adapters") or {}
     extra = [options.get(k) for k in ("baseline_path", "baseline_model", "inputs_path")]
+    factory_file = str(options.get("module") or "").rpartition(":")[0]
+    if factory_file.endswith(".py"):  # --module path/to/policy.py:build: its source is an input too
+        extra.append(factory_file)
     return [*models.values(), *adapters.values(), *extra]
 
 

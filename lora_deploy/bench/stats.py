@@ -414,6 +414,85 @@ def relative_iqr(samples: Sequence[float] | np.ndarray) -> float:
     return float((q3 - q1) / q2) if q2 > 0 else math.inf
 
 
+# ---------------------------------------------------------------- adaptive rounds
+
+
+def relative_width(interval: Sequence[float]) -> float:
+    """(high - low) / median of a (median, low, high) interval: its width as a fraction."""
+    median, low, high = (float(x) for x in interval)
+    return (high - low) / median if median > 0 else math.inf
+
+
+def widest_interval(
+    samples: Mapping[str, Sequence[float]],
+    reference: str,
+    *,
+    own: bool = False,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, str]:
+    """(relative width, what) of the widest interval more rounds of this run can narrow.
+
+    Those are every variant's paired ratio to `reference` (what the in-run gates decide
+    on) and, with `own` (a saved baseline's gates, which compare each variant's own
+    median) or when there is no pair, every variant's own median. Only widths are looked
+    at, never where an interval lies, so stopping on them does not bias a verdict (as
+    stopping on "conclusive" would: peeking until the interval clears a limit)."""
+    ci = {"confidence": confidence, "resamples": resamples, "seed": seed}
+    widths = []
+    if reference in samples:
+        for name, values in samples.items():
+            if name != reference:
+                ratio = bootstrap_median_ci(paired_ratios(samples[reference], values), **ci)
+                widths.append((relative_width(ratio), f"{name} / {reference}"))
+    if own or not widths:
+        for name, values in samples.items():
+            widths.append((relative_width(bootstrap_median_ci(values, **ci)), f"{name} p50"))
+    return max(widths)
+
+
+def more_rounds(done: int, width: float, target: float, minimum: int = 10) -> int:
+    """Rounds to add to `done` for an interval `width` wide to reach `target`.
+
+    Widths shrink as 1/sqrt(rounds), so about done * (width / target)^2 in all; at least
+    `minimum`, and at most `done` (doubling): a width from few rounds is itself noisy,
+    so the estimate is revised after every step rather than trusted for one long one."""
+    if not width > target:
+        return 0
+    wanted = math.ceil(done * (width / target) ** 2) - done if math.isfinite(width) else done
+    return int(min(max(wanted, minimum), max(done, minimum)))
+
+
+# ---------------------------------------------------------------- noise floor of a saved baseline
+
+# Student's t, two-sided 95% (the 0.975 quantile), by degrees of freedom; between two
+# tabulated ones the smaller df's (larger) value is used, beyond 30 the value for 30.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T975 |= {12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        raise BadInputError(f"degrees of freedom must be >= 1, got {df}")
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+def noise_margin(medians: Sequence[float] | np.ndarray) -> float:
+    """The between-run margin that a baseline's own N repeated runs call for.
+
+    The upper end of a 95% prediction interval for one later run's median against the
+    mean of these N, on the log scale (Student's t, N-1 degrees of freedom):
+    exp(t * s * sqrt(1 + 1/N)) - 1, s the standard deviation of the log medians. Few runs
+    give a wide bound on purpose: two agreeing runs prove little (t = 12.7 for N = 2).
+    """
+    arr = _as_samples(medians, "run medians")
+    if arr.size < 2 or np.any(arr <= 0):
+        raise BadInputError(f"a noise floor needs at least 2 positive run medians, got {arr.tolist()}")
+    spread = float(np.log(arr).std(ddof=1))
+    return math.expm1(t975(arr.size - 1) * spread * math.sqrt(1.0 + 1.0 / arr.size))
+
+
 def enforce_gates(gates: Sequence[GateResult | Mapping[str, Any]]) -> None:
     """Raise GateFailed (exit 1) naming every failed gate; return if all passed."""
     results = [g if isinstance(g, GateResult) else GateResult.from_dict(g) for g in gates]

@@ -61,6 +61,7 @@ def measure_interleaved(
     inner: int = 1,
     clock: Callable[[], float] = time.perf_counter,
     progress: Progress | None = None,
+    first_round: int = 0,
 ) -> dict[str, list[float]]:
     """Time every variant once per round; return seconds per call per round.
 
@@ -69,7 +70,8 @@ def measure_interleaved(
     settle. `progress(round_index, rounds)` is called after each round with
     the 0-based index of the round just finished. The result keeps the
     variants' order, and list i of every variant comes from the same round,
-    ready for `stats.paired_ratios`.
+    ready for `stats.paired_ratios`. `first_round` continues an earlier call's rounds
+    (the rotation of the order goes on from there), so added rounds keep the balance.
     """
     _check_args(variants, warmup, rounds, inner)
     names = list(variants)
@@ -78,7 +80,7 @@ def measure_interleaved(
             variants[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
-        for name in round_order(names, round_index):
+        for name in round_order(names, first_round + round_index):
             samples[name].append(_time_once(variants[name], inner, clock))
         if progress is not None:
             progress(round_index, rounds)

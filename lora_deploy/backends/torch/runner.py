@@ -22,8 +22,9 @@ class TorchRunner(Runner):
     exported graph. For a plain module, input names come from ``forward``'s
     signature (or ``input_metadata=``), and outputs are named from
     ``output_names=``, the module's ``output_names`` attribute, or
-    "output"/"output_<i>". ``device``/``dtype`` move a given module in place,
-    like ``nn.Module.to``.
+    "output"/"output_<i>". A module without ``input_metadata()`` but with
+    ``example_inputs()`` takes their dtypes and sizes, any batch. ``device``/``dtype``
+    move a given module in place, like ``nn.Module.to``.
     """
 
     def __init__(
@@ -70,12 +71,23 @@ class TorchRunner(Runner):
     def _deactivate(self) -> None:
         self.module = None
 
+    def example_feed(self) -> dict[str, np.ndarray] | None:
+        """The module's own example inputs (``example_inputs()``, see modeling.factory), or None."""
+        from lora_deploy.modeling.factory import example_inputs
+
+        self._require_active()
+        return example_inputs(self.module, f"model {self.name!r}")
+
     def _input_metadata(self) -> dict[str, InputMeta]:
         if self._given_metadata is not None:
             return self._given_metadata
         declared = getattr(self.module, "input_metadata", None)
         if callable(declared):
             return dict(declared())
+        examples = self.example_feed()
+        if examples is not None:
+            # Their dtypes and sizes, axis 0 the batch: other batch sizes fit, other sizes do not.
+            return {name: (arr.dtype, ("batch", *arr.shape[1:])) for name, arr in examples.items()}
         # Unknown dtypes and shapes: only the names are checked.
         params = inspect.signature(self.module.forward).parameters.values()
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

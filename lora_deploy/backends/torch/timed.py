@@ -73,15 +73,19 @@ def _torch_binder(runner: TorchRunner, device: str, cuda_graphs: bool) -> Callab
 def timed_model(
     name: str, path: Path, device: str, threads: int | None, adapter: Path | None, options: Mapping[str, Any]
 ) -> TimedModel:
-    """An HF checkpoint in eager torch; an adapter is attached unmerged (forward hooks)."""
+    """An HF checkpoint directory, or with `options["module"]` ("package.module:factory")
+    the module that factory returns with the checkpoint at `path` loaded into it
+    (modeling.factory), in eager torch; an adapter is attached unmerged (forward hooks)."""
     import torch
 
+    from lora_deploy.modeling.factory import load_module
     from lora_deploy.modeling.unmerged import attach
 
     if device == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda: torch sees no CUDA device here")
     cuda_graphs = bool(options.get("cuda_graphs")) and device == "cuda"
-    runner = TorchRunner(path, device=device, name=name)
+    factory = options.get("module")
+    runner = TorchRunner(path if factory is None else load_module(factory, path), device=device, name=name)
     runner.activate()
     try:
         if adapter is not None:
@@ -90,14 +94,21 @@ def timed_model(
     except LoraDeployError as err:
         runner.deactivate()
         raise type(err)(f"adapter {adapter} does not fit model {name!r} ({path}): {err}") from err
+    try:
+        examples = runner.example_feed()
+    except LoraDeployError:
+        runner.deactivate()
+        raise
     return TimedModel(
         name=name,
         path=path,
         runner=runner,
         bind=_torch_binder(runner, device, cuda_graphs),
         adapter=adapter,
+        example_feed=examples,
         details={
             "path": str(path),
+            "module": factory,
             "adapter": str(adapter) if adapter else None,
             "mode": ("cuda-graphs" if cuda_graphs else "eager") + (" + unmerged LoRA hooks" if adapter else ""),
             "torch_threads": torch.get_num_threads(),
