@@ -1,15 +1,20 @@
 """Export with and without the weights in memory, and merged ONNX from the base graph.
 
     python benchmarks/export_stream_bench.py [--out DIR] [--layers 8] [--hidden 1024] [--json FILE]
+    python benchmarks/export_stream_bench.py --preset 7b --steps export-stream-auto-noparity,merge-onnx,copy
 
 Builds a LLaMA-shaped float16 checkpoint with random weights (vocab 32000, GQA 16/4
-heads) and a synthetic rank-16 LoRA adapter on q_proj/v_proj, then times each step in
-its own process and reports wall time and peak RSS (VmHWM):
+heads; `--preset 7b`: LLaMA-2-7B's shape, 32 layers, hidden 4096, 32/32 heads, 13.5 GB,
+written shard by shard without the model in memory) and a synthetic rank-16 LoRA adapter
+on q_proj/v_proj, then times each step in its own process and reports wall time and peak
+RSS (VmHWM):
 
 * export onnx (weights loaded, float32; the current default)
 * export onnx --stream-weights (float32; float16 with --dtype auto), with and without
   the ONNX Runtime parity check (which loads the real model)
 * merge --onnx-like on the streamed float16 graph, against `cp` of the graph's bytes
+* optimum-onnx's exporter (steps optimum, optimum-novalidate; `--optimum-python` names a
+  Python where `pip install optimum-onnx` went, as it needs transformers 4.x)
 """
 
 from __future__ import annotations
@@ -53,30 +58,48 @@ print(seconds, hwm, note)
 """
 
 
-def build(out: Path, layers: int, hidden: int) -> None:
-    import numpy as np
-    import torch
-    from safetensors.numpy import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+PRESETS = {
+    # LLaMA-2-7B: 6.74e9 parameters, 13.5 GB in float16.
+    "7b": {"layers": 32, "hidden": 4096, "intermediate": 11008, "heads": 32, "kv_heads": 32},
+}
 
-    config = LlamaConfig(
+
+def llama_config(layers: int, hidden: int, intermediate: int | None = None, heads: int = 16, kv_heads: int = 4):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         hidden_size=hidden,
-        intermediate_size=int(hidden * 2.75),
+        intermediate_size=intermediate or int(hidden * 2.75),
         num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         vocab_size=32000,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float16)
-    model.save_pretrained(out / "base", max_shard_size="500MB")
-    del model
+
+
+def build(out: Path, layers: int, hidden: int, preset: str | None = None) -> None:
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+    from transformers import LlamaForCausalLM
+
+    if preset:
+        config = llama_config(**PRESETS[preset])
+        write_synthetic(config, out / "base")
+    else:
+        config = llama_config(layers, hidden)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.float16)
+        model.save_pretrained(out / "base", max_shard_size="500MB")
+        del model
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    kv_rows = hidden * config.num_key_value_heads // config.num_attention_heads
     rng = np.random.default_rng(0)
     tensors = {}
     for layer in range(layers):
-        for proj, rows in (("q_proj", hidden), ("v_proj", hidden // 4)):
+        for proj, rows in (("q_proj", hidden), ("v_proj", kv_rows)):
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
             tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((16, hidden), dtype=np.float32) * 0.02
             tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((rows, 16), dtype=np.float32) * 0.02
@@ -93,8 +116,71 @@ def build(out: Path, layers: int, hidden: int) -> None:
     (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
 
 
-def step(kind: str, out: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", STEP, kind, str(out)], capture_output=True, text=True)
+def write_synthetic(config, directory: Path, shard_bytes: int = 2 << 30) -> None:
+    """A float16 checkpoint of `config`'s shapes written shard by shard: the model is built
+    on the meta device for its names and shapes only, and every tensor is cut from one
+    64 MB block of N(0, 0.02) values (the values do not matter to export speed)."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    block = (np.random.default_rng(0).standard_normal(32 << 20, dtype=np.float32) * 0.02).astype(np.float16)
+    directory.mkdir(parents=True)
+    config.dtype = "float16"
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(directory)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map, total = {}, 0
+    for index, names in enumerate(groups, start=1):
+        file = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for offset, name in enumerate(names):
+            count = int(np.prod(shapes[name]))
+            start = (offset * 4099) % block.size
+            tensors[name] = np.resize(block[start:], count).reshape(shapes[name])
+            weight_map[name] = file
+            total += 2 * count
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        del tensors
+    index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
+
+
+# optimum-cli's exporter, run in-process in its own environment (optimum-onnx needs
+# transformers < 4.58; this project needs 5.x): fp32, the full-sequence `text-generation`
+# task (no KV cache), as `export onnx` exports.
+OPTIMUM_STEP = r"""
+import sys, time
+from pathlib import Path
+kind, out = sys.argv[1], Path(sys.argv[2])
+start = time.perf_counter()
+from optimum.exporters.onnx import main_export
+main_export(str(out / "base"), output=str(out / kind), task="text-generation", do_validation=kind == "optimum")
+seconds = time.perf_counter() - start
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(seconds, hwm, "optimum-onnx main_export, float32, validation " + ("on" if kind == "optimum" else "off"))
+"""
+
+
+def step(kind: str, out: Path, optimum_python: str | None = None) -> dict:
+    if kind.startswith("optimum"):
+        if not optimum_python:
+            raise SystemExit(f"{kind}: pass --optimum-python (a Python with optimum-onnx installed)")
+        command = [optimum_python, "-c", OPTIMUM_STEP, kind, str(out)]
+    else:
+        command = [sys.executable, "-c", STEP, kind, str(out)]
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
     seconds, rss, note = done.stdout.strip().splitlines()[-1].split(" ", 2)
@@ -106,20 +192,27 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/lora-deploy-export-bench"))
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="A published model's shape (not --layers/--hidden).")
+    parser.add_argument("--steps", help="Comma-separated steps to run (default: all).")
+    parser.add_argument(
+        "--optimum-python", help="Python of an environment with optimum-onnx, for steps optimum, optimum-novalidate."
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     start = time.perf_counter()
-    build(args.out, args.layers, args.hidden)
+    build(args.out, args.layers, args.hidden, args.preset)
     size = sum(p.stat().st_size for p in (args.out / "base").glob("*.safetensors"))
     print(f"built {size / 1e6:.0f} MB float16 checkpoint in {time.perf_counter() - start:.0f}s", flush=True)
     rows = []
     steps = ("export-stream-auto-noparity", "export-stream-noparity", "export-stream", "export-loaded")
-    for kind in steps + ("merge-onnx", "copy"):
-        rows.append(step(kind, args.out))
+    wanted = args.steps.split(",") if args.steps else steps + ("merge-onnx", "copy")
+    for kind in wanted:
+        rows.append(step(kind, args.out, args.optimum_python))
         print(json.dumps(rows[-1]), flush=True)
-    report = {"layers": args.layers, "hidden": args.hidden, "checkpoint_bytes": size, "rows": rows}
+    shape = PRESETS.get(args.preset, {"layers": args.layers, "hidden": args.hidden})
+    report = {"preset": args.preset, **shape, "checkpoint_bytes": size, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -5,25 +5,43 @@ tensors change. So instead of loading, tracing and exporting the merged checkpoi
 copies BASE.onnx and its external data and rewrites the few initializers the adapter
 changes, computed by the merge's math (lora_deploy.merge.delta) from the checkpoint.
 
-* The graph must come from BASE: every initializer named like a checkpoint tensor must
-  have that tensor's shape and, converted to the graph's dtype, its exact values (all are
-  compared, a block at a time), and every tensor the adapter changes must be an
-  initializer of the graph. Our exporter keeps checkpoint names (optimize=False);
-  a graph whose names do not map (optimize=True, other exporters) is refused.
-* Each merged tensor is what `merge` (dtype auto) then `export onnx` gives: W0 + s·B·A
-  in float32, rounded once to the checkpoint's dtype, then converted to the graph's
-  (tests/export/test_like.py compares with a fresh export, byte for byte).
-* The external data file is copied by the kernel and the changed tensors are written in
-  place, at their offsets; small tensors stored in the graph are replaced there. Memory
-  is about one tensor whatever the model's size.
-* Refused (exit 2, nothing written): another model's graph, names that do not map,
-  shapes that differ, an adapter that changes the graph itself (an embedding LoRA on tied
+* Each initializer is tied to the checkpoint tensors it was made from by its exporter's
+  layout (lora_deploy.export.layouts): our exporter keeps checkpoint names (identity);
+  onnxruntime-genai's model builder stores Wᵀ under its MatMul names, q/k/v packed into
+  one. The graph's layout is the one that maps most of its initializers; the others are
+  unmapped (buffers, rotary caches: reported, not checked).
+* The graph must come from BASE: every mapped initializer must have the shape its
+  sources make through the transform and, converted to the graph's dtype, their exact
+  values, and every tensor the adapter changes must be a source of a mapped initializer.
+  How many values are compared is `base_check`: "sampled" (the default) compares the
+  initializers the adapter changes in full and, of every other one, SAMPLE_BLOCKS evenly
+  spaced blocks of SAMPLE_VALUES values (first and last included; square tiles where the
+  layout transposes), which reads a few MB whatever the model's size and catches another
+  model's or another revision's weights; "full" compares every value (reads the graph's
+  data and the checkpoint once more: 2-4x the time of the copy) and also catches an edit
+  of a single value outside the samples.
+* Each merged tensor is what `merge` (dtype auto) then the exporter gives: W0 + s·B·A in
+  float32, rounded once to the checkpoint's dtype, then converted to the graph's; a packed
+  initializer is the transform of its merged and untouched sources (tests/export/
+  test_like.py compares with a fresh `export onnx`, test_like_genai.py with a fresh
+  `export genai`, byte for byte).
+* The external data file is copied by the kernel and the changed initializers are written
+  in place, at their offsets; small tensors stored in the graph are replaced there. Memory
+  is a few copies of the largest changed initializer whatever the model's size.
+* An onnxruntime-genai folder (its genai_config.json) as the base graph gives a whole
+  folder: the merged decoder and every other file of the folder but its
+  genai-manifest.json (which describes the base's build), staged and renamed into place.
+* Refused (exit 2, nothing written): another model's graph, names that map in no layout,
+  shapes that differ, a quantized graph (int4 MatMulNBits blocks), a builder graph with an
+  adapter baked in, an adapter that changes the graph itself (an embedding LoRA on tied
   embeddings unties them), a graph with more than one external data file.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -36,16 +54,27 @@ from threadpoolctl import threadpool_limits
 from lora_deploy.adapter.plan import MergePlan, plan_merge
 from lora_deploy.adapter.read import load_adapter
 from lora_deploy.arrays import all_finite
+from lora_deploy.backends.onnxrt.genai import GENAI_CONFIG, read_genai_config
 from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
 from lora_deploy.errors import BadInputError, CheckpointError, NonFiniteError, OutputError
 from lora_deploy.export import graph as onnx_graph
+from lora_deploy.export.genai import MANIFEST as GENAI_MANIFEST
+from lora_deploy.export.layouts import Layout, Mapping, detect
 from lora_deploy.io.checkpoint import DTYPES, Checkpoint, TensorInfo, pread_all
-from lora_deploy.io.staging import output_error, staging_dir, sync_path
+from lora_deploy.io.staging import check_output, output_error, staging_dir, sync_path
 from lora_deploy.io.stream import write_at
 from lora_deploy.merge.delta import merged_bias, merged_weight
 
 # Tensors are compared with the checkpoint this many bytes at a time.
 COMPARE_BLOCK = 16 * 1024 * 1024
+# base_check="sampled": blocks of SAMPLE_VALUES values compared per untouched tensor.
+SAMPLE_BLOCKS = 8
+SAMPLE_VALUES = 4096
+BASE_CHECKS = ("sampled", "full")
+# Nodes of graphs whose weights are stored quantized: a merge cannot rewrite them exactly.
+QUANTIZED_OPS = frozenset(
+    {"MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "QuantizeLinear", "MatMulInteger", "QLinearMatMul"}
+)
 
 
 @dataclass
@@ -57,19 +86,27 @@ class MergedGraph:
     merged: list[str]  # initializers rewritten
     copied: int  # initializers copied unchanged
     checked: int  # initializers compared with the checkpoint
+    base_check: str  # "sampled" or "full": how many of their values (module docstring)
     graph_dtypes: list[str]  # float dtypes of the graph's initializers
     checkpoint_dtypes: list[str]
     external_data: bool
     total_bytes: int
     seconds: float = 0.0
-    unmapped: list[str] = field(default_factory=list)  # initializers not in the checkpoint (buffers, constants)
+    unmapped: list[str] = field(default_factory=list)  # initializers no checkpoint tensor maps to (buffers, constants)
+    layout: str = "lora-deploy export onnx"  # whose names and layout the graph has (export/layouts.py)
+    folder: bool = False  # a whole onnxruntime-genai folder was written (path is the folder)
 
     def summary(self) -> str:
+        unmapped = ""
+        if self.unmapped:
+            shown = ", ".join(self.unmapped[:3]) + (", ..." if len(self.unmapped) > 3 else "")
+            unmapped = f"; {len(self.unmapped)} not from the checkpoint, unchecked: {shown}"
         return (
-            f"merged {len(self.merged)} initializers of {self.base_graph.name} into {self.path} "
+            f"merged {len(self.merged)} initializers of {self.base_graph.name} ({self.layout} layout) into "
+            f"{'the folder ' if self.folder else ''}{self.path} "
             f"({self.total_bytes / 1e6:.1f} MB, graph dtype {'/'.join(self.graph_dtypes) or '-'}, "
             f"checkpoint {'/'.join(self.checkpoint_dtypes)}; {self.copied} copied, "
-            f"{self.checked} checked against the base) in {self.seconds:.1f}s"
+            f"{self.checked} checked against the base, {self.base_check}{unmapped}) in {self.seconds:.1f}s"
         )
 
     def to_dict(self) -> dict:
@@ -79,7 +116,10 @@ class MergedGraph:
             "merged": self.merged,
             "copied": self.copied,
             "checked": self.checked,
+            "base_check": self.base_check,
             "unmapped": self.unmapped,
+            "layout": self.layout,
+            "folder": self.folder,
             "graph_dtypes": self.graph_dtypes,
             "checkpoint_dtypes": self.checkpoint_dtypes,
             "external_data": self.external_data,
@@ -111,28 +151,44 @@ def merge_onnx(
     *,
     overwrite: bool = False,
     durable: bool = False,
+    base_check: str = "sampled",
 ) -> MergedGraph:
     """Write ADAPTER merged into BASE as an ONNX model with ``base_graph``'s graph.
 
-    ``base_graph`` is an ONNX export of ``base_dir`` whose initializers keep the
-    checkpoint's names (``export onnx``). ``out`` (and ``<out>.data``) follow the output
-    policy: never an input, replaced only with ``overwrite``.
+    ``base_graph`` is an ONNX graph of ``base_dir`` in a known layout (export/layouts.py:
+    ``export onnx``'s, or onnxruntime-genai's builder's), or an onnxruntime-genai folder:
+    then ``out`` is a folder too (the merged decoder and the folder's other files).
+    ``out`` (and ``<out>.data``) follow the output policy: never an input, replaced only
+    with ``overwrite``.
     """
     import onnx
 
     start = time.perf_counter()
     base_dir, base_graph, out = Path(base_dir), Path(base_graph), Path(out)
-    if not base_graph.is_file():
-        raise BadInputError(f"{base_graph}: no such ONNX file")
-    if out.suffix != ".onnx":
+    if base_check not in BASE_CHECKS:
+        raise BadInputError(f"base_check must be one of {', '.join(BASE_CHECKS)}, not {base_check!r}")
+    folder = base_graph if base_graph.is_dir() else None
+    if folder is not None:
+        base_graph = decoder_file(folder)
+        if out.suffix == ".onnx":
+            raise BadInputError(
+                f"{out}: {folder} is an onnxruntime-genai folder, so the output is one: name a directory"
+            )
+    elif not base_graph.is_file():
+        raise BadInputError(f"{base_graph}: no such ONNX file or onnxruntime-genai folder")
+    elif out.suffix != ".onnx":
         raise BadInputError(f"{out}: the merged graph's name must end in .onnx")
     try:
         model = onnx.load(str(base_graph), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError and others
         raise BadInputError(f"{base_graph}: not an ONNX model ({type(err).__name__})") from err
+    refuse_quantized(model, base_graph)
     data_file, inits = read_initializers(model, base_graph)
-    inputs = [base_dir, Path(adapter_dir), base_graph, data_file]
-    onnx_graph.check_output(out, inputs, overwrite)
+    inputs = [base_dir, Path(adapter_dir), folder, base_graph, data_file]
+    if folder is None:
+        onnx_graph.check_output(out, inputs, overwrite)
+    else:
+        check_output(out, inputs, overwrite, directory=True)
     with Checkpoint(base_dir) as ckpt, threadpool_limits(limits=1, user_api="blas"):
         adapter = load_adapter(adapter_dir)
         plan = plan_merge(adapter, ckpt)
@@ -143,20 +199,22 @@ def merge_onnx(
                 "export the merged checkpoint instead"
             )
         changed = changed_tensors(plan)
-        unmapped = check_graph(inits, ckpt, changed, base_graph, base_dir)
-        with staging_dir(out, rename=False, overwrite=overwrite) as tmp_dir:
-            tmp_path = tmp_dir / out.name
-            data_out = tmp_path.with_name(f"{out.name}.data")
-            if data_file is not None:
-                copy_data(data_file, data_out)
-            merged = write_merged(inits, ckpt, plan, changed, data_out if data_file is not None else None)
-            if data_file is not None:
-                relocate(inits, data_out.name)
-            write_proto(model, tmp_path, data_out if data_file is not None else None, durable)
-            try:
-                onnx_graph.move_into_place(tmp_path, out, data_file is not None, overwrite)
-            except OSError as exc:
-                raise output_error(out, exc, "cannot move the output into place") from exc
+        layout, mapped, unmapped = check_graph(inits, ckpt, changed, base_graph, base_dir, full=base_check == "full")
+        if folder is None:
+            with staging_dir(out, rename=False, overwrite=overwrite) as tmp_dir:
+                tmp_path = tmp_dir / out.name
+                merged = write_graph(model, inits, ckpt, plan, changed, mapped, data_file, tmp_path, durable)
+                try:
+                    onnx_graph.move_into_place(tmp_path, out, data_file is not None, overwrite)
+                except OSError as exc:
+                    raise output_error(out, exc, "cannot move the output into place") from exc
+        else:
+            with staging_dir(out, overwrite=overwrite, inputs=inputs) as tmp_dir:
+                tmp_path = tmp_dir / base_graph.name
+                merged = write_graph(model, inits, ckpt, plan, changed, mapped, data_file, tmp_path, durable)
+                copy_folder(folder, tmp_dir, skip={base_graph, data_file, folder / GENAI_MANIFEST}, durable=durable)
+            if durable:
+                sync_path(Path(os.path.abspath(out)).parent)
     graph_dtypes = sorted({BY_ONNX[i.proto.data_type].name for i in inits.values() if is_float(i.dtype)})
     ckpt_dtypes = sorted({BY_SAFETENSORS[info.dtype].name for info in ckpt.tensors.values()})
     return MergedGraph(
@@ -164,14 +222,86 @@ def merge_onnx(
         base_graph=base_graph,
         merged=sorted(merged),
         copied=len(inits) - len(merged),
-        checked=len(inits) - len(unmapped),
+        checked=len(mapped),
+        base_check=base_check,
         graph_dtypes=graph_dtypes,
         checkpoint_dtypes=ckpt_dtypes,
         external_data=data_file is not None,
         total_bytes=sum(int(np.prod(i.shape, dtype=np.int64)) * i.dtype.itemsize for i in inits.values()),
         seconds=time.perf_counter() - start,
         unmapped=sorted(unmapped),
+        layout=layout.name,
+        folder=folder is not None,
     )
+
+
+def write_graph(
+    model: Any,
+    inits: dict[str, Initializer],
+    ckpt: Checkpoint,
+    plan: MergePlan,
+    changed: dict[str, str],
+    mapped: dict[str, Mapping],
+    data_file: Path | None,
+    path: Path,
+    durable: bool,
+) -> list[str]:
+    """The merged graph at `path` (its data, if any, at `<path>.data`); returns the
+    initializers rewritten."""
+    data_out = None
+    if data_file is not None:
+        data_out = path.with_name(f"{path.name}.data")
+        copy_data(data_file, data_out)
+    merged = write_merged(inits, ckpt, plan, changed, mapped, data_out)
+    if data_out is not None:
+        relocate(inits, data_out.name)
+    write_proto(model, path, data_out, durable)
+    return merged
+
+
+def decoder_file(folder: Path) -> Path:
+    """An onnxruntime-genai folder's decoder graph, as its genai_config.json names it."""
+    config = read_genai_config(folder)
+    try:
+        name = config["model"]["decoder"]["filename"]
+    except (KeyError, TypeError):
+        raise BadInputError(f"{folder / GENAI_CONFIG}: no model.decoder.filename") from None
+    if not isinstance(name, str) or PurePosixPath(name).name != name or name in ("", ".", ".."):
+        raise BadInputError(f"{folder / GENAI_CONFIG}: decoder filename {name!r} is not a file name in the folder")
+    path = folder / name
+    if not path.is_file():
+        raise BadInputError(f"{path}: missing (the decoder {folder / GENAI_CONFIG} names)")
+    return path
+
+
+def refuse_quantized(model: Any, path: Path) -> None:
+    """A graph with quantized weights (int4 MatMulNBits blocks, Q/DQ pairs) is refused."""
+    ops = sorted({node.op_type for node in model.graph.node} & QUANTIZED_OPS)
+    if ops:
+        raise BadInputError(
+            f"{path}: a quantized graph ({', '.join(ops)} nodes): its weights are quantized blocks, which a merge "
+            "cannot rewrite exactly; merge into a float (fp32/fp16) build, or quantize the merged one"
+        )
+
+
+def copy_folder(source: Path, dest: Path, skip: set[Path | None], durable: bool) -> None:
+    """Every file and directory of `source` but `skip` (and but what `dest` already holds:
+    the merged decoder and its data), copied (by the kernel) into `dest`."""
+    for entry in sorted(source.iterdir()):
+        if entry in skip or os.path.lexists(dest / entry.name):
+            continue
+        if not entry.is_dir():
+            copy_data(entry, dest / entry.name)
+            continue
+        try:
+            shutil.copytree(entry, dest / entry.name)
+        except OSError as exc:
+            raise OutputError(f"{dest / entry.name}: cannot copy {entry} ({exc.strerror or exc})") from exc
+    if durable:
+        for path in sorted(dest.rglob("*")):
+            if path.is_file():
+                sync_path(path)
+        sync_path(dest)
 
 
 def is_float(dtype: np.dtype) -> bool:
@@ -232,63 +362,169 @@ def changed_tensors(plan: MergePlan) -> dict[str, str]:
 
 
 def check_graph(
-    inits: dict[str, Initializer], ckpt: Checkpoint, changed: dict[str, str], graph_path: Path, base_dir: Path
-) -> list[str]:
-    """Refuse a graph that is not BASE's; returns the initializers the checkpoint lacks."""
-    mapped = [name for name in inits if name in ckpt.tensors]
-    if not mapped:
+    inits: dict[str, Initializer],
+    ckpt: Checkpoint,
+    changed: dict[str, str],
+    graph_path: Path,
+    base_dir: Path,
+    full: bool = False,
+) -> tuple[Layout, dict[str, Mapping], list[str]]:
+    """Refuse a graph that is not BASE's; returns its layout, its mapped initializers and
+    the unmapped ones. Initializers the adapter changes are always compared in full; the
+    others in full or sampled."""
+    found = detect(list(inits), ckpt.tensors)
+    if found is None:
         raise BadInputError(
-            f"{graph_path}: no initializer name maps onto a tensor of {base_dir} "
-            "(export it with `lora-deploy export onnx`, which keeps checkpoint names)"
+            f"{graph_path}: no initializer name maps onto a tensor of {base_dir} in a known layout "
+            "(lora-deploy export onnx keeps checkpoint names; onnxruntime-genai's builder, float builds of "
+            "LLaMA-family decoders, its MatMul names)"
         )
+    layout, mapped = found.layout, found.mapped
+    baked = [name for name in inits if layout.baked_lora and re.search(layout.baked_lora, name)]
+    if baked:
+        raise BadInputError(
+            f"{graph_path}: the graph carries LoRA weights of its own ({baked[0]}: built with an adapter); "
+            "merge into a graph of the base built without one"
+        )
+    sources = {key for mapping in mapped.values() for key in mapping.sources}
     for key in sorted(changed):
-        if key not in inits:
+        if key not in sources:
             raise BadInputError(
-                f"{graph_path}: the adapter changes {key}, but no initializer of the graph has that name "
-                "(its initializer names do not map onto the checkpoint, or the graph does not compute it)"
+                f"{graph_path}: the adapter changes {key}, but no initializer of the graph has that name or holds it "
+                f"({layout.name} layout: its names do not map onto the checkpoint, or the graph does not compute it)"
             )
-    for name in mapped:
-        init, info = inits[name], ckpt.tensors[name]
-        if init.shape != info.shape:
+    for name, mapping in mapped.items():
+        init, infos = inits[name], [ckpt.tensors[key] for key in mapping.sources]
+        shape = mapping.shape([info.shape for info in infos])
+        if init.shape != shape:
+            made = f"{base_dir}'s {mapping.describe()} make" if mapping != Mapping((name,)) else f"{base_dir} has"
             raise BadInputError(
-                f"{graph_path}: initializer {name} has shape {list(init.shape)} but {base_dir} has {list(info.shape)}"
+                f"{graph_path}: initializer {name} has shape {list(init.shape)} but {made} "
+                f"{list(shape) if shape is not None else 'no single tensor'}"
             )
-        if is_float(init.dtype) != is_float(info.np_dtype):
+        for info in infos:
+            if is_float(init.dtype) != is_float(info.np_dtype):
+                raise BadInputError(
+                    f"{graph_path}: initializer {name} is {init.dtype}, the checkpoint's {info.name} is {info.np_dtype}"
+                )
+    for name, mapping in mapped.items():
+        whole = full or any(key in changed for key in mapping.sources)
+        if not same_values(inits[name], mapping, ckpt, graph_path, None if whole else SAMPLE_BLOCKS):
             raise BadInputError(
-                f"{graph_path}: initializer {name} is {init.dtype}, the checkpoint's is {info.np_dtype}"
+                f"{graph_path}: initializer {name} differs from {base_dir}'s {mapping.describe()}: "
+                "the graph is not an export of this base"
             )
-    for name in mapped:
-        if not same_values(inits[name], ckpt, ckpt.tensors[name], graph_path):
-            raise BadInputError(
-                f"{graph_path}: initializer {name} differs from {base_dir}'s: the graph is not an export of this base"
-            )
-    return [name for name in inits if name not in ckpt.tensors]
+    return layout, mapped, found.unmapped
 
 
-def same_values(init: Initializer, ckpt: Checkpoint, info: TensorInfo, graph_path: Path) -> bool:
-    """Whether the initializer holds the checkpoint tensor, converted to the graph's dtype,
-    bit for bit; compared a block at a time (NaN bit patterns included)."""
-    count = int(np.prod(info.shape, dtype=np.int64))
+def same_values(
+    init: Initializer, mapping: Mapping, ckpt: Checkpoint, graph_path: Path, samples: int | None = None
+) -> bool:
+    """Whether the initializer holds its sources through the mapping's transform, converted
+    to the graph's dtype, bit for bit (NaN bit patterns included): every value, a block at a
+    time, or with `samples`, that many evenly spaced blocks of SAMPLE_VALUES values of each
+    source (square tiles of them where the mapping transposes)."""
+    infos = [ckpt.tensors[key] for key in mapping.sources]
     if init.offset is None:
-        graph_values = inline_array(init).reshape(-1)
-        return bool(
-            np.array_equal(as_bits(converted(ckpt.read(info.name).reshape(-1), init.dtype)), as_bits(graph_values))
-        )
-    step = max(1, COMPARE_BLOCK // max(info.np_dtype.itemsize, init.dtype.itemsize))
+        expected = mapping.apply([converted(ckpt.read(info.name), init.dtype) for info in infos])
+        graph_values = inline_array(init)
+        return bool(np.array_equal(as_bits(np.ascontiguousarray(expected)), as_bits(graph_values)))
     data_file = graph_path.parent / location_of(init)
     fd = os.open(data_file, os.O_RDONLY)
+
+    def graph(start: int, length: int) -> bytes:
+        return pread_all(fd, length, init.offset + start, data_file)
+
     try:
-        for first in range(0, count, step):
-            n = min(step, count - first)
-            size_c, size_g = info.np_dtype.itemsize, init.dtype.itemsize
-            raw = ckpt_block(ckpt, info, first * size_c, n * size_c)
-            ours = converted(np.frombuffer(raw, info.np_dtype), init.dtype)
-            theirs = np.frombuffer(pread_all(fd, n * size_g, init.offset + first * size_g, data_file), init.dtype)
-            if not np.array_equal(as_bits(ours), as_bits(theirs)):
-                return False
+        first = 0  # where the source starts: in values, or in the transposed graph's columns
+        for info in infos:
+            if mapping.transpose:
+                if not same_transposed(graph, init, ckpt, info, first, samples):
+                    return False
+                first += info.shape[0]
+            else:
+                if not same_flat(graph, init, ckpt, info, first, samples):
+                    return False
+                first += int(np.prod(info.shape, dtype=np.int64))
     finally:
         os.close(fd)
     return True
+
+
+def same_flat(graph, init: Initializer, ckpt: Checkpoint, info: TensorInfo, first: int, samples: int | None) -> bool:
+    """The source's values are the graph's from value `first` on, in the same order."""
+    count = int(np.prod(info.shape, dtype=np.int64))
+    size_c, size_g = info.np_dtype.itemsize, init.dtype.itemsize
+    for start, n in compared_blocks(count, max(size_c, size_g), samples):
+        raw = ckpt_block(ckpt, info, start * size_c, n * size_c)
+        theirs = graph((first + start) * size_g, n * size_g)
+        if info.np_dtype == init.dtype:
+            # Same dtype (--dtype auto): the bytes must be equal, a memcmp.
+            if raw != theirs:
+                return False
+            continue
+        ours = converted(np.frombuffer(raw, info.np_dtype), init.dtype)
+        if not np.array_equal(as_bits(ours), np.frombuffer(theirs, init.dtype).view(as_bits(ours).dtype)):
+            return False
+    return True
+
+
+def same_transposed(
+    graph, init: Initializer, ckpt: Checkpoint, info: TensorInfo, column: int, samples: int | None
+) -> bool:
+    """The source [rows, cols], transposed, is the graph's [cols, width] from `column` on."""
+    rows, cols = info.shape
+    width = init.shape[1]
+    size_c, size_g = info.np_dtype.itemsize, init.dtype.itemsize
+
+    def source(start: int, length: int) -> bytes:
+        return ckpt_block(ckpt, info, start, length)
+
+    for (r0, r1), (c0, c1) in transposed_windows(rows, cols, max(size_c, size_g), samples):
+        ours = converted(window(source, cols, info.np_dtype, r0, r1, c0, c1), init.dtype).T
+        theirs = window(graph, width, init.dtype, c0, c1, column + r0, column + r1)
+        if not np.array_equal(as_bits(np.ascontiguousarray(ours)), as_bits(theirs)):
+            return False
+    return True
+
+
+def window(read, n_cols: int, dtype: np.dtype, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Rows r0:r1, columns c0:c1 of a row-major [*, n_cols] tensor that `read(start, length)`
+    reads bytes of: one read for whole rows, else one per row."""
+    size = dtype.itemsize
+    if c0 == 0 and c1 == n_cols:
+        raw = read(r0 * n_cols * size, (r1 - r0) * n_cols * size)
+    else:
+        raw = b"".join(read((r * n_cols + c0) * size, (c1 - c0) * size) for r in range(r0, r1))
+    return np.frombuffer(raw, dtype).reshape(r1 - r0, c1 - c0)
+
+
+def transposed_windows(
+    rows: int, cols: int, itemsize: int, samples: int | None
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """((first row, end), (first column, end)) of each window of a [rows, cols] source to
+    compare: bands of whole rows, or `samples` square tiles of about SAMPLE_VALUES values
+    spaced evenly along the diagonal, first and last corners included."""
+    if samples is None or rows * cols <= samples * SAMPLE_VALUES:
+        step = max(1, COMPARE_BLOCK // max(1, cols * itemsize))
+        return [((r, min(r + step, rows)), (0, cols)) for r in range(0, rows, step)]
+    side = max(1, math.isqrt(SAMPLE_VALUES))
+    height, width = min(rows, side), min(cols, side)
+    spaces = max(1, samples - 1)
+    corners = sorted(
+        {(round(i * (rows - height) / spaces), round(i * (cols - width) / spaces)) for i in range(samples)}
+    )
+    return [((r, r + height), (c, c + width)) for r, c in corners]
+
+
+def compared_blocks(count: int, itemsize: int, samples: int | None) -> list[tuple[int, int]]:
+    """(first value, number of values) of each block to compare."""
+    if samples is None or count <= samples * SAMPLE_VALUES:
+        step = max(1, COMPARE_BLOCK // itemsize)
+        return [(first, min(step, count - first)) for first in range(0, count, step)]
+    last = count - SAMPLE_VALUES
+    starts = sorted({round(i * last / (samples - 1)) for i in range(samples)})
+    return [(first, SAMPLE_VALUES) for first in starts]
 
 
 def ckpt_block(ckpt: Checkpoint, info: TensorInfo, start: int, length: int) -> bytes:
@@ -333,26 +569,40 @@ def write_merged(
     ckpt: Checkpoint,
     plan: MergePlan,
     changed: dict[str, str],
+    mapped: dict[str, Mapping],
     data_out: Path | None,
 ) -> list[str]:
-    """Compute every changed tensor, in the graph's dtype, and put it where the base's was."""
+    """Compute every initializer a changed tensor maps to, in the graph's dtype, and put it
+    where the base's was; returns their names. A packed one is the transform of its merged
+    and untouched sources."""
     from onnx import numpy_helper
 
     bias_of = {t.bias_key: t for t in plan.targets.values() if t.bias_key}
     fd = os.open(data_out, os.O_WRONLY) if data_out is not None else None
+    written = []
     try:
-        for key, what in changed.items():
-            init, info = inits[key], ckpt.tensors[key]
-            values = merged_tensor(ckpt, info, plan, bias_of, what)
-            values = finite(converted(values, init.dtype), key)
+        for name, mapping in mapped.items():
+            if not any(key in changed for key in mapping.sources):
+                continue
+            init = inits[name]
+            parts = []
+            for key in mapping.sources:
+                info = ckpt.tensors[key]
+                if key in changed:
+                    merged = merged_tensor(ckpt, info, plan, bias_of, changed[key])
+                    parts.append(finite(converted(merged, init.dtype), key))
+                else:
+                    parts.append(converted(ckpt.read(key), init.dtype))
+            values = np.ascontiguousarray(mapping.apply(parts))
             if init.offset is None:
-                init.proto.CopyFrom(numpy_helper.from_array(values, key))
+                init.proto.CopyFrom(numpy_helper.from_array(values, name))
             else:
-                write_at(fd, data_out, np.ascontiguousarray(values).reshape(-1).view(np.uint8), init.offset)
+                write_at(fd, data_out, values.reshape(-1).view(np.uint8), init.offset)
+            written.append(name)
     finally:
         if fd is not None:
             os.close(fd)
-    return list(changed)
+    return written
 
 
 def merged_tensor(ckpt: Checkpoint, info: TensorInfo, plan: MergePlan, bias_of: dict, what: str) -> np.ndarray:

@@ -162,3 +162,69 @@ def test_refuses_another_models_graph(case, tmp_path):
     result = cli("merge", other, adapter, "--onnx-like", root / "base.onnx", "-o", out)
     assert result.exit_code == 2 and "is not an export of this base" in result.output
     assert not out.exists() and not (tmp_path / "merged.onnx.data").exists()
+
+
+def graph_with_one_value_changed(root, tmp_path, name, pick):
+    """A copy of base.onnx whose initializer `name` has one value changed in its external
+    data, at the flat index `pick(count)`."""
+    import shutil
+
+    from lora_deploy.export.like import read_initializers
+
+    for suffix in ("", ".data"):
+        shutil.copyfile(root / f"base.onnx{suffix}", tmp_path / f"base.onnx{suffix}")
+    graph = tmp_path / "base.onnx"
+    data_file, inits = read_initializers(onnx.load(str(graph), load_external_data=False), graph)
+    init = inits[name]
+    count = int(np.prod(init.shape))
+    index = pick(count)
+    with open(data_file, "r+b") as f:
+        f.seek(init.offset + index * init.dtype.itemsize)
+        value = np.frombuffer(f.read(init.dtype.itemsize), init.dtype).copy()
+        f.seek(init.offset + index * init.dtype.itemsize)
+        f.write((value + np.asarray(1.0, init.dtype)).tobytes())
+    return graph
+
+
+def test_sampled_check_compares_blocks_full_check_every_value(case, tmp_path, monkeypatch):
+    from lora_deploy.export import like
+    from lora_deploy.export.like import SAMPLE_BLOCKS, compared_blocks
+
+    monkeypatch.setattr(like, "SAMPLE_VALUES", 64)  # the tiny model's tensors are sampled too
+    base, adapter, root = case
+
+    def outside_the_samples(count):
+        sampled = set()
+        for first, n in compared_blocks(count, 4, SAMPLE_BLOCKS):
+            sampled.update(range(first, first + n))
+        return next(i for i in range(count // 2, count) if i not in sampled)
+
+    graph = graph_with_one_value_changed(root, tmp_path, "model.embed_tokens.weight", outside_the_samples)
+    (tmp_path / "a").mkdir()
+    sampled = cli("merge", base, adapter, "--onnx-like", graph, "-o", tmp_path / "a" / "m.onnx", "--json")
+    assert sampled.exit_code == 0, sampled.output  # one edited value between the samples: not seen (documented)
+    assert '"base_check": "sampled"' in sampled.output
+    (tmp_path / "b").mkdir()
+    full = cli("merge", base, adapter, "--onnx-like", graph, "-o", tmp_path / "b" / "m.onnx", "--base-check", "full")
+    assert full.exit_code == 2 and "model.embed_tokens.weight differs from" in full.output
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_sampled_check_compares_the_adapters_targets_in_full(case, tmp_path):
+    base, adapter, root = case
+    name = "model.layers.0.self_attn.q_proj.weight"
+    graph = graph_with_one_value_changed(root, tmp_path, name, lambda count: count // 2 + 1)
+    result = cli("merge", base, adapter, "--onnx-like", graph, "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 2 and f"{name} differs from" in result.output
+    assert cli("merge", base, adapter, "-o", tmp_path / "ck", "--base-check", "full").exit_code == 2
+
+
+def test_compared_blocks_cover_every_value_or_spaced_samples():
+    from lora_deploy.export.like import SAMPLE_VALUES, compared_blocks
+
+    full = compared_blocks(10_000_000, 4, None)
+    assert sum(n for _, n in full) == 10_000_000 and full[0][0] == 0
+    samples = compared_blocks(10_000_000, 4, 8)
+    assert len(samples) == 8 and all(n == SAMPLE_VALUES for _, n in samples)
+    assert samples[0][0] == 0 and samples[-1][0] + SAMPLE_VALUES == 10_000_000
+    assert compared_blocks(100, 4, 8) == [(0, 100)]  # smaller than the samples: all of it

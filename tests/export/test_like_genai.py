@@ -1,0 +1,246 @@
+"""merge --onnx-like on an onnxruntime-genai build: the builder's own names and layout
+(Wᵀ under MatMul names, q/k/v packed into one qkv_proj) mapped back onto the checkpoint.
+
+The claim: merging ADAPTER into the base's genai folder gives what the builder gives for the
+merged checkpoint (`merge` then `export genai`): initializers byte-identical, and the folder
+generates PEFT's unmerged tokens (verify --genai). The plain adapter changes q and v but not
+k, so the packed qkv initializers mix merged and untouched sources; all_linear touches every
+projection. Bad graphs are built by editing a copy of the base folder's graph.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from lora_deploy.cli import main
+from lora_deploy.export import like
+from lora_deploy.export.layouts import GENAI, OURS, Mapping, detect, resolve
+from lora_deploy.export.like import merge_onnx, read_initializers
+from lora_deploy.proof.genai import verify_genai
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def assert_nothing_written(out):
+    assert not out.exists()
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.fixture(scope="module")
+def folders(genai_folder):
+    """(base folder, base checkpoint, plain adapter, the builder's folder of the merged checkpoint)."""
+    base_folder, base, (plain,) = genai_folder("base")
+    merged_folder, _, _ = genai_folder("merged")
+    return base_folder, base, plain, merged_folder
+
+
+def test_folder_equals_a_genai_build_of_the_merged_checkpoint(folders, tmp_path):
+    base_folder, base, plain, fresh = folders
+    out = tmp_path / "merged-genai"
+    result = cli("merge", base, plain, "--onnx-like", base_folder, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["layout"] == "onnxruntime-genai model builder" and record["folder"] is True
+    assert record["merged"] == [f"model.layers.{i}.attn.qkv_proj.MatMul.weight" for i in (0, 1)]
+    assert record["unmapped"] == ["cos_cache", "sin_cache"]  # the rotary caches: computed, not weights
+
+    ours, theirs, before = (
+        initializers(out / "model.onnx"),
+        initializers(fresh / "model.onnx"),
+        initializers(base_folder / "model.onnx"),
+    )
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype and ours[name].tobytes() == theirs[name].tobytes(), name
+    assert sorted(n for n in ours if ours[n].tobytes() != before[n].tobytes()) == record["merged"]
+    # Same graph, same data layout: the files themselves are the builder's.
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    assert not (out / "genai-manifest.json").exists()  # it describes the base's build
+
+
+def test_merged_folder_generates_pefts_tokens(folders, reference, tmp_path):
+    base_folder, base, plain, _ = folders
+    _, all_linear = reference("llama", "all_linear")
+    for adapter in (plain, all_linear):
+        out = tmp_path / adapter.name
+        result = merge_onnx(base, adapter, base_folder, out)
+        assert result.folder and len(result.merged) == {plain: 2, all_linear: 10}[adapter]
+        report = verify_genai(base, adapter, out, 8)
+        assert report.equivalent, report.problem()
+
+
+def test_single_graph_from_the_folders_model_onnx(folders, tmp_path):
+    base_folder, base, plain, fresh = folders
+    out = tmp_path / "m.onnx"
+    result = cli("merge", base, plain, "--onnx-like", base_folder / "model.onnx", "-o", out, "--base-check", "full")
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime-genai model builder layout" in result.output
+    ours, theirs = initializers(out), initializers(fresh / "model.onnx")
+    assert all(ours[name].tobytes() == theirs[name].tobytes() for name in theirs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def copy_graph(folder, tmp_path, edit=None):
+    """A copy of the folder's model.onnx (weights inline) with `edit(model)` applied."""
+    model = onnx.load(str(folder / "model.onnx"))
+    if edit is not None:
+        edit(model)
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def init(model, name):
+    return next(i for i in model.graph.initializer if i.name == name)
+
+
+def quantize(model):  # what an int4 build has: MatMulNBits nodes
+    next(n for n in model.graph.node if n.op_type == "MatMul").op_type = "MatMulNBits"
+
+
+def rename_all(model):
+    for tensor in model.graph.initializer:
+        tensor.name = "x." + tensor.name
+
+
+def rename_qkv(model):
+    init(model, "model.layers.0.attn.qkv_proj.MatMul.weight").name = "model.layers.0.attn.qkv.MatMul.weight"
+
+
+def widen_qkv(model):
+    tensor = init(model, "model.layers.1.attn.qkv_proj.MatMul.weight")
+    values = numpy_helper.to_array(tensor)
+    tensor.CopyFrom(numpy_helper.from_array(np.concatenate([values, values[:, :8]], axis=1), tensor.name))
+
+
+def perturb_o_proj(model):  # transposed, and untouched by the adapter: still checked
+    tensor = init(model, "model.layers.0.attn.o_proj.MatMul.weight")
+    values = numpy_helper.to_array(tensor).copy()
+    values[3, 5] += np.float32(1e-3)
+    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+
+
+def bake_lora(model):  # what the builder writes with adapter_path
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.zeros((64, 8), np.float32), "model.layers.0.attn.q_proj.lora_A.MatMul.weight")
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (quantize, "a quantized graph (MatMulNBits nodes)"),
+        (rename_all, "no initializer name maps onto a tensor"),
+        (rename_qkv, "the adapter changes model.layers.0.self_attn.q_proj.weight, but no initializer"),
+        (widen_qkv, "has shape [64, 136] but"),
+        (perturb_o_proj, "initializer model.layers.0.attn.o_proj.MatMul.weight differs from"),
+        (bake_lora, "carries LoRA weights of its own"),
+    ],
+)
+def test_refuses_a_graph_that_is_not_the_bases(folders, tmp_path, edit, message):
+    base_folder, base, plain, _ = folders
+    graph = copy_graph(base_folder, tmp_path, edit)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "merged.onnx"
+    result = cli("merge", base, plain, "--onnx-like", graph, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert list(out.parent.iterdir()) == []
+
+
+def test_refused_folder_leaves_nothing(folders, tmp_path):
+    base_folder, base, plain, _ = folders
+    folder = tmp_path / "edited-folder"
+    shutil.copytree(base_folder, folder)
+    copy_graph(base_folder, tmp_path, widen_qkv).replace(folder / "model.onnx")
+    (folder / "model.onnx.data").unlink()  # the edited graph holds its weights
+    out = tmp_path / "out"
+    result = cli("merge", base, plain, "--onnx-like", folder, "-o", out)
+    assert result.exit_code == 2 and "has shape" in result.output, result.output
+    assert_nothing_written(out)
+    named_onnx = cli("merge", base, plain, "--onnx-like", base_folder, "-o", tmp_path / "x.onnx")
+    assert named_onnx.exit_code == 2 and "name a directory" in named_onnx.output
+    inside = cli("merge", base, plain, "--onnx-like", base_folder, "-o", base_folder / "sub", "--overwrite")
+    assert inside.exit_code == 2 and "must not be or contain an input" in inside.output
+    assert not (base_folder / "sub").exists()
+
+
+def test_output_folder_policy(folders, tmp_path):
+    base_folder, base, plain, _ = folders
+    out = tmp_path / "out"
+    assert cli("merge", base, plain, "--onnx-like", base_folder, "-o", out).exit_code == 0
+    again = cli("merge", base, plain, "--onnx-like", base_folder, "-o", out)
+    assert again.exit_code == 2 and "exists; pass --overwrite" in again.output
+    assert cli("merge", base, plain, "--onnx-like", base_folder, "-o", out, "--overwrite").exit_code == 0
+
+
+def test_sampled_check_tiles_full_check_every_value(folders, tmp_path, monkeypatch):
+    """A transposed tensor the adapter leaves alone is compared in tiles (sampled) or in full."""
+    monkeypatch.setattr(like, "SAMPLE_VALUES", 64)  # 8x8 tiles: the tiny model's tensors are sampled too
+    base_folder, base, plain, _ = folders
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copyfile(base_folder / name, tmp_path / name)
+    graph = tmp_path / "model.onnx"
+    data_file, inits = read_initializers(onnx.load(str(graph), load_external_data=False), graph)
+    target = inits["model.layers.0.mlp.down_proj.MatMul.weight"]  # [128, 64] = down_proj.weight [64, 128]ᵀ
+    rows, cols = 64, 128  # the checkpoint's
+    tiled = set()
+    for (r0, r1), (c0, c1) in like.transposed_windows(rows, cols, 4, like.SAMPLE_BLOCKS):
+        tiled.update((r, c) for r in range(r0, r1) for c in range(c0, c1))
+    r, c = next((r, c) for r in range(rows) for c in range(cols) if (r, c) not in tiled)
+    with open(data_file, "r+b") as f:  # the graph's [c, r] is the checkpoint's [r, c]
+        f.seek(target.offset + (c * rows + r) * 4)
+        value = np.frombuffer(f.read(4), np.float32) + np.float32(1.0)
+        f.seek(target.offset + (c * rows + r) * 4)
+        f.write(value.tobytes())
+    (tmp_path / "a").mkdir()
+    sampled = cli("merge", base, plain, "--onnx-like", graph, "-o", tmp_path / "a" / "m.onnx")
+    assert sampled.exit_code == 0, sampled.output  # one edited value between the tiles: not seen (documented)
+    (tmp_path / "b").mkdir()
+    full = cli("merge", base, plain, "--onnx-like", graph, "-o", tmp_path / "b" / "m.onnx", "--base-check", "full")
+    assert full.exit_code == 2 and "down_proj.MatMul.weight differs from" in full.output
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_layouts_map_names_both_ways():
+    ckpt = {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        *(f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"),
+        "model.layers.0.mlp.down_proj.weight",
+    }
+    builder = [
+        "model.embed_tokens.weight",
+        "model.layers.0.attn.qkv_proj.MatMul.weight",
+        "model.layers.0.attn.q_proj.MatMul.weight",  # unpacked (a build with an adapter)
+        "model.layers.0.mlp.down_proj.MatMul.weight",
+        "model.layers.1.final_norm_layernorm.weight",
+        "lm_head.MatMul.weight",  # tied: the checkpoint has no lm_head.weight
+        "cos_cache",
+    ]
+    found = detect(builder, ckpt)
+    assert found is not None and found.layout is GENAI and found.unmapped == ["cos_cache"]
+    qkv = found.mapped["model.layers.0.attn.qkv_proj.MatMul.weight"]
+    assert qkv.sources == tuple(f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv") and qkv.transpose
+    assert qkv.shape([(64, 64), (32, 64), (32, 64)]) == (64, 128)
+    assert found.mapped["lm_head.MatMul.weight"] == Mapping(("model.embed_tokens.weight",), True)
+    assert found.mapped["model.layers.1.final_norm_layernorm.weight"] == Mapping(("model.norm.weight",))
+    ours = detect(sorted(ckpt) + ["some.buffer"], ckpt)
+    assert ours is not None and ours.layout is OURS and ours.unmapped == ["some.buffer"]
+    assert detect(["x.y"], ckpt) is None
+    assert resolve(GENAI, ["model.layers.0.attn.qkv_proj.Add.bias"], ckpt.__contains__).unmapped  # no biases here
+    assert Mapping(("a", "b")).shape([(4, 3), (4, 2)]) is None  # cannot be concatenated
