@@ -1,0 +1,29 @@
+"""Pipeline fixtures: the tiny reference LLaMA and its adapters, and one step cache for the
+session, so the base model's ONNX export (the one slow step) runs once for every test."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def step_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeline-cache")
+
+
+@pytest.fixture
+def models(reference, tmp_path) -> tuple[Path, Path]:
+    """(base, adapters dir) with one adapter, `a1`, a copy this test may change."""
+    base, adapter = reference("llama")
+    adapters = tmp_path / "adapters"
+    shutil.copytree(adapter, adapters / "a1")
+    return base, adapters
+
+
+def write_pipeline(tmp_path: Path, text: str, **paths) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text.format(**{k: str(v) for k, v in paths.items()}))
+    return path
