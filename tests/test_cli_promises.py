@@ -30,8 +30,10 @@ def commands(tmp_path, missing):
             "--targets",
             "q_proj",
         ],
+        "export genai": ["export", "genai", missing, "-o", out / "genai"],
         "pack": ["pack", missing, "-o", out / "a.onnx_adapter"],
         "bench": ["bench", "--model", f"base={missing}", "--json", out / "b.json"],
+        "run": ["run", missing, "--out", out / "bundle"],
     }
 
 

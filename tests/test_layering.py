@@ -11,7 +11,7 @@ import lora_deploy
 
 ROOT = Path(lora_deploy.__file__).parent
 # Lowest first. Shared modules (errors, util, ...) sit below every stage.
-STAGES = ["io", "adapter", "merge", "modeling", "backends", "export", "proof", "bench", "examples", "cli"]
+STAGES = ["io", "adapter", "merge", "modeling", "backends", "export", "proof", "bench", "pipeline", "examples", "cli"]
 SHARED = {"__init__", "errors", "util", "arrays", "dtypes", "compare", "progress", "options"}
 
 

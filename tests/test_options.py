@@ -6,17 +6,21 @@ from dataclasses import fields
 import pytest
 
 from lora_deploy import options
+from lora_deploy.backends.onnxrt.lora_format import pack_adapter
 from lora_deploy.backends.trt.build import build_engine
 from lora_deploy.backends.trt.refit import refit_engine
 from lora_deploy.bench import run_bench
 from lora_deploy.cli import main
 from lora_deploy.export import export_checkpoint
+from lora_deploy.export.genai import export_genai
 from lora_deploy.merge import merge
 from lora_deploy.proof.verify import verify
 
 CASES = [
     (options.MergeOptions, ("merge",), merge),
     (options.ExportOptions, ("export", "onnx"), export_checkpoint),
+    (options.GenaiExportOptions, ("export", "genai"), export_genai),
+    (options.PackOptions, ("pack",), pack_adapter),
     (options.VerifyOptions, ("verify",), verify),
     (options.BenchOptions, ("bench",), run_bench),
     (options.TrtBuildOptions, ("build", "trt"), build_engine),
@@ -56,7 +60,14 @@ def test_records_are_frozen_and_hashable():
     with pytest.raises(AttributeError):
         merge_options.dtype = "float32"
     assert hash(merge_options) == hash(options.MergeOptions(dtype="float16"))
-    assert merge_options.kwargs() == {"dtype": "float16", "max_shard_size": "5GB", "overwrite": False, "durable": False}
+    assert merge_options.kwargs() == {
+        "dtype": "float16",
+        "max_shard_size": "5GB",
+        "overwrite": False,
+        "durable": False,
+        "sha256": False,
+        "rehash": False,
+    }
 
 
 def test_from_params_takes_only_its_fields():

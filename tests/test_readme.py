@@ -27,3 +27,16 @@ def test_the_layout_section_lists_every_stage_package():
     root = Path(__file__).parent.parent / "lora_deploy"
     for package in sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file()):
         assert f"{package}/" in layout, package
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run runs the command the README's Install section gives for the tests, as written."""
+    ci = (Path(__file__).parent.parent / ".ci" / "run").read_text().splitlines()
+    command = ci[ci.index("# --- README: test ---") + 1]
+    install = README[README.index("## Install") : README.index("### By hand")]
+    shown = [
+        line.split("#")[0].strip()
+        for block in re.findall(r"```bash\n(.*?)```", install, re.S)
+        for line in block.splitlines()
+    ]
+    assert command in shown, (command, shown)

@@ -27,6 +27,7 @@ import numpy as np
 from lora_deploy.adapter.plan import plan_merge
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.arrays import all_finite
+from lora_deploy.backends.onnxrt.gpu import GpuChoice
 from lora_deploy.compare import TOLERANCES, Comparison, OutputMatchError, Tolerance, compare, compare_array, tolerance
 from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
 from lora_deploy.errors import BadInputError, NotEquivalentError
@@ -39,6 +40,7 @@ from lora_deploy.proof.inputs import GENERATED, InputSet, load_golden_inputs
 SCHEMA = "lora-deploy.verify/1"
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 ONNX = "onnx (onnxruntime)"
+ENGINE = "engine (tensorrt)"
 
 # Output tolerances are lora_deploy.compare.TOLERANCES, by the loosest dtype involved: the
 # merged model is run in float32, so what differs from the reference is one rounding of
@@ -161,6 +163,7 @@ def verify(
     dynamic_path: str | os.PathLike | None = None,
     packed_path: str | os.PathLike | None = None,
     multi_path: str | os.PathLike | None = None,
+    engine_path: str | os.PathLike | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     batch: int = 2,
@@ -169,14 +172,37 @@ def verify(
     task: str = "auto",
     inputs_path: str | os.PathLike | None = None,
     allow_no_effect: bool = False,
+    device: str = "cpu",
+    provider: str | None = None,
+    trt_fp16: bool = False,
+    trt_cache: str | os.PathLike | None = None,
 ) -> VerifyReport:
-    """Run every check that the given artifacts allow; never raises on a mismatch."""
+    """Run every check that the given artifacts allow; never raises on a mismatch.
+
+    `engine_path`: a TensorRT engine (lora-deploy build trt), checked against the unmerged
+    reference and against ONNX Runtime on the ONNX its manifest names, with the tolerance
+    of the precision its manifest records. Needs TensorRT and a GPU: without them,
+    TensorRTUnavailable (exit 2) before any work.
+
+    `device` cuda runs the --onnx graph on ONNX Runtime's CUDA or TensorRT provider
+    (`provider`, `trt_fp16`, `trt_cache`: backends/onnxrt/gpu.py); where it really ran is
+    recorded in the report's inputs ("onnxruntime")."""
+    from lora_deploy.backends.onnxrt import gpu
+
+    choice = gpu.choose(device, provider, trt_fp16, trt_cache)
+    if choice.on_gpu and (onnx_path is None or dynamic_path is not None or multi_path is not None):
+        raise BadInputError("--device cuda runs the --onnx graph on a GPU: give --onnx (adapter graphs run on the CPU)")
+    gpu.require_providers(choice)  # without onnxruntime-gpu: one line, before any work
+    engine = engine_graphs(engine_path)  # first: without TensorRT, one line and nothing done
     config_path = Path(base_dir) / "config.json"
     config = read_config_dict(config_path)
     if config is not None:  # outputs will be computed: bound batch and seq first, not after an OOM kill
         check_input_size(batch, seq, config, what="verify --batch/--seq", copies=2, where=str(config_path))
     adapter = load_adapter(adapter_dir)
     graphs = Graphs(_path(onnx_path), _path(dynamic_path), _path(packed_path), _path(multi_path), Path(adapter_dir))
+    graphs.engine, graphs.engine_onnx, graphs.engine_manifest = engine
+    graphs.choice = choice
+    refuse_kv_cache_graphs(graphs.onnx, graphs.dynamic, graphs.multi)
     golden = _path(inputs_path)
     report = VerifyReport(
         inputs={
@@ -187,11 +213,15 @@ def verify(
             "dynamic": _str(dynamic_path),
             "packed": _str(packed_path),
             "multi": _str(multi_path),
+            "engine": _str(engine_path),
             "golden_inputs": _str(golden),
             "batch": batch,
             "seq": seq,
             "seed": seed,
             "allow_no_effect": allow_no_effect,
+            "device": device,
+            "provider": choice.provider,
+            "onnxruntime": graphs.placement,  # filled in when the --onnx session opens: where it ran
         }
     )
     dtypes = ["float32"]
@@ -200,10 +230,14 @@ def verify(
         dtypes.append(stored_dtype(merged_dir))
     if graphs.onnx is not None:
         dtypes.append(onnx_dtype(graphs.onnx))
+    if graphs.engine_manifest is not None:
+        from lora_deploy.backends.trt.manifest import engine_dtype
+
+        dtypes.append(engine_dtype(graphs.engine_manifest))  # the precision the engine was read back in
     dtype = loosest(dtypes)
     if not (Path(base_dir) / "config.json").is_file():
         # A plain torch module's checkpoint: no architecture to run, so weights are the proof.
-        if merged_dir is None or graphs.onnx or graphs.dynamic or graphs.multi or golden:
+        if merged_dir is None or graphs.onnx or graphs.dynamic or graphs.multi or graphs.engine or golden:
             raise BadInputError(f"{base_dir}: no config.json, so outputs cannot be computed; verify --merged only")
         report.checks.append(
             Check(
@@ -220,8 +254,19 @@ def verify(
         report.checks += checks
     roles = {"base": base_dir, "adapter": adapter_dir, "merged": merged_dir, "golden_inputs": golden}
     roles.update(onnx=graphs.onnx, dynamic=graphs.dynamic, packed=graphs.packed, multi=graphs.multi)
+    roles.update(engine=graphs.engine, engine_onnx=graphs.engine_onnx)
     report.artifacts = {role: artifact_hashes(path) for role, path in roles.items() if path is not None}
     return report
+
+
+def refuse_kv_cache_graphs(*paths: Path | None) -> None:
+    """A KV-cache graph takes the cache as inputs, which these output checks do not feed:
+    its check is `verify --generate N` (proof/generate.py)."""
+    from lora_deploy.backends.onnxrt.decode import has_kv_cache
+
+    for path in paths:
+        if path is not None and has_kv_cache(path):
+            raise BadInputError(f"{path}: a KV-cache graph (past_key_values.* inputs): check it with --generate N")
 
 
 def loosest(dtypes: list[str]) -> str:
@@ -251,6 +296,11 @@ class Graphs:
     packed: Path | None  # a .onnx_adapter for the dynamic graph; packed on the fly when None
     multi: Path | None
     adapter_dir: Path
+    engine: Path | None = None  # a TensorRT engine, with the ONNX it was built from and its manifest
+    engine_onnx: Path | None = None
+    engine_manifest: dict | None = None
+    choice: GpuChoice | None = None  # where the --onnx graph runs (ONNX Runtime's providers)
+    placement: dict = field(default_factory=dict)  # what its session really ran on
 
 
 def _str(path) -> str | None:
@@ -399,8 +449,8 @@ def check_outputs(
     from lora_deploy.modeling.samples import sample_inputs
     from lora_deploy.modeling.unmerged import attach
 
-    if merged_dir is None and not (graphs.onnx or graphs.dynamic or graphs.multi):
-        raise BadInputError("nothing to verify: give --merged, --onnx, --dynamic and/or --multi")
+    if merged_dir is None and not (graphs.onnx or graphs.dynamic or graphs.multi or graphs.engine):
+        raise BadInputError("nothing to verify: give --merged, --onnx, --dynamic, --multi and/or --engine")
     tol = tolerance(dtype, atol, rtol)
     model = wrap_checkpoint(base_dir, task, "float32")
     config = model.model.config
@@ -418,8 +468,16 @@ def check_outputs(
             for found, feed in zip(candidates, feeds):
                 found["merged (torch)"] = runner.infer(feed)
     if graphs.onnx is not None:
-        for found, outputs in zip(candidates, run_onnx_with_polygraphy(graphs.onnx, feeds)):
+        for found, outputs in zip(candidates, run_onnx_with_polygraphy(graphs.onnx, feeds, graphs)):
             found[ONNX] = outputs
+    engine_onnx: list[dict] = []  # ONNX Runtime on the engine's own ONNX, per input set
+    if graphs.engine is not None:
+        for found, outputs in zip(candidates, run_engine(graphs, feeds)):
+            found[ENGINE] = outputs
+        if graphs.engine_onnx == graphs.onnx:
+            engine_onnx = [found[ONNX] for found in candidates]
+        elif not engine_refitted(graphs):
+            engine_onnx = run_onnx_with_polygraphy(graphs.engine_onnx, feeds)
     not_computed: dict[str, None] = {}  # pack's notes: adapter modules the dynamic graph does not compute
     if graphs.dynamic is not None:
         for found, feed in zip(candidates, feeds):
@@ -432,7 +490,7 @@ def check_outputs(
         for found, feed in zip(candidates, feeds):
             found.update(multi_outputs(multi, graphs, feed))
     checks, effect = [], {}
-    for inputs, base_out, reference, found in zip(sets, base_outs, references, candidates):
+    for i, (inputs, base_out, reference, found) in enumerate(zip(sets, base_outs, references, candidates)):
         check = effect_check(base_out, reference, tol, inputs, allow_no_effect)
         checks.append(check)
         effect[inputs.label] = {
@@ -446,6 +504,9 @@ def check_outputs(
             checks += mixed_batch_checks(multi, inputs.feed, inputs.mask, tol, inputs.label)
         if graphs.onnx is not None:
             checks.append(polygraphy_check(reference, found[ONNX], tol, inputs.label))
+        if graphs.engine is not None:
+            checks.append(polygraphy_check(reference, found[ENGINE], tol, inputs.label, "engine"))
+            checks += engine_onnx_checks(graphs, found[ENGINE], engine_onnx[i] if engine_onnx else None, tol, inputs)
     # "skipped <module>: ..." -> a skipped check "outputs: dynamic graph, skipped <module>".
     checks += [Check(f"outputs: dynamic graph, {n.split(':')[0]}", SKIPPED, detail=n) for n in not_computed]
     return checks, effect
@@ -520,16 +581,85 @@ def quiet_polygraphy():
     return G_LOGGER
 
 
-def run_onnx_with_polygraphy(path: Path, feeds: list[dict]) -> list[dict]:
-    """The ONNX model in ONNX Runtime, through polygraphy's loader and runner, on each feed."""
+def engine_graphs(engine_path) -> tuple[Path | None, Path | None, dict | None]:
+    """(engine, the ONNX it was built from, its manifest) for --engine; (None, None, None)
+    without one. TensorRT and a GPU are checked first: without them TensorRTUnavailable,
+    one line, before anything is read."""
+    if engine_path is None:
+        return None, None, None
+    from lora_deploy.backends.trt import manifest, versions
+
+    versions.require_tensorrt()
+    engine = _path(engine_path)
+    assert engine is not None
+    document = manifest.read_manifest(engine)
+    return engine, manifest.engine_onnx(engine, document), document
+
+
+def run_engine(graphs: Graphs, feeds: list[dict]) -> list[dict]:
+    """The engine on each feed, through polygraphy's TrtRunner behind the runner contract;
+    shapes outside its optimization profiles are refused first, naming the profile."""
+    from lora_deploy.backends.trt.manifest import check_in_profiles
+    from lora_deploy.backends.trt.runner import TrtEngineRunner, fit_feed
+
+    assert graphs.engine is not None and graphs.engine_manifest is not None
+    for feed in feeds:
+        check_in_profiles(graphs.engine_manifest, feed)
+    quiet_polygraphy()
+    with TrtEngineRunner(graphs.engine, name="engine") as runner:
+        meta = runner.input_metadata()
+        return [runner.infer(fit_feed({k: v for k, v in feed.items() if k in meta}, meta)) for feed in feeds]
+
+
+def engine_refitted(graphs: Graphs) -> dict | None:
+    """The adapter a refit put into the engine after its build, or None."""
+    return ((graphs.engine_manifest or {}).get("refit") or {}).get("current_adapter")
+
+
+def engine_onnx_checks(graphs: Graphs, engine_out: dict, onnx_out: dict | None, tol: Tolerance, inputs) -> list[Check]:
+    """The engine against ONNX Runtime on the ONNX it was built from, output by output.
+    A refitted engine computes another model than that ONNX: skipped, with the reason."""
+    onnx_name = graphs.engine_onnx.name if graphs.engine_onnx else "?"
+    label = f"outputs [{inputs.label}]: {ENGINE} vs onnxruntime on {onnx_name}"
+    refitted = engine_refitted(graphs)
+    if onnx_out is None:
+        adapter = (refitted or {}).get("path", "an adapter")
+        return [
+            Check(
+                label,
+                SKIPPED,
+                detail=f"the engine was refitted to {adapter} after its build from {onnx_name}, so that ONNX no "
+                "longer computes what the engine does; the engine is checked against the unmerged reference",
+                inputs=inputs.label,
+            )
+        ]
+    return [
+        output_check(f"{label}: {result.name}", result, inputs.label)
+        for result in compare(engine_out, onnx_out, tol, inputs.mask).outputs
+    ]
+
+
+def run_onnx_with_polygraphy(path: Path, feeds: list[dict], graphs: Graphs | None = None) -> list[dict]:
+    """The ONNX model in ONNX Runtime, through polygraphy's loader and runner, on each feed:
+    on the CPU, or on the GPU provider `graphs.choice` names (where it ran goes into
+    `graphs.placement`)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    from lora_deploy.backends.onnxrt.loader import SessionFromOnnx, ort_errors
+    from lora_deploy.backends.onnxrt import gpu
+    from lora_deploy.backends.onnxrt.loader import ort_errors
+
+    choice = graphs.choice if graphs is not None and graphs.choice is not None else gpu.GpuChoice()
+
+    def load():
+        session, placement = gpu.open_session(choice, path)  # the one session loader, checked
+        if graphs is not None:
+            graphs.placement.update(placement)
+        return session
 
     quiet_polygraphy()
     try:
         # polygraphy's runner takes any session loader: ours, so every session is made one way.
-        with OnnxrtRunner(SessionFromOnnx(path)) as runner:
+        with OnnxrtRunner(load) as runner:
             return [dict(runner.infer(feed).items()) for feed in feeds]
     except ort_errors() as exc:
         raise BadInputError(
@@ -537,7 +667,9 @@ def run_onnx_with_polygraphy(path: Path, feeds: list[dict]) -> list[dict]:
         ) from None
 
 
-def polygraphy_check(reference: dict, outputs: dict, tol: Tolerance, inputs: str = GENERATED) -> Check:
+def polygraphy_check(
+    reference: dict, outputs: dict, tol: Tolerance, inputs: str = GENERATED, label: str = "onnx"
+) -> Check:
     """A second opinion from polygraphy's comparator, with polygraphy's own figures.
 
     Polygraphy compares elementwise at every position (padding included, which our checks
@@ -555,7 +687,7 @@ def polygraphy_check(reference: dict, outputs: dict, tol: Tolerance, inputs: str
     quiet_polygraphy()
     judge = SimpleCompareFunc(check_error_stat="elemwise", atol=tol.atol, rtol=tol.rtol)
     result = judge(
-        IterationResult({k: outputs[k] for k in reference if k in outputs}, runner_name="onnx"),
+        IterationResult({k: outputs[k] for k in reference if k in outputs}, runner_name=label),
         IterationResult(dict(reference), runner_name="unmerged"),
     )
     measured = [r for r in result.values() if isinstance(r, OutputCompareResult)]
@@ -567,7 +699,7 @@ def polygraphy_check(reference: dict, outputs: dict, tol: Tolerance, inputs: str
     problems += [f"{name}: missing" for name in reference if name not in outputs]
     passed = bool(result) and not problems
     return Check(
-        f"outputs [{inputs}]: polygraphy comparator, onnx vs unmerged",
+        f"outputs [{inputs}]: polygraphy comparator, {label} vs unmerged",
         outcome(passed),
         max_abs=max((r.max_absdiff for r in measured if r.max_absdiff is not None), default=None),
         max_rel=max((r.max_reldiff for r in measured if r.max_reldiff is not None), default=None),
