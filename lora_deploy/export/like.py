@@ -43,6 +43,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -62,7 +63,7 @@ from lora_deploy.export.genai import MANIFEST as GENAI_MANIFEST
 from lora_deploy.export.layouts import Layout, Mapping, detect
 from lora_deploy.io.checkpoint import DTYPES, Checkpoint, TensorInfo, pread_all
 from lora_deploy.io.staging import check_output, output_error, staging_dir, sync_path
-from lora_deploy.io.stream import write_at
+from lora_deploy.io.stream import copy_except, write_at
 from lora_deploy.merge.delta import merged_bias, merged_weight
 
 # Tensors are compared with the checkpoint this many bytes at a time.
@@ -249,11 +250,18 @@ def write_graph(
     """The merged graph at `path` (its data, if any, at `<path>.data`); returns the
     initializers rewritten."""
     data_out = None
-    if data_file is not None:
+    if data_file is None:
+        merged = write_merged(inits, ckpt, plan, changed, mapped, None)
+    else:
+        # The kernel copies every byte but the rewritten tensors' while they are computed
+        # (copy_file_range and numpy both release the GIL): about the time of the copy.
         data_out = path.with_name(f"{path.name}.data")
-        copy_data(data_file, data_out)
-    merged = write_merged(inits, ckpt, plan, changed, mapped, data_out)
-    if data_out is not None:
+        rewritten = [(inits[n].offset, inits[n].length) for n in rewritten_names(mapped, changed)]
+        copier = Worker(copy_except, data_file, data_out, [r for r in rewritten if r[0] is not None])
+        try:
+            merged = write_merged(inits, ckpt, plan, changed, mapped, data_out, wait=copier.started)
+        finally:
+            copier.join()
         relocate(inits, data_out.name)
     write_proto(model, path, data_out, durable)
     return merged
@@ -564,6 +572,35 @@ def copy_data(source: Path, dest: Path) -> None:
         raise OutputError(f"{dest}: cannot write ({exc.strerror or exc})") from exc
 
 
+class Worker(threading.Thread):
+    """fn(*args) in a thread; join() re-raises what it raised. `started` is set once the
+    thread runs (so a file it creates exists)."""
+
+    def __init__(self, fn, *args) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args, self.error = fn, args, None
+        self.started = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn(*self.args, on_open=self.started.set)
+        except BaseException as exc:  # handed to join()
+            self.error = exc
+        finally:
+            self.started.set()
+
+    def join(self, timeout=None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error
+
+
+def rewritten_names(mapped: dict[str, Mapping], changed: dict[str, str]) -> list[str]:
+    """The initializers write_merged rewrites: those a changed checkpoint tensor maps to."""
+    return [name for name, mapping in mapped.items() if any(key in changed for key in mapping.sources)]
+
+
 def write_merged(
     inits: dict[str, Initializer],
     ckpt: Checkpoint,
@@ -571,19 +608,19 @@ def write_merged(
     changed: dict[str, str],
     mapped: dict[str, Mapping],
     data_out: Path | None,
+    wait: threading.Event | None = None,
 ) -> list[str]:
     """Compute every initializer a changed tensor maps to, in the graph's dtype, and put it
     where the base's was; returns their names. A packed one is the transform of its merged
-    and untouched sources."""
+    and untouched sources. `wait`: set once `data_out` exists."""
     from onnx import numpy_helper
 
     bias_of = {t.bias_key: t for t in plan.targets.values() if t.bias_key}
-    fd = os.open(data_out, os.O_WRONLY) if data_out is not None else None
+    fd = None
     written = []
     try:
-        for name, mapping in mapped.items():
-            if not any(key in changed for key in mapping.sources):
-                continue
+        for name in rewritten_names(mapped, changed):
+            mapping = mapped[name]
             init = inits[name]
             parts = []
             for key in mapping.sources:
@@ -594,15 +631,26 @@ def write_merged(
                 else:
                     parts.append(converted(ckpt.read(key), init.dtype))
             values = np.ascontiguousarray(mapping.apply(parts))
+            written.append(name)
             if init.offset is None:
                 init.proto.CopyFrom(numpy_helper.from_array(values, name))
-            else:
-                write_at(fd, data_out, values.reshape(-1).view(np.uint8), init.offset)
-            written.append(name)
+                continue
+            if fd is None:
+                if wait is not None:
+                    wait.wait()
+                fd = open_output(data_out)
+            write_at(fd, data_out, values.reshape(-1).view(np.uint8), init.offset)
     finally:
         if fd is not None:
             os.close(fd)
     return written
+
+
+def open_output(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
 
 
 def merged_tensor(ckpt: Checkpoint, info: TensorInfo, plan: MergePlan, bias_of: dict, what: str) -> np.ndarray:

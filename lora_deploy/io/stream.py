@@ -549,3 +549,50 @@ def tensor_bytes(array: np.ndarray) -> memoryview:
     """Raw little-endian bytes of an array (bfloat16 and float8 included)."""
     flat = np.ascontiguousarray(array).reshape(-1)
     return memoryview(flat.view(np.uint8))
+
+
+def copy_except(source: Path, dest: Path, skip: list[tuple[int, int]], on_open: Callable | None = None) -> None:
+    """`dest` (created, `source`'s size) holding `source`'s bytes everywhere but the
+    (offset, length) ranges in `skip`, which the caller writes itself: in the kernel
+    (copy_file_range), or through a buffer where the file system refuses that.
+    `on_open()` is called once `dest` exists at its full size."""
+    size = source.stat().st_size
+    try:
+        fd_in = os.open(source, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"{source}: cannot read ({exc.strerror})") from None
+    try:
+        fd_out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        os.close(fd_in)
+        raise OutputError(f"{dest}: cannot write ({exc.strerror})") from None
+    try:
+        os.ftruncate(fd_out, size)
+        if on_open is not None:
+            on_open()
+        start = 0
+        for offset, length in sorted(skip) + [(size, 0)]:
+            if offset > start:
+                _copy_range(fd_in, fd_out, start, offset - start, source, dest)
+            start = max(start, offset + length)
+    except OSError as exc:
+        raise OutputError(f"{dest}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd_in)
+        os.close(fd_out)
+
+
+def _copy_range(fd_in: int, fd_out: int, offset: int, count: int, source: Path, dest: Path) -> None:
+    end = offset + count
+    while offset < end:
+        try:
+            done = os.copy_file_range(fd_in, fd_out, end - offset, offset, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            done = 0
+        if done == 0:  # refused, or nothing copied: through a buffer
+            block = pread_all(fd_in, min(end - offset, 16 << 20), offset, source)
+            write_at(fd_out, dest, memoryview(block), offset)
+            done = len(block)
+        offset += done
