@@ -191,6 +191,27 @@ def main(debug: bool) -> None:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
+def ort_gpu_options(command):
+    """ONNX Runtime on a GPU (bench and verify): which execution provider, and its options."""
+    options = [
+        click.option(
+            "--provider",
+            type=click.Choice(["cuda", "tensorrt"]),
+            help="onnxruntime on --device cuda: the CUDA or TensorRT execution provider (needs onnxruntime-gpu)."
+            "  [default: cuda]",
+        ),
+        click.option("--trt-fp16", is_flag=True, help="--provider tensorrt: let ONNX Runtime's TensorRT build fp16."),
+        click.option(
+            "--trt-cache",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="--provider tensorrt: directory for its engine and timing caches.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("inspect")
 @click.argument("adapter", type=directory)
 @click.option("--base", type=directory, help="Base checkpoint: resolve targets and report the trainable fraction.")
@@ -370,17 +391,7 @@ MERGE_ONNX_SCHEMA = "lora-deploy.merge-onnx/1"
     show_default=True,
     help="Where ONNX Runtime runs --onnx (cuda: needs onnxruntime-gpu and an NVIDIA GPU).",
 )
-@click.option(
-    "--provider",
-    type=click.Choice(["cuda", "tensorrt"]),
-    help="--device cuda: ONNX Runtime's CUDA or TensorRT execution provider.  [default: cuda]",
-)
-@click.option("--trt-fp16", is_flag=True, help="--provider tensorrt: let ONNX Runtime's TensorRT build fp16 engines.")
-@click.option(
-    "--trt-cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="--provider tensorrt: directory for its engine and timing caches.",
-)
+@ort_gpu_options
 @click.option("--atol", type=float, help="Absolute output tolerance (default by dtype).")
 @click.option("--rtol", type=float, help="Relative output tolerance (default by dtype).")
 @click.option("--batch", type=int, default=2, show_default=True)
@@ -556,7 +567,15 @@ def export() -> None:
     "--stream-weights",
     is_flag=True,
     help="Trace without the weights and stream them from the checkpoint into OUT.data (memory: about one "
-    "tensor); the ONNX Runtime check runs when the model fits in memory.",
+    "tensor); the ONNX Runtime check runs as --parity says.",
+)
+@click.option(
+    "--parity",
+    type=click.Choice(["auto", "full", "proxy", "skip"]),
+    default="auto",
+    show_default=True,
+    help="--stream-weights: ONNX Runtime vs torch on the real model (full), on a 1-layer proxy of its config "
+    "(proxy), or none; auto: full when it fits 1 GB, else proxy.",
 )
 @click.option(
     "--dynamic-adapters",
@@ -593,6 +612,7 @@ def export_onnx(
     opset,
     dtype,
     stream_weights,
+    parity,
     dynamic_adapters,
     multi_adapter,
     adapters,
@@ -631,7 +651,9 @@ def export_onnx(
         emit_json(stamped(EXPORT_SCHEMA, asdict(result), {"model": model, "onnx": result.path}))
     else:
         error = "-" if result.max_abs_error is None else f"{result.max_abs_error:.2e}"
-        check = f"ONNX Runtime vs torch max abs error {error}" if result.parity == "checked" else result.parity
+        check = f"ONNX Runtime vs torch max abs error {error}"
+        if result.parity != "checked":
+            check = f"{result.parity}: {check}" if result.parity.startswith("checked") else result.parity
         click.echo(
             f"exported {result.task} model to {result.path} (opset {result.opset}, {result.dtype}: "
             f"{result.dtype_source}; weights {result.weights}); {check}"
@@ -785,17 +807,7 @@ def demo(out: Path, family: str, variant: str) -> None:
 )
 @click.option("--max-time", help="Time budget of --until-width, e.g. 120s or 5min.  [default: 120s]")
 @click.option("--cuda-graphs", is_flag=True, help="torch on cuda: replay each shape's forward from a CUDA graph.")
-@click.option(
-    "--provider",
-    type=click.Choice(["cuda", "tensorrt"]),
-    help="onnxruntime on cuda: the CUDA or TensorRT execution provider (needs onnxruntime-gpu).  [default: cuda]",
-)
-@click.option("--trt-fp16", is_flag=True, help="--provider tensorrt: let ONNX Runtime's TensorRT build fp16 engines.")
-@click.option(
-    "--trt-cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="--provider tensorrt: directory for its engine and timing caches.",
-)
+@ort_gpu_options
 @click.option("--json", "json_path", type=a_file, help="Write the JSON report (schema lora-deploy.bench/2).")
 @click.option("--markdown", "markdown_path", type=a_file, help="Write a Markdown summary.")
 @click.option("--plot", "plot_path", type=a_file, help="Write a PNG plot of p50 latency.")

@@ -52,6 +52,7 @@ class ExportOptions(StageOptions):
     dtype: str = "float32"  # auto: follow the checkpoint (float16 -> float16; bfloat16 -> float32)
     overwrite: bool = False  # replace an existing output file
     stream_weights: bool = False  # trace without weights, stream initializers from the checkpoint
+    parity: str = "auto"  # stream_weights: ORT check on the real model or a 1-layer proxy (auto/full/proxy/skip)
 
 
 @dataclass(frozen=True)

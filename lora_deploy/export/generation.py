@@ -104,6 +104,7 @@ def export_generation(
     dtype: str = "float32",
     overwrite: bool = False,
     stream_weights: bool = False,
+    parity: str = "auto",
 ) -> ExportResult:
     """Export a decoder checkpoint with its key/value cache as inputs and outputs, checked
     in ONNX Runtime against torch at a cached step, a prefill and a decode step.
@@ -114,7 +115,7 @@ def export_generation(
     path = Path(path)
     if task != TEXT_GENERATION_WITH_PAST:
         raise BadInputError(f"export_generation exports task {TEXT_GENERATION_WITH_PAST}, not {task!r}")
-    if stream_weights:
+    if stream_weights or parity != "auto":
         raise BadInputError(f"--stream-weights is not supported for --task {TEXT_GENERATION_WITH_PAST} yet")
     onnx_graph.check_output(path, [model_dir], overwrite)
     dtype, dtype_source = resolve_dtype(model_dir, dtype)

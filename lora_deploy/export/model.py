@@ -112,6 +112,7 @@ def export_checkpoint(
     optimize: bool = False,
     overwrite: bool = False,
     stream_weights: bool = False,
+    parity: str = "auto",
 ) -> ExportResult:
     """Export a Hugging Face checkpoint directory to one checked ONNX file.
 
@@ -128,14 +129,20 @@ def export_checkpoint(
     ONNX Runtime's CPU kernels lack); the result says which and why. ``stream_weights``
     traces the model without its weights and streams them from the checkpoint into
     ``<name>.data`` (export/streamed.py): memory is about one tensor, and the parity
-    check runs only when the model fits twice in half the available memory.
+    check runs on the real model when it fits a memory budget, else on a one-layer proxy
+    of its config (``parity``: auto, full, proxy or skip; without streaming the loaded
+    model is always checked).
     """
     onnx_graph.check_output(Path(path), [model_dir], overwrite)
     dtype, dtype_source = resolve_dtype(model_dir, dtype)
     torch_dtype = parse_dtype(dtype)
     if stream_weights:
-        result = _export_streamed(model_dir, Path(path), task, opset, torch_dtype, batch, seq, optimize, overwrite)
+        result = _export_streamed(
+            model_dir, Path(path), task, opset, torch_dtype, batch, seq, optimize, overwrite, parity
+        )
         return replace(result, dtype_source=dtype_source)
+    if parity != "auto":
+        raise BadInputError("parity applies to stream_weights exports (a loaded model is always checked)")
     wrapper = wrap_checkpoint(model_dir, task, torch_dtype)
     feed = sample_inputs(wrapper.model.config, batch=batch, seq=seq)
     example = {name: torch.from_numpy(array) for name, array in feed.items()}
@@ -189,7 +196,9 @@ def resolve_dtype(model_dir: str | os.PathLike, dtype: str) -> tuple[str, str]:
     return "float32", f"auto: the checkpoint is {BY_SAFETENSORS[stored].name}"
 
 
-def _export_streamed(model_dir, path: Path, task, opset, torch_dtype, batch, seq, optimize, overwrite) -> ExportResult:
+def _export_streamed(
+    model_dir, path: Path, task, opset, torch_dtype, batch, seq, optimize, overwrite, parity_mode="auto"
+) -> ExportResult:
     """export_checkpoint(stream_weights=True): see export/streamed.py."""
     from lora_deploy.export.streamed import export_streamed
     from lora_deploy.modeling.tasks import load_config
@@ -207,6 +216,9 @@ def _export_streamed(model_dir, path: Path, task, opset, torch_dtype, batch, seq
         outputs = _ort_outputs(tmp_path, {name: feed[name] for name in example}, output_names)
         return _compare(output_names, reference, outputs, None, None)
 
+    def proxy() -> tuple[float | None, str]:
+        return _proxy_parity(model_dir, task, opset, torch_dtype, batch, seq)
+
     wrapper, max_err, opset_used, status = export_streamed(
         Path(model_dir),
         path,
@@ -216,8 +228,32 @@ def _export_streamed(model_dir, path: Path, task, opset, torch_dtype, batch, seq
         feed=feed,
         parity=parity,
         overwrite=overwrite,
+        proxy=proxy,
+        parity_mode=parity_mode,
     )
     return export_result(path, wrapper, max_err, torch_dtype, opset_used, weights="streamed", parity=status)
+
+
+def _proxy_parity(model_dir, task, opset, torch_dtype, batch, seq) -> tuple[float | None, str]:
+    """The parity check on a one-layer proxy of the checkpoint's config (random weights),
+    exported through the same streamed path: (max abs error, status)."""
+    import tempfile
+
+    import transformers
+
+    from lora_deploy.export.streamed import proxy_config
+    from lora_deploy.modeling.tasks import AUTO_CLASS, load_config, resolve_task
+
+    config = load_config(model_dir)
+    proxy = proxy_config(config)
+    auto_class = getattr(transformers, AUTO_CLASS[resolve_task(task, config)])
+    with tempfile.TemporaryDirectory(prefix="lora-deploy-proxy-") as tmp:
+        torch.manual_seed(0)
+        auto_class.from_config(proxy, dtype=torch_dtype).save_pretrained(tmp)
+        out = Path(tmp) / "proxy.onnx"
+        result = _export_streamed(tmp, out, task, opset, torch_dtype, batch, seq, False, False, "full")
+    layers = proxy.num_hidden_layers
+    return result.max_abs_error, f"checked on a {layers}-layer proxy of the config, vocab {proxy.vocab_size}"
 
 
 def export_module(

@@ -10,6 +10,8 @@ import pytest
 from onnx import numpy_helper
 from safetensors.numpy import load_file
 
+from lora_deploy.compare import TOLERANCES
+from lora_deploy.errors import BadInputError
 from lora_deploy.export import streamed
 from lora_deploy.export.model import export_checkpoint, resolve_dtype
 from lora_deploy.modeling.samples import sample_inputs
@@ -42,11 +44,34 @@ def test_streamed_export_keeps_the_checkpoint_and_passes_parity(exported):
     assert logits.shape == (3, 7, 256) and np.isfinite(logits).all()
 
 
-def test_parity_is_skipped_when_the_model_does_not_fit(monkeypatch):
+def test_parity_runs_on_the_model_when_it_fits_else_on_a_proxy(monkeypatch):
     monkeypatch.setattr(streamed, "memory_available", lambda: 10**9)
-    fits, status = streamed.parity_fits(2 * 10**9)
-    assert not fits and status.startswith("skipped: needs ~4.0 GB")
-    assert streamed.parity_fits(10**6) == (True, "checked")
+    where, why = streamed.parity_plan(2 * 10**9)
+    assert where == "proxy" and why.startswith("the model itself would need ~4.0 GB")
+    assert streamed.parity_plan(10**6) == ("full", "checked")
+    monkeypatch.setattr(streamed, "memory_available", lambda: 10**12)  # a big machine: the budget decides
+    assert streamed.parity_plan(streamed.PARITY_BUDGET)[0] == "proxy"
+    assert streamed.parity_plan(10**12, "full")[0] == "full" and streamed.parity_plan(1, "skip")[0] == "skip"
+    with pytest.raises(BadInputError, match="parity must be one of"):
+        streamed.parity_plan(1, "sometimes")
+
+
+def test_proxy_parity_exports_a_one_layer_copy_of_the_config_and_checks_it(reference, tmp_path, monkeypatch):
+    base, _ = reference("llama", "plain", dtype="float16")
+    monkeypatch.setattr(streamed, "PARITY_BUDGET", 1)  # as for a model too big to check itself
+    result = export_checkpoint(base, tmp_path / "m.onnx", dtype="auto", stream_weights=True)
+    assert result.parity.startswith("checked on a 1-layer proxy of the config") and "would need" in result.parity
+    assert result.max_abs_error is not None and result.max_abs_error < TOLERANCES["float16"].atol
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # the proxy left nothing
+
+
+def test_proxy_config_keeps_the_architecture_and_a_vocabulary_its_token_ids_need():
+    from transformers import GPT2Config, LlamaConfig
+
+    llama = streamed.proxy_config(LlamaConfig(num_hidden_layers=4, vocab_size=32000, bos_token_id=1, eos_token_id=2))
+    assert (llama.num_hidden_layers, llama.vocab_size, llama.hidden_size) == (1, 512, 4096)
+    gpt2 = streamed.proxy_config(GPT2Config(n_layer=12))  # eos 50256: the vocabulary stays
+    assert (gpt2.n_layer, gpt2.vocab_size) == (1, 50257)
 
 
 @pytest.mark.parametrize("stored, expected", [("float32", "float32"), ("float16", "float16"), ("bfloat16", "float32")])
