@@ -38,7 +38,17 @@ import numpy as np
 from lora_deploy.backends.generation import Generation, Generator, check_prompts, left_pad
 from lora_deploy.compare import Tolerance, compare_array, tolerance
 from lora_deploy.errors import BadInputError
-from lora_deploy.proof.verify import FAILED, PASSED, Check, VerifyReport, figure, loosest, onnx_dtype, outcome
+from lora_deploy.proof.verify import (
+    FAILED,
+    NO_EFFECT,
+    Check,
+    VerifyReport,
+    effect_result,
+    figure,
+    loosest,
+    onnx_dtype,
+    outcome,
+)
 
 __all__ = [
     "Generation",
@@ -308,7 +318,7 @@ def generation_report(
         report.effect[label] = {
             "tokens_changed": None if effect.top1 is None else 1.0 - effect.top1,
             "max_abs": effect.max_abs,
-            "no_effect": effect.detail.startswith("no effect"),
+            "no_effect": effect.detail.startswith(NO_EFFECT),
         }
         for candidate in candidates:
             got = candidate.generate(group, n_new)
@@ -330,27 +340,13 @@ def effect_on_generation(
     same = compare_generation("effect", base, want, dtype, atol=tol.atol, rtol=tol.rtol)
     changed = 1.0 - same.top1 if same.top1 is not None else None
     shown = f"tokens changed at {100 * changed:.1f}% of steps, max |delta logit| {figure(same.max_abs)}"
-    if same.failed:
-        status, detail = PASSED, f"the adapter changes the generation: {shown}"
-    else:
-        detail = (
-            f"no effect: base + adapter generates what the base generates on the {label} (within tolerance: {shown}), "
-            "so the generation checks cannot tell the adapter from its absence"
-        )
-        status = PASSED if allow else FAILED
-        detail += " (allowed by --allow-no-effect)" if allow else "; pass --allow-no-effect if that is intended"
-    return Check(
-        f"effect [{label}]: generation, base + adapter vs base",
-        status,
-        max_abs=same.max_abs,
-        max_rel=same.max_rel,
-        cosine=same.cosine,
-        top1=same.top1,
-        atol=tol.atol,
-        rtol=tol.rtol,
-        detail=detail,
-        inputs=label,
+    no_effect = (
+        f"base + adapter generates what the base generates on the {label} (within tolerance: {shown}), "
+        "so the generation checks cannot tell the adapter from its absence"
     )
+    changes = f"the adapter changes the generation: {shown}" if same.failed else None
+    name = f"effect [{label}]: generation, base + adapter vs base"
+    return effect_result(name, same, tol, label, changes, no_effect, allow)
 
 
 # ---------------------------------------------------------------- verify --generate

@@ -546,20 +546,32 @@ def effect_check(base_out: dict, reference: dict, tol: Tolerance, inputs: InputS
     shown = f"max |delta| {figure(delta.max_abs)} vs the base"
     if changed is not None:
         shown += f", top-1 changed at {100 * changed:.1f}% of positions"
-    if not delta.passed:
-        status, detail = PASSED, f"the adapter changes the outputs: {shown}"
+    no_effect = (
+        f"base + adapter is within the comparison tolerance of the base on the {inputs.label} "
+        f"inputs ({shown}; atol {tol.atol:g}, rtol {tol.rtol:g}), so the output checks cannot tell the "
+        "adapter from its absence"
+    )
+    changes = None if delta.passed else f"the adapter changes the outputs: {shown}"
+    name = f"effect [{inputs.label}]: base + adapter vs base"
+    return effect_result(name, delta, tol, inputs.label, changes, no_effect, allow_no_effect)
+
+
+def effect_result(
+    name: str, delta, tol: Tolerance, label: str, changes: str | None, no_effect: str, allow_no_effect: bool
+) -> Check:
+    """The effect check from its figures (`delta`: max_abs, max_rel, cosine, top1 of base +
+    adapter against the base): passed when the adapter changes what is checked (`changes`
+    says how), else failed unless allowed (`no_effect` says why that makes the checks vacuous)."""
+    if changes is not None:
+        status, detail = PASSED, changes
     else:
-        detail = (
-            f"{NO_EFFECT}: base + adapter is within the comparison tolerance of the base on the {inputs.label} "
-            f"inputs ({shown}; atol {tol.atol:g}, rtol {tol.rtol:g}), so the output checks cannot tell the "
-            "adapter from its absence"
-        )
+        detail = f"{NO_EFFECT}: {no_effect}"
         if allow_no_effect:
             status, detail = PASSED, f"{detail} (allowed by --allow-no-effect)"
         else:
             status, detail = FAILED, f"{detail}; pass --allow-no-effect if that is intended"
     return Check(
-        f"effect [{inputs.label}]: base + adapter vs base",
+        name,
         status,
         max_abs=delta.max_abs,
         max_rel=delta.max_rel,
@@ -568,7 +580,7 @@ def effect_check(base_out: dict, reference: dict, tol: Tolerance, inputs: InputS
         atol=tol.atol,
         rtol=tol.rtol,
         detail=detail,
-        inputs=inputs.label,
+        inputs=label,
     )
 
 
