@@ -545,16 +545,7 @@ def finish_graph(
 
     g = ir_model.graph
     names = list(graph.inputs) + list(extra_names) + list(lora_names)
-    outputs = graph.outputs
-    if len(g.inputs) != len(names) or len(g.outputs) != len(outputs):
-        raise ExportError(
-            f"exported graph has {len(g.inputs)} inputs / {len(g.outputs)} outputs, "
-            f"expected {len(names)} / {len(outputs)}"
-        )
-    for value, name in zip(g.inputs, names):
-        value.name = name
-    for value, name in zip(g.outputs, outputs):
-        value.name = name
+    onnx_graph.name_values(g, names, graph.outputs)
     onnx_graph.strip_prefix(g, LoraExport.PREFIX)
     onnx_graph.rename_tied(g, model)
     lora_values = g.inputs[len(names) - len(lora_names) :]

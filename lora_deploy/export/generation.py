@@ -134,7 +134,7 @@ def export_generation(
         opset=opset,
     )
     ir_model = program.model
-    name_values(ir_model.graph, layout.input_names, layout.output_names)
+    onnx_graph.name_values(ir_model.graph, layout.input_names, layout.output_names)
     onnx_graph.rename_tied(ir_model.graph, wrapper)
     onnx_graph.strip_prefix(ir_model.graph, KvCacheWrapper.PARAM_PREFIX)
     ir_model.metadata_props[METADATA_KEY] = json.dumps({"format": "kv-cache", "kv_cache": layout.to_dict()})
@@ -170,19 +170,6 @@ def export_generation(
         opset=opset_used,
         dtype_source=dtype_source,
     )
-
-
-def name_values(graph, input_names: Sequence[str], output_names: Sequence[str]) -> None:
-    """The graph's inputs and outputs named exactly, in order (the exporter numbers list arguments)."""
-    if len(graph.inputs) != len(input_names) or len(graph.outputs) != len(output_names):
-        raise ExportError(
-            f"exported graph has {len(graph.inputs)} inputs / {len(graph.outputs)} outputs, "
-            f"expected {len(input_names)} / {len(output_names)}"
-        )
-    for value, name in zip(graph.inputs, input_names):
-        value.name = name
-    for value, name in zip(graph.outputs, output_names):
-        value.name = name
 
 
 def compare_real(name: str, got: np.ndarray, want: np.ndarray, mask: np.ndarray, dtype: str) -> Comparison:

@@ -216,3 +216,16 @@ def move_into_place(tmp_path: Path, path: Path, external: bool, overwrite: bool 
         raise
     if overwrite and not external and final_data.exists():
         final_data.unlink()  # left over from an earlier large export to this path
+
+
+def name_values(graph, input_names: Sequence[str], output_names: Sequence[str]) -> None:
+    """The graph's inputs and outputs named exactly, in order (the exporter numbers list arguments)."""
+    if len(graph.inputs) != len(input_names) or len(graph.outputs) != len(output_names):
+        raise ExportError(
+            f"exported graph has {len(graph.inputs)} inputs / {len(graph.outputs)} outputs, "
+            f"expected {len(input_names)} / {len(output_names)}"
+        )
+    for value, name in zip(graph.inputs, input_names):
+        value.name = name
+    for value, name in zip(graph.outputs, output_names):
+        value.name = name
