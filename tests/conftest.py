@@ -153,3 +153,15 @@ def genai_folder(reference, tmp_path_factory):
         return folders[kind]
 
     return get
+
+
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt in this test. A process started in the background by a
+    non-interactive shell (`cmd &`, as some CI runners do) inherits SIGINT ignored, and Python
+    then installs no handler: a real Ctrl-C would do nothing."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -198,7 +198,7 @@ def test_sigterm_while_blocks_run_on_the_pool(small, tmp_path):
     assert not out.exists() and not hidden_siblings(out)
 
 
-def test_a_signal_during_the_swap_waits_for_it(old_output, monkeypatch):
+def test_a_signal_during_the_swap_waits_for_it(old_output, monkeypatch, ctrl_c):
     """Ctrl-C between swapping the old output out and the new one in would lose both."""
     target = old_output
     real = os.replace

@@ -69,7 +69,7 @@ def test_the_callers_numpy_error_state_holds_in_blocks():
         for_each_block(work, range(8))
 
 
-def test_an_interrupt_skips_the_blocks_still_queued():
+def test_an_interrupt_skips_the_blocks_still_queued(ctrl_c):
     ran = []
 
     def work(i):
