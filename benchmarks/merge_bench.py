@@ -10,6 +10,8 @@ times, interleaved round by round (--modes picks which):
   ours-rehash - `lora-deploy merge --rehash`: every input hashed again, as for a base
            merged for the first time
   ours-sha256 - `lora-deploy merge --rehash --sha256`: SHA-256 recorded beside BLAKE3
+  ours-nf4, ours-nf4-dq - `lora-deploy merge --onto nf4 [--double-quant]`: every Linear weight
+           merged onto / written as bitsandbytes' dequantized NF4 (merge/quant.py)
   before - the merge of another source tree (--before DIR, e.g. `git archive` of an
            older commit), run the same way: the comparison a change is judged by
   copy-fsync, ours-fsync - the same, made durable (fsync; `lora-deploy merge --fsync`)
@@ -53,7 +55,8 @@ mode, base, adapter, out = sys.argv[1:5]
 t = time.perf_counter()
 if mode.startswith("ours") or mode == "before":
     from lora_deploy.cli import main
-    extra = {"ours-fsync": ["--fsync"], "ours-rehash": ["--rehash"], "ours-sha256": ["--rehash", "--sha256"]}
+    extra = {"ours-fsync": ["--fsync"], "ours-rehash": ["--rehash"], "ours-sha256": ["--rehash", "--sha256"],
+             "ours-nf4": ["--onto", "nf4"], "ours-nf4-dq": ["--onto", "nf4", "--double-quant"]}
     extra = extra.get(mode, [])
     try:
         main(["merge", base, adapter, "-o", out, "--max-shard-size", "500MB"] + extra, standalone_mode=False)

@@ -10,6 +10,7 @@ import numpy as np
 from lora_deploy.adapter.plan import plan_merge
 from lora_deploy.adapter.read import load_adapter
 from lora_deploy.io.checkpoint import Checkpoint
+from lora_deploy.io.quant import planning_view, training_quantization_hint
 
 
 def describe_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict:
@@ -46,9 +47,11 @@ def describe_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike
         "replaced_tensors": sorted(adapter.replacements),
         "trainable_parameters": adapter.num_parameters(),
     }
+    base_config = None
     if base_dir is not None:
         with Checkpoint(base_dir) as base:
-            plan = plan_merge(adapter, base)
+            base_config = base.config
+            plan = plan_merge(adapter, planning_view(base))  # an FP8 base planned as float
             base_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in base.tensors.values())
         kinds = {t.module.name: (key, t.kind) for key, t in plan.targets.items()}
         for m in info["modules"]:
@@ -57,4 +60,6 @@ def describe_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike
         info["base_parameters"] = base_params
         info["trainable_fraction"] = adapter.num_parameters() / base_params
         info["untied"] = plan.untie
+    # QLoRA: trained against dequantized weights (merge --onto); None when nothing suggests it
+    info["quantized_base_hint"] = training_quantization_hint(adapter_dir, cfg.raw, base_config)
     return info

@@ -1,0 +1,356 @@
+"""What a bitsandbytes-quantized layer holds: dequant(quant(W)), computed as bitsandbytes
+computes it, in numpy, without bitsandbytes.
+
+QLoRA trains its adapter against the dequantized 4-bit (NF4/FP4) or LLM.int8 weights, not
+against W. `fake_quant` returns exactly those values (float32), so a merge can add the
+adapter's update to what training saw. The arithmetic follows bitsandbytes 0.50's CPU
+path step by step (tests/merge/test_bnb.py compares every value, bit for bit):
+
+* 4-bit: blocks of `blocksize` consecutive values (the weight flattened, row-major);
+  absmax per block; x * (1/absmax), the last, partial block divided by absmax instead;
+  the index is the number of midpoints between adjacent code values below that (what
+  torch.bucketize does); dequantized = code[index] * absmax, in float32. The index is
+  looked up rather than counted (`index_table`: one gather instead of 15 comparisons),
+  and each block's 16 possible values are rounded to the output dtype once, then
+  gathered (`fake_quant`).
+* double quantization (bnb_4bit_use_double_quant): the absmax values minus their mean,
+  quantized in blocks of 256 with bitsandbytes' 8-bit dynamic map (nearest code, a tie to
+  the lower one), dequantized and the mean added back. The mean is torch's float32 mean,
+  as bitsandbytes takes it; its last bit depends on the reduction order, so this one
+  value is computed by torch (imported for --double-quant only).
+* LLM.int8 (Int8Params): the weight cast to float16, absmax per row, round(x * (127 /
+  absmax)) to int8, dequantized as q * absmax * (1/127) in float32.
+
+bitsandbytes on a GPU takes the same steps; where CUDA rounds a mean or a division
+differently, its values can differ from these in the last bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from lora_deploy.arrays import round_to_float16, widen_float16
+from lora_deploy.errors import BadInputError
+from lora_deploy.merge.blocks import for_each_block
+
+# bitsandbytes' get_4bit_type values (the NF4 quantiles; FP4 as 1 sign, 2 exponent, 1
+# mantissa bit, scaled by its largest value).
+NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+FP4_VALUES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+ONTO_TYPES = ("nf4", "fp4", "int8")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
+NESTED_BLOCKSIZE = 256  # double quantization: blocks of absmax values
+GRID_POINTS, GRID_SCALE = 65536, 32767.5  # bitsandbytes' CPU 8-bit quantizer: its lookup grid over [-1, 1]
+INT8_RECIPROCAL = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127 for int8 dequantization
+# Values per block of work: a float32 chunk of 1 MB stays in cache through its passes.
+CHUNK_ELEMENTS = 256 * 1024
+# 4-bit values per block of work (fewer, larger blocks cost the thread pool less), at most
+# CHUNK_BLOCKS blocks: a chunk's blocks times 16 code values fit the 16 bits index_table
+# leaves them.
+CHUNK_4BIT, CHUNK_BLOCKS = 256 * 1024, 1 << 12
+KEY_SHIFT = np.uint32(16)  # index_table's key: the top 16 bits of order_bits(scaled)
+
+
+@dataclass(frozen=True)
+class BnbSpec:
+    """How training quantized the base: `--onto`, `--blocksize`, `--double-quant`."""
+
+    quant_type: str  # nf4 | fp4 | int8
+    blocksize: int = 64
+    double_quant: bool = False
+
+    def __post_init__(self):
+        if self.quant_type not in ONTO_TYPES:
+            raise BadInputError(f"unknown --onto {self.quant_type!r} (choose {', '.join(ONTO_TYPES)})")
+        if self.quant_type != "int8" and self.blocksize not in BLOCKSIZES:
+            choices = ", ".join(map(str, BLOCKSIZES))
+            raise BadInputError(f"--blocksize {self.blocksize} is not one bitsandbytes accepts ({choices})")
+
+    def describe(self) -> str:
+        if self.quant_type == "int8":
+            return "int8 (LLM.int8, row-wise absmax)"
+        return f"{self.quant_type}, blocksize {self.blocksize}" + (", double quant" if self.double_quant else "")
+
+
+def code4(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """(code values sorted, midpoints between neighbours), float32, as bitsandbytes builds them."""
+    raw = np.array(NF4_VALUES if quant_type == "nf4" else FP4_VALUES, dtype=np.float32)
+    code = np.sort(raw / np.abs(raw).max())  # get_4bit_type divides by the largest magnitude
+    return code, (code[:-1] + code[1:]) / np.float32(2)
+
+
+def order_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values as uint32 patterns that order like the values when read as int32:
+    a negative value's bits but the sign flipped (-0.0 lands just below +0.0)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return bits ^ ((bits >> np.uint32(31)) * np.uint32(0x7FFFFFFF))
+
+
+@functools.cache
+def index_table(quant_type: str) -> np.ndarray:
+    """The code index of a scaled value s as one lookup: with o = order_bits(s), the index
+    (the number of midpoints below s) is (table[o >> 16] + o) >> 16 in uint32 arithmetic.
+
+    The 2**16 values of o sharing their top 16 bits are one interval of float32 values
+    (of one sign), in order; no interval holds two midpoints (asserted), so across one
+    the index is `lo` up to and including the midpoint's own pattern, low bits `mid`,
+    and lo + 1 above it. table[k] = (lo << 16) + 0xFFFF - mid - (k << 16) makes the sum
+    (lo << 16) + 0xFFFF - mid + (o's low 16 bits), which carries into bit 16 exactly
+    when o's low bits exceed mid; an interval without a midpoint has mid = 0xFFFF.
+    Exact for every float32 but NaN (whose index does not matter: a NaN scaled value
+    means a non-finite weight and a non-finite block); +inf gets its index, not a
+    NaN's, in the one interval they share.
+    """
+    _, bounds = code4(quant_type)
+    ordered = order_bits(bounds)
+    keys = ordered >> KEY_SHIFT
+    assert np.unique(keys).size == keys.size, f"{quant_type}: two midpoints share one interval"
+    assert not (bounds.view(np.uint32) == np.uint32(0x80000000)).any()  # -0.0 would order below +0.0
+    first = np.arange(1 << 16, dtype=np.uint32) << KEY_SHIFT  # each interval's lowest pattern
+    with np.errstate(invalid="ignore"):  # NaN intervals: no midpoint below
+        lo = (order_bits(first.view(np.float32)).view(np.float32)[:, None] > bounds).sum(axis=1)
+    mid = np.full(first.size, 0xFFFF, np.uint32)
+    mid[keys] = ordered & np.uint32(0xFFFF)
+    return (lo.astype(np.uint32) << KEY_SHIFT) + np.uint32(0xFFFF) - mid - first
+
+
+_scratch = threading.local()
+
+
+def chunk_scratch(step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's arrays for a chunk of `step` values (float32 x2, uint32, intp), reused
+    from chunk to chunk: no fresh pages to fault in for every chunk."""
+    arrays = getattr(_scratch, "arrays", None)
+    if arrays is None or arrays[0].size < step:
+        arrays = tuple(np.empty(step, dtype) for dtype in (np.float32, np.float32, np.uint32, np.intp))
+        _scratch.arrays = arrays
+    return arrays
+
+
+@functools.cache
+def block_offsets(step: int, size: int) -> np.ndarray:
+    """For each value of a chunk, 16 * its block's place in the chunk, shifted up 16 bits:
+    added to index_table's sum, it makes the index one into the chunk's (blocks, 16) values."""
+    offsets = (np.arange(step, dtype=np.uint32) // np.uint32(size)) << np.uint32(20)
+    offsets.flags.writeable = False
+    return offsets
+
+
+def code_index(scaled: np.ndarray, quant_type: str) -> np.ndarray:
+    """The number of midpoints below each scaled value (uint8), by index_table."""
+    ordered = order_bits(scaled)
+    return ((index_table(quant_type)[ordered >> KEY_SHIFT] + ordered) >> KEY_SHIFT).astype(np.uint8)
+
+
+def dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map()), float32, sorted."""
+    data: list[float] = []
+    exponent_bits, non_sign_bits = 7, 7
+    for i in range(exponent_bits):
+        items = 2 ** (i + non_sign_bits - exponent_bits) + 1
+        bounds = _linspace_f32(0.1, 1.0, items)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
+        scale = np.float32(10 ** (-(exponent_bits - 1) + i))
+        data += (scale * means).tolist() + (-scale * means).tolist()
+    data += [0.0, 1.0]
+    return np.sort(np.array(data, dtype=np.float32))
+
+
+def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace in float32: a float32 step, the first half counted up from start and
+    the rest down from end, each value one fused multiply-add (exact in float64 here: a
+    product of two float32 values fits its mantissa)."""
+    start64, end64 = float(np.float32(start)), float(np.float32(end))
+    step = float((np.float32(end) - np.float32(start)) / np.float32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    up = start64 + step * i
+    down = end64 - step * (steps - 1 - i)
+    return np.where(i < steps // 2, up, down).astype(np.float32)
+
+
+def widen(w: np.ndarray) -> np.ndarray:
+    """float32 values of a float16/bfloat16/float32 array (exact)."""
+    if w.dtype == np.float16:
+        return widen_float16(w)
+    if w.dtype.itemsize == 2:  # bfloat16: the high half of a float32
+        return (w.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return w.astype(np.float32, copy=False)
+
+
+def magnitude_bits(w: np.ndarray) -> np.ndarray:
+    """|w| as unsigned integers that order like the magnitudes (IEEE: the bits less the sign)."""
+    unsigned = np.uint16 if w.dtype.itemsize == 2 else np.uint32
+    return w.view(unsigned) & unsigned((1 << (8 * w.dtype.itemsize - 1)) - 1)
+
+
+def absmax_4bit(flat: np.ndarray, blocksize: int) -> np.ndarray:
+    """absmax per block of a flat array (the last block may be partial), float32: the
+    largest magnitude's bits, found with integer maxima (no float pass over the weight)."""
+    n = flat.size
+    full = n - n % blocksize
+    wide = flat.dtype.itemsize == 4
+    bits = np.empty(-(-n // blocksize), dtype=np.uint32 if wide else np.uint16)
+    step = max(blocksize, CHUNK_ELEMENTS - CHUNK_ELEMENTS % blocksize)
+
+    def block(start: int) -> None:
+        stop = min(start + step, full)
+        magnitudes = magnitude_bits(flat[start:stop]).reshape(-1, blocksize)
+        np.max(magnitudes, axis=1, out=bits[start // blocksize : stop // blocksize])
+
+    for_each_block(block, range(0, full, step))
+    if full < n:
+        bits[-1] = magnitude_bits(flat[full:]).max()
+    return widen(bits.view(flat.dtype))
+
+
+def nested_absmax(absmax: np.ndarray) -> np.ndarray:
+    """absmax as double quantization leaves it: offset + dequant(quant(absmax - offset))."""
+    import torch  # the offset is torch's float32 mean, as bitsandbytes takes it
+
+    offset = np.float32(torch.from_numpy(absmax).mean().item())
+    centred = absmax - offset
+    code = dynamic_map()
+    scales = absmax_4bit(centred, NESTED_BLOCKSIZE)
+    blocks = np.arange(centred.size) // NESTED_BLOCKSIZE
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normed = centred / scales[blocks]  # bitsandbytes' CPU kernel divides
+    # Its CPU kernel looks the code up on a grid of 65536 points over [-1, 1]: the
+    # nearest grid point (rounded in float32), then the code value nearest to that point.
+    grid = np.floor((normed + np.float32(1)) * np.float32(GRID_SCALE) + np.float32(0.5))
+    grid = np.nan_to_num(grid, nan=GRID_SCALE).clip(0, GRID_POINTS - 1).astype(np.intp)  # 0/0: times 0 anyway
+    index = nearest_code_on_grid(code)[grid]
+    out = code[index] * scales[blocks]
+    out += offset
+    return out.astype(np.float32, copy=False)
+
+
+def nearest_code_on_grid(code: np.ndarray) -> np.ndarray:
+    """For each of the GRID_POINTS points g / GRID_SCALE - 1, the index of the nearest code value."""
+    points = np.arange(GRID_POINTS, dtype=np.float64) / GRID_SCALE - 1
+    left = np.clip(np.searchsorted(code, points, side="right") - 1, 0, code.size - 1)
+    right = np.minimum(left + 1, code.size - 1)
+    return np.where(np.abs(points - code[right]) < np.abs(points - code[left]), right, left)
+
+
+def fake_quant(
+    w: np.ndarray, spec: BnbSpec, out: np.ndarray | None = None, errors: ErrorSums | None = None
+) -> np.ndarray:
+    """dequant(quant(w)) as bitsandbytes computes it, float32 (or written into `out`, any
+    float dtype, each value rounded once from float32), in w's shape. With `errors`, the
+    squared distance of what was written from w is summed on the way (no second pass)."""
+    if spec.quant_type == "int8":
+        return fake_quant_int8(w, out, errors)
+    flat = w.reshape(-1)
+    n, size = flat.size, spec.blocksize
+    absmax = absmax_4bit(flat, size)
+    scale = nested_absmax(absmax) if spec.double_quant else absmax
+    inverse = np.float32(1) / np.maximum(absmax, np.float32(1e-38))  # torch's 1.0 / t: a reciprocal
+    code, _ = code4(spec.quant_type)
+    table = index_table(spec.quant_type)
+    result = np.empty(n, np.float32) if out is None else out.reshape(-1)
+    step = max(size, min(CHUNK_4BIT - CHUNK_4BIT % size, CHUNK_BLOCKS * size))
+    offsets = block_offsets(step, size)
+
+    def block(start: int) -> None:
+        stop = min(start + step, n)
+        wide, scaled, flip, key = (a[: stop - start] for a in chunk_scratch(step))
+        x = widen_float16(flat[start:stop], wide) if flat.dtype == np.float16 else widen(flat[start:stop])
+        whole = (stop - start) // size * size
+        first, count = start // size, -(-(stop - start) // size)  # blocks here, the last maybe partial
+        if whole:
+            np.multiply(
+                x[:whole].reshape(-1, size),
+                inverse[first : first + whole // size, None],
+                out=scaled[:whole].reshape(-1, size),
+            )
+        if whole < x.size:  # the last, partial block: divided, as bitsandbytes does
+            np.divide(x[whole:], np.maximum(absmax[-1], np.float32(1e-38)), out=scaled[whole:])
+        # index_table's lookup, in place: scaled's bits become order_bits(scaled)
+        ordered = scaled.view(np.uint32)
+        np.right_shift(scaled.view(np.int32), 31, out=flip.view(np.int32))
+        flip >>= np.uint32(1)
+        ordered ^= flip
+        np.right_shift(ordered, KEY_SHIFT, out=key)
+        sums = np.take(table, key, out=flip, mode="wrap")  # keys are in range: "wrap" skips a buffered check
+        sums += ordered
+        sums += offsets[: x.size]  # 16 * (the block's place in this chunk), carried into the index
+        np.right_shift(sums, KEY_SHIFT, out=key)  # the index into `levels`
+        # each block's 16 values, code * scale in float32, rounded once to the output dtype
+        levels = np.empty((count, code.size), result.dtype)
+        store(code * scale[first : first + count, None], levels)
+        np.take(levels.reshape(-1), key, out=result[start:stop], mode="wrap")
+        if errors is not None:  # the distance of what was written from w
+            diff = np.take(widen(levels).reshape(-1), key, out=scaled, mode="wrap")
+            diff -= x
+            errors[start] = (float(np.dot(diff, diff)), float(np.dot(x, x)))
+
+    for_each_block(block, range(0, n, step))
+    return result.reshape(w.shape)
+
+
+def fake_quant_int8(w: np.ndarray, out: np.ndarray | None = None, errors: ErrorSums | None = None) -> np.ndarray:
+    """LLM.int8 as Int8Params stores it: float16 rows, absmax per row, int8 values."""
+    rows = w.reshape(w.shape[0], -1) if w.ndim > 1 else w.reshape(1, -1)
+    result = np.empty(rows.shape, np.float32) if out is None else out.reshape(rows.shape)
+    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+
+    def block(start: int) -> None:
+        half = rows[start : start + step].astype(np.float16)
+        if not np.isfinite(half).all():
+            raise BadInputError("--onto int8: a weight exceeds float16's range (bitsandbytes casts to float16 first)")
+        x = half.astype(np.float32)
+        stats = np.max(np.abs(x), axis=1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint(x * ((np.float32(1) / stats) * np.float32(127.0)))  # torch's 127.0 / t: 127 * (1 / t)
+        q[np.broadcast_to(stats == 0, q.shape)] = 0  # an all-zero row stays zero
+        q += np.float32(0)  # an int8 has no -0: rint's -0.0 becomes 0
+        q *= stats
+        q *= INT8_RECIPROCAL
+        store(q, result[start : start + step], widen(rows[start : start + step]), errors, start)
+
+    for_each_block(block, range(0, rows.shape[0], step))
+    return result.reshape(w.shape)
+
+
+class ErrorSums(dict):
+    """Per block of work: (sum of (written - w)^2, sum of w^2); the blocks run on several threads."""
+
+    def relative(self) -> float:
+        diff, norm = (sum(v[i] for v in self.values()) for i in (0, 1))
+        return float(np.sqrt(diff / norm)) if norm > 0 else float(np.sqrt(diff))
+
+
+def store(
+    values: np.ndarray, out: np.ndarray, w: np.ndarray | None = None, errors: ErrorSums | None = None, key: int = 0
+) -> None:
+    """float32 values into `out`, rounded once to its dtype; with `errors`, the distance of
+    what was written from `w` (float32, the same shape) recorded under `key`."""
+    if out.dtype == np.float16:
+        round_to_float16(values, out)
+    else:
+        out[...] = values
+    if errors is not None and w is not None:
+        diff = widen(out).reshape(w.shape) - w
+        flat, base = diff.reshape(-1), w.reshape(-1)
+        errors[key] = (float(np.dot(flat, flat)), float(np.dot(base, base)))

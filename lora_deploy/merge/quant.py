@@ -1,0 +1,337 @@
+"""Quantized paths through the streaming merge, as one per-tensor hook (`QuantTransform`).
+
+* `--onto nf4|fp4|int8`: every Linear weight bitsandbytes would have quantized for
+  training (transformers' rule: all Linear layers but the output head, less
+  `--skip-modules`) is replaced by dequant(quant(W)) (merge/bnb.py) before the adapter's
+  update is added; untargeted ones are written as dequant(quant(W)) too. Output dtypes as
+  in a plain merge.
+* a block-scaled FP8 base (io/quant.py): its weights are dequantized and merged in
+  float32, then written as bfloat16 (the scales dropped, `quantization_config` removed
+  from config.json), or with `--requantize fp8` as float8 with fresh block scales under
+  the same names (untouched FP8 weights are copied byte for byte with their scales).
+
+For each layer it touches, the manifest's "quantization" section records
+rel_error = ||written - (W0 + dW)||_F / ||W0 + dW||_F, against the exact float32 merge on
+the original (for FP8: dequantized) W0, and for --onto also onto_vs_original = ||written -
+plain merge as written||_F / ||plain merge||_F: what merging onto the dequantized weights
+changes compared with merging onto the original ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from lora_deploy.arrays import all_finite
+from lora_deploy.dtypes import BY_NAME
+from lora_deploy.errors import BadInputError, NonFiniteError, OutputError
+from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, Checkpoint, TensorInfo
+from lora_deploy.io.digests import file_digests
+from lora_deploy.io.quant import (
+    FP8_CODE,
+    FP8_SCALE_SUFFIX,
+    FloatView,
+    block_size,
+    fp8_dequantize,
+    fp8_quantize,
+    quantized_format,
+    training_quantization_hint,
+)
+from lora_deploy.io.stream import OutputTensor, tensor_bytes
+from lora_deploy.merge.bnb import BnbSpec, ErrorSums, fake_quant, store, widen
+from lora_deploy.merge.delta import lora_norm, merged_weight
+
+REQUANTIZE_FORMATS = ("fp8",)
+# Module names that are not Linear layers bitsandbytes quantizes: embeddings (any path
+# component naming one) and output heads (transformers leaves the output embedding and
+# the last module unconverted).
+EMBEDDING_PART = re.compile(r"(embed|^wte$|^wpe$|^shared$)")
+HEAD_MODULES = {"lm_head", "embed_out", "output", "score", "classifier", "qa_outputs"}
+# Architectures whose Linear layers are GPT-2's Conv1D ([in, out]): transformers
+# transposes those weights before bitsandbytes quantizes them.
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+
+
+def is_quantized_linear(name: str, info: TensorInfo, skip_modules: tuple[str, ...] = ()) -> bool:
+    """Whether transformers' bitsandbytes integration would quantize this weight."""
+    if not name.endswith(".weight") or len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
+        return False
+    module = name[: -len(".weight")]
+    parts = module.split(".")
+    if any(EMBEDDING_PART.search(p) for p in parts) or parts[-1] in HEAD_MODULES:
+        return False
+    return not any(skipped(module, pattern) for pattern in skip_modules)
+
+
+def skipped(module: str, pattern: str) -> bool:
+    """transformers' should_convert_module rule: a prefix at a module boundary, a regex
+    with the same boundary, or a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    try:
+        by_regex = re.match(rf"(?:{pattern}){boundary}", module) is not None
+    except re.error:
+        by_regex = False
+    return by_regex or module.endswith(pattern)
+
+
+def quant_transform(
+    base: Checkpoint,
+    onto: str | None = None,
+    blocksize: int = 64,
+    double_quant: bool = False,
+    skip_modules: tuple[str, ...] = (),
+    requantize: str | None = None,
+    dtype: str = "auto",
+) -> QuantTransform | None:
+    """The hook for this base and these options, or None for a plain merge. Refuses
+    quantized formats other than block-scaled FP8, and options that do not fit the base."""
+    fmt = quantized_format(base.tensors, base.config)
+    skip_modules = tuple(part for entry in skip_modules for part in entry.split(",") if part)
+    if requantize is not None and requantize not in REQUANTIZE_FORMATS:
+        raise BadInputError(f"unknown --requantize {requantize!r} (choose {', '.join(REQUANTIZE_FORMATS)})")
+    if fmt == "fp8-block":
+        if onto is not None or double_quant or skip_modules or blocksize != 64:
+            raise BadInputError(
+                "--onto (--blocksize, --double-quant, --skip-modules) applies to float checkpoints; "
+                "this base is block-scaled FP8"
+            )
+        return QuantTransform(base, None, skip_modules, requantize, dtype)
+    if requantize is not None:
+        raise BadInputError("--requantize fp8 needs a block-scaled FP8 base (float8 weights with weight_scale_inv)")
+    if onto is None:
+        if double_quant or skip_modules or blocksize != 64:
+            raise BadInputError("--blocksize, --double-quant and --skip-modules apply with --onto only")
+        return None
+    if onto == "int8" and (double_quant or blocksize != 64):
+        raise BadInputError("--double-quant and --blocksize apply to --onto nf4|fp4 (bitsandbytes' 4-bit)")
+    return QuantTransform(base, BnbSpec(onto, blocksize, double_quant), tuple(skip_modules), None)
+
+
+def plan_base(base: Checkpoint, transform: QuantTransform | None):
+    """What plan_merge should see: the base, or its float view for an FP8 base."""
+    return FloatView(base) if transform is not None and transform.fp8 else base
+
+
+class QuantTransform:
+    """Produces the output tensors of a quantized path; collects the per-layer report."""
+
+    def __init__(
+        self,
+        base: Checkpoint,
+        spec: BnbSpec | None,
+        skip_modules: tuple[str, ...],
+        requantize: str | None,
+        dtype: str = "auto",
+    ):
+        self.base = base
+        # what dequantized FP8 weights are written as: --dtype, bfloat16 for auto
+        self.float_dtype = BY_NAME["bfloat16" if dtype == "auto" else dtype].safetensors
+        self.spec = spec
+        self.fp8 = spec is None
+        self.skip_modules = skip_modules
+        self.requantize = requantize
+        self.transposed_model = base.config.get("model_type") in CONV1D_MODEL_TYPES
+        self.layers: list[dict] = []
+        self._scales: dict[str, np.ndarray] = {}  # requantized scale_inv by its tensor name
+
+    def outputs(self, stream, info: TensorInfo, out_dtype: str, plan) -> list[OutputTensor] | None:
+        """The output tensors for `info` (possibly none), or None to leave it to the plain merge."""
+        if self.fp8:
+            return self._fp8_outputs(stream, info, out_dtype, plan)
+        if not is_quantized_linear(info.name, info, self.skip_modules):
+            return None
+        target = plan.targets.get(info.name)
+        if target is None and info.name in plan.replacements:
+            return None  # modules_to_save: the adapter's own full-precision tensor, written as it is
+        transposed = target.kind == "transposed" if target is not None else self.transposed_model
+        if target is not None and target.kind not in ("linear", "transposed"):
+            return None
+        w0 = plan.replacements.get(info.name)
+
+        def produce(f) -> None:
+            weight = stream.read(info)  # read (and hashed) even when a saved base layer replaces it
+            if w0 is not None:
+                weight = w0
+            np_dtype = DTYPES[out_dtype]
+            checked = False  # known finite without a pass over `out`
+            if target is None:
+                out = np.empty(info.shape, np_dtype)
+                if transposed or weight.dtype != np_dtype:
+                    store(self._fake_quant(weight, transposed), out)
+                    self._record(info.name, False, out, weight, weight.astype(np_dtype))
+                else:  # rounded and measured block by block: no float32 copy, no second pass
+                    errors = ErrorSums()
+                    fake_quant(weight, self.spec, out=out, errors=errors)
+                    error = errors.relative()  # a plain merge writes W0 itself: both figures are one
+                    # finite sums of (written - w)^2: every value written is finite
+                    checked = bool(np.isfinite(list(errors.values())).all())
+                    self.layers.append(
+                        {"weight": info.name, "merged": False, "rel_error": error, "onto_vs_original": error}
+                    )
+            else:
+                quantized = self._fake_quant(weight, transposed)
+                out = merged_weight(target.module, target.kind, quantized, np_dtype)
+                exact = merged_weight(target.module, target.kind, weight)
+                plain = merged_weight(target.module, target.kind, weight, np_dtype)
+                set_delta_norm(target, exact, weight)
+                self._record(info.name, True, out, exact, plain)
+            f.write(tensor_bytes(out if checked else finite(out, info.name)))
+
+        return [OutputTensor(info.name, out_dtype, info.shape, produce)]
+
+    def _fake_quant(self, weight: np.ndarray, transposed: bool) -> np.ndarray:
+        if transposed:  # Conv1D: transformers hands bitsandbytes the [out, in] transpose
+            return fake_quant(np.ascontiguousarray(weight.T), self.spec).T
+        return fake_quant(weight, self.spec)
+
+    def _fp8_outputs(self, stream, info: TensorInfo, out_dtype: str, plan) -> list[OutputTensor] | None:
+        base = self.base.tensors
+        if info.name.endswith(FP8_SCALE_SUFFIX):
+            weight_name = info.name[: -len(FP8_SCALE_SUFFIX)]
+            if weight_name not in base or base[weight_name].dtype != FP8_CODE:
+                return None
+            if self.requantize and weight_name not in plan.targets:
+                return None  # copied with its weight, byte for byte
+            return []  # dropped (dequantized output), or written right after its weight
+        if info.dtype != FP8_CODE:
+            return None
+        scale_info = base.get(info.name + FP8_SCALE_SUFFIX)
+        if scale_info is None:
+            raise BadInputError(f"{info.name}: float8 weight without {info.name}{FP8_SCALE_SUFFIX}")
+        target = plan.targets.get(info.name)
+        if self.requantize and target is None:
+            return None  # unchanged: copied as it is
+        block = block_size(self.base.config, info.shape, scale_info.shape, info.name)
+        float_dtype = self.float_dtype
+        w0 = plan.replacements.get(info.name)
+
+        def weight_values() -> np.ndarray:
+            dequantized = fp8_dequantize(stream.read(info), stream.read(scale_info), block)
+            return dequantized if w0 is None else w0.astype(np.float32)
+
+        def produce(f) -> None:
+            w = weight_values()
+            exact = merged_weight(target.module, target.kind, w) if target is not None else w
+            if target is not None:
+                set_delta_norm(target, exact, w)
+            if self.requantize:
+                q, scale = fp8_quantize(exact, block)
+                self._scales[scale_info.name] = scale
+                self._record(info.name, target is not None, fp8_dequantize(q, scale, block), exact, None)
+                f.write(tensor_bytes(q))
+            else:
+                np_dtype = DTYPES[float_dtype]
+                out = (
+                    merged_weight(target.module, target.kind, w, np_dtype) if target is not None else w.astype(np_dtype)
+                )
+                self._record(info.name, target is not None, out, exact, None)
+                f.write(tensor_bytes(finite(out, info.name)))
+
+        if not self.requantize:
+            return [OutputTensor(info.name, float_dtype, info.shape, produce)]
+
+        def produce_scale(f) -> None:
+            f.write(tensor_bytes(self._scales.pop(scale_info.name)))
+
+        return [
+            OutputTensor(info.name, FP8_CODE, info.shape, produce),
+            OutputTensor(scale_info.name, "F32", scale_info.shape, produce_scale),
+        ]
+
+    def _record(
+        self, name: str, merged: bool, written: np.ndarray, exact: np.ndarray, plain: np.ndarray | None
+    ) -> None:
+        exact32, written = widen(exact), widen(written)  # widened once for both figures
+        norm = float(np.linalg.norm(exact32))
+        entry = {"weight": name, "merged": merged, "rel_error": relative(written, exact32, norm)}
+        if plain is exact:  # W0 as it is: the plain merge is the exact value
+            entry["onto_vs_original"] = entry["rel_error"]
+        elif plain is not None:
+            plain32 = widen(plain)
+            entry["onto_vs_original"] = relative(written, plain32, float(np.linalg.norm(plain32)))
+        self.layers.append(entry)
+
+    def report(self) -> dict:
+        """The manifest's "quantization" section."""
+        if self.fp8:
+            output = "fp8 (requantized, block scales amax/448)" if self.requantize else "dequantized"
+            head = {"base_format": "fp8-block", "output": output}
+        else:
+            head = {
+                "onto": self.spec.quant_type,
+                "blocksize": None if self.spec.quant_type == "int8" else self.spec.blocksize,
+                "double_quant": self.spec.double_quant,
+                "skip_modules": list(self.skip_modules),
+                "quantized_layers": len(self.layers),
+            }
+        worst = max((entry["rel_error"] for entry in self.layers), default=0.0)
+        return {**head, "max_rel_error": worst, "layers": sorted(self.layers, key=lambda e: e["weight"])}
+
+    def fix_config(self, out_dir, hashes: dict, algorithms) -> None:
+        """A dequantized FP8 model is a plain float model: drop quantization_config."""
+        path = out_dir / "config.json"
+        if not self.fp8 or self.requantize or not path.is_file():
+            return
+        config = json.loads(path.read_text())
+        if config.pop("quantization_config", None) is None:
+            return
+        try:
+            path.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        hashes["config.json"] = file_digests(path, algorithms)
+
+
+def quant_summary(report: dict) -> str:
+    """One line from the manifest's "quantization" section."""
+    if "onto" in report:
+        spec = BnbSpec(report["onto"], report["blocksize"] or 64, report["double_quant"])
+        what = f"--onto {spec.describe()}"
+    else:
+        what = f"block-scaled FP8 base, written {report['output']}"
+    layers = report["layers"]
+    line = f"{what}: {len(layers)} layers, max relative error vs the exact float32 merge {report['max_rel_error']:.3g}"
+    apart = [e["onto_vs_original"] for e in layers if e["merged"] and "onto_vs_original" in e]
+    if apart:
+        line += f"; merged layers onto-dequantized vs onto-original up to {max(apart):.3g}"
+    return line
+
+
+def quantized_training_hint(adapter_dir, base_dir) -> str | None:
+    """Why the adapter looks trained on a quantized base, as a one-line hint, or None."""
+    try:
+        adapter_config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        base_config = json.loads((Path(base_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        base_config = {}
+    if not isinstance(adapter_config, dict) or not isinstance(base_config, dict):
+        return None
+    why = training_quantization_hint(adapter_dir, adapter_config, base_config)
+    if why is None:
+        return None
+    return f"the adapter looks trained on a quantized base ({why}); --onto nf4|fp4|int8 merges onto what training saw"
+
+
+def relative(written: np.ndarray, reference: np.ndarray, norm: float) -> float:
+    diff = np.subtract(widen(written), reference)  # a new array: `written` is still to be written
+    return float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff))
+
+
+def set_delta_norm(target, exact: np.ndarray, w0: np.ndarray) -> None:
+    """||W - W0|| for the manifest, as the plain merge records it."""
+    if target.module.magnitude is None:
+        target.delta_norm = lora_norm(target.module)
+    else:
+        target.delta_norm = float(np.linalg.norm(exact - w0.astype(np.float32)))
+
+
+def finite(array: np.ndarray, name: str) -> np.ndarray:
+    if not all_finite(array):
+        raise NonFiniteError(f"merged tensor {name} has NaN or Inf values (overflow in the output dtype?)")
+    return array
