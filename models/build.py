@@ -3,10 +3,14 @@
     python models/build.py --family llama --variant plain --out DIR \
         [--dtype float16] [--max-shard-size 200KB] [--seed 0] [--steps 40] [--force]
     python models/build.py --minilm --out DIR
+    python models/build.py --robot policy|vla --out DIR [--seed 0] [--steps 30] [--force]
 
 writes DIR/base (a Hugging Face checkpoint) and DIR/adapter (a PEFT adapter).
 With --minilm the base is the installed all-MiniLM-L6-v2 (its path is printed)
-and only DIR/adapter is written. See models/README.md.
+and only DIR/adapter is written. With --robot, a reference robot controller
+(lora_deploy/examples/robot.py): DIR/base.pt (a plain state dict), DIR/adapter,
+DIR/observations.npz and, for the token VLA, DIR/dataset_statistics.json. See
+models/README.md.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--family", choices=ref.FAMILIES)
     what.add_argument("--minilm", action="store_true", help="train an adapter for the real all-MiniLM-L6-v2")
+    what.add_argument("--robot", choices=("policy", "vla"), help="a reference robot controller (plain nn.Module)")
     parser.add_argument("--variant", choices=ref.VARIANTS, default="plain")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", choices=sorted(ref.DTYPES), default="float32")
@@ -35,17 +40,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.family and not ref.supported(args.family, args.variant):
         parser.error(f"variant {args.variant!r} is not supported for family {args.family!r}")
-    for name in ("base", "adapter"):
+    for name in ("base", "adapter") if not args.robot else ("base.pt", "adapter"):
         path = args.out / name
         if path.exists():
             if not args.force:
                 parser.error(f"{path} exists (use --force to replace it)")
-            shutil.rmtree(path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return args
 
 
 def build(args: argparse.Namespace) -> None:
     steps = {} if args.steps is None else {"steps": args.steps}
+    if args.robot:
+        from lora_deploy.examples import robot
+
+        for role, path in robot.build_controller(args.robot, args.out, seed=args.seed, **steps).items():
+            print(f"{role + ':':<12} {path}")
+        return
     if args.minilm:
         # The MiniLM adapter is the tests' own (tests/minilm.py): not part of the package.
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

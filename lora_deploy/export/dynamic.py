@@ -441,8 +441,14 @@ def build_graph(
     *,
     overwrite: bool = False,
     input_paths: Iterable[str | os.PathLike] = (),
+    example: list[torch.Tensor] | None = None,
+    input_dims: list[dict] | None = None,
 ) -> None:
     """Trace, name the graph exactly, prove it against PyTorch on the example, move it into place.
+
+    `example` and `input_dims` (the model inputs' tracing values and dynamic dims) default
+    to a text model's sample inputs with dynamic batch and sequence; a plain module's
+    graph (export/dynamic_module.py) gives its own observations.
 
     `lora` are tracing values of the LoRA inputs (in `defaults` order), `defaults` the
     initializers they get; `extra` inputs sit between the model's inputs and the LoRA
@@ -451,14 +457,14 @@ def build_graph(
     `input_paths`: the output policy (lora_deploy.io.staging.check_output).
     """
     extra = dict(extra or {})
-    inputs = example_inputs(wrapper.base, graph.inputs)
+    inputs = example if example is not None else example_inputs(wrapper.base, graph.inputs)
     try:
         wrapper.eval()
         with torch.no_grad():
             expected_fed = output_arrays(wrapper(inputs + list(extra.values()), lora))
             as_default = [torch.from_numpy(a) for a in defaults.values()]
             expected_default = output_arrays(wrapper(inputs + list(extra.values()), as_default))
-        ir_model = export_wrapper(wrapper, inputs, list(extra.values()), lora, lora_shapes, opset)
+        ir_model = export_wrapper(wrapper, inputs, list(extra.values()), lora, lora_shapes, opset, input_dims)
     finally:
         wrapper.remove_hooks()
     finish_graph(ir_model, graph, list(defaults), list(defaults.values()), kind, wrapper.base, list(extra))
@@ -496,6 +502,7 @@ def export_wrapper(
     lora: list[torch.Tensor],
     lora_shapes: list,
     opset: int | None,
+    input_dims: list[dict] | None = None,
 ):
     """torch.onnx.export (dynamo, non-strict) -> onnx_ir model.
 
@@ -505,7 +512,8 @@ def export_wrapper(
     since overridable initializers are never treated as constants.
     """
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dims = [{0: batch, 1: sequence} for _ in inputs] + [{0: batch} for _ in extra]
+    dims = list(input_dims) if input_dims is not None else [{0: batch, 1: sequence} for _ in inputs]
+    dims += [{0: batch} for _ in extra]
     with torch.no_grad():
         program = onnx_graph.run_exporter(
             wrapper, (inputs + extra, lora), dynamic_shapes=(dims, lora_shapes), opset=opset, optimize=False

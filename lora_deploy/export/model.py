@@ -113,8 +113,17 @@ def export_checkpoint(
     overwrite: bool = False,
     stream_weights: bool = False,
     parity: str = "auto",
+    module: str | None = None,
+    inputs_path: str | os.PathLike | None = None,
+    static: bool = False,
+    part: str | None = None,
 ) -> ExportResult:
     """Export a Hugging Face checkpoint directory to one checked ONNX file.
+
+    With ``module`` ("package.module:factory", modeling/factory.py) the model is the plain
+    ``nn.Module`` that factory returns with ``model_dir`` (a safetensors directory or file,
+    or a ``.pt`` state dict) loaded into it; ``part`` exports one submodule of it; see
+    :func:`export_plain`.
 
     Inputs: input_ids, attention_mask (+ token_type_ids for BERT-like
     models), all int64 with dynamic dims "batch" and "sequence". Output:
@@ -133,6 +142,24 @@ def export_checkpoint(
     of its config (``parity``: auto, full, proxy or skip; without streaming the loaded
     model is always checked).
     """
+    if module is not None or inputs_path is not None or static or part is not None:
+        if module is None:
+            raise BadInputError(
+                "--inputs, --static and --part apply to plain modules: give --module package.module:factory"
+            )
+        if stream_weights or parity != "auto" or task != AUTO:
+            raise BadInputError("--module exports the module as it is: no --task, --stream-weights or --parity")
+        return export_plain(
+            model_dir,
+            path,
+            module=module,
+            inputs_path=inputs_path,
+            dtype=dtype,
+            static=static,
+            opset=opset,
+            overwrite=overwrite,
+            part=part,
+        )
     onnx_graph.check_output(Path(path), [model_dir], overwrite)
     dtype, dtype_source = resolve_dtype(model_dir, dtype)
     torch_dtype = parse_dtype(dtype)
@@ -161,6 +188,100 @@ def export_checkpoint(
         inputs=[model_dir],
     )
     return export_result(written, wrapper, max_err, torch_dtype, opset_used, dtype_source=dtype_source)
+
+
+def export_plain(
+    checkpoint: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    module: str,
+    inputs_path: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    static: bool = False,
+    opset: int | None = None,
+    overwrite: bool = False,
+    part: str | None = None,
+) -> ExportResult:
+    """Export a plain torch module (the factory form: ``module`` names importable code
+    returning the ``nn.Module``, ``checkpoint`` is loaded into it) to one checked ONNX file.
+
+    Inputs are named after ``forward``'s arguments and taken from ``inputs_path`` (an .npz,
+    array names = argument names; e.g. recorded observations) or the module's own
+    ``example_inputs()``; outputs after its ``output_names`` attribute ("output" else).
+    Axis 0 of every input is the dynamic ``batch`` unless ``static`` (every dim fixed to
+    the example's, as TensorRT on a Jetson wants it). ``dtype="float16"`` exports a
+    half-precision graph with float16 inputs and outputs, refused when a weight or a
+    module's float32 output on the example inputs exceeds float16's range, or when the
+    float16 module's outputs are not finite; torch's CPU half kernels are the parity
+    reference, with float16 tolerances.
+
+    ``part`` (a submodule path such as ``blocks.0``, modeling/parts.py) exports that part
+    alone: its inputs are what it receives during the whole model's forward on the
+    example inputs (recorded with hooks), named after its ``forward`` arguments; its
+    outputs are ``output`` (or ``output_0``, ``output_1``, ...). Axis 0 of a part input
+    is the dynamic ``batch`` where it is the observations' batch, unless ``static``.
+    """
+    from lora_deploy.export.plain import (
+        as_dtype,
+        check_float16_outputs,
+        check_float16_range,
+        module_feed,
+        part_export,
+    )
+    from lora_deploy.modeling.factory import check_module_checkpoint, load_module
+
+    if dtype not in ("float32", "float16", "auto"):
+        raise BadInputError(f"--dtype {dtype}: a plain module exports as float32 or float16")
+    check_module_checkpoint(checkpoint)
+    onnx_graph.check_output(Path(path), [checkpoint, *([inputs_path] if inputs_path else [])], overwrite)
+    model = load_module(module, checkpoint)
+    feed = module_feed(model, inputs_path, f"the module from {module}")
+    dtype_source = (
+        "requested" if dtype != "auto" else "auto: a plain module exports as float32 (--dtype float16 for half)"
+    )
+    dtype = "float32" if dtype == "auto" else dtype
+    try:
+        with torch.inference_mode():
+            count = len(flatten_outputs(model(**{n: torch.from_numpy(a) for n, a in feed.items()})))
+    except Exception as err:  # user code on its own inputs
+        raise BadInputError(f"the module from {module} fails on its inputs: {first_line(err)}") from err
+    names = list(
+        getattr(model, "output_names", None) or (["output"] if count == 1 else [f"output_{i}" for i in range(count)])
+    )
+    if dtype == "float16":
+        check_float16_range(model, feed)
+    batched = list(feed)  # inputs whose axis 0 is the batch
+    if part is not None:
+        model, feed, names, batched = part_export(model, part, feed, module, dtype)
+    elif dtype == "float16":
+        model = model.half()
+        feed = as_dtype(feed, np.dtype(np.float16))
+        check_float16_outputs(model, feed)
+    example = {name: torch.from_numpy(np.ascontiguousarray(arr)) for name, arr in feed.items()}
+    dynamic_axes = None if static else {name: {0: "batch"} for name in batched}
+    written, max_err, opset_used = _export_verified(
+        model,
+        example,
+        Path(path),
+        output_names=names,
+        dynamic_axes=dynamic_axes,
+        opset=opset,
+        optimize=False,
+        external_data=None,
+        strip_prefix="",
+        overwrite=overwrite,
+        inputs=[checkpoint, *([inputs_path] if inputs_path else [])],
+    )
+    return ExportResult(
+        path=written,
+        task=f"module {module}" + (f", part {part}" if part else "") + (" (static shapes)" if static else ""),
+        input_names=tuple(example),
+        output_names=tuple(names),
+        max_abs_error=max_err,
+        dtype=dtype,
+        opset=opset_used,
+        dtype_source=dtype_source,
+    )
 
 
 def export_result(path: Path, wrapper, max_err, torch_dtype, opset: int, **extra) -> ExportResult:
