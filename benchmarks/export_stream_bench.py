@@ -12,7 +12,16 @@ RSS (VmHWM):
 * export onnx (weights loaded, float32; the current default)
 * export onnx --stream-weights (float32; float16 with --dtype auto), with and without
   the ONNX Runtime parity check (which loads the real model)
-* merge --onnx-like on the streamed float16 graph, against `cp` of the graph's bytes
+* merge --onnx-like on the streamed float16 graph, against `cp` of the graph's bytes:
+  step merge-onnx (the API, in-process; its row also gives the seconds inside
+  merge_onnx, imports excluded) and merge-onnx-cli (the command, imports included;
+  merge-onnx-cli-before runs another source tree, --before)
+
+    python benchmarks/export_stream_bench.py --out DIR --layers 18 --hidden 2048 --keep --rounds 6 \
+        --steps copy,merge-onnx,merge-onnx-cli --json benchmarks/results/export_like_2g.json
+
+  (--keep reuses DIR's checkpoint and graph; --rounds interleaves the steps, their order
+  reversed every other round, and reports medians and per-round ratios to copy.)
 * optimum-onnx's exporter (steps optimum, optimum-novalidate; `--optimum-python` names a
   Python where `pip install optimum-onnx` went, as it needs transformers 4.x)
 """
@@ -21,7 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +63,18 @@ elif kind == "merge-onnx":
     r = merge_onnx(out / "base", out / "adapter", out / "export-stream-auto-noparity.onnx", out / "merged.onnx",
                    overwrite=True)
     note = f"{len(r.merged)} merged; {r.seconds:.2f}s in merge_onnx (the rest: imports)"
+elif kind.startswith("merge-onnx-cli"):
+    # The command as a user runs it (`lora-deploy merge --onnx-like`), imports included;
+    # merge-onnx-cli-before: the same from the source tree in --before (PYTHONPATH).
+    from lora_deploy.cli import main
+    try:
+        main(["merge", str(out / "base"), str(out / "adapter"), "--onnx-like",
+              str(out / "export-stream-auto-noparity.onnx"), "-o", str(out / "merged.onnx"), "--overwrite"],
+             standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    note = "lora-deploy merge --onnx-like (CLI entry point, imports included)"
 elif kind == "copy":
     import shutil
     for name in ("export-stream-auto-noparity.onnx", "export-stream-auto-noparity.onnx.data"):
@@ -178,18 +202,51 @@ print(seconds, hwm, "optimum-onnx main_export, float32, validation " + ("on" if 
 """
 
 
-def step(kind: str, out: Path, optimum_python: str | None = None) -> dict:
+def step(kind: str, out: Path, optimum_python: str | None = None, before: Path | None = None) -> dict:
+    env = None
+    if kind.endswith("-before"):
+        if before is None:
+            raise SystemExit(f"{kind}: pass --before (another lora-deploy source tree)")
+        env = {**os.environ, "PYTHONPATH": str(before.resolve())}
     if kind.startswith("optimum"):
         if not optimum_python:
             raise SystemExit(f"{kind}: pass --optimum-python (a Python with optimum-onnx installed)")
-        command = [optimum_python, "-c", OPTIMUM_STEP, kind, str(out)]
+        command = [optimum_python, "-c", OPTIMUM_STEP, kind, str(out.resolve())]
     else:
-        command = [sys.executable, "-c", STEP, kind, str(out)]
-    done = subprocess.run(command, capture_output=True, text=True)
+        command = [sys.executable, "-c", STEP, kind, str(out.resolve())]
+    # From the output directory, so the first import path (the working directory) is no source tree.
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=out)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
     seconds, rss, note = done.stdout.strip().splitlines()[-1].split(" ", 2)
-    return {"step": kind, "seconds": round(float(seconds), 2), "peak_rss_gb": round(int(rss) / 1e9, 3), "note": note}
+    row = {"step": kind, "seconds": round(float(seconds), 2), "peak_rss_gb": round(int(rss) / 1e9, 3), "note": note}
+    if work := re.search(r"([0-9.]+)s in merge_onnx", note):
+        row["work_seconds"] = float(work.group(1))  # inside merge_onnx, imports excluded
+    return row
+
+
+def paired_medians(rows: list[dict]) -> dict:
+    """Per step: median seconds and peak RSS, and the median of its per-round ratio to
+    that round's copy (when copy ran)."""
+    by_step: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], {})[row["round"]] = row
+    copy = by_step.get("copy", {})
+    out = {}
+    for name, runs in by_step.items():
+        ratios = [runs[r]["seconds"] / copy[r]["seconds"] for r in runs if r in copy and copy[r]["seconds"] > 0]
+        out[name] = {
+            "seconds": statistics.median(run["seconds"] for run in runs.values()),
+            "peak_rss_gb": max(run["peak_rss_gb"] for run in runs.values()),
+            "over_copy": statistics.median(ratios) if ratios else None,
+            "over_copy_per_round": [round(x, 2) for x in ratios],
+        }
+        work = [runs[r]["work_seconds"] / copy[r]["seconds"] for r in runs if r in copy and "work_seconds" in runs[r]]
+        if work:
+            out[name]["work_seconds"] = statistics.median(run["work_seconds"] for run in runs.values())
+            out[name]["work_over_copy"] = statistics.median(work)
+            out[name]["work_over_copy_per_round"] = [round(x, 2) for x in work]
+    return out
 
 
 def main() -> int:
@@ -203,21 +260,38 @@ def main() -> int:
         "--optimum-python", help="Python of an environment with optimum-onnx, for steps optimum, optimum-novalidate."
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--keep", action="store_true", help="Reuse the checkpoint, adapter and graphs already in --out (no rebuild)."
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="Run --steps this many times, reversing their order every other round (paired, interleaved); "
+        "the report adds each step's median and its per-round ratio to copy.",
+    )
+    parser.add_argument("--before", type=Path, help="Another lora-deploy source tree, for steps ending in -before.")
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
     start = time.perf_counter()
-    build(args.out, args.layers, args.hidden, args.preset)
+    if not (args.keep and (args.out / "base").is_dir()):
+        shutil.rmtree(args.out, ignore_errors=True)
+        args.out.mkdir(parents=True)
+        build(args.out, args.layers, args.hidden, args.preset)
     size = sum(p.stat().st_size for p in (args.out / "base").glob("*.safetensors"))
-    print(f"built {size / 1e6:.0f} MB float16 checkpoint in {time.perf_counter() - start:.0f}s", flush=True)
+    print(f"checkpoint of {size / 1e6:.0f} MB float16 ready after {time.perf_counter() - start:.0f}s", flush=True)
     rows = []
     steps = ("export-stream-auto-noparity", "export-stream-noparity", "export-stream", "export-loaded")
     wanted = args.steps.split(",") if args.steps else steps + ("merge-onnx", "copy")
-    for kind in wanted:
-        rows.append(step(kind, args.out, args.optimum_python))
-        print(json.dumps(rows[-1]), flush=True)
+    load = [os.getloadavg()[0]]
+    for r in range(args.rounds):
+        for kind in wanted if r % 2 == 0 else wanted[::-1]:
+            rows.append({**step(kind, args.out, args.optimum_python, args.before), "round": r})
+            print(json.dumps(rows[-1]), flush=True)
+        load.append(os.getloadavg()[0])
     shape = PRESETS.get(args.preset, {"layers": args.layers, "hidden": args.hidden})
-    report = {"preset": args.preset, **shape, "checkpoint_bytes": size, "rows": rows}
+    report = {"preset": args.preset, **shape, "checkpoint_bytes": size, "load_average": load, "rows": rows}
+    if args.rounds > 1:
+        report["medians"] = paired_medians(rows)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

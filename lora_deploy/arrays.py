@@ -78,26 +78,86 @@ def all_finite(array: np.ndarray) -> bool:
 
 
 # float16 <-> float32 for the merge's blocks. numpy converts float16 one element at a time
-# (~3 ns to widen, 4-5 ns to round, here); these are exact and about 1.6x-2x faster.
+# (~3 ns to widen, 4-5 ns to round, here); these are exact and run as a few whole-array
+# integer and float passes that numpy vectorizes (about 0.2 ns each), 2-4x faster. `out`
+# and `scratch` take preallocated arrays, so a merge's blocks allocate (and fault in)
+# no fresh pages.
 
-# Widening: every float16 bit pattern looked up in a 256 KB table.
+# Widening: every float16 bit pattern looked up in a 256 KB table (Inf and NaN only).
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+_F16_FIELDS = np.int32(-0x7000_2000)  # 0x8FFF_E000: sign, then exponent and mantissa moved up 13 bits
+_TWO_112 = np.float32(2.0**112)  # rebiases the exponent (15 -> 127); exact, subnormals included
 _SMALLEST_NORMAL_F16 = np.uint32(0x3880_0000)  # 2**-14, as float32 bits
+_SMALLEST_NORMAL_VALUE = np.float32(2.0**-14)
 _HALF = np.uint32(0x3F00_0000)  # 0.5, as float32 bits
+_MAGIC_EXPONENT = np.uint32(13 << 23)  # 2**13, an exponent step: float16 keeps 10 of float32's 23 bits
+_TWO_MINUS_112 = np.float32(2.0**-112)
+_EXPONENT = np.uint32(0x7F80_0000)
+_INF_F16 = 0x7C00
 
 
-def widen_float16(array: np.ndarray) -> np.ndarray:
-    return np.take(F16_TO_F32, array.view(np.uint16))
+def widen_float16(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Exact float32 values of a float16 array (into `out`, a float32 array of its size, if given).
+
+    The bits, sign-extended and moved up 13 places, are a float32 whose exponent is 112
+    too small; multiplying by 2**112 fixes it exactly, float16 subnormals included. An
+    exponent of all ones (Inf, NaN) would come out finite (|x| >= 2**16): those arrays
+    are looked up in the table instead."""
+    wide = np.empty(array.shape, np.int32) if out is None else out.reshape(array.shape).view(np.int32)
+    np.copyto(wide, array.view(np.int16), casting="unsafe")
+    np.left_shift(wide, 13, out=wide)
+    np.bitwise_and(wide, _F16_FIELDS, out=wide)
+    values = wide.view(np.float32)
+    np.multiply(values, _TWO_112, out=values)
+    if values.size and (values.max() >= 65536 or values.min() <= -65536):
+        np.take(F16_TO_F32, array.view(np.uint16), out=values)
+    return values
 
 
-def round_to_float16(array: np.ndarray, out: np.ndarray) -> None:
+def round_to_float16(array: np.ndarray, out: np.ndarray, scratch: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Round a native float32 array to the nearest float16, ties to even, into `out`.
 
-    On the bit patterns: for a normal result, adding 0xFFF plus the lowest kept mantissa
-    bit, then dropping 13 bits, rounds to nearest even (a carry runs into the exponent,
-    up to Inf), and the exponent is rebiased (127 -> 15) by a subtraction. Subnormal
-    results are rounded by the FPU: adding 0.5 leaves |x| in units of 2**-24, their
-    quantum. Overflow gives Inf and NaN stays NaN, as numpy's cast does.
+    The FPU does the rounding: |x| + c - c, with c = 2**13 times x's power of two (2**-1
+    below 2**-14), rounds |x| to a multiple of its float16 quantum, ties to even (the sum
+    has 23 bits below c's, of which x keeps the top 10). The rounded value times 2**-112
+    is a float32 whose bits, shifted down 13 places, are the float16's (float16
+    subnormals land on float32 subnormals, exactly). A result past float16's largest
+    finite (a value of 2**16 or more, Inf, NaN) takes `round_bits_to_float16` instead.
+    `scratch`: a float32 and a uint32 array of at least `array.size` elements.
+    """
+    if array.size == 0:
+        return
+    if scratch is None:
+        mag, c = np.empty(array.shape, np.float32), np.empty(array.shape, np.uint32)
+    else:
+        mag, c = (s.reshape(-1)[: array.size].reshape(array.shape) for s in scratch)
+    np.abs(array, out=mag)
+    np.maximum(mag, _SMALLEST_NORMAL_VALUE, out=c.view(np.float32))  # float16's quantum is fixed below it
+    np.bitwise_and(c, _EXPONENT, out=c)
+    c += _MAGIC_EXPONENT
+    magic = c.view(np.float32)
+    mag += magic  # the one rounding
+    mag -= magic
+    mag *= _TWO_MINUS_112
+    bits = mag.view(np.uint32)
+    bits >>= np.uint32(13)
+    if bits.max() > _INF_F16:  # overflow past Inf, Inf or NaN somewhere
+        round_bits_to_float16(array, out)
+        return
+    np.right_shift(array.view(np.uint32), np.uint32(16), out=c)
+    np.bitwise_and(c, np.uint32(0x8000), out=c)
+    bits |= c  # the sign
+    np.copyto(out.view(np.uint16), bits, casting="unsafe")
+
+
+def round_bits_to_float16(array: np.ndarray, out: np.ndarray) -> None:
+    """round_to_float16 on the bit patterns alone (the path for overflow, Inf and NaN).
+
+    For a normal result, adding 0xFFF plus the lowest kept mantissa bit, then dropping 13
+    bits, rounds to nearest even (a carry runs into the exponent, up to Inf), and the
+    exponent is rebiased (127 -> 15) by a subtraction. Subnormal results are rounded by
+    the FPU: adding 0.5 leaves |x| in units of 2**-24, their quantum. Overflow gives Inf
+    and NaN stays NaN, as numpy's cast does.
     """
     bits = array.view(np.uint32)
     t = bits & np.uint32(0x7FFF_FFFF)

@@ -84,6 +84,18 @@ def test_widening_float16_is_exact_for_every_value():
         assert np.all((got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want)))
 
 
+def test_widening_finite_float16_takes_the_arithmetic_path():
+    """Without Inf or NaN in the array no value is looked up in the table; every finite
+    float16 still widens exactly, into a given array too."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)].reshape(-1, 2)
+    out = np.full(finite.size, np.nan, np.float32)
+    got = widen_float16(finite, out)
+    want = torch.from_numpy(finite).float().numpy()
+    assert got.shape == finite.shape and np.shares_memory(got, out)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def rounding_cases() -> np.ndarray:
     """float32 values covering every rounding decision of the conversion to float16.
 
@@ -108,6 +120,20 @@ def test_rounding_to_float16_matches_numpy_and_torch():
     got = np.empty(x.shape, np.float16)
     round_to_float16(x, got)
     with np.errstate(over="ignore", invalid="ignore"):
+        assert same_float16(got, x.astype(np.float16))
+    assert same_float16(got, torch.from_numpy(x).half().numpy())
+
+
+def test_rounding_to_float16_below_overflow_takes_the_fpu_path():
+    """Values that all round to a finite float16 (or exactly to Inf) go through the
+    FPU rounding, not the bit-pattern path the other cases fall back to; with scratch."""
+    x = rounding_cases()
+    x = x[np.abs(x) < 65520.0]
+    x = np.concatenate([x, np.float32([65519.996, -65519.996, 65504.0, 65520.0, -0.0])])
+    got = np.empty(x.shape, np.float16)
+    scratch = (np.empty(x.size + 7, np.float32), np.empty(x.size + 7, np.uint32))
+    round_to_float16(x, got, scratch)
+    with np.errstate(over="ignore"):
         assert same_float16(got, x.astype(np.float16))
     assert same_float16(got, torch.from_numpy(x).half().numpy())
 

@@ -13,7 +13,7 @@ transformers knows it; otherwise from shapes and the adapter config.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,6 +106,15 @@ def find_rename(
         if all(exists(rename(n)) for n in names):
             return rename
     return None
+
+
+def choose_prefix(names: list[str], modules: Mapping[str, object]) -> Callable[[str], str]:
+    """Adapter module paths may carry one extra or one missing leading component."""
+    rename = find_rename(names, modules, lambda name: name in modules)
+    if rename is not None:
+        return rename
+    missing = next(n for n in names if n not in modules)
+    raise AdapterError(f"adapter module {missing!r} not found in the model: is this adapter for another model?")
 
 
 def closest_rename(

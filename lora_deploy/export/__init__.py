@@ -1,11 +1,11 @@
 """Export: the exporter core (`graph`), checked ONNX export of a checkpoint or any torch
 module (`model`), the adapter graphs that keep LoRA separate (`dynamic`, `multi`), and
-generation-ready decoder graphs with their key/value cache (`generation`)."""
+generation-ready decoder graphs with their key/value cache (`generation`).
 
-from lora_deploy.export.dynamic import export_dynamic
-from lora_deploy.export.generation import export_generation, export_generation_adapters
-from lora_deploy.export.model import ExportResult, export_checkpoint, export_module
-from lora_deploy.export.multi import export_multi
+The names below are loaded on first use: importing one submodule (`merge --onnx-like`'s
+`like`, which needs neither torch nor the exporter) does not import torch."""
+
+from __future__ import annotations
 
 __all__ = [
     "export_checkpoint",
@@ -16,3 +16,23 @@ __all__ = [
     "export_generation",
     "export_generation_adapters",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("export_checkpoint", "export_module", "ExportResult"):
+        from lora_deploy.export import model
+
+        return getattr(model, name)
+    if name == "export_dynamic":
+        from lora_deploy.export.dynamic import export_dynamic
+
+        return export_dynamic
+    if name == "export_multi":
+        from lora_deploy.export.multi import export_multi
+
+        return export_multi
+    if name in ("export_generation", "export_generation_adapters"):
+        from lora_deploy.export import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lora_deploy.errors import ExportError
+from lora_deploy.export.files import check_output, move_into_place
 from lora_deploy.io import staging
 from lora_deploy.io.staging import staging_dir
 from lora_deploy.util import first_line
@@ -149,13 +150,6 @@ def initializer_bytes(graph: Any) -> int:
     return sum(value.const_value.nbytes for value in graph.initializers.values() if value.const_value is not None)
 
 
-def check_output(path: Path, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False) -> None:
-    """The output policy (lora_deploy.io.staging.check_output) for an ONNX file and the
-    ``<name>.data`` file that may come with it; call it before the export's work."""
-    for output in (path, path.with_name(f"{path.name}.data")):
-        staging.check_output(output, inputs, overwrite)
-
-
 def save_atomic(
     ir_model: Any,
     path: Path,
@@ -198,24 +192,6 @@ def write_model(ir_model: Any, path: Path, external_data: bool | None) -> bool:
     except (OSError, ValueError) as err:
         raise ExportError(f"cannot write {path.name}: {first_line(err)}") from err
     return external
-
-
-def move_into_place(tmp_path: Path, path: Path, external: bool, overwrite: bool = False) -> None:
-    """Move the data file first, then the model, so a reader of the final model never
-    sees it without its weights; with overwrite, drop a stale data file. Without it
-    both are created only where nothing is (staging.place_file)."""
-    data_name = f"{path.name}.data"
-    final_data = path.with_name(data_name)
-    if external:
-        staging.place_file(tmp_path.with_name(data_name), final_data, overwrite)
-    try:
-        staging.place_file(tmp_path, path, overwrite)
-    except BaseException:
-        if external and not overwrite:  # created by us a moment ago: nobody else's
-            final_data.unlink(missing_ok=True)
-        raise
-    if overwrite and not external and final_data.exists():
-        final_data.unlink()  # left over from an earlier large export to this path
 
 
 def name_values(graph, input_names: Sequence[str], output_names: Sequence[str]) -> None:

@@ -40,6 +40,7 @@ changes, computed by the merge's math (lora_deploy.merge.delta) from the checkpo
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 import shutil
@@ -58,16 +59,19 @@ from lora_deploy.arrays import all_finite
 from lora_deploy.backends.onnxrt.genai import GENAI_CONFIG, read_genai_config
 from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
 from lora_deploy.errors import BadInputError, CheckpointError, NonFiniteError, OutputError
-from lora_deploy.export import graph as onnx_graph
+from lora_deploy.export import files as onnx_files
 from lora_deploy.export.genai import MANIFEST as GENAI_MANIFEST
 from lora_deploy.export.layouts import Layout, Mapping, detect
-from lora_deploy.io.checkpoint import DTYPES, Checkpoint, TensorInfo, pread_all
+from lora_deploy.io.checkpoint import DTYPES, Checkpoint, TensorInfo, as_array, pread_all
+from lora_deploy.io.onnx_proto import onnx_protos
 from lora_deploy.io.staging import check_output, output_error, staging_dir, sync_path
 from lora_deploy.io.stream import copy_except, write_at
 from lora_deploy.merge.delta import merged_bias, merged_weight
 
-# Tensors are compared with the checkpoint this many bytes at a time.
+# Tensors are compared with the checkpoint this many bytes at a time; blocks of MAP_BLOCK
+# bytes or more are mapped rather than read.
 COMPARE_BLOCK = 16 * 1024 * 1024
+MAP_BLOCK = 1024 * 1024
 # base_check="sampled": blocks of SAMPLE_VALUES values compared per untouched tensor.
 SAMPLE_BLOCKS = 8
 SAMPLE_VALUES = 4096
@@ -162,8 +166,6 @@ def merge_onnx(
     ``out`` (and ``<out>.data``) follow the output policy: never an input, replaced only
     with ``overwrite``.
     """
-    import onnx
-
     start = time.perf_counter()
     base_dir, base_graph, out = Path(base_dir), Path(base_graph), Path(out)
     if base_check not in BASE_CHECKS:
@@ -179,15 +181,12 @@ def merge_onnx(
         raise BadInputError(f"{base_graph}: no such ONNX file or onnxruntime-genai folder")
     elif out.suffix != ".onnx":
         raise BadInputError(f"{out}: the merged graph's name must end in .onnx")
-    try:
-        model = onnx.load(str(base_graph), load_external_data=False)
-    except Exception as err:  # protobuf raises DecodeError and others
-        raise BadInputError(f"{base_graph}: not an ONNX model ({type(err).__name__})") from err
+    model = onnx_files.load_model(base_graph)
     refuse_quantized(model, base_graph)
     data_file, inits = read_initializers(model, base_graph)
     inputs = [base_dir, Path(adapter_dir), folder, base_graph, data_file]
     if folder is None:
-        onnx_graph.check_output(out, inputs, overwrite)
+        onnx_files.check_output(out, inputs, overwrite)
     else:
         check_output(out, inputs, overwrite, directory=True)
     with Checkpoint(base_dir) as ckpt, threadpool_limits(limits=1, user_api="blas"):
@@ -206,7 +205,7 @@ def merge_onnx(
                 tmp_path = tmp_dir / out.name
                 merged = write_graph(model, inits, ckpt, plan, changed, mapped, data_file, tmp_path, durable)
                 try:
-                    onnx_graph.move_into_place(tmp_path, out, data_file is not None, overwrite)
+                    onnx_files.move_into_place(tmp_path, out, data_file is not None, overwrite)
                 except OSError as exc:
                     raise output_error(out, exc, "cannot move the output into place") from exc
         else:
@@ -321,8 +320,7 @@ def is_float(dtype: np.dtype) -> bool:
 
 def read_initializers(model: Any, path: Path) -> tuple[Path | None, dict[str, Initializer]]:
     """The graph's initializers by name and the one external data file they use (if any)."""
-    from onnx import TensorProto
-
+    external = onnx_protos().TensorProto.EXTERNAL
     inits: dict[str, Initializer] = {}
     locations: set[str] = set()
     for proto in model.graph.initializer:
@@ -331,7 +329,7 @@ def read_initializers(model: Any, path: Path) -> tuple[Path | None, dict[str, In
         if proto.name in inits:
             raise BadInputError(f"{path}: initializer {proto.name} appears twice")
         init = Initializer(proto, BY_ONNX[proto.data_type].numpy, tuple(int(d) for d in proto.dims))
-        if proto.data_location == TensorProto.EXTERNAL:
+        if proto.data_location == external:
             entries = {e.key: e.value for e in proto.external_data}
             try:
                 locations.add(entries["location"])
@@ -440,8 +438,8 @@ def same_values(
     data_file = graph_path.parent / location_of(init)
     fd = os.open(data_file, os.O_RDONLY)
 
-    def graph(start: int, length: int) -> bytes:
-        return pread_all(fd, length, init.offset + start, data_file)
+    def graph(start: int, length: int) -> bytes | memoryview:
+        return read_block(fd, init.offset + start, length, data_file)
 
     try:
         first = 0  # where the source starts: in values, or in the transposed graph's columns
@@ -467,14 +465,19 @@ def same_flat(graph, init: Initializer, ckpt: Checkpoint, info: TensorInfo, firs
         raw = ckpt_block(ckpt, info, start * size_c, n * size_c)
         theirs = graph((first + start) * size_g, n * size_g)
         if info.np_dtype == init.dtype:
-            # Same dtype (--dtype auto): the bytes must be equal, a memcmp.
-            if raw != theirs:
+            # Same dtype (--dtype auto): the bytes must be equal.
+            if not same_bytes(raw, theirs):
                 return False
             continue
         ours = converted(np.frombuffer(raw, info.np_dtype), init.dtype)
         if not np.array_equal(as_bits(ours), np.frombuffer(theirs, init.dtype).view(as_bits(ours).dtype)):
             return False
     return True
+
+
+def same_bytes(a: bytes | memoryview, b: bytes | memoryview) -> bool:
+    """Byte for byte, vectorized (a memoryview's == compares element by element)."""
+    return len(a) == len(b) and bool(np.array_equal(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)))
 
 
 def same_transposed(
@@ -535,8 +538,32 @@ def compared_blocks(count: int, itemsize: int, samples: int | None) -> list[tupl
     return [(first, SAMPLE_VALUES) for first in starts]
 
 
-def ckpt_block(ckpt: Checkpoint, info: TensorInfo, start: int, length: int) -> bytes:
-    return ckpt.read_bytes(replace(info, start=info.start + start, end=info.start + start + length))
+def ckpt_block(ckpt: Checkpoint, info: TensorInfo, start: int, length: int) -> bytes | memoryview:
+    if length < MAP_BLOCK:
+        return ckpt.read_bytes(replace(info, start=info.start + start, end=info.start + start + length))
+    try:
+        fd = os.open(info.file, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"{info.file}: cannot open ({exc.strerror})") from None
+    try:
+        return read_block(fd, info.start + start, length, info.file)
+    finally:
+        os.close(fd)  # a mapping outlives its descriptor
+
+
+def read_block(fd: int, offset: int, length: int, path: Path) -> bytes | memoryview:
+    """Bytes [offset, offset + length) of an open file: a large block mapped read-only (no
+    copy into fresh memory: 5x less CPU than a pread here), a small one read; a file
+    system that cannot map files is read too."""
+    if length >= MAP_BLOCK:
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapping = mmap.mmap(fd, offset + length - base, prot=mmap.PROT_READ, offset=base)
+        except (OSError, ValueError):  # cannot map, or shorter than that: pread says which
+            pass
+        else:
+            return memoryview(mapping)[offset - base :]
+    return pread_all(fd, length, offset, path)
 
 
 def location_of(init: Initializer) -> str:
@@ -554,9 +581,26 @@ def as_bits(values: np.ndarray) -> np.ndarray:
 
 
 def inline_array(init: Initializer) -> np.ndarray:
+    """An initializer stored in the graph, as an array. Its raw bytes are read directly
+    (what onnx.numpy_helper.to_array does for them); other storage goes through onnx."""
+    proto = init.proto
+    count = int(np.prod(init.shape, dtype=np.int64))
+    if proto.HasField("raw_data") and len(proto.raw_data) == count * init.dtype.itemsize:
+        return np.frombuffer(proto.raw_data, init.dtype.newbyteorder("<")).reshape(init.shape)
     from onnx import numpy_helper
 
-    return np.asarray(numpy_helper.to_array(init.proto)).astype(init.dtype, copy=False)
+    return np.asarray(numpy_helper.to_array(proto)).astype(init.dtype, copy=False)
+
+
+def inline_tensor(values: np.ndarray, name: str, proto: Any) -> Any:
+    """A TensorProto of `proto`'s type holding `values` (of its dtype) as raw little-endian
+    bytes, as onnx.numpy_helper.from_array makes one."""
+    return type(proto)(
+        name=name,
+        dims=values.shape,
+        data_type=proto.data_type,
+        raw_data=values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes(),
+    )
 
 
 # ---------------------------------------------------------------- write ----
@@ -613,8 +657,6 @@ def write_merged(
     """Compute every initializer a changed tensor maps to, in the graph's dtype, and put it
     where the base's was; returns their names. A packed one is the transform of its merged
     and untouched sources. `wait`: set once `data_out` exists."""
-    from onnx import numpy_helper
-
     bias_of = {t.bias_key: t for t in plan.targets.values() if t.bias_key}
     fd = None
     written = []
@@ -633,7 +675,7 @@ def write_merged(
             values = np.ascontiguousarray(mapping.apply(parts))
             written.append(name)
             if init.offset is None:
-                init.proto.CopyFrom(numpy_helper.from_array(values, name))
+                init.proto.CopyFrom(inline_tensor(values, name, init.proto))
                 continue
             if fd is None:
                 if wait is not None:
@@ -663,7 +705,8 @@ def merged_tensor(ckpt: Checkpoint, info: TensorInfo, plan: MergePlan, bias_of: 
         return merged_bias(bias_of[info.name].module, ckpt.read(info.name)).astype(dtype, copy=False)
     target = plan.targets[info.name]
     w0 = plan.replacements.get(info.name)
-    base_weight = ckpt.read(info.name) if w0 is None else w0
+    # Read-only over one read of its bytes (Checkpoint.read would copy them once more).
+    base_weight = as_array(ckpt.read_bytes(info), info) if w0 is None else w0
     module = target.module
     if module.magnitude is None:
         return merged_weight(module, target.kind, base_weight, dtype)

@@ -64,6 +64,11 @@ READAHEAD = 1024 * 1024 * 1024
 PREFETCH_STEP = 32 * 1024 * 1024
 # Shards are mapped a window at a time, so resident memory stays a few windows, not a shard.
 WINDOW = 64 * 1024 * 1024
+# Pieces the writer thread may have queued: up to WRITE_AHEAD * CHUNK bytes of copies
+# (views of the mapped shards, not memory) or WRITE_AHEAD * WRITE_PIECE of computed bytes.
+# Deep enough that the kernel copies a layer's untouched tensors while the merge computes
+# the next adapted one, rather than each waiting for the other.
+WRITE_AHEAD = 16
 
 
 class Worker:
@@ -387,7 +392,7 @@ class BinaryFile:
             raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
         self.size = 0
         self._sha = HashThread(algorithms)
-        self._writer = Worker(self._write_and_hash)
+        self._writer = Worker(self._write_and_hash, depth=WRITE_AHEAD)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")

@@ -7,6 +7,8 @@ in float16/bfloat16 can land one ulp away from the correctly rounded sum.)
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from lora_deploy.adapter.read import LoraModule, weight_shape
@@ -55,6 +57,21 @@ def merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float3
     return MERGED_WEIGHT[module.variant](module, kind, w0, dtype)
 
 
+_scratch = threading.local()
+
+
+def block_scratch(size: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """This thread's float32 arrays for a block of `size` elements: the product, the
+    widened W0, and round_to_float16's scratch. Reused from block to block, so the merge
+    does not fault in fresh pages for every block."""
+    arrays = getattr(_scratch, "arrays", None)
+    if arrays is None or arrays[0].size < size:
+        n = max(size, BLOCK_ELEMENTS)
+        arrays = np.empty(n, np.float32), np.empty(n, np.float32), (np.empty(n, np.float32), np.empty(n, np.uint32))
+        _scratch.arrays = arrays
+    return arrays
+
+
 def lora_merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float32) -> np.ndarray:
     """W0 + s B A, a block of rows at a time: each block is multiplied, scaled, added and
     rounded while in cache, and no float32 copy of the whole weight is made."""
@@ -65,12 +82,14 @@ def lora_merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.f
     rows = max(1, BLOCK_ELEMENTS // max(1, right.shape[1]))
 
     def merge_block(i: int) -> None:
-        block = left[i : i + rows] @ right
-        block *= scaling
         w = base[i : i + rows]
-        block += widen_float16(w) if w.dtype == np.float16 else w  # numpy casts the others
+        product, wide, scratch = block_scratch(w.size)
+        block = product[: w.size].reshape(w.shape)
+        np.matmul(left[i : i + rows], right, out=block)
+        block *= scaling
+        block += widen_float16(w, wide[: w.size]) if w.dtype == np.float16 else w  # numpy casts the others
         if out.dtype == np.float16:
-            round_to_float16(block, out[i : i + rows])  # the one rounding
+            round_to_float16(block, out[i : i + rows], scratch)  # the one rounding
         else:
             out[i : i + rows] = block  # the one rounding
 

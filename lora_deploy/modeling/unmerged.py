@@ -9,14 +9,13 @@ on a robot controller alike: anything whose submodule names match the adapter's.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_deploy.adapter.plan import find_rename
+from lora_deploy.adapter.plan import choose_prefix
 from lora_deploy.adapter.read import Adapter, LoraModule, load_adapter
 from lora_deploy.arrays import from_torch, to_torch
 from lora_deploy.errors import AdapterError
@@ -58,15 +57,6 @@ def attach(model: nn.Module, adapter: Adapter | str | os.PathLike) -> AttachedAd
         handle.hooks.append(layer.register_forward_hook(lora_hook(layer, lora)))
     replace_parameters(model, adapter, rename, handle)
     return handle
-
-
-def choose_prefix(names: list[str], modules: Mapping[str, object]) -> Callable[[str], str]:
-    """Adapter module paths may carry one extra or one missing leading component."""
-    rename = find_rename(names, modules, lambda name: name in modules)
-    if rename is not None:
-        return rename
-    missing = next(n for n in names if n not in modules)
-    raise AdapterError(f"adapter module {missing!r} not found in the model: is this adapter for another model?")
 
 
 def layer_kind(layer: nn.Module) -> str:

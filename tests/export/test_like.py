@@ -9,6 +9,9 @@ once (with external data); an inline copy is made from it without a second expor
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -75,6 +78,39 @@ def test_equals_a_fresh_export_of_the_merged_checkpoint(case, graph, tmp_path):
     feed = sample_inputs(load_config(base), batch=3, seq=11)
     np.testing.assert_array_equal(ort_logits(out, feed), ort_logits(root / "fresh.onnx", feed))
     onnx.checker.check_model(str(out))
+
+
+STARTS_BARE = """
+import sys
+from pathlib import Path
+from lora_deploy.export.like import merge_onnx
+base, adapter, graph, out = sys.argv[1:5]
+merge_onnx(base, adapter, graph, out)
+heavy = sorted(m for m in ("torch", "onnx", "ml_dtypes", "transformers") if m in sys.modules)
+assert not heavy, heavy
+import onnx  # the protobuf classes read without it are onnx's own
+assert onnx.ModelProto is type(onnx.load(out, load_external_data=False))
+"""
+
+
+@pytest.mark.parametrize("graph", ["base.onnx", "inline.onnx"])
+def test_needs_neither_torch_nor_onnx_and_writes_the_same_bytes(case, graph, tmp_path):
+    """The command's start-up cost: merge_onnx reads and writes the graph's protobuf with
+    onnx's generated classes alone (io/onnx_proto.py), and its output is byte for byte
+    what it writes in a process where onnx is imported."""
+    base, adapter, root = case
+    bare, here = tmp_path / "bare" / "merged.onnx", tmp_path / "here" / "merged.onnx"
+    bare.parent.mkdir()
+    here.parent.mkdir()
+    subprocess.run(
+        [sys.executable, "-c", STARTS_BARE, str(base), str(adapter), str(root / graph), str(bare)],
+        check=True,
+        cwd=tmp_path,
+    )
+    merge_onnx(base, adapter, root / graph, here)
+    assert sorted(p.name for p in bare.parent.iterdir()) == sorted(p.name for p in here.parent.iterdir())
+    for name in (p.name for p in here.parent.iterdir()):
+        assert (bare.parent / name).read_bytes() == (here.parent / name).read_bytes(), name
 
 
 def test_matches_the_unmerged_reference(case, tmp_path):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_deploy.adapter.plan import choose_prefix
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.adapter.variants import refuse_non_additive
 from lora_deploy.dtypes import BY_ONNX, BY_ORT
@@ -31,7 +32,6 @@ from lora_deploy.dtypes import dtype as dtype_row
 from lora_deploy.errors import AdapterError, BadInputError, NonFiniteError, OutputError
 from lora_deploy.io.staging import check_output, write_path_atomic
 from lora_deploy.merge.delta import f32
-from lora_deploy.modeling.unmerged import choose_prefix
 from lora_deploy.options import PACK_DTYPES  # the dtypes A and B may be packed in (pack --dtype)
 from lora_deploy.util import first_line
 
