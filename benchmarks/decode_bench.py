@@ -10,8 +10,9 @@ ONNX Runtime on the CPU, one run, paired and interleaved rounds on identical inp
    too (same precision, fp32). Ratios from the same rounds: merged / base, dynamic /
    merged, dynamic (no adapter) / base, multi / merged, ours / genai builder (merged).
 2. generation: tokens/s of a fixed-length greedy generation (prompt 32, N new tokens,
-   batch 1) through our ONNX Runtime loop (backends/onnxrt/decode.py), every variant
-   interleaved round by round.
+   batch 1): `bench --generate N` (our greedy loop, backends/onnxrt/decode.py, on each
+   variant's timed session), every variant interleaved round by round, with the prefill
+   and per-token decode latencies.
 
 The model is LLaMA-shaped with random weights (default hidden 512, 4 layers, 8 heads, 2
 key/value heads: GQA), the adapters r=8 on q_proj/v_proj with random non-zero factors.
@@ -28,16 +29,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from lora_deploy.backends.onnxrt.decode import KvGraph, onnx_generator
 from lora_deploy.backends.onnxrt.lora_format import pack_adapter
-from lora_deploy.bench.report import machine_info, to_markdown, write_json
+from lora_deploy.bench.machine import machine_info
+from lora_deploy.bench.report import to_markdown
 from lora_deploy.bench.run import run_bench
+from lora_deploy.bench.schema import write_json
 from lora_deploy.bench.stats import bootstrap_median_ci, paired_ratios
-from lora_deploy.bench.timing import measure_interleaved
 from lora_deploy.export.generation import export_generation, export_generation_adapters
 from lora_deploy.merge.streaming import merge
 
@@ -161,30 +161,25 @@ def ratios(report: dict) -> dict:
     return out
 
 
-def generation(files: dict[str, Path], threads: int, rounds: int, n_new: int, vocab: int) -> dict:
-    """Tokens/s of a greedy generation of n_new tokens after a 32-token prompt, batch 1."""
-    prompt = [np.random.default_rng(0).integers(3, vocab, size=32).tolist()]
-    dynamic = KvGraph(files["dynamic"], threads=threads)
-    multi = KvGraph(files["multi"], threads=threads)
-    gens = {
-        "base": onnx_generator(KvGraph(files["base"], threads=threads)),
-        "merged": onnx_generator(KvGraph(files["merged"], threads=threads)),
-        "dynamic": onnx_generator(dynamic, adapter=files["packed"]),
-        "dynamic_off": onnx_generator(dynamic),
-        "multi": onnx_generator(multi, adapter_id=0),
-    }
-    calls = {name: (lambda g=g: g(prompt, n_new)) for name, g in gens.items()}
-    times = measure_interleaved(calls, warmup=2, rounds=rounds)
+def generation(models: dict[str, Path], adapters: dict[str, Path], threads: int, rounds: int, n_new: int) -> dict:
+    """Tokens/s of a greedy generation of n_new tokens after a 32-token prompt, batch 1:
+    `bench --generate` (run_bench(generate=...)), every variant interleaved round by round."""
+    report = run_bench(
+        models, adapters=adapters, reference="base", shapes="1x32", generate=n_new, threads=threads, rounds=rounds
+    )
     result = {"prompt": 32, "new_tokens": n_new, "batch": 1, "rounds": rounds, "variants": {}}
-    for name, samples in times.items():
-        median = float(np.median(samples))
-        result["variants"][name] = {"median_s": median, "tokens_per_s": n_new / median}
-    for name, ref in PAIRS:
-        if name in times and ref in times:
-            result["variants"][name][f"vs_{ref}"] = dict(
-                zip(("median", "low", "high"), bootstrap_median_ci(paired_ratios(times[ref], times[name])))
-            )
-    return result
+    pairs = ratios(report)["1x32"]
+    for name, entry in report["results"]["1x32"]["variants"].items():
+        gen = entry["generation"]
+        result["variants"][name] = {
+            "median_s": entry["p50_ms"] / 1000,
+            "tokens_per_s": entry["throughput"]["tokens_per_s"],
+            "prefill_ms": gen["prefill_p50_ms"],
+            "decode_step_ms": gen["decode_p50_ms"],
+            "decode_step_p99_ms": gen["decode_p99_ms"],
+            **{f"vs_{ref}": pairs[f"{name}/{ref}"] for mine, ref in PAIRS if mine == name and f"{name}/{ref}" in pairs},
+        }
+    return result, report
 
 
 def main() -> None:
@@ -227,12 +222,12 @@ def main() -> None:
         "kv_heads": max(1, args.hidden // 64 // 4),
         "adapters": [{"r": 8, "targets": ["q_proj", "v_proj"]}] * 2,
     }
-    summary = {
-        "pairs": ratios(report),
-        "generation": generation(files, args.threads, max(3, args.rounds // 5), args.new_tokens, args.vocab),
-        "machine": machine_info(args.threads),
-    }
+    gen, gen_report = generation(
+        models, {"dynamic": files["packed"]}, args.threads, max(3, args.rounds // 5), args.new_tokens
+    )
+    summary = {"pairs": ratios(report), "generation": gen, "machine": machine_info(args.threads)}
     write_json(report, args.out / "decode_latency.json", overwrite=True)  # a rerun replaces its results
+    write_json(gen_report, args.out / "decode_generation.json", overwrite=True)
     (args.out / "decode_latency.md").write_text(to_markdown(report))
     (args.out / "decode_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(to_markdown(report))

@@ -169,6 +169,11 @@ class TimedModel:
     blamed on the adapter or on the model. `extra_inputs(batch)` supplies
     backend-specific inputs (adapter_ids). `example_feed` holds the inputs the model
     declares for itself (a plain torch module's `example_inputs()`), if any.
+    `bind_generation(input_ids, attention_mask, n_new, record)`, for a model that can
+    generate (a KV-cache graph), returns a zero-argument callable running one greedy
+    generation of `n_new` tokens per row that ends by calling `record(step_seconds)` (the
+    prefill, then each decode step) and returns the Generation (timing ignores it); None
+    when the model cannot.
     """
 
     name: str
@@ -180,6 +185,9 @@ class TimedModel:
     extra_inputs: Callable[[int], Feed] = lambda batch: {}
     details: dict[str, Any] = field(default_factory=dict)
     example_feed: Feed | None = None
+    bind_generation: (
+        Callable[[np.ndarray, np.ndarray, int, Callable[[list[float]], None]], Callable[[], Any]] | None
+    ) = None
 
     def close(self) -> None:
         """Release the session or model."""

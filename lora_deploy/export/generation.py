@@ -23,19 +23,28 @@ Each graph is proven before it is moved into place: onnx.checker, then ONNX Runt
 against the torch model at the traced step, at a prefill (past 0) and at a one-token
 decode step with another batch size (adapter graphs: with the LoRA inputs fed and at
 their defaults).
+
+`export_generation(stream_weights=True)` traces the same function on a decoder built in
+FakeTensorMode (`trace_fake_kv`), names its dims as the loaded export does, and streams the
+initializers from the checkpoint (export/streamed.py's write_streamed), proving it at the
+same steps on the real model or on a one-layer proxy of its config.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from lora_deploy.adapter.read import load_adapter
 from lora_deploy.adapter.variants import refuse_non_additive
@@ -44,6 +53,7 @@ from lora_deploy.backends.onnxrt.lora_format import METADATA_KEY, check_output_f
 from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
 from lora_deploy.backends.onnxrt.sessions import BASE_ID, IDS_INPUT
 from lora_deploy.compare import Comparison, compare_array, tolerance
+from lora_deploy.dtypes import of_torch
 from lora_deploy.errors import BadInputError, ExportError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.export.dynamic import (
@@ -60,17 +70,21 @@ from lora_deploy.export.dynamic import (
 )
 from lora_deploy.export.model import ExportResult, _check_onnx, resolve_dtype
 from lora_deploy.export.multi import adapter_names, bank_dims, banked_update, build_banks, example_banks
+from lora_deploy.io.checkpoint import check_checkpoint
 from lora_deploy.modeling.generation import KvCacheWrapper, example_cache_inputs, forward_with_cache, load_decoder
 from lora_deploy.modeling.hf import parse_dtype
 from lora_deploy.modeling.tasks import (
     ATTENTION_MASK,
     BATCH_DIM,
+    CAUSAL_LM,
     LOGITS,
     PAST_DIM,
     SEQUENCE_DIM,
     TEXT_GENERATION_WITH_PAST,
     TOTAL_DIM,
     KvLayout,
+    kv_layout,
+    load_config,
 )
 
 # (batch, new tokens, past) of the traced example: none 0 or 1 (the exporter would
@@ -105,26 +119,35 @@ def export_generation(
     overwrite: bool = False,
     stream_weights: bool = False,
     parity: str = "auto",
+    module: str | None = None,
+    inputs_path: str | os.PathLike | None = None,
+    static: bool = False,
+    part: str | None = None,
 ) -> ExportResult:
     """Export a decoder checkpoint with its key/value cache as inputs and outputs, checked
     in ONNX Runtime against torch at a cached step, a prefill and a decode step.
 
     Takes export_checkpoint's options (ExportOptions) so the CLI calls either the same way;
-    `task` must be text-generation-with-past, `stream_weights` is not supported here yet.
+    `task` must be text-generation-with-past. `stream_weights` traces the decoder without
+    its weights and streams them from the checkpoint (export/streamed.py); `parity` (auto,
+    full, proxy, skip) then says where the ONNX Runtime check runs, as there. The plain
+    module options (`module`, `inputs_path`, `static`, `part`) do not apply to a KV-cache graph.
     """
     path = Path(path)
     if task != TEXT_GENERATION_WITH_PAST:
         raise BadInputError(f"export_generation exports task {TEXT_GENERATION_WITH_PAST}, not {task!r}")
-    if stream_weights or parity != "auto":
-        raise BadInputError(f"--stream-weights is not supported for --task {TEXT_GENERATION_WITH_PAST} yet")
+    if module is not None or inputs_path is not None or static or part is not None:
+        raise BadInputError(f"--module, --inputs, --static and --part export plain modules, not --task {task}")
     onnx_graph.check_output(path, [model_dir], overwrite)
     dtype, dtype_source = resolve_dtype(model_dir, dtype)
     torch_dtype = parse_dtype(dtype)
+    if stream_weights:
+        return export_generation_streamed(model_dir, path, torch_dtype, dtype_source, opset, overwrite, parity)
+    if parity != "auto":
+        raise BadInputError("parity applies to stream_weights exports (a loaded model is always checked)")
     model, layout = load_decoder(model_dir, torch_dtype)
     wrapper = KvCacheWrapper(model, layout).eval()
-    points = [example_cache_inputs(model, layout, *shape, seed=i, dtype=torch_dtype) for i, shape in enumerate(PROVEN)]
-    with torch.inference_mode():
-        expected = [wrapper(inputs, past) for inputs, past in points]
+    points, expected = proof_points(model, layout, torch_dtype)
     inputs, past = points[0]
     program = onnx_graph.run_exporter(
         wrapper,
@@ -142,23 +165,8 @@ def export_generation(
     if opset is not None and opset_used != opset:
         raise ExportError(f"requested opset {opset} but the exporter produced opset {opset_used}")
 
-    def prove(tmp: Path) -> float | None:
-        _check_onnx(tmp)
-        worst = None
-        with OnnxrtRunner(tmp, name="export-check") as runner:
-            for (inputs, past), want in zip(points, expected):
-                try:
-                    got = runner.infer(feed_of(layout, inputs, past))
-                except BadInputError as err:
-                    raise ExportError(f"ONNX Runtime cannot run the exported graph: {err}") from None
-                for name, tensor in zip(layout.output_names, want):
-                    result = compare_real(name, got[name], from_torch(tensor), from_torch(inputs[1]), dtype)
-                    result.raise_for(ExportError, "ONNX Runtime differs from torch")
-                    if result.max_abs is not None:
-                        worst = result.max_abs if worst is None else max(worst, result.max_abs)
-        return worst
-
     path.parent.mkdir(parents=True, exist_ok=True)
+    prove = lambda tmp: prove_kv(tmp, layout, points, expected, dtype)  # noqa: E731
     max_err = onnx_graph.save_atomic(ir_model, path, prove, overwrite=overwrite, inputs=[model_dir])
     return ExportResult(
         path=path,
@@ -169,6 +177,166 @@ def export_generation(
         dtype=dtype,
         opset=opset_used,
         dtype_source=dtype_source,
+    )
+
+
+def proof_points(model, layout: KvLayout, torch_dtype: torch.dtype) -> tuple[list, list]:
+    """The PROVEN steps' inputs (model inputs, past) and torch's outputs at each."""
+    points = [example_cache_inputs(model, layout, *shape, seed=i, dtype=torch_dtype) for i, shape in enumerate(PROVEN)]
+    wrapper = KvCacheWrapper(model, layout).eval()
+    with torch.inference_mode():
+        expected = [wrapper(inputs, past) for inputs, past in points]
+    return points, expected
+
+
+def prove_kv(tmp: Path, layout: KvLayout, points: list, expected: list, dtype: str) -> float | None:
+    """onnx.checker, then ONNX Runtime against torch's outputs at every proof point (real
+    positions only, the dtype's tolerance): ExportError on a difference; the largest error."""
+    _check_onnx(tmp)
+    worst = None
+    with OnnxrtRunner(tmp, name="export-check") as runner:
+        for (inputs, past), want in zip(points, expected):
+            try:
+                got = runner.infer(feed_of(layout, inputs, past))
+            except BadInputError as err:
+                raise ExportError(f"ONNX Runtime cannot run the exported graph: {err}") from None
+            for name, tensor in zip(layout.output_names, want):
+                result = compare_real(name, got[name], from_torch(tensor), from_torch(inputs[1]), dtype)
+                result.raise_for(ExportError, "ONNX Runtime differs from torch")
+                if result.max_abs is not None:
+                    worst = result.max_abs if worst is None else max(worst, result.max_abs)
+    return worst
+
+
+# ---------------------------------------------------------------- streamed ----
+
+
+def trace_fake_kv(config, layout: KvLayout, torch_dtype: torch.dtype, opset: int | None) -> tuple[Any, nn.Module]:
+    """(ONNX program, fake wrapper): the KV-cache function traced on a decoder built from its
+    config inside FakeTensorMode (no weights), at the TRACED step. As torch.onnx.export
+    traces a real module: non-strict, size-oblivious, deferred runtime asserts."""
+    import transformers
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inputs, past = example_cache_inputs(SimpleNamespace(config=config), layout, *TRACED, dtype=torch_dtype)
+    dynamic = torch.export.Dim.DYNAMIC
+    dims = [{axis: dynamic for axis in d} for d in cache_dims(layout)]
+    try:
+        with (
+            onnx_graph.quiet_exporter(),
+            FakeTensorMode(allow_non_fake_inputs=True),
+            torch.fx.experimental._config.patch(backed_size_oblivious=True),
+        ):
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, dtype=torch_dtype, attn_implementation="eager"
+            ).eval()
+            wrapper = KvCacheWrapper(model, layout)
+            exported = torch.export.export(
+                wrapper,
+                (inputs, past),
+                dynamic_shapes=(dims[: len(inputs)], dims[len(inputs) :]),
+                strict=False,
+                prefer_deferred_runtime_asserts_over_guards=True,
+            )
+    except Exception as err:
+        raise ExportError(f"torch.export failed on the fake model: {onnx_graph.exporter_summary(err)}") from err
+    program = onnx_graph.run_exporter(exported, output_names=layout.output_names, opset=opset)
+    return program, wrapper
+
+
+_SYMBOL = re.compile(r"\b[su]\d+\b")
+
+
+def name_cache_dims(model: Any, layout: KvLayout) -> None:
+    """The traced graph's symbolic dims named as export_generation names them: inputs by
+    cache_dims ("batch", "sequence", "total_sequence", "past_sequence"), outputs' dims
+    rewritten in those names ("past_sequence + sequence")."""
+    import onnx_ir as ir
+
+    names: dict[str, str] = {}
+    for value, labels in zip(model.graph.inputs, cache_dims(layout)):
+        dims = list(value.shape)
+        for axis, label in labels.items():
+            if isinstance(dims[axis], ir.SymbolicDim) and dims[axis].value:
+                names.setdefault(dims[axis].value, label)
+            dims[axis] = ir.SymbolicDim(label)
+        value.shape = ir.Shape(dims)
+    for value in model.graph.outputs:
+        if value.shape is None:
+            continue
+        dims = [
+            ir.SymbolicDim(_SYMBOL.sub(lambda m: names.get(m.group(0), m.group(0)), d.value))
+            if isinstance(d, ir.SymbolicDim) and d.value
+            else d
+            for d in value.shape
+        ]
+        value.shape = ir.Shape(dims)
+
+
+def export_generation_streamed(
+    model_dir: str | os.PathLike,
+    path: Path,
+    torch_dtype: torch.dtype,
+    dtype_source: str,
+    opset: int | None,
+    overwrite: bool,
+    parity_mode: str = "auto",
+) -> ExportResult:
+    """export_generation(stream_weights=True): the KV-cache function traced without weights
+    (trace_fake_kv), its initializers streamed from the checkpoint by name, proven at the
+    PROVEN steps on the real model or on a one-layer proxy (export/streamed.py)."""
+    from lora_deploy.export import streamed
+
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    layout = kv_layout(config)
+    check_checkpoint(model_dir)
+    streamed.parity_plan(0, parity_mode)  # an unknown mode is refused before the work
+    dtype = of_torch(torch_dtype).name
+    program, wrapper = trace_fake_kv(config, layout, torch_dtype, opset)
+    ir_model = program.model
+    onnx_graph.name_values(ir_model.graph, layout.input_names, layout.output_names)
+    onnx_graph.rename_tied(ir_model.graph, wrapper)
+    onnx_graph.strip_prefix(ir_model.graph, KvCacheWrapper.PARAM_PREFIX)
+    name_cache_dims(ir_model, layout)
+    ir_model.metadata_props[METADATA_KEY] = json.dumps({"format": "kv-cache", "kv_cache": layout.to_dict()})
+    opset_used = ir_model.opset_imports.get("", 0)
+    if opset is not None and opset_used != opset:
+        raise ExportError(f"requested opset {opset} but the exporter produced opset {opset_used}")
+    buffers = streamed.real_buffers(config, CAUSAL_LM, torch_dtype)
+    del program, wrapper
+
+    def parity(tmp: Path) -> float | None:
+        model, _ = load_decoder(model_dir, torch_dtype)
+        points, expected = proof_points(model, layout, torch_dtype)
+        del model  # the torch model goes before the ORT session comes
+        return prove_kv(tmp, layout, points, expected, dtype)
+
+    def proxy() -> tuple[float | None, str]:
+        import tempfile
+
+        import transformers
+
+        small = streamed.proxy_config(config)
+        with tempfile.TemporaryDirectory(prefix="lora-deploy-proxy-") as tmp:
+            torch.manual_seed(0)
+            transformers.AutoModelForCausalLM.from_config(small, dtype=torch_dtype).save_pretrained(tmp)
+            result = export_generation_streamed(tmp, Path(tmp) / "proxy.onnx", torch_dtype, "", opset, False, "full")
+        return result.max_abs_error, f"checked on a 1-layer proxy of the config, vocab {small.vocab_size}"
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    max_err, status = streamed.write_streamed(ir_model, model_dir, path, buffers, parity, proxy, parity_mode, overwrite)
+    return ExportResult(
+        path=path,
+        task=TEXT_GENERATION_WITH_PAST,
+        input_names=tuple(layout.input_names),
+        output_names=tuple(layout.output_names),
+        max_abs_error=max_err,
+        dtype=dtype,
+        opset=opset_used,
+        dtype_source=dtype_source,
+        weights="streamed",
+        parity=status,
     )
 
 

@@ -247,13 +247,33 @@ def export_streamed(
     if opset is not None and opset_used != opset:
         raise ExportError(f"requested opset {opset} but the exporter produced opset {opset_used}")
     buffers = real_buffers(config, task, torch_dtype)
+    del program
+    max_err, status = write_streamed(
+        model, model_dir, path, buffers, lambda tmp: parity(tmp, wrapper.output_names), proxy, parity_mode, overwrite
+    )
+    return wrapper, max_err, opset_used, status
+
+
+def write_streamed(
+    model: Any,
+    model_dir: Path,
+    path: Path,
+    buffers: Mapping[str, np.ndarray],
+    parity,
+    proxy,
+    parity_mode: str,
+    overwrite: bool,
+) -> tuple[float | None, str]:
+    """A traced-fake ONNX model (onnx-ir, initializers named as the checkpoint's tensors)
+    with its initializers streamed from `model_dir` into ``<name>.data``, saved in a
+    staging directory, proven (``parity(tmp_path)`` on the real model or ``proxy()``, as
+    `parity_plan` decides) and moved into place. Returns (max abs error or None, status)."""
+    import onnx_ir as ir
+
     with Checkpoint(model_dir) as ckpt, staging_dir(path, rename=False, overwrite=overwrite) as tmp_dir:
         tmp_path = tmp_dir / path.name
         data_path = tmp_dir / f"{path.name}.data"
         weight_bytes = stream_initializers(model, ckpt, buffers, data_path)
-        del program
-        import onnx_ir as ir
-
         try:
             ir.save(model, tmp_path)
         except (OSError, ValueError) as err:
@@ -262,7 +282,7 @@ def export_streamed(
         where, why = parity_plan(weight_bytes, parity_mode)
         max_err, status = None, f"skipped: {why}"
         if where == "full":
-            max_err, status = parity(tmp_path, wrapper.output_names), "checked"
+            max_err, status = parity(tmp_path), "checked"
         elif where == "proxy" and proxy is not None:
             max_err, status = proxy()
             status = f"{status} ({why})"
@@ -270,4 +290,4 @@ def export_streamed(
             onnx_graph.move_into_place(tmp_path, path, True, overwrite)
         except OSError as exc:
             raise output_error(path, exc, "cannot move the output into place") from exc
-    return wrapper, max_err, opset_used, status
+    return max_err, status

@@ -145,5 +145,6 @@ def test_unsupported_family_is_refused_in_one_line_nothing_written(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "model family 'bert'" in lines[0], result.stderr
         assert not out.parent.exists()
-    with pytest.raises(BadInputError, match="stream-weights"):
+    with pytest.raises(BadInputError, match="model family 'bert'"):
         export_generation(base_dir, out, stream_weights=True)
+    assert not out.parent.exists()

@@ -9,10 +9,13 @@ from typing import Any
 import numpy as np
 
 from lora_deploy.backends.base import Feed, Runner, TimedModel
+from lora_deploy.backends.generation import Generation
 from lora_deploy.backends.onnxrt import gpu
+from lora_deploy.backends.onnxrt.decode import cache_layout, greedy
 from lora_deploy.backends.onnxrt.lora_format import check_parameters, read_adapter_file, session_inputs
 from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
 from lora_deploy.backends.onnxrt.sessions import IDS_INPUT as ADAPTER_IDS
+from lora_deploy.modeling.tasks import PAST_PREFIX
 
 
 def _ort_run_options(runner: OnnxrtRunner, adapter: Path, model_name: str) -> Any:
@@ -65,6 +68,29 @@ def _ort_binder(runner: OnnxrtRunner, run_options: Any) -> Callable[[Feed], Call
     return bind
 
 
+def _ort_generation_binder(runner: OnnxrtRunner, run_options: Any, extra_inputs: Callable[[int], Feed]) -> Callable:
+    """bind_generation for a KV-cache graph: the greedy loop of backends/onnxrt/decode.py on
+    this very session, with the adapter's RunOptions and the adapter ids on every step."""
+
+    def bind(ids: np.ndarray, mask: np.ndarray, n_new: int, record: Callable[[list[float]], None]):
+        layout, cache_dtype = cache_layout(runner.session, runner.path)
+        session, names = runner.session, runner.output_names()
+        extra = extra_inputs(ids.shape[0])
+
+        def step(feed: Feed) -> dict[str, np.ndarray]:
+            return dict(zip(names, session.run(names, feed, run_options)))
+
+        def call() -> Generation:
+            times: list[float] = []
+            generation = greedy(step, layout, cache_dtype, ids, mask, n_new, extra, times=times)
+            record(times)
+            return generation
+
+        return call
+
+    return bind
+
+
 def timed_model(
     name: str, path: Path, device: str, threads: int | None, adapter: Path | None, options: Mapping[str, Any]
 ) -> TimedModel:
@@ -88,6 +114,8 @@ def timed_model(
         runner.deactivate()
         raise
     has_ids = ADAPTER_IDS in runner.input_metadata()
+    extra_inputs = _adapter_ids_input(runner, n_adapters)
+    generates = any(name.startswith(PAST_PREFIX) for name in runner.input_metadata())
     return TimedModel(
         name=name,
         path=path,
@@ -95,7 +123,8 @@ def timed_model(
         bind=_ort_binder(runner, run_options),
         adapter=adapter,
         bind_plain=_ort_binder(runner, None) if adapter is not None else None,
-        extra_inputs=_adapter_ids_input(runner, n_adapters),
+        extra_inputs=extra_inputs,
+        bind_generation=_ort_generation_binder(runner, run_options, extra_inputs) if generates else None,
         details={
             "path": str(path),
             "adapter": str(adapter) if adapter else None,
