@@ -3,8 +3,10 @@
 Schema lora-deploy.pipeline-manifest/1: the pipeline (file, SHA-256, overrides, the
 resolved document as pipeline.yaml beside it), the SHA-256 of every input and output
 file, the tool and library versions, the machine, the targets and whether they could run
-here, every step's status, timing and cache use (with how long a cached step took when
-it ran), the verify and bench results, and every gate's outcome.
+here, every step's status, timing and cache use (hit, stored, off for bench, which is
+measured on every run unless its cache is turned on; how long a cached step took when it
+ran), the verify and bench results, every gate's outcome (a regression gate with no
+previous result is "skipped", never passed), and each adapter's outcome on its own.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import yaml
 
 from lora_deploy.io.provenance import report_header
 from lora_deploy.pipeline.cache import Hasher
-from lora_deploy.pipeline.plan import Task
+from lora_deploy.pipeline.plan import BASE, Task
 from lora_deploy.pipeline.spec import Pipeline
 
 MANIFEST = "pipeline-manifest.json"
@@ -45,6 +47,7 @@ class StepRecord:
     exit_code: int | None = None
     lines: list[str] = field(default_factory=list)
     first_seconds: float | None = None  # a cached step: how long it took when it ran
+    started: float | None = None  # seconds from the run's first task to this one's start
 
     def to_dict(self) -> dict[str, Any]:
         t = self.task
@@ -55,7 +58,9 @@ class StepRecord:
             "required": t.required,
             "status": self.status,
             "cached": self.cached,
+            "started_s": None if self.started is None else round(self.started, 3),
             "seconds": round(self.seconds, 3),
+            "cache": self.cache_use(),
             "detail": self.detail,
         }
         if self.first_seconds is not None:
@@ -67,6 +72,17 @@ class StepRecord:
         data["outputs"] = self.files
         data["result"] = self.result
         return data
+
+    def cache_use(self) -> str | None:
+        """hit (outputs reused), stored (ran, now in the cache), off (runs every time: bench
+        unless its cache is on), not stored (failed), None (skipped: nothing ran)."""
+        if self.status == SKIPPED:
+            return None
+        if not self.task.cacheable:
+            return "off"
+        if self.cached:
+            return "hit"
+        return "stored" if self.status == PASSED else "not stored"
 
     def line(self, index: int, total: int) -> str:
         status = {PASSED: "cached" if self.cached else "ok", FAILED: "FAILED", SKIPPED: "skipped"}[self.status]
@@ -87,8 +103,9 @@ def build_manifest(
     unavailable: Mapping[str, str],
     started: float,
     failed: list[StepRecord],
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from lora_deploy.bench.report import machine_info
+    from lora_deploy.bench.machine import machine_info
 
     gates = []
     for r in records:
@@ -100,6 +117,9 @@ def build_manifest(
                 gates.append(gate_entry(r, g.get("gate"), g.get("passed"), g.get("message"), g.get("verdict")))
             if r.status == SKIPPED:
                 gates.append(gate_entry(r, "bench", None, r.detail, "skipped"))
+            skipped = (r.result.get("baseline") or {}).get("skipped")
+            if skipped:  # gates.baseline: previous with no previous result: not a pass
+                gates.append(gate_entry(r, "regression", None, f"baseline previous: {skipped}", "skipped"))
     statuses = [r.status for r in records]
     return {
         **report_header(MANIFEST_SCHEMA),
@@ -127,9 +147,27 @@ def build_manifest(
             "cached": sum(r.cached for r in records),
             "seconds": round(time.time() - started, 3),
         },
+        "run": dict(run or {}),
+        "base": unit_summary([r for r in records if r.task.unit == BASE]),
+        "adapters": {
+            name: unit_summary([r for r in records if r.task.unit == name])
+            for name in dict.fromkeys(r.task.unit for r in records if r.task.unit != BASE)
+        },
         "steps": [r.to_dict() for r in records],
         "gates": gates,
         "outputs": {name: digest for r in records for name, digest in r.files.items()},
+    }
+
+
+def unit_summary(records: list[StepRecord]) -> dict[str, Any]:
+    """One adapter's (or the base's) outcome: failed when a required step of it failed."""
+    failed = [r for r in records if r.status == FAILED]
+    return {
+        "status": "failed" if any(r.task.required for r in failed) else "passed",
+        "steps": len(records),
+        "failed": {r.task.name: r.error for r in failed},
+        "skipped": {r.task.name: r.detail for r in records if r.status == SKIPPED},
+        "seconds": round(sum(r.seconds for r in records), 3),
     }
 
 

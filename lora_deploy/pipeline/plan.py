@@ -8,13 +8,13 @@ inputs' digests) and the step function that writes its outputs.
 
 Bundle layout: `base/` (base.onnx, dynamic.onnx, genai/, <target>/base.engine) and
 `adapters/<name>/` (adapter.json, merged/, merged.onnx, adapter.onnx_adapter, genai/,
-verify.json, bench-<target>.json/.md, and per TensorRT target <target>/merged.engine or
+verify.json, verify-genai.json, bench-<target>.json/.md, and per TensorRT target <target>/merged.engine or
 refit.engine with its verify.json).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,14 @@ from pydantic import BaseModel
 from lora_deploy.errors import BadInputError
 from lora_deploy.pipeline.spec import GATE_FIELDS, STEP_KINDS, Pipeline, adapter_name
 from lora_deploy.pipeline.steps import (
+    Baseline,
     Produce,
     bench_step,
     dynamic_step,
     engine_step,
     export_step,
     genai_step,
+    genai_verify_step,
     inspect_step,
     merge_step,
     merged_graph_step,
@@ -40,6 +42,9 @@ from lora_deploy.pipeline.steps import (
 )
 
 BASE = "base"
+# Steps that load or trace torch models: torch.export and transformers' loading keep global
+# state (the default dtype, the tracer), so these run one at a time, beside the others.
+TORCH = "torch"
 
 
 @dataclass(eq=False)
@@ -56,6 +61,9 @@ class Task:
     skip: str | None = None  # why it cannot run here (its target is unavailable)
     key_inputs: dict[str, Any] | None = None  # digest material replacing `inputs` in the key
     variant: str = ""  # tells two tasks of one step and unit apart ("dynamic")
+    cacheable: bool = True  # false: run every time, never stored nor reused (bench, unless opted in)
+    exclusive: bool = False  # runs with no other task running (a measurement)
+    serial: str | None = None  # tasks of one group run one at a time (torch's tracing and loading)
 
     @property
     def name(self) -> str:
@@ -80,10 +88,15 @@ def gate_options(pipeline: Pipeline, stage: str) -> dict[str, Any]:
 
 
 def plan_tasks(
-    pipeline: Pipeline, adapters: Mapping[str, Path], unavailable: Mapping[str, str], only: set[str] | None = None
+    pipeline: Pipeline,
+    adapters: Mapping[str, Path],
+    unavailable: Mapping[str, str],
+    only: set[str] | None = None,
+    previous: Callable[[str, str], Baseline] | None = None,
 ) -> list[Task]:
     """Every task of the pipeline in run order; with `only`, the tasks of those steps and
-    the tasks they need."""
+    the tasks they need. `previous(adapter, target)`: the bench result to gate against
+    (gates.baseline: previous)."""
     steps = pipeline.step_options()
     base = Path(pipeline.base)
     targets = pipeline.targets
@@ -93,6 +106,10 @@ def plan_tasks(
 
     def add(task: Task) -> Task:
         task.required = task.required and bool(getattr(steps[task.step], "required", True))
+        if task.step in ("export-genai", "verify") or (
+            task.step == "export-onnx" and task.options.get("merged_from") != "base-graph"
+        ):
+            task.serial = TORCH
         if task.target is not None and task.target in unavailable:
             task.skip = f"target {task.target}: {unavailable[task.target]}"
         tasks.append(task)
@@ -239,6 +256,20 @@ def plan_tasks(
             inputs = {k: v for k, v in inputs.items() if v is not None}
             if len(inputs) > 2:
                 add(Task("verify", name, f"adapters/{name}", verify_step(options), inputs, options))
+            if "export-genai" in steps:
+                folder = shared.get("genai") or mine.get("genai")
+                opts = {**options, "generate": steps["verify"].generate}
+                add(
+                    Task(
+                        "verify",
+                        name,
+                        f"adapters/{name}",
+                        genai_verify_step(options, steps["verify"].generate),
+                        {"base": base, "adapter": adapter, "genai": folder},
+                        opts,
+                        variant="genai",
+                    )
+                )
             for t in targets:
                 if (name, t) in engines:
                     add(
@@ -273,7 +304,12 @@ def plan_tasks(
                         f"bench @{t}: nothing to time for {name}: add export-onnx"
                         + (" and build-trt" if target.runtime == "tensorrt" else "")
                     )
+                baseline = None
+                if pipeline.gates.baseline == "previous" and previous is not None and t not in unavailable:
+                    baseline = previous(name, t)
                 opts = {**options, **target_settings(target), "models": sorted(models)}
+                if baseline is not None:  # the key holds the previous report's bytes, or why there is none
+                    opts["baseline"] = baseline.report or f"none: {baseline.reason}"
                 inputs = {f"model:{k}": v for k, v in models.items()}
                 inputs.update({f"adapter:{k}": v for k, v in adapter_files.items()})
                 add(
@@ -281,11 +317,13 @@ def plan_tasks(
                         "bench",
                         name,
                         f"adapters/{name}",
-                        bench_step(options, target, t),
+                        bench_step(options, target, t, baseline),
                         inputs,
                         opts,
                         target=t,
                         machine_bound=True,
+                        cacheable=steps["bench"].cache,
+                        exclusive=True,
                     )
                 )
     if only:

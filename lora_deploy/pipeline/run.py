@@ -8,14 +8,18 @@ it). An interrupted run (Ctrl-C, SIGTERM, a kill) leaves the old bundle and no p
 output (a killed run's staging directory is removed by the next run).
 
 Each task runs from the step cache when its key is there (cache), else through its step
-(steps), in the order the plan gives (plan); the bundle gets pipeline-manifest.json
-(manifest).
+(steps), as soon as the tasks it needs are done, up to `jobs` at once (Runner); bench is
+never taken from the cache unless its `cache` option says so, and runs alone. The bundle
+gets pipeline-manifest.json (manifest).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +36,7 @@ from lora_deploy.io.staging import (
     replace_dir,
     staging_dir,
 )
+from lora_deploy.pipeline.baseline import previous_bench
 from lora_deploy.pipeline.cache import (
     Entry,
     Hasher,
@@ -105,15 +110,20 @@ def run_pipeline(
     out: str | os.PathLike | None = None,
     only: Sequence[str] = (),
     force: bool = False,
+    jobs: int | None = None,
+    ray: str | None = None,
     echo: Callable[[str], None] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> RunResult:
     """Run the pipeline file at `path` into its bundle (`out`, else the file's `out:`).
 
     `overrides`: `key=value` (`--set`); `only`: step names (their tasks and what they
-    need); `force`: run every task again, whatever the cache holds; `echo`: one line per
-    step as it ends (and bench figures). Raises PipelineError (exit 2) for a bad pipeline
-    file before any work, PipelineFailed when a required step failed."""
+    need); `force`: run every task again, whatever the cache holds; `jobs`: how many steps
+    run at once (default: the cores, at most 4; bench always runs alone); `ray`: run the
+    steps as tasks of the Ray cluster at this address ("local": a Ray instance started for
+    the run; see distributed); `echo`: one line per step as it ends (and bench figures).
+    Raises PipelineError (exit 2) for a bad pipeline file before any work, PipelineFailed
+    when a required step failed."""
     started = time.time()
     echo = echo or (lambda line: None)
     path = Path(path)
@@ -146,10 +156,30 @@ def run_pipeline(
     inputs = [pipeline.base, *adapters.values(), path]
     check_cache_root(cache_root, inputs)
     check_bundle_target(bundle, inputs, cache_root)
-    tasks = plan_tasks(pipeline, adapters, unavailable, set(only) or None)
-    runner = Runner(StepCache(cache_root), Hasher(), force, echo)
+    jobs = DEFAULT_JOBS if jobs is None else jobs
+    if jobs < 1:
+        raise PipelineError(f"--jobs {jobs}: give 1 or more")
+    hasher = Hasher()
+    tasks = plan_tasks(
+        pipeline,
+        adapters,
+        unavailable,
+        set(only) or None,
+        previous=lambda unit, target: previous_bench(bundle, unit, target, hasher),
+    )
+    executor = None
+    if ray is not None:
+        from lora_deploy.pipeline.distributed import RayExecutor
+
+        executor = RayExecutor(ray)
+    runner = Runner(StepCache(cache_root), hasher, force, echo, jobs, executor)
     with staging_dir(bundle, overwrite=True, inputs=[*inputs, cache_root]) as tmp:
-        records = runner.run(tasks, tmp)
+        try:
+            records = runner.run(tasks, tmp)
+            cluster = executor.describe() if executor is not None else None
+        finally:
+            if executor is not None:
+                executor.close()
         failed = [r for r in records if r.status == FAILED and r.task.required]
         inputs_hashed = {
             "base": {"path": os.path.abspath(pipeline.base), "sha256": runner.input_digests(Path(pipeline.base))},
@@ -170,6 +200,16 @@ def run_pipeline(
             unavailable,
             started,
             failed,
+            {
+                "jobs": jobs,
+                "ray": cluster,
+                "cache": str(cache_root),
+                "never_cached": {
+                    t.name: "measured on every run (a latency check never reuses an earlier measurement)"
+                    for t in tasks
+                    if not t.cacheable
+                },
+            },
         )
         write_bundle_files(tmp, manifest, document, runner.hasher)
         if failed:
@@ -213,36 +253,120 @@ def check_bundle_target(bundle: Path, inputs: list, cache_root: Path) -> None:
         raise BadInputError(f"{bundle}: exists and is not a pipeline bundle (no {MANIFEST}); choose another --out")
 
 
-class Runner:
-    """Runs tasks in order: from the cache when it holds them, else through their step."""
+DEFAULT_JOBS = min(4, os.cpu_count() or 1)
+SCRATCH = ".uncached"  # in the bundle being built: where steps that are never cached write
 
-    def __init__(self, cache: StepCache, hasher: Hasher, force: bool, echo: Callable[[str], None]):
+
+class Runner:
+    """Runs tasks as their inputs become ready, up to `jobs` at a time: from the cache
+    when it holds them, else through their step.
+
+    Steps run in worker threads (their stages release the GIL in numpy, ONNX Runtime and
+    torch), except an exclusive task (bench), which runs on this thread with nothing else
+    running, so a measurement never shares the cores with another step. Tasks of one
+    serial group (torch) run one at a time. Records and log lines come out on this thread.
+    """
+
+    def __init__(
+        self,
+        cache: StepCache,
+        hasher: Hasher,
+        force: bool,
+        echo: Callable[[str], None],
+        jobs: int = DEFAULT_JOBS,
+        executor: Callable[[Any, Path, dict], Outcome] | None = None,
+    ):
         self.cache = cache
+        self.executor = executor  # runs a step elsewhere (a Ray task); None: in this process
         self.hasher = hasher
         self.force = force
         self.echo = echo
+        self.jobs = jobs
         self.tool = tool_version()
         self.machine = machine_key()
         self.entries: dict[int, Entry] = {}  # id(task) -> its entry (outputs for later tasks)
         self.input_files: dict[str, dict[str, str]] = {}  # input path -> {file: digest}
+        self.scratch = itertools.count(1)
+        self.t0 = time.perf_counter()
 
     def run(self, tasks: list[Task], bundle: Path) -> list[StepRecord]:
+        """Every task's record, in the plan's order (log lines in the order they end)."""
         records: dict[int, StepRecord] = {}
-        for i, task in enumerate(tasks, 1):
-            record = self.run_task(task, bundle, records)
+        waiting = list(tasks)
+        running: dict[int, Task] = {}
+        busy: set[str] = set()  # serial groups with a task running
+        ended: queue.Queue = queue.Queue()
+        self.t0 = time.perf_counter()
+
+        def finish(task: Task, record: StepRecord) -> None:
             records[id(task)] = record
-            self.echo(record.line(i, len(tasks)))
+            self.echo(record.line(len(records), len(tasks)))
             for line in record.lines:
                 self.echo(f"      {line}")
-        return list(records.values())
 
-    def run_task(self, task: Task, bundle: Path, records: Mapping[int, StepRecord]) -> StepRecord:
+        def work(task: Task) -> None:
+            try:
+                record = self.run_task(task, bundle)
+            except BaseException as exc:  # handed to this thread, which raises it
+                ended.put((task, exc))
+                return
+            ended.put((task, record))
+
+        try:
+            while waiting or running:
+                started = False
+                for exclusive in (False, True):
+                    for task in list(waiting):
+                        if task.exclusive != exclusive or any(id(d) not in records for d in task.deps()):
+                            continue
+                        early = self.precheck(task, records)
+                        if early is not None:
+                            waiting.remove(task)
+                            finish(task, early)
+                            started = True
+                            continue
+                        if exclusive and not running:
+                            waiting.remove(task)
+                            finish(task, self.run_task(task, bundle))  # here, alone
+                            started = True
+                            break
+                        if exclusive or len(running) >= self.jobs or task.serial in busy:
+                            continue
+                        waiting.remove(task)
+                        running[id(task)] = task
+                        if task.serial is not None:
+                            busy.add(task.serial)
+                        threading.Thread(target=work, args=(task,), name=f"step {task.name}", daemon=True).start()
+                        started = True
+                    if started:
+                        break
+                if started:
+                    continue
+                if not running:
+                    raise InternalError(f"pipeline: {waiting[0].name} waits for a task that never runs")
+                task, outcome = ended.get()
+                del running[id(task)]
+                busy.discard(task.serial)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                finish(task, outcome)
+        finally:
+            if (bundle / SCRATCH).exists():
+                discard(bundle / SCRATCH)
+        return [records[id(task)] for task in tasks]
+
+    def precheck(self, task: Task, records: Mapping[int, StepRecord]) -> StepRecord | None:
+        """The task's record when it cannot run: its target is unavailable, or a task it
+        needs did not pass."""
         if task.skip is not None:
             return StepRecord(task, SKIPPED, detail=task.skip)
         blocked = [d for d in task.deps() if records[id(d)].status != PASSED]
         if blocked:
             dep = records[id(blocked[0])]
             return StepRecord(task, SKIPPED, detail=f"needs {dep.task.name}, which {dep.status}")
+        return None
+
+    def run_task(self, task: Task, bundle: Path) -> StepRecord:
         start = time.perf_counter()
         try:
             key = json_key(self.key_material(task))
@@ -251,7 +375,7 @@ class Runner:
             record.exit_code = exc.exit_code
             return record
         dest = bundle / task.dest
-        entry = None if self.force else self.cache.lookup(task.step, key, self.hasher)
+        entry = None if self.force or not task.cacheable else self.cache.lookup(task.step, key, self.hasher)
         if entry is not None:
             link_tree(entry.out, dest)
             self.entries[id(task)] = entry
@@ -259,17 +383,18 @@ class Runner:
             return self.record(task, PASSED, start, key, entry.files, outcome, cached=True, first=entry.seconds)
         inputs = {role: self.resolve(value) for role, value in task.inputs.items()}
         try:
-            with self.cache.staging(task.step, key) as tmp:
-                out = tmp / "out"
-                out.mkdir()
-                outcome = task.produce(out, inputs)
-                files = {rel: self.hasher.file(out / rel) for rel in files_under(out)}
-                link_tree(out, dest)
-                if outcome.problem is not None:
-                    raise StepProblem(outcome, files)
-                seconds = time.perf_counter() - start
-                created = report_header("")["created"]
-                write_entry(tmp, key, outcome.detail, outcome.result, files, seconds, created, outcome.lines)
+            if task.cacheable:
+                with self.cache.staging(task.step, key) as tmp:
+                    outcome, files = self.produce(task, tmp, inputs, dest)
+                    created = report_header("")["created"]
+                    seconds = time.perf_counter() - start
+                    write_entry(tmp, key, outcome.detail, outcome.result, files, seconds, created, outcome.lines)
+                entry = self.cache.lookup(task.step, key, self.hasher) or missing_entry(task)
+            else:  # measured on every run: its outputs go to the bundle, not into the cache
+                tmp = bundle / SCRATCH / str(next(self.scratch))
+                tmp.mkdir(parents=True)
+                outcome, files = self.produce(task, tmp, inputs, dest)
+                entry = Entry(tmp, key, outcome.detail, outcome.result, files, time.perf_counter() - start)
         except StepProblem as problem:
             return self.record(task, FAILED, start, key, problem.files, problem.outcome, error=problem.outcome.problem)
         except LoraDeployError as exc:
@@ -283,8 +408,23 @@ class Runner:
             record = self.record(task, FAILED, start, key, {}, Outcome(""), error=message)
             record.exit_code = InternalError.exit_code
             return record
-        self.entries[id(task)] = self.cache.lookup(task.step, key, self.hasher) or missing_entry(task)
+        self.entries[id(task)] = entry
         return self.record(task, PASSED, start, key, files, outcome)
+
+    def produce(self, task: Task, tmp: Path, inputs: dict[str, Any], dest: Path) -> tuple[Outcome, dict[str, str]]:
+        """Run the step into tmp/out and link its files into the bundle; a failed gate or
+        verification raises StepProblem (its outputs are in the bundle, for diagnosis)."""
+        out = tmp / "out"
+        out.mkdir()
+        if self.executor is not None and not task.exclusive:
+            outcome = self.executor(task.produce, out, inputs)
+        else:
+            outcome = task.produce(out, inputs)
+        files = {rel: self.hasher.file(out / rel) for rel in files_under(out)}
+        link_tree(out, dest)
+        if outcome.problem is not None:
+            raise StepProblem(outcome, files)
+        return outcome, files
 
     def record(self, task, status, start, key, files, outcome: Outcome, *, cached=False, first=None, error=None):
         dest = task.dest
@@ -301,6 +441,7 @@ class Runner:
             exit_code=1 if error is not None else None,
             lines=outcome.lines,
             first_seconds=first,
+            started=start - self.t0,
         )
 
     def resolve(self, value: Any) -> Any:
@@ -389,7 +530,7 @@ def adapter_layout(adapter: Path, hasher: Hasher) -> str:
 
 def machine_key() -> dict[str, Any]:
     """What ties a measurement or an engine to this machine."""
-    from lora_deploy.bench.report import machine_info
+    from lora_deploy.bench.machine import machine_info
 
     info = machine_info()
     return {"cpu": info.get("cpu"), "cores": info.get("cores"), "gpu": info.get("gpu"), "node": platform.node()}

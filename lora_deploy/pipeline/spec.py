@@ -61,6 +61,8 @@ GATE_FIELDS = {
     ),
 }
 GRAPHS = ("merged", "dynamic")
+# VerifyOptions' ONNX Runtime GPU fields: not a pipeline's verify step's (the targets run on GPUs, in bench).
+ORT_GPU_FIELDS = ("device", "provider", "trt_fp16", "trt_cache")
 
 # The order the steps run in, whatever their order in the file (each needs only steps before it).
 STEP_KINDS = {
@@ -136,11 +138,36 @@ STEP_KINDS = {
             },
         ),
         StepKind("refit", records.TrtRefitOptions, owned=("out", "overwrite")),
-        StepKind("verify", records.VerifyOptions, owned=GATE_FIELDS["verify"]),
+        StepKind(
+            "verify",
+            records.VerifyOptions,
+            owned=(*GATE_FIELDS["verify"], *ORT_GPU_FIELDS),  # verify runs ONNX Runtime on the CPU here
+            extra={
+                "generate": (
+                    int,
+                    Field(
+                        8,
+                        ge=1,
+                        description="with export-genai: the new tokens each genai folder generates greedily, "
+                        "checked against PEFT's unmerged generate",
+                    ),
+                ),
+            },
+        ),
         StepKind(
             "bench",
             records.BenchOptions,
             owned=("backend", "device", "provider", *GATE_FIELDS["bench"]),  # backend and device: the target's
+            extra={
+                "cache": (
+                    bool,
+                    Field(
+                        False,
+                        description="true: reuse a stored measurement when the models, options and machine are "
+                        "unchanged (never with a regression baseline); false: measure on every run",
+                    ),
+                ),
+            },
         ),
     ]
 }
@@ -283,6 +310,15 @@ Gates = create_model(
             record, [f.name for f in fields(record) if f.name not in GATE_FIELDS[stage]], optional=True
         ).items()
     },
+    baseline=(
+        Union[Literal["previous"], None],
+        Field(
+            None,
+            description="previous: gate each bench result against the same adapter's and target's in the bundle "
+            "this run replaces (max_regression, default 5%); no previous result: the gate is skipped, not passed; "
+            "another machine or library versions: inconclusive (on_inconclusive decides)",
+        ),
+    ),
 )
 
 
@@ -347,6 +383,7 @@ class Pipeline(BaseModel):
         bench_targets = (getattr(steps.get("bench"), "targets", None) or list(self.targets)) if "bench" in steps else []
         export = steps.get("export-onnx")
         genai = steps.get("export-genai")
+        gates = self.gates
         checks = [
             ("build-trt", not trt, "builds for a tensorrt target: add one to targets (e.g. gpu-tensorrt-fp16)"),
             ("refit", not trt, "refits for a tensorrt target: add one to targets (e.g. gpu-tensorrt-fp16)"),
@@ -372,8 +409,8 @@ class Pipeline(BaseModel):
             ),
             (
                 "verify",
-                not {"merge", "export-onnx", "build-trt"} & set(steps),
-                "checks artifacts: add merge or export-onnx",
+                not {"merge", "export-onnx", "build-trt", "export-genai"} & set(steps),
+                "checks artifacts: add merge, export-onnx or export-genai",
             ),
             ("bench", export is None, "times the ONNX graphs (and engines): add export-onnx"),
             (
@@ -386,7 +423,23 @@ class Pipeline(BaseModel):
                 genai is not None and genai.mode == "merged" and "merge" not in steps,
                 "mode merged builds from the merged checkpoint: add the merge step",
             ),
+            (
+                "bench",
+                getattr(steps.get("bench"), "cache", False)
+                and (gates.baseline or gates.baseline_path or gates.baseline_model),
+                "cache: true would reuse an earlier measurement in a regression check: drop it",
+            ),
         ]
+        if (gates.max_regression is not None or gates.run_margin is not None) and not (
+            gates.baseline or gates.baseline_path or gates.baseline_model
+        ):
+            field = "max_regression" if gates.max_regression is not None else "run_margin"
+            return ("gates", field), "needs a baseline: baseline: previous, baseline_path or baseline_model"
+        if gates.baseline is not None:
+            if "bench" not in steps:
+                return ("gates", "baseline"), "previous compares bench results: add the bench step"
+            if gates.baseline_path or gates.baseline_model:
+                return ("gates", "baseline"), "one baseline: drop baseline_path and baseline_model"
         if export is not None:
             checks += [
                 ("export-onnx", not export.graphs, "graphs: give merged, dynamic or both"),

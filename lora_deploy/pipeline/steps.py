@@ -27,6 +27,16 @@ class Outcome:
     lines: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Baseline:
+    """gates.baseline: previous, for one adapter and target: the previous bundle's bench
+    report (checked against that bundle's manifest), or why there is none."""
+
+    report: Path | None
+    reason: str | None = None  # set when report is None: the regression gate is skipped
+    source: dict[str, Any] = field(default_factory=dict)  # the previous bundle, its manifest's date, the digest
+
+
 Inputs = dict[str, Any]  # role -> Path | list[Path] | None, as `produce` receives them
 Produce = Callable[[Path, Inputs], Outcome]
 
@@ -174,6 +184,37 @@ def refit_step(out: Path, inputs: Inputs) -> Outcome:
     )
 
 
+def verify_outcome(report: Any, out: Path, name: str) -> Outcome:
+    """A verify report into `name` in out, and its line and manifest summary."""
+    data = report.to_dict()
+    write_json(out / name, data)
+    checks = report.checks
+    passed = sum(c.passed for c in checks)
+    worst = max((c.max_abs for c in checks if c.max_abs is not None and c.name.startswith("outputs")), default=None)
+    detail = f"{passed} checks passed, {sum(c.skipped for c in checks)} skipped"
+    if worst is not None:
+        detail += f"; outputs max abs {worst:.2g}"
+    summary = {
+        "report": name,
+        **{k: data[k] for k in ("schema", "created", "equivalent", "skipped", "artifacts")},
+        "checks": passed,
+        "max_abs": worst,
+    }
+    return Outcome(detail, summary, problem=report.problem())
+
+
+def genai_verify_step(options: dict[str, Any], generate: int) -> Produce:
+    """The genai folder's greedy generation against PEFT's unmerged generate (verify --genai)."""
+
+    def produce(out: Path, inputs: Inputs) -> Outcome:
+        from lora_deploy.proof.genai import verify_genai
+
+        report = verify_genai(inputs["base"], inputs["adapter"], inputs["genai"] / "genai", generate, **options)
+        return verify_outcome(report, out, "verify-genai.json")
+
+    return produce
+
+
 def verify_step(options: dict[str, Any]) -> Produce:
     def produce(out: Path, inputs: Inputs) -> Outcome:
         from lora_deploy.proof.verify import verify
@@ -195,21 +236,7 @@ def verify_step(options: dict[str, Any]) -> Produce:
             engine_path=engine_path,
             **options,
         )
-        data = report.to_dict()
-        write_json(out / "verify.json", data)
-        checks = report.checks
-        passed = sum(c.passed for c in checks)
-        worst = max((c.max_abs for c in checks if c.max_abs is not None and c.name.startswith("outputs")), default=None)
-        detail = f"{passed} checks passed, {sum(c.skipped for c in checks)} skipped"
-        if worst is not None:
-            detail += f"; outputs max abs {worst:.2g}"
-        summary = {
-            "report": "verify.json",
-            **{k: data[k] for k in ("schema", "created", "equivalent", "skipped", "artifacts")},
-            "checks": passed,
-            "max_abs": worst,
-        }
-        return Outcome(detail, summary, problem=report.problem())
+        return verify_outcome(report, out, "verify.json")
 
     return produce
 
@@ -220,10 +247,13 @@ def target_settings(target: Target) -> dict[str, Any]:
     return {"backend": "onnxruntime", "device": target.device, "provider": target.provider}
 
 
-def bench_step(options: dict[str, Any], target: Target, target_name: str) -> Produce:
+def bench_step(options: dict[str, Any], target: Target, target_name: str, baseline: Baseline | None = None) -> Produce:
+    """Time the models; with `baseline` (gates.baseline: previous) gate them against the
+    previous bundle's report too, or say why that gate is skipped."""
+
     def produce(out: Path, inputs: Inputs) -> Outcome:
         from lora_deploy.bench import check_gates, run_bench, write_outputs
-        from lora_deploy.bench.run import inconclusive_gates
+        from lora_deploy.bench.gates import inconclusive_gates
         from lora_deploy.bench.stats import GateFailed
 
         models, adapters = {}, {}
@@ -234,7 +264,15 @@ def bench_step(options: dict[str, Any], target: Target, target_name: str) -> Pro
             elif kind == "adapter":
                 adapters[name] = value / "adapter.onnx_adapter"
         models = {name: models[name] for name in ("base", "merged", "dynamic") if name in models}
-        report = run_bench(models, adapters=adapters, **options, **target_settings(target))
+        opts, previous = dict(options), None
+        if baseline is not None:
+            reason = baseline.reason or unshared(baseline.report, opts, models)
+            if reason is None:  # another machine or library versions: inconclusive gates, not an error
+                opts |= {"baseline_path": baseline.report, "allow_mismatch": True}
+            else:
+                opts = {k: v for k, v in opts.items() if k not in ("max_regression", "run_margin")}
+            previous = {"baseline": "previous", **baseline.source, "used": reason is None, "skipped": reason}
+        report = run_bench(models, adapters=adapters, **opts, **target_settings(target))
         stem = f"bench-{target_name}"
         write_outputs(report, json_path=out / f"{stem}.json", markdown_path=out / f"{stem}.md")
         problem = None
@@ -244,6 +282,12 @@ def bench_step(options: dict[str, Any], target: Target, target_name: str) -> Pro
             problem = str(exc)
         lines = bench_lines(report)
         lines += [f"warning: {g.message}" for g in inconclusive_gates(report)]
+        if previous is not None:
+            if previous["skipped"]:
+                lines.append(f"baseline previous: regression gate skipped ({previous['skipped']})")
+            else:
+                previous["mismatches"] = (report.get("baseline") or {}).get("mismatches") or []
+                lines += [f"baseline previous: differs: {m}" for m in previous["mismatches"]]
         gates = report.get("gates", [])
         passed = sum(1 for g in gates if g["passed"])
         verdict = f"gates {passed}/{len(gates)} passed" if gates else "no latency gate"
@@ -263,9 +307,32 @@ def bench_step(options: dict[str, Any], target: Target, target_name: str) -> Pro
             },
             "gates": gates,
         }
+        if previous is not None:
+            result["baseline"] = previous
+            if previous["skipped"]:
+                detail += "; regression gate skipped (no previous result)"
         return Outcome(detail, result, problem=problem, lines=lines)
 
     return produce
+
+
+def unshared(report_path: Path, options: Mapping[str, Any], models: Mapping[str, Path]) -> str | None:
+    """Why a previous bench report cannot be a baseline for this run's shapes and models
+    (None: it can): unreadable, or no shape and model in common."""
+    from lora_deploy.bench.schema import load_report
+    from lora_deploy.bench.shapes import DEFAULT_SHAPES, parse_shapes, shape_key
+
+    try:
+        previous = load_report(report_path)
+    except BadInputError as exc:
+        return f"the previous report is unusable: {exc}"
+    if options.get("inputs_path") is not None or options.get("rate") is not None:
+        return None  # the shape comes from the inputs, or a control loop: run_bench decides
+    shapes = [shape_key(s) for s in parse_shapes(options.get("shapes") or DEFAULT_SHAPES)]
+    results = previous.get("results") or {}
+    if any(set(models) & set((results.get(k) or {}).get("variants", {})) for k in shapes):
+        return None
+    return "the previous bundle's bench shares no shape and model with this run"
 
 
 def model_file(directory: Path, name: str) -> str:

@@ -14,6 +14,20 @@ def step_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pipeline-cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_tool_version():
+    """The tool's digest (part of every cache key) taken once for the session: the source
+    does not change under a CI run, but an edit made while the tests run here would turn
+    every expected cache hit into a miss."""
+    from lora_deploy.pipeline import run
+
+    pinned = run.tool_version()
+    original = run.tool_version
+    run.tool_version = lambda: pinned
+    yield
+    run.tool_version = original
+
+
 @pytest.fixture
 def models(reference, tmp_path) -> tuple[Path, Path]:
     """(base, adapters dir) with one adapter, `a1`, a copy this test may change."""
