@@ -31,8 +31,10 @@ from safetensors.torch import save_file
 
 from lora_deploy.backends.onnxrt.lora_format import pack_adapter
 from lora_deploy.backends.onnxrt.sessions import DynamicSession, MultiSession
-from lora_deploy.bench.report import machine_info, plot, to_markdown, write_json
+from lora_deploy.bench.machine import machine_info
+from lora_deploy.bench.report import plot, to_markdown
 from lora_deploy.bench.run import run_bench
+from lora_deploy.bench.schema import write_json
 from lora_deploy.bench.stats import bootstrap_median_ci
 from lora_deploy.bench.timing import measure_interleaved
 from lora_deploy.export.dynamic import export_dynamic

@@ -51,8 +51,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lora_deploy.bench.report import DEFAULT_RUN_MARGIN, load_report, regression_gates
+from lora_deploy.bench.gates import DEFAULT_RUN_MARGIN, regression_gates
 from lora_deploy.bench.run import run_bench
+from lora_deploy.bench.schema import load_report
 from lora_deploy.bench.stats import overhead_gate
 
 WIDTH = 384

@@ -1,8 +1,13 @@
-"""Bench: time models interleaved (`timing`), summarise and gate them (`stats`), report
-(`report`), and the run that ties them together (`run`)."""
+"""Bench: what a run times (`plan`, `shapes`, `feeds`), timing it (`timing`, `measure`, and
+the modes `adaptive`, `noise`, `control`, `generation`), statistics and gates (`stats`,
+`gates`), the report (`summary` builds it, `schema` stores it, `report` renders it), and
+the run that ties them together (`run`)."""
 
-from lora_deploy.bench.report import load_report, to_markdown
-from lora_deploy.bench.run import bench, check_gates, parse_adapter_specs, parse_model_specs, run_bench, write_outputs
+from lora_deploy.bench.gates import check_gates
+from lora_deploy.bench.plan import parse_adapter_specs, parse_model_specs
+from lora_deploy.bench.report import to_markdown
+from lora_deploy.bench.run import bench, run_bench, write_outputs
+from lora_deploy.bench.schema import load_report
 
 __all__ = [
     "bench",

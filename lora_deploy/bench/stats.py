@@ -522,3 +522,15 @@ def parse_percent(text: str | float) -> float:
     if number > 1:
         raise BadInputError(f"fraction above 1: {raw!r}; did you mean '{match.group(1)}%'?")
     return number
+
+
+def fraction(value: float | str | None) -> float | None:
+    """A limit as a fraction: '2%' / 0.02 -> 0.02; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_percent(value)
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise BadInputError(f"a limit must be a finite fraction >= 0, got {value}")
+    return value

@@ -9,9 +9,13 @@ import math
 import numpy as np
 import pytest
 
+from lora_deploy.bench import adaptive, measure
 from lora_deploy.bench import run as bench
-from lora_deploy.bench.report import DEFAULT_RUN_MARGIN, build_report, to_markdown, write_json
+from lora_deploy.bench.gates import DEFAULT_RUN_MARGIN
+from lora_deploy.bench.report import to_markdown
+from lora_deploy.bench.schema import write_json
 from lora_deploy.bench.stats import more_rounds, noise_margin, relative_width, t975, widest_interval
+from lora_deploy.bench.summary import build_report
 from lora_deploy.bench.timing import measure_interleaved
 from lora_deploy.errors import BadInputError
 from tests.bench.test_bench import tiny_graph
@@ -22,7 +26,7 @@ from tests.bench.test_report import MACHINE
 def no_full_collections(monkeypatch):
     """Timing is synthetic here: skip the collection before each timed block (a second
     or more each in a test process holding torch and transformers)."""
-    monkeypatch.setattr(bench.gc, "collect", lambda *a: 0)
+    monkeypatch.setattr(measure.gc, "collect", lambda *a: 0)
 
 
 class Rounds:
@@ -53,6 +57,12 @@ class Clock:
         return self.now
 
 
+def fake_timing(mp, fake):
+    """`fake` times every round: the first ones (measure) and the added ones (adaptive)."""
+    mp.setattr(measure, "measure_interleaved", fake)
+    mp.setattr(adaptive, "measure_interleaved", fake)
+
+
 CALLS = {"1x4": {"base": lambda: None, "merged": lambda: None}}
 
 
@@ -60,8 +70,8 @@ def test_rounds_are_added_until_every_interval_is_narrow():
     clock = Clock()
     fake = Rounds({"base": 1.0, "merged": 1.04}, clock=clock)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "measure_interleaved", fake)
-        results, info = bench.measure_adaptive(
+        fake_timing(mp, fake)
+        results, info = adaptive.measure_adaptive(
             CALLS, rounds=20, warmup=3, inner=1, reference="base", until_width=0.01, max_time_s=60.0, clock=clock
         )
     n = len(results["1x4"]["base"])
@@ -83,8 +93,8 @@ def test_the_time_budget_stops_the_rounds_and_the_report_says_why():
     clock = Clock()
     fake = Rounds({"base": 1.0, "merged": 1.0}, noise=0.2, clock=clock)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "measure_interleaved", fake)
-        results, info = bench.measure_adaptive(
+        fake_timing(mp, fake)
+        results, info = adaptive.measure_adaptive(
             CALLS, rounds=20, warmup=0, inner=1, reference="base", until_width=0.001, max_time_s=0.5, clock=clock
         )
     assert info["stopped"] == "time" and "0.5 s budget ran out with 1x4: merged / base" in info["reason"]
@@ -116,12 +126,12 @@ def test_more_rounds_follows_the_square_root_law_within_bounds():
 
 
 def test_adaptive_options_through_run_bench(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", Rounds({"base": 1.0, "merged": 1.0}, noise=0.01))
+    fake_timing(monkeypatch, Rounds({"base": 1.0, "merged": 1.0}, noise=0.01))
     pair = {"base": tiny_graph(tmp_path / "a.onnx"), "merged": tiny_graph(tmp_path / "b.onnx")}
     report = bench.run_bench(pair, shapes="1x4", rounds=10, warmup=0, until_width="2%", max_overhead="5%")
-    adaptive = report["config"]["adaptive"]
-    assert adaptive["until_width"] == 0.02 and adaptive["max_time_s"] == bench.DEFAULT_MAX_TIME_S
-    assert adaptive["stopped"] == "narrow" and report["gates"][0]["verdict"] == "pass"
+    info = report["config"]["adaptive"]
+    assert info["until_width"] == 0.02 and info["max_time_s"] == adaptive.DEFAULT_MAX_TIME_S
+    assert info["stopped"] == "narrow" and report["gates"][0]["verdict"] == "pass"
     for kwargs, phrase in [
         ({"max_time": "10s"}, "--max-time is the budget of --until-width"),
         ({"until_width": "0%"}, "--until-width must be above 0"),
@@ -157,7 +167,7 @@ def noisy_baseline(tmp_path, monkeypatch, pair, spread):
     """A baseline recorded with --noise-runs 3, its runs' medians `spread` apart."""
     steps = iter([1.0, 1.0 + spread, 1.0 - spread])
     fake = Rounds({"base": 1.0, "merged": 1.0}, noise=0.005, drift=lambda i: next(steps))
-    monkeypatch.setattr(bench, "measure_interleaved", fake)
+    fake_timing(monkeypatch, fake)
     report = bench.run_bench(pair, shapes="1x4", rounds=40, warmup=0, noise_runs=3)
     assert len(fake.calls) == 3 and report["noise"]["runs"] == 3 and report["config"]["noise_runs"] == 3
     assert report["results"]["1x4"]["variants"]["merged"]["n"] == 120
@@ -170,7 +180,7 @@ def test_a_baseline_with_a_noise_floor_calibrates_the_margin(tmp_path, monkeypat
     pair = {"base": tiny_graph(tmp_path / "a.onnx"), "merged": tiny_graph(tmp_path / "b.onnx")}
     # Runs that agree closely: the margin stays the default floor.
     quiet, _ = noisy_baseline(tmp_path, monkeypatch, pair, 0.001)
-    monkeypatch.setattr(bench, "measure_interleaved", Rounds({"base": 1.0, "merged": 1.0}, noise=0.005, seed=1))
+    fake_timing(monkeypatch, Rounds({"base": 1.0, "merged": 1.0}, noise=0.005, seed=1))
     report = bench.run_bench(pair, shapes="1x4", rounds=40, warmup=0, baseline_path=quiet)
     assert report["config"]["run_margin"] is None and report["baseline"]["noise_runs"] == 3
     assert report["baseline"]["run_margins"] == {"1x4": DEFAULT_RUN_MARGIN}
@@ -181,7 +191,7 @@ def test_a_baseline_with_a_noise_floor_calibrates_the_margin(tmp_path, monkeypat
     medium, recorded = noisy_baseline(tmp_path, monkeypatch, pair, 0.008)
     floor = recorded["noise"]["shapes"]["1x4"]["margin"]
     assert DEFAULT_RUN_MARGIN < floor < 0.05
-    monkeypatch.setattr(bench, "measure_interleaved", Rounds({"base": 1.0, "merged": 1.15}, noise=0.005, seed=2))
+    fake_timing(monkeypatch, Rounds({"base": 1.0, "merged": 1.15}, noise=0.005, seed=2))
     gates = bench.run_bench(pair, shapes="1x4", rounds=40, warmup=0, baseline_path=medium)["gates"]
     assert [g["margin"] for g in gates] == [pytest.approx(floor)] * 2
     assert [g["verdict"] for g in gates] == ["pass", "fail"]
@@ -193,12 +203,12 @@ def test_a_baseline_with_a_noise_floor_calibrates_the_margin(tmp_path, monkeypat
 def test_a_baseline_noisier_than_the_limit_is_inconclusive_and_old_ones_keep_3_percent(tmp_path, monkeypatch):
     pair = {"base": tiny_graph(tmp_path / "a.onnx"), "merged": tiny_graph(tmp_path / "b.onnx")}
     loud, _ = noisy_baseline(tmp_path, monkeypatch, pair, 0.03)
-    monkeypatch.setattr(bench, "measure_interleaved", Rounds({"base": 1.0, "merged": 1.3}, noise=0.005, seed=3))
+    fake_timing(monkeypatch, Rounds({"base": 1.0, "merged": 1.3}, noise=0.005, seed=3))
     gates = bench.run_bench(pair, shapes="1x4", rounds=40, warmup=0, baseline_path=loud)["gates"]
     assert {g["verdict"] for g in gates} == {"inconclusive"}
     assert all("call for a" in g["message"] and "re-record it on a quieter machine" in g["message"] for g in gates)
     # A report without a noise block (every baseline written before --noise-runs): 3%, as before.
-    monkeypatch.setattr(bench, "measure_interleaved", Rounds({"base": 1.0, "merged": 1.0}, noise=0.005))
+    fake_timing(monkeypatch, Rounds({"base": 1.0, "merged": 1.0}, noise=0.005))
     plain = tmp_path / "plain.json"
     write_json(bench.run_bench(pair, shapes="1x4", rounds=40, warmup=0), plain)
     report = bench.run_bench(pair, shapes="1x4", rounds=40, warmup=0, baseline_path=plain)

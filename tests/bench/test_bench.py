@@ -18,8 +18,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lora_deploy.backends import registry
+from lora_deploy.bench import measure, plan
 from lora_deploy.bench import run as bench
-from lora_deploy.bench.report import load_report, validate_report
+from lora_deploy.bench.feeds import build_feeds, shared_feed
+from lora_deploy.bench.schema import load_report, validate_report
 from lora_deploy.bench.stats import GateFailed
 from lora_deploy.errors import BadInputError
 from lora_deploy.export.model import export_checkpoint
@@ -165,7 +167,7 @@ def test_torch_bench_with_unmerged_variant(llama):
     assert report["config"]["adapters"] == {"unmerged": str(adapter_dir)}
     assert "unmerged LoRA" in report["config"]["variants"]["unmerged"]["mode"]
     # The unmerged variant really runs the adapter: it computes what the merged model computes.
-    feed = bench.shared_feed([{"input_ids": (np.int64, None), "attention_mask": (np.int64, None)}], (2, 8), 0)
+    feed = shared_feed([{"input_ids": (np.int64, None), "attention_mask": (np.int64, None)}], (2, 8), 0)
     outputs = {}
     cases = (("base", base_dir, None), ("merged", merged_dir, None), ("unmerged", base_dir, adapter_dir))
     for name, path, adapter in cases:
@@ -182,7 +184,7 @@ def test_dynamic_adapter_is_active_every_run(tmp_path):
     report = bench.run_bench({"base": graph, "dynamic": graph}, adapters={"dynamic": adapter}, shapes="2x4", **FEW)
     assert report["config"]["variants"]["dynamic"]["adapter"] == str(adapter)
     variant = registry.open_timed("dynamic", graph, "onnxruntime", adapter=adapter)
-    feed = bench.build_feeds({"dynamic": variant}, (2, 4), 0)[0]["dynamic"]
+    feed = build_feeds({"dynamic": variant}, (2, 4), 0)[0]["dynamic"]
     logits = variant.runner.infer(feed)["logits"]
     np.testing.assert_allclose(logits, feed["input_ids"] * feed["attention_mask"] + 4.0)
     variant.close()
@@ -193,7 +195,7 @@ def test_multi_adapter_graph_gets_adapter_ids(tmp_path):
     plain = tiny_graph(tmp_path / "plain.onnx")
     variants = {n: registry.open_timed(n, p, "onnxruntime") for n, p in (("base", plain), ("multi", multi))}
     try:
-        feeds, fed = bench.build_feeds(variants, (4, 3), 0)
+        feeds, fed = build_feeds(variants, (4, 3), 0)
         assert fed["multi"]["batch"] == 4 and fed["multi"]["seq"] == 3 and fed["multi"]["tokens"]
         assert feeds["multi"]["adapter_ids"].tolist() == [0, 1, 2, 0]  # 3 adapters in the bank
         assert "adapter_ids" not in feeds["base"]
@@ -211,7 +213,7 @@ def test_multi_adapter_graph_gets_adapter_ids(tmp_path):
 
 
 def test_failing_gate_raises_after_files_are_written(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.10}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.10}))
     out = {"json_path": tmp_path / "r.json", "markdown_path": tmp_path / "r.md", "plot_path": tmp_path / "r.png"}
     with pytest.raises(GateFailed, match="1x4/merged") as info:
         bench.bench(pair, shapes="1x4", rounds=30, warmup=0, max_overhead="2%", **out)
@@ -223,16 +225,16 @@ def test_failing_gate_raises_after_files_are_written(pair, tmp_path, monkeypatch
 
 
 def test_identical_pair_passes(pair, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}, noise=0.05))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}, noise=0.05))
     report = bench.bench(pair, shapes="1x4,2x4", rounds=30, warmup=0, max_overhead="2%")
     assert [g["passed"] for g in report["gates"]] == [True, True]
 
 
 def test_regression_gate_against_baseline(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}))
     bench.bench(pair, shapes="1x4", rounds=30, warmup=0, json_path=tmp_path / "before.json")
     # The reference (base, unchanged) is the machine's yardstick: only merged slows down.
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.3}, seed=1))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.3}, seed=1))
     with pytest.raises(GateFailed, match="regression"):
         bench.bench(
             pair,
@@ -261,7 +263,7 @@ def bench_cli(pair, tmp_path, *extra):
 def test_cli_exit_codes_of_the_gates(pair, tmp_path, monkeypatch):
     """README: exit 1 when a latency gate fails, 0 when it passes; the report is written
     either way."""
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.10}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.10}))
     result = bench_cli(pair, tmp_path, "--max-overhead", "2%", "--json", tmp_path / "fail.json")
     assert result.exit_code == 1, result.output
     assert result.stderr.startswith("error: 1 latency gate(s) failed: 1x4/merged") and result.stderr.count("\n") == 1
@@ -273,7 +275,7 @@ def test_cli_exit_codes_of_the_gates(pair, tmp_path, monkeypatch):
 
 
 def test_cli_exit_code_of_a_model_that_cannot_be_benched(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({}))  # would KeyError if reached
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({}))  # would KeyError if reached
     missing = tmp_path / "missing.onnx"
     result = bench_cli({"base": pair["base"], "merged": missing}, tmp_path)
     assert result.exit_code == 2, result.output
@@ -286,17 +288,17 @@ def test_cli_exit_code_of_a_model_that_cannot_be_benched(pair, tmp_path, monkeyp
 @pytest.mark.parametrize("specs", [["base"], ["=x.onnx"], ["base="], ["a/b=x.onnx"], ["m=a", "m=b"], []])
 def test_bad_model_specs(specs):
     with pytest.raises(BadInputError):
-        bench.parse_model_specs(specs)
+        plan.parse_model_specs(specs)
 
 
 def test_specs_parse_in_order():
-    assert bench.parse_model_specs(["base=a.onnx", "merged=b=c.onnx"]) == {
+    assert plan.parse_model_specs(["base=a.onnx", "merged=b=c.onnx"]) == {
         "base": Path("a.onnx"),
         "merged": Path("b=c.onnx"),
     }
-    assert bench.parse_adapter_specs([]) == {}
+    assert plan.parse_adapter_specs([]) == {}
     with pytest.raises(BadInputError, match="twice"):
-        bench.parse_adapter_specs(["d=x", "d=y"])
+        plan.parse_adapter_specs(["d=x", "d=y"])
 
 
 def test_bad_plans_fail_before_loading(pair, tmp_path, monkeypatch):
@@ -335,7 +337,7 @@ def test_torch_backend_rejects_onnx_files(pair, tmp_path):
 
 
 def test_shapes_that_do_not_fit_the_graph_fail_before_timing(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({}))  # would KeyError if reached
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({}))  # would KeyError if reached
     fixed = tiny_graph(tmp_path / "fixed.onnx", dims=(1, 8))
     plain = tiny_graph(tmp_path / "plain.onnx")
     with pytest.raises(BadInputError, match=r"shape 2x8 does not fit model 'fixed'.*dim 0 is 2, expected 1"):
@@ -345,7 +347,7 @@ def test_shapes_that_do_not_fit_the_graph_fail_before_timing(tmp_path, monkeypat
 
 
 def test_adapters_that_do_not_fit_are_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({}))
     graph = tiny_graph(tmp_path / "g.onnx")
     models = {"base": graph, "dynamic": graph}
     wrong_name = ort_adapter(tmp_path / "name.onnx_adapter", nope=np.ones(4))
@@ -362,7 +364,7 @@ def test_adapters_that_do_not_fit_are_named(tmp_path, monkeypatch):
 
 
 def test_bad_baselines(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}))
     bench.bench(pair, shapes="1x4", rounds=10, warmup=0, json_path=tmp_path / "r.json")
     report = load_report(tmp_path / "r.json")
     report["config"]["backend"] = "torch"
@@ -384,7 +386,7 @@ def test_cuda_without_a_gpu_is_bad_input(pair):
 
 
 def test_bare_adapter_path_attaches_to_the_dynamic_model():
-    from lora_deploy.bench.run import parse_adapter_specs
+    from lora_deploy.bench.plan import parse_adapter_specs
 
     assert parse_adapter_specs(["x.onnx_adapter"], ["base", "merged", "dynamic"]) == {"dynamic": Path("x.onnx_adapter")}
     assert parse_adapter_specs(["x.onnx_adapter"], ["merged", "lora"]) == {"lora": Path("x.onnx_adapter")}

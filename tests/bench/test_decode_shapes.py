@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from lora_deploy.bench import run as bench
-from lora_deploy.bench.report import parse_shapes, shape_key, validate_report
+from lora_deploy.bench.schema import validate_report
+from lora_deploy.bench.shapes import parse_shapes, shape_key
 from lora_deploy.errors import BadInputError
 from tests.bench.test_bench import tiny_graph
 

@@ -14,9 +14,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from lora_deploy.backends import registry
+from lora_deploy.bench import control, measure
 from lora_deploy.bench import run as bench
-from lora_deploy.bench.report import DEFAULT_RUN_MARGIN, build_report, load_report, plot, to_markdown
+from lora_deploy.bench.feeds import build_feeds
+from lora_deploy.bench.gates import DEFAULT_RUN_MARGIN
+from lora_deploy.bench.report import plot, to_markdown
+from lora_deploy.bench.schema import load_report
 from lora_deploy.bench.stats import GateFailed, regression_gate
+from lora_deploy.bench.summary import build_report
 from lora_deploy.bench.timing import longest_run, measure_paced, parse_duration, parse_rate
 from lora_deploy.errors import BadInputError
 from tests.bench.test_bench import synthetic, tiny_graph
@@ -57,7 +63,7 @@ def runs_with_drift(factor, *, drift, rng, rounds=50, noise=0.03):
 def test_a_machine_that_moved_makes_every_gate_inconclusive(pair, tmp_path, monkeypatch):
     """Everything ~30% slower, the unchanged reference too: a slower machine, not a regression."""
     path = saved_baseline(pair, tmp_path, monkeypatch)
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.3, "merged": 1.3}, seed=1))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.3, "merged": 1.3}, seed=1))
     gates = bench.run_bench(pair, shapes="1x4", baseline_path=path, **FAST)["gates"]
     assert [g["verdict"] for g in gates] == ["inconclusive"] * 2
     assert all("the reference 'base' itself ran +2" in g["message"] for g in gates), gates[0]["message"]
@@ -105,7 +111,7 @@ def test_loaded_baseline_is_flagged_not_a_silent_pass():
 
 
 def test_every_gate_carries_conclusive_and_on_inconclusive_decides(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.02}, noise=0.05))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.02}, noise=0.05))
     report = bench.run_bench(pair, shapes="1x4", max_overhead="2%", **FAST)
     assert all(isinstance(g["conclusive"], bool) and g["verdict"] for g in report["gates"])
     assert [g["verdict"] for g in report["gates"]] == ["inconclusive"] and report["gates"][0]["passed"]
@@ -119,7 +125,7 @@ def test_every_gate_carries_conclusive_and_on_inconclusive_decides(pair, tmp_pat
 
 
 def test_baseline_model_is_timed_in_the_same_run(pair, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"previous": 1.0, "merged": 1.10}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"previous": 1.0, "merged": 1.10}))
     report = bench.run_bench({"merged": pair["merged"]}, baseline_model=pair["base"], shapes="1x4", **FAST)
     assert report["config"]["reference"] == "previous" and report["config"]["max_regression"] == 0.05
     assert list(report["results"]["1x4"]["variants"]) == ["previous", "merged"]
@@ -133,7 +139,7 @@ def test_baseline_model_is_timed_in_the_same_run(pair, monkeypatch):
 
 
 def saved_baseline(pair, tmp_path, monkeypatch, **options):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}))
     path = tmp_path / "before.json"
     bench.bench(pair, json_path=path, overwrite=True, **{"shapes": "1x4,2x4", **FAST, **options})
     return path
@@ -174,7 +180,7 @@ def test_every_shared_shape_is_gated_and_the_others_named(pair, tmp_path, monkey
 
 
 def test_a_saved_baseline_that_fed_other_inputs_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0}))
     graph = plain_graph(tmp_path / "g.onnx", ["batch", 4])
     path = tmp_path / "before.json"
     bench.bench({"base": graph}, shapes="2x1", json_path=path, **FAST)
@@ -189,7 +195,7 @@ def test_a_saved_baseline_that_fed_other_inputs_is_refused(tmp_path, monkeypatch
 
 
 def test_static_graph_figures_come_from_what_is_fed(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"static": 1.0}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"static": 1.0}))
     static = plain_graph(tmp_path / "static.onnx", [1, 16])
     with pytest.raises(BadInputError, match=r"shape 8x128 does not fit model 'static'.*fixes batch 1.*--shapes 1x128"):
         bench.run_bench({"static": static}, shapes="8x128", **FAST)
@@ -203,7 +209,7 @@ def test_static_graph_figures_come_from_what_is_fed(tmp_path, monkeypatch):
 
 
 def test_batch_only_model_runs_its_real_batch_and_refuses_duplicate_shapes(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"ctrl": 1.0}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"ctrl": 1.0}))
     ctrl = plain_graph(tmp_path / "ctrl.onnx", ["N", 16])  # dynamic axis 0 of any name is the batch
     with pytest.raises(BadInputError, match="shapes 1x1 and 1x128 feed every model the same inputs"):
         bench.run_bench({"ctrl": ctrl}, shapes="1x1,1x128", **FAST)
@@ -217,22 +223,22 @@ def test_float32_and_float16_variants_compare_in_one_run(tmp_path, monkeypatch):
         "fp32": plain_graph(tmp_path / "fp32.onnx", ["batch", "steps"]),
         "fp16": plain_graph(tmp_path / "fp16.onnx", ["batch", "steps"], TensorProto.FLOAT16),
     }
-    variants = {n: bench.registry.open_timed(n, p, "onnxruntime") for n, p in models.items()}
+    variants = {n: registry.open_timed(n, p, "onnxruntime") for n, p in models.items()}
     try:
-        feeds, fed = bench.build_feeds(variants, (2, 5), seed=0)
+        feeds, fed = build_feeds(variants, (2, 5), seed=0)
     finally:
         for v in variants.values():
             v.close()
     assert feeds["fp32"]["obs"].dtype == np.float32 and feeds["fp16"]["obs"].dtype == np.float16
     np.testing.assert_array_equal(feeds["fp16"]["obs"], feeds["fp32"]["obs"].astype(np.float16))
     assert fed["fp16"]["seq"] == 5 and not fed["fp16"]["tokens"]  # a sequence axis, not tokens
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"fp32": 1.0, "fp16": 0.8}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"fp32": 1.0, "fp16": 0.8}))
     report = bench.run_bench(models, shapes="2x5", **FAST)
     assert report["results"]["2x5"]["variants"]["fp16"]["fed"]["dtypes"] == {"obs": "float16"}
 
 
 def test_inputs_file_supplies_real_inputs(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}))
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "merged": 1.0}))
     models = {"base": tiny_graph(tmp_path / "a.onnx"), "merged": tiny_graph(tmp_path / "b.onnx")}
     ids = np.arange(15, dtype=np.int32).reshape(3, 5)  # int32 on disk: cast to the graphs' int64
     np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=np.ones((3, 5), np.int64))
@@ -244,7 +250,7 @@ def test_inputs_file_supplies_real_inputs(tmp_path, monkeypatch):
     with pytest.raises(BadInputError, match="drop --shapes"):
         bench.run_bench(models, inputs_path=tmp_path / "in.npz", shapes="1x4")
     np.savez(tmp_path / "pickled.npz", input_ids=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(BadInputError, match="not a readable .npz of plain arrays"):
+    with pytest.raises(BadInputError, match="--inputs .*pickled.npz: cannot be read without pickle"):
         bench.run_bench(models, inputs_path=tmp_path / "pickled.npz")
 
 
@@ -302,7 +308,7 @@ def test_control_loop_mode_reports_and_gates(pair, tmp_path, monkeypatch):
         wrapped = {n: (lambda n=n: clock.sleep(0.004 if rng.random() >= spikes[n] else 0.016)) for n in variants}
         return measure_paced(wrapped, clock=clock, sleep=clock.sleep, **kwargs)
 
-    monkeypatch.setattr(bench, "measure_paced", paced)
+    monkeypatch.setattr(control, "measure_paced", paced)
     out = {"json_path": tmp_path / "loop.json", "markdown_path": tmp_path / "loop.md", "plot_path": tmp_path / "l.png"}
     with pytest.raises(GateFailed, match="p99"):
         bench.bench(pair, shapes="1x4", rate="100hz", duration="30s", max_p99="8ms", max_misses=0, **out)

@@ -8,20 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from lora_deploy.bench.report import (
-    SCHEMA,
-    build_report,
-    load_report,
-    machine_info,
-    parse_shapes,
-    plot,
-    regression_gates,
-    report_gates,
-    to_markdown,
-    validate_report,
-    write_json,
-)
+from lora_deploy.bench.gates import regression_gates, report_gates
+from lora_deploy.bench.machine import machine_info
+from lora_deploy.bench.report import plot, to_markdown
+from lora_deploy.bench.schema import SCHEMA, load_report, validate_report, write_json
+from lora_deploy.bench.shapes import parse_shapes
 from lora_deploy.bench.stats import GateFailed, enforce_gates
+from lora_deploy.bench.summary import build_report
 from lora_deploy.errors import BadInputError
 
 MACHINE = {
