@@ -48,6 +48,7 @@ from lora_deploy.errors import (
     LoraDeployError,
     OutputError,
 )
+from lora_deploy.io.onnx_proto import read_model
 from lora_deploy.util import signal_handlers
 
 try:
@@ -111,6 +112,18 @@ def check_output(
             f"{out}: is or contains the current directory; replacing it would pull it out from under you"
         )
     return out
+
+
+def check_cache_dir(cache: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """The output policy for a directory that a library writes into and reads back, such
+    as ONNX Runtime's TensorRT engine cache (--trt-cache): never an input, nor containing
+    or inside one (as check_output). It is reused, never replaced, so an existing one
+    needs no overwrite, but it must be a directory."""
+    cache = Path(cache)
+    refuse_input_overlap(cache, inputs)
+    if os.path.lexists(cache) and not cache.is_dir():
+        raise BadInputError(f"{cache}: exists and is not a directory")
+    return cache
 
 
 def holds_cwd(path: Path) -> bool:
@@ -191,10 +204,8 @@ def onnx_external_data(path: Path) -> list[Path]:
 
 
 def onnx_locations(path: Path) -> set[str]:
-    import onnx
-
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_model(path)
     except Exception:  # not readable as ONNX: the command reading it will say so
         return set()
     tensors = list(model.graph.initializer)

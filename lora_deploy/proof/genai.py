@@ -27,7 +27,7 @@ from lora_deploy.dtypes import BY_ONNX
 from lora_deploy.errors import BadInputError
 from lora_deploy.io.provenance import artifact_hashes
 from lora_deploy.proof.generate import Candidate, verify_generation
-from lora_deploy.proof.verify import VerifyReport
+from lora_deploy.proof.verify import VerifyReport, require_cpu
 
 MANIFEST = "genai-manifest.json"  # written by lora_deploy.export.genai
 QUANTIZED = "bfloat16"  # the tolerance row for int4 weights: the loosest the table has
@@ -111,6 +111,7 @@ def verify_genai(
 ) -> VerifyReport:
     """verify_generation with the genai folder's candidates (and any other artifact in
     `others`), at the folder's tolerances unless atol/rtol are given."""
+    require_cpu("--genai", **others)  # before the folder is opened
     dtype = genai_dtype(genai_dir)
     row = tolerance(dtype)
     atol = row.atol if atol is None and dtype != "float32" else atol

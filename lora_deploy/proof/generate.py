@@ -48,6 +48,7 @@ from lora_deploy.proof.verify import (
     loosest,
     onnx_dtype,
     outcome,
+    require_cpu,
 )
 
 __all__ = [
@@ -371,6 +372,10 @@ def verify_generation(
     task: str = "auto",
     inputs_path: str | os.PathLike | None = None,
     allow_no_effect: bool = False,
+    device: str = "cpu",
+    provider: str | None = None,
+    trt_fp16: bool = False,
+    trt_cache: str | os.PathLike | None = None,
 ) -> VerifyReport:
     """`verify --generate N`: each artifact's greedy generation against PEFT's.
 
@@ -380,13 +385,15 @@ def verify_generation(
     every row on this adapter and on none; --merged through transformers' generate.
     Prompts: prompt_sets (batch, seq, seed), and each row of `inputs_path` (an .npz with
     input_ids and attention_mask) too. `candidates`: more generators to check alongside
-    (an onnxruntime-genai folder's)."""
+    (an onnxruntime-genai folder's). The keywords are verify's (VerifyOptions); generation
+    runs on the CPU, so `device` other than cpu and ONNX Runtime's GPU options are refused."""
     import tempfile
 
     from lora_deploy.adapter.read import load_adapter
     from lora_deploy.io.provenance import artifact_hashes
     from lora_deploy.modeling.tasks import CAUSAL_LM, TEXT_GENERATION_WITH_PAST, load_config
 
+    require_cpu("--generate", device, provider, trt_fp16, trt_cache)
     if task not in ("auto", CAUSAL_LM, TEXT_GENERATION_WITH_PAST):
         raise BadInputError(
             f"--generate checks decoders: --task must be auto, {CAUSAL_LM} or {TEXT_GENERATION_WITH_PAST}"

@@ -33,6 +33,7 @@ from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
 from lora_deploy.errors import BadInputError, NotEquivalentError
 from lora_deploy.io.checkpoint import Checkpoint
 from lora_deploy.io.provenance import artifact_hashes, report_header
+from lora_deploy.io.staging import check_cache_dir
 from lora_deploy.merge.delta import merged_bias, merged_weight
 from lora_deploy.modeling.samples import check_input_size, read_config_dict
 from lora_deploy.proof.inputs import GENERATED, InputSet, load_golden_inputs
@@ -186,10 +187,14 @@ def verify(
 
     `device` cuda runs the --onnx graph on ONNX Runtime's CUDA or TensorRT provider
     (`provider`, `trt_fp16`, `trt_cache`: backends/onnxrt/gpu.py); where it really ran is
-    recorded in the report's inputs ("onnxruntime")."""
+    recorded in the report's inputs ("onnxruntime"). `trt_cache` is a directory ONNX Runtime
+    writes into: never an input, nor inside or containing one (io.staging.check_cache_dir)."""
     from lora_deploy.backends.onnxrt import gpu
 
     choice = gpu.choose(device, provider, trt_fp16, trt_cache)
+    if trt_cache is not None:  # before the providers are needed: a wrong path is one line on any machine
+        artifacts = [merged_dir, onnx_path, dynamic_path, packed_path, multi_path, engine_path, inputs_path]
+        check_cache_dir(trt_cache, [base_dir, adapter_dir, *artifacts])
     if choice.on_gpu and (onnx_path is None or dynamic_path is not None or multi_path is not None):
         raise BadInputError("--device cuda runs the --onnx graph on a GPU: give --onnx (adapter graphs run on the CPU)")
     gpu.require_providers(choice)  # without onnxruntime-gpu: one line, before any work
@@ -238,7 +243,10 @@ def verify(
     if not (Path(base_dir) / "config.json").is_file():
         # A plain torch module's checkpoint: no architecture to run, so weights are the proof.
         if merged_dir is None or graphs.onnx or graphs.dynamic or graphs.multi or graphs.engine or golden:
-            raise BadInputError(f"{base_dir}: no config.json, so outputs cannot be computed; verify --merged only")
+            raise BadInputError(
+                f"{base_dir}: no config.json, so outputs cannot be computed; verify --merged only, or give "
+                "--module PKG.MOD:FACTORY (a plain module: proof.plain.verify_module)"
+            )
         report.checks.append(
             Check(
                 "outputs",
@@ -257,6 +265,22 @@ def verify(
     roles.update(engine=graphs.engine, engine_onnx=graphs.engine_onnx)
     report.artifacts = {role: artifact_hashes(path) for role, path in roles.items() if path is not None}
     return report
+
+
+def require_cpu(
+    what: str,
+    device: str = "cpu",
+    provider: str | None = None,
+    trt_fp16: bool = False,
+    trt_cache: str | os.PathLike | None = None,
+    **others,
+) -> None:
+    """verify's ONNX Runtime GPU options (VerifyOptions: device, provider, trt_fp16,
+    trt_cache) run the --onnx output check on a GPU. The checks that run on the CPU
+    (`what`: --generate, --genai, --module) take them like every verify entry point and
+    refuse them in one line rather than ignore them. `others`: verify's other keywords."""
+    if device != "cpu" or provider is not None or trt_fp16 or trt_cache is not None:
+        raise BadInputError(f"{what} runs on the CPU: drop --device, --provider, --trt-fp16 and --trt-cache")
 
 
 def refuse_kv_cache_graphs(*paths: Path | None) -> None:

@@ -18,6 +18,7 @@ from lora_deploy.backends.onnxrt import gpu
 from lora_deploy.backends.onnxrt.loader import SessionFromOnnx
 from lora_deploy.cli import main
 from lora_deploy.errors import BadInputError
+from lora_deploy.proof.verify import verify as run_verify
 
 NO_GPU = "CUDAExecutionProvider" not in ort.get_available_providers()
 
@@ -127,3 +128,38 @@ def test_a_refused_strict_session_is_opened_only_for_shape_arithmetic(graph, acc
     else:
         with pytest.raises(BadInputError, match=r"compute nodes on the CPU.*MatMul x1"):
             gpu.open_session(choice, path)
+
+
+def test_trt_cache_is_an_output_never_an_input(tmp_path):
+    """--trt-cache is a directory ONNX Runtime writes into: the output policy refuses an
+    input, a directory holding one, or one inside an input, in one line (exit 2), before
+    the providers are needed (so on any machine), and nothing is written."""
+    base, adapter, graphs = tmp_path / "base", tmp_path / "adapter", tmp_path / "graphs"
+    for folder in (base, adapter, graphs):
+        folder.mkdir()
+    model = graphs / "m.onnx"
+    onnx.save(matmul_graph(), str(model))
+    report = tmp_path / "verify.json"
+    verify = ["verify", str(base), str(adapter), "--onnx", str(model), "--device", "cuda", "--provider", "tensorrt"]
+    for cache, relation in [
+        (base / "trt", f"lies inside input {base}"),
+        (adapter, f"is input {adapter}"),
+        (graphs, f"contains input {model}"),
+        (tmp_path, f"contains input {base}"),
+    ]:
+        result = CliRunner().invoke(main, [*verify, "--trt-cache", str(cache), "--report", str(report)])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert f"{cache}: output must not be or contain an input" in result.stderr and relation in result.stderr
+        assert not report.exists() and not (base / "trt").exists()
+    bench = ["bench", "--device", "cuda", "--provider", "tensorrt", "--model", f"m={model}"]
+    result = CliRunner().invoke(main, [*bench, "--trt-cache", str(graphs)])
+    assert result.exit_code == 2 and f"contains input {model}" in result.stderr, result.output
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BadInputError, match="exists and is not a directory"):  # the API's check (click has its own)
+        run_verify(base, adapter, onnx_path=model, device="cuda", provider="tensorrt", trt_cache=tmp_path / "file")
+    if NO_GPU:  # a cache of its own passes the policy: the next refusal is the missing provider's
+        result = CliRunner().invoke(main, [*verify, "--trt-cache", str(tmp_path / "cache")])
+        assert result.exit_code == 2 and "no TensorrtExecutionProvider" in result.stderr, result.output
+        result = CliRunner().invoke(main, [*bench, "--trt-cache", str(tmp_path / "cache")])
+        assert result.exit_code == 2 and "no TensorrtExecutionProvider" in result.stderr, result.output
+        assert not (tmp_path / "cache").exists()
