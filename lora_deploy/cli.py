@@ -23,9 +23,12 @@ from lora_deploy import __version__
 from lora_deploy.backends import registry
 from lora_deploy.errors import InternalError, LoraDeployError
 from lora_deploy.options import (
+    COMBINE_METHODS,
     GENAI_PRECISIONS,
     PACK_DTYPES,
     BenchOptions,
+    CombineOptions,
+    CompressOptions,
     ExportOptions,
     GenaiExportOptions,
     MergeOptions,
@@ -247,10 +250,108 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
     console.print(line)
     if info["replaced_tensors"]:
         console.print(f"replaces base tensors: {', '.join(info['replaced_tensors'])}")
+    if info.get("quantized_base_hint"):
+        console.print(f"trained on a quantized base? {info['quantized_base_hint']} (merge --onto nf4|fp4|int8)")
+
+
+@main.command("analyze")
+@click.argument("adapter", type=directory)
+@click.option("--base", type=directory, help="Base checkpoint: ||dW||/||W0|| and the amplification factor.")
+@click.option("--compare", type=directory, help="Another adapter: subspace similarity phi(i, j) per module.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report (singular values, energy, phi) as JSON.")
+@click.option("--plot", "plot_path", type=a_file, help="Write a PNG: energy per module, phi heat maps (matplotlib).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --plot file.")
+@run_guarded
+def analyze_cmd(adapter: Path, base: Path | None, compare: Path | None, as_json: bool, plot_path, overwrite) -> None:
+    """Spectrum of each module's s*B*A, the rank it needs, and what compressing saves."""
+    from lora_deploy.adapter.analysis import analyze_adapter, plot_analysis, require_matplotlib, summary_lines
+    from lora_deploy.io.staging import check_output
+
+    if plot_path is not None:
+        require_matplotlib()
+        check_output(plot_path, [adapter, base, compare], overwrite)
+    report = analyze_adapter(adapter, base, compare)
+    if plot_path is not None:
+        plot_analysis(report, plot_path, overwrite=overwrite, inputs=[adapter, base, compare])
+    if as_json:
+        emit_json(report)
+        return
+    for line in summary_lines(report):
+        click.echo(line)
+    if plot_path is not None:
+        click.echo(f"plot: {plot_path}")
+
+
+class FloatList(click.ParamType):
+    """Comma-separated numbers, e.g. 0.7,0.3."""
+
+    name = "W1,W2,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+@main.command("compress")
+@click.argument("adapter", type=directory)
+@click.option("-o", "--output", "out", type=directory, required=True, help="The PEFT adapter directory to write.")
+@click.option("--rank", type=int, help="Truncate every module to this rank.")
+@click.option("--energy", type=float, help="Or: the rank keeping this fraction of each module's ||dW||^2, e.g. 0.99.")
+@click.option("--per-module", is_flag=True, help="With --energy: each module its own rank (else the largest for all).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (per-module error) as JSON.")
+@run_guarded
+def compress_cmd(adapter: Path, out: Path, as_json: bool, **params) -> None:
+    """Truncate each module's s*B*A by SVD; write a PEFT adapter; report the Eckart-Young error."""
+    from lora_deploy.merge.combine import compress_adapter
+
+    report = compress_adapter(adapter, out, **CompressOptions.from_params(params).kwargs())
+    if as_json:
+        emit_json(report)
+        return
+    ranks = sorted({m["rank"] for m in report["modules"]})
+    click.echo(
+        f"wrote {report['output']}: {len(report['modules'])} modules at rank {'/'.join(map(str, ranks))}; "
+        f"factors {report['bytes_before'] / 1e6:.3g} MB -> {report['bytes_after'] / 1e6:.3g} MB; "
+        f"largest relative error {report['max_relative_error']:.3g} (Eckart-Young)"
+    )
+    if report["carried"]:
+        note(f"carried over unchanged: {', '.join(report['carried'])}")
+
+
+@main.command("combine")
+@click.argument("adapters", type=directory, nargs=-1, required=True)
+@click.option("-o", "--output", "out", type=directory, required=True, help="The PEFT adapter directory to write.")
+@click.option("--weights", type=FloatList(), help="One weight per adapter, e.g. 0.7,0.3.  [default: 1 each]")
+@click.option("--method", type=click.Choice(list(COMBINE_METHODS)), default="linear", show_default=True)
+@click.option("--rank", type=int, help="svd/ties/dare: the output rank.  [default: the largest input rank]")
+@click.option("--density", type=float, help="ties/dare: the fraction of each update's entries kept.")
+@click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the random drop.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (per-module error) as JSON.")
+@run_guarded
+def combine_cmd(adapters: tuple[Path, ...], out: Path, as_json: bool, **params) -> None:
+    """One adapter whose update is the weighted sum (or TIES/DARE) of the adapters' updates."""
+    from lora_deploy.merge.combine import combine_adapters
+
+    report = combine_adapters(adapters, out, **CombineOptions.from_params(params).kwargs())
+    if as_json:
+        emit_json(report)
+        return
+    ranks = sorted({m["rank"] for m in report["modules"]})
+    how = "exact" if report["exact"] else f"largest relative error {report['max_relative_error']:.3g}"
+    click.echo(
+        f"wrote {report['output']}: {report['method']} of {len(report['adapters'])} adapters, "
+        f"{len(report['modules'])} modules at rank {'/'.join(map(str, ranks))}; {how}"
+    )
 
 
 @main.command()
-@click.argument("base", type=directory)
+@click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapter", type=directory)
 @click.option(
     "-o",
@@ -259,6 +360,14 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
     type=click.Path(path_type=Path),
     required=True,
     help="Output checkpoint directory (with --onnx-like: the merged .onnx file, or genai folder).",
+)
+@click.option(
+    "--side-file",
+    "side_files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A file to carry into OUT and hash in the manifest (dataset_statistics.json, a separately saved head); "
+    "repeatable.",
 )
 @click.option(
     "--onnx-like",
@@ -292,6 +401,28 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
     help="Also record every file's SHA-256 (the Hub's LFS ids) beside its BLAKE3 in the manifest (~1 s/GB of CPU).",
 )
 @click.option("--rehash", is_flag=True, help="Hash every input again, even one the digest memo knows unchanged.")
+@click.option(
+    "--onto",
+    type=click.Choice(["nf4", "fp4", "int8"]),
+    help="Merge onto dequant(quant(W)) as bitsandbytes computes it (what a QLoRA adapter was trained against), "
+    "for every Linear layer but the output head; untargeted ones are written dequantized too.",
+)
+@click.option("--blocksize", type=int, default=64, show_default=True, help="--onto nf4|fp4: bitsandbytes' block size.")
+@click.option(
+    "--double-quant", is_flag=True, help="--onto nf4|fp4: the scales were double-quantized (bnb_4bit_use_double_quant)."
+)
+@click.option(
+    "--skip-modules",
+    multiple=True,
+    default=(),
+    help="--onto: modules bitsandbytes left unquantized (llm_int8_skip_modules; name, suffix or regex); repeatable "
+    "or comma-separated.",
+)
+@click.option(
+    "--requantize",
+    type=click.Choice(["fp8"]),
+    help="A block-scaled FP8 base: write FP8 with fresh block scales (amax/448) in its layout, not bfloat16.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the merge manifest as JSON.")
 @run_guarded
 def merge(
@@ -307,14 +438,30 @@ def merge(
     sha256: bool,
     rehash: bool,
     as_json: bool,
+    side_files: tuple[Path, ...] = (),
+    onto: str | None = None,
+    blocksize: int = 64,
+    double_quant: bool = False,
+    skip_modules: tuple[str, ...] = (),
+    requantize: str | None = None,
 ) -> None:
     """Merge ADAPTER into BASE, shard by shard, writing an ordinary HF checkpoint
-    (with --onnx-like BASE.onnx: the merged ONNX model, from BASE's graph)."""
+    (with --onnx-like BASE.onnx: the merged ONNX model, from BASE's graph). BASE may be a
+    checkpoint directory, a .safetensors file or a plain torch state dict (.pt/.pth/.bin,
+    read weights-only)."""
     from lora_deploy.merge import merge as run_merge
     from lora_deploy.progress import byte_progress
 
     options = MergeOptions.from_params(click.get_current_context().params)
     if onnx_like is not None:
+        if side_files:
+            from lora_deploy.errors import BadInputError
+
+            raise BadInputError("--side-file applies to checkpoint merges, not --onnx-like")
+        if onto or requantize:
+            from lora_deploy.errors import BadInputError
+
+            raise BadInputError("--onto and --requantize apply to checkpoint merges, not --onnx-like")
         merge_onnx_like(base, adapter, onnx_like, out, options, base_check, as_json)
         return
     if click.get_current_context().get_parameter_source("base_check") is not click.core.ParameterSource.DEFAULT:
@@ -322,11 +469,25 @@ def merge(
 
         raise BadInputError("--base-check applies to --onnx-like only")
     with byte_progress("merging", enabled=not as_json) as progress:
-        result = run_merge(base, adapter, out, **options.kwargs(), progress=progress)
+        result = run_merge(base, adapter, out, **options.kwargs(), progress=progress, side_files=side_files)
     if as_json:
         emit_json(result.manifest)
     else:
         click.echo(result.summary())
+        merge_quant_lines(result.manifest, base, adapter)
+
+
+def merge_quant_lines(manifest: dict, base: Path, adapter: Path) -> None:
+    """A quantized path's one-line report; or, for a plain merge of an adapter that looks
+    trained on a quantized base, a one-line hint."""
+    from lora_deploy.merge.quant import quant_summary, quantized_training_hint
+
+    if "quantization" in manifest:
+        click.echo(quant_summary(manifest["quantization"]))
+        return
+    hint = quantized_training_hint(adapter, base)
+    if hint is not None:
+        click.echo(f"hint: {hint}", err=True)
 
 
 def merge_onnx_like(
@@ -356,9 +517,14 @@ MERGE_ONNX_SCHEMA = "lora-deploy.merge-onnx/1"
 
 
 @main.command()
-@click.argument("base", type=directory)
+@click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapter", type=directory)
-@click.option("--merged", type=directory, help="Merged checkpoint to check (weights and outputs).")
+@click.option("--merged", type=click.Path(path_type=Path), help="Merged checkpoint to check (weights and outputs).")
+@click.option(
+    "--module",
+    help="A plain torch module: PKG.MOD:FACTORY returning the nn.Module; BASE (a .pt state dict, a safetensors file "
+    "or directory) and --merged are loaded into it, and actions are compared (its action_kind: bins or continuous).",
+)
 @click.option("--onnx", "onnx_path", type=a_file, help="ONNX model to check in ONNX Runtime.")
 @click.option(
     "--dynamic",
@@ -377,6 +543,14 @@ MERGE_ONNX_SCHEMA = "lora-deploy.merge-onnx/1"
     "multi_path",
     type=a_file,
     help="Multi-adapter graph holding ADAPTER: its rows, no-adapter rows and a mixed batch.",
+)
+@click.option(
+    "--part",
+    "parts",
+    multiple=True,
+    metavar="NAME=FILE.onnx",
+    help="--module: the graph of one part (export onnx --part NAME), checked alone on what the part receives and, "
+    "with the other parts, as a chain whose actions are compared. Repeat.",
 )
 @click.option(
     "--engine",
@@ -435,69 +609,64 @@ def verify(
     packed_path,
     multi_path,
     engine_path,
-    device,
-    provider,
-    trt_fp16,
-    trt_cache,
-    atol,
-    rtol,
-    batch,
-    seq,
-    seed,
-    task,
     inputs_path,
-    allow_no_effect,
     generate,
     genai_dir,
     report,
     overwrite,
     as_json,
+    module=None,
+    parts=(),
+    **params,
 ) -> None:
     """Check that artifacts compute what BASE + ADAPTER compute (exit 1 if not)."""
+    from lora_deploy.errors import BadInputError
     from lora_deploy.io.staging import check_output
+    from lora_deploy.proof.plain import parse_parts
     from lora_deploy.proof.verify import verify as run_verify
 
     options = VerifyOptions.from_params(click.get_current_context().params)
     inputs = [base, adapter, merged, onnx_path, dynamic_path, packed_path, multi_path, engine_path, inputs_path]
     inputs.append(genai_dir)
+    if parts and module is None:
+        raise BadInputError("--part checks the parts of a plain module: give --module package.module:factory")
+    graphs_of_parts = parse_parts(parts)
+    inputs += list(graphs_of_parts.values())
     if report:
         check_output(report, inputs, overwrite)  # before the work, not after it
-    if genai_dir is not None and generate is None:
-        from lora_deploy.errors import BadInputError
+    if module is None and base.is_file():
+        raise BadInputError(f"{base}: not a checkpoint directory (a plain module's checkpoint file needs --module)")
+    # Every path below takes verify's options (VerifyOptions) and refuses those it cannot use.
+    graphs = {"merged_dir": merged, "onnx_path": onnx_path, "dynamic_path": dynamic_path}
+    graphs.update(packed_path=packed_path, multi_path=multi_path, inputs_path=inputs_path)
+    if module is not None:
+        if generate is not None or genai_dir or engine_path:
+            raise BadInputError(
+                "--module checks --merged, --onnx, --dynamic and --multi on the CPU (no --generate, --genai "
+                "or --engine yet)"
+            )
+        from lora_deploy.proof.plain import verify_module
 
+        result = verify_module(base, adapter, module=module, parts=graphs_of_parts, **graphs, **options.kwargs())
+    elif genai_dir is not None and generate is None:
         raise BadInputError("--genai checks generation: give --generate N")
-    if generate is not None and (engine_path is not None or device != "cpu"):
-        from lora_deploy.errors import BadInputError
+    elif generate is not None and engine_path is not None:
+        raise BadInputError("--engine checks outputs, not generation: drop --generate")
+    elif generate is not None and genai_dir is not None:
+        from lora_deploy.proof.genai import verify_genai
 
-        raise BadInputError("--engine and --device cuda check outputs, not generation: drop --generate")
-    if generate is not None:
+        result = verify_genai(base, adapter, genai_dir, generate, **graphs, **options.kwargs())
+    elif generate is not None:
         from lora_deploy.proof.generate import verify_generation
 
-        graphs = {"merged_dir": merged, "onnx_path": onnx_path, "dynamic_path": dynamic_path}
-        graphs.update(packed_path=packed_path, multi_path=multi_path, inputs_path=inputs_path)
-        if genai_dir is not None:
-            from lora_deploy.proof.genai import verify_genai
-
-            result = verify_genai(base, adapter, genai_dir, generate, **graphs, **options.kwargs())
-        else:
-            result = verify_generation(base, adapter, generate, **graphs, **options.kwargs())
+        result = verify_generation(base, adapter, generate, **graphs, **options.kwargs())
     else:
-        result = run_verify(
-            base,
-            adapter,
-            merged_dir=merged,
-            onnx_path=onnx_path,
-            dynamic_path=dynamic_path,
-            packed_path=packed_path,
-            multi_path=multi_path,
-            engine_path=engine_path,
-            inputs_path=inputs_path,
-            device=device,
-            provider=provider,
-            trt_fp16=trt_fp16,
-            trt_cache=trt_cache,
-            **options.kwargs(),
-        )
+        result = run_verify(base, adapter, engine_path=engine_path, **graphs, **options.kwargs())
+    finish_verify(result, report, overwrite, inputs, as_json)
+
+
+def finish_verify(result, report, overwrite, inputs, as_json) -> None:
+    """The report file, the table or JSON, then exit 1 on a difference."""
     if report:
         write_json_atomic(report, result.to_dict(), overwrite=overwrite, inputs=inputs)
     if as_json:
@@ -526,7 +695,7 @@ def print_checks(result) -> None:
     console = Console()
     console.print(table)
     for c in result.checks:
-        if c.name.startswith("effect") or c.skipped:
+        if c.name.startswith(("effect", "actions")) or c.skipped:
             console.print(f"{c.name}: {'skipped: ' if c.skipped else ''}{c.detail}", markup=False, highlight=False)
 
 
@@ -543,8 +712,26 @@ def export() -> None:
 
 
 @export.command("onnx")
-@click.argument("model", type=directory)
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=a_file, required=True)
+@click.option(
+    "--module",
+    help="A plain torch module: PKG.MOD:FACTORY (or path/to/file.py:FACTORY) returning the nn.Module; MODEL is "
+    "then its checkpoint (a safetensors directory or file, or a .pt state dict read weights-only).",
+)
+@click.option(
+    "--inputs",
+    "inputs_path",
+    type=click.Path(path_type=Path),
+    help="--module: example inputs, an .npz whose array names are forward's arguments (e.g. recorded "
+    "observations); default: the module's example_inputs().",
+)
+@click.option("--static", is_flag=True, help="--module: fix every input dim to the example's (no dynamic batch).")
+@click.option(
+    "--part",
+    help="--module: export one part (a submodule path, e.g. blocks.0 or llm.model) on the inputs it receives in the "
+    "whole model's forward on the example inputs; verify --part checks the parts' chain.",
+)
 @click.option(
     "--task",
     type=click.Choice(
@@ -620,8 +807,13 @@ def export_onnx(
     default_rank,
     overwrite,
     as_json,
+    module=None,
+    inputs_path=None,
+    static=False,
+    part=None,
 ) -> None:
-    """Export MODEL (an HF checkpoint directory) to ONNX, checked in ONNX Runtime."""
+    """Export MODEL (an HF checkpoint directory; with --module a plain module's checkpoint) to
+    ONNX, checked in ONNX Runtime."""
     from dataclasses import asdict
 
     from lora_deploy.errors import BadInputError
@@ -634,12 +826,35 @@ def export_onnx(
             raise BadInputError("dynamic and multi-adapter graphs are exported in float32, with their weights")
         if default_rank and (multi_adapter or task == "text-generation-with-past"):
             raise BadInputError("--default-rank is for --dynamic-adapters graphs of the full sequence")
+        if module is not None and task != "auto":
+            raise BadInputError("--module adapter graphs take the module's own inputs: no --task")
+        if static and (module is None or multi_adapter):
+            raise BadInputError(
+                "--static adapter graphs are --dynamic-adapters graphs of a --module (a multi-adapter graph's "
+                "batch stays dynamic)"
+            )
+        if part is not None:
+            raise BadInputError("--part exports a part of a merged module; adapter graphs take the whole module")
         export_adapter_graph(
-            model, out, task, opset, multi_adapter, adapters, targets, overwrite, as_json, default_rank=default_rank
+            model,
+            out,
+            task,
+            opset,
+            multi_adapter,
+            adapters,
+            targets,
+            overwrite,
+            as_json,
+            default_rank,
+            module,
+            inputs_path,
+            static,
         )
         return
     if default_rank:
         raise BadInputError("--default-rank needs --dynamic-adapters")
+    if module is None and model.is_file():
+        raise BadInputError(f"{model}: not a checkpoint directory (a plain module's checkpoint file needs --module)")
     if adapters or targets:
         raise BadInputError("--adapter and --targets need --dynamic-adapters or --multi-adapter")
     options = ExportOptions.from_params(click.get_current_context().params)
@@ -801,6 +1016,13 @@ def demo(out: Path, family: str, variant: str) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample inputs.")
 @click.option(
+    "--generate",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="KV-cache graphs: every shape is a prompt (BATCHxPROMPT) and every round one greedy generation of N new "
+    "tokens per row; reports prefill and per-token decode latency (p50/p99) and tokens/s, gates on whole generations.",
+)
+@click.option(
     "--until-width",
     help="Adaptive rounds: after --rounds, keep adding rounds until every interval the gates decide on is at most "
     "this wide (relative), e.g. 1%, or --max-time is spent.",
@@ -876,6 +1098,7 @@ def bench_cmd(
     warmup,
     inner,
     seed,
+    generate,
     until_width,
     max_time,
     cuda_graphs,
@@ -926,10 +1149,50 @@ def bench_cmd(
         )
 
 
-def export_adapter_graph(model, out, task, opset, multi, adapters, targets, overwrite, as_json, default_rank=0) -> None:
+def export_adapter_graph(
+    model,
+    out,
+    task,
+    opset,
+    multi,
+    adapters,
+    targets,
+    overwrite,
+    as_json,
+    default_rank=0,
+    module=None,
+    inputs_path=None,
+    static=False,
+) -> None:
     from lora_deploy.errors import BadInputError
 
-    if task == "text-generation-with-past":
+    if module is not None and multi:
+        from lora_deploy.export.dynamic_module import export_multi_module
+
+        if not adapters or targets:
+            raise BadInputError("--multi-adapter needs at least one --adapter (and takes no --targets)")
+        graph = export_multi_module(
+            model, out, list(adapters), module=module, inputs_path=inputs_path, opset=opset, overwrite=overwrite
+        )
+    elif module is not None:
+        from lora_deploy.export.dynamic_module import export_dynamic_module
+
+        if not adapters and not targets:
+            raise BadInputError("--dynamic-adapters needs --adapter ADAPTER or --targets q,v")
+        target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+        graph = export_dynamic_module(
+            model,
+            out,
+            module=module,
+            adapters=list(adapters),
+            targets=target_list,
+            inputs_path=inputs_path,
+            opset=opset,
+            default_rank=default_rank,
+            overwrite=overwrite,
+            static=static,
+        )
+    elif task == "text-generation-with-past":
         from lora_deploy.export.generation import export_generation_adapters
 
         target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
@@ -1096,10 +1359,22 @@ def refit_cmd(engine, base, adapter, **params) -> None:
 )
 @click.option("--only", multiple=True, metavar="STEP", help="Run only this step (and what it needs). Repeat.")
 @click.option("--force", is_flag=True, help="Run every step again, whatever the cache holds.")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    help="Steps run at once (adapters in parallel; bench always runs alone).  [default: the cores, at most 4]",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Run the steps as tasks of this Ray cluster (local: start one for the run); the cache must be on "
+    "storage every node reaches. Needs the ray extra.",
+)
 @click.option("--schema", is_flag=True, help="Print the JSON Schema of the pipeline format and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the pipeline manifest as JSON (step lines go to stderr).")
 @run_guarded
-def run_cmd(pipeline, overrides, out, only, force, schema, as_json) -> None:
+def run_cmd(pipeline, overrides, out, only, force, jobs, ray_address, schema, as_json) -> None:
     """Run a pipeline file: every step into an artifact bundle that replaces the old one only
     when every required step passed (exit 1 when a gate or verification failed)."""
     from lora_deploy.errors import BadInputError
@@ -1117,7 +1392,9 @@ def run_cmd(pipeline, overrides, out, only, force, schema, as_json) -> None:
         click.echo(line, err=as_json)
 
     try:
-        result = run_pipeline(pipeline, overrides=overrides, out=out, only=only, force=force, echo=echo)
+        result = run_pipeline(
+            pipeline, overrides=overrides, out=out, only=only, force=force, jobs=jobs, ray=ray_address, echo=echo
+        )
     except PipelineFailed as exc:
         if as_json:
             emit_json(exc.manifest | {"error": str(exc), "exit_code": exc.exit_code})

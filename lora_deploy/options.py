@@ -41,6 +41,11 @@ class MergeOptions(StageOptions):
     durable: bool = False  # fsync every file and the directory before the final rename
     sha256: bool = False  # record SHA-256 beside BLAKE3 in the manifest
     rehash: bool = False  # hash every input again, whatever the digest memo knows
+    onto: str | None = None  # nf4 | fp4 | int8: merge onto dequant(quant(W)) as bitsandbytes computes it (merge/bnb.py)
+    blocksize: int = 64  # --onto nf4|fp4: bitsandbytes' block size
+    double_quant: bool = False  # --onto nf4|fp4: the absmax scales double-quantized (bnb_4bit_use_double_quant)
+    skip_modules: tuple[str, ...] = ()  # --onto: modules left unquantized (llm_int8_skip_modules)
+    requantize: str | None = None  # fp8: a block-scaled FP8 base written back as FP8 with fresh block scales
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,10 @@ class ExportOptions(StageOptions):
     overwrite: bool = False  # replace an existing output file
     stream_weights: bool = False  # trace without weights, stream initializers from the checkpoint
     parity: str = "auto"  # stream_weights: ORT check on the real model or a 1-layer proxy (auto/full/proxy/skip)
+    module: str | None = None  # a plain torch module: "package.module:factory"; the model path is its checkpoint
+    inputs_path: Path | None = None  # module: example inputs (.npz, names = forward's arguments)
+    static: bool = False  # module: every input dim fixed (no dynamic batch)
+    part: str | None = None  # module: export this submodule alone (e.g. "blocks.0"), on its recorded inputs
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,32 @@ class PackOptions(StageOptions):
 
     dtype: str = "float32"  # what the packed A and B are stored as (PACK_DTYPES)
     overwrite: bool = False  # replace an existing output file
+
+
+@dataclass(frozen=True)
+class CompressOptions(StageOptions):
+    """`lora_deploy.merge.combine.compress_adapter` (`lora-deploy compress`)."""
+
+    rank: int | None = None  # every module truncated to this rank (or kept, if lower)
+    energy: float | None = None  # or: the rank keeping this fraction of each module's ||dW||_F^2
+    per_module: bool = False  # with energy: each module its own rank (rank_pattern); else the largest for all
+    overwrite: bool = False  # replace an existing output directory
+
+
+# `lora-deploy combine --method` (the order the CLI lists them).
+COMBINE_METHODS = ("linear", "cat", "svd", "ties", "dare")
+
+
+@dataclass(frozen=True)
+class CombineOptions(StageOptions):
+    """`lora_deploy.merge.combine.combine_adapters` (`lora-deploy combine`)."""
+
+    weights: tuple[float, ...] | None = None  # one per adapter; None: 1 each
+    method: str = "linear"  # COMBINE_METHODS
+    rank: int | None = None  # svd/ties/dare: the output rank (None: the largest input rank)
+    density: float | None = None  # ties/dare: the fraction of each update's entries kept
+    seed: int = 0  # dare: the seed of the random drop
+    overwrite: bool = False  # replace an existing output directory
 
 
 # `lora-deploy export genai --precision`: what onnxruntime-genai's model builder builds.
@@ -77,8 +112,8 @@ class GenaiExportOptions(StageOptions):
 
 @dataclass(frozen=True)
 class VerifyOptions(StageOptions):
-    """`lora_deploy.proof.verify`: tolerances (None: by dtype), the sample inputs, and
-    whether an adapter with no effect on the outputs may pass."""
+    """`lora_deploy.proof.verify`: tolerances (None: by dtype), the sample inputs, whether
+    an adapter with no effect on the outputs may pass, and where ONNX Runtime runs."""
 
     atol: float | None = None
     rtol: float | None = None
@@ -87,6 +122,10 @@ class VerifyOptions(StageOptions):
     seed: int = 0
     task: str = "auto"
     allow_no_effect: bool = False
+    device: str = "cpu"  # where ONNX Runtime runs the --onnx graph (cuda: needs onnxruntime-gpu)
+    provider: str | None = None  # onnxruntime on cuda: cuda (default) | tensorrt execution provider
+    trt_fp16: bool = False  # onnxruntime's TensorRT provider builds fp16 engines
+    trt_cache: Path | None = None  # onnxruntime's TensorRT provider: engine and timing cache directory
 
 
 @dataclass(frozen=True)
@@ -104,6 +143,7 @@ class BenchOptions(StageOptions):
     warmup: int = 5
     inner: int = 1
     seed: int = 0
+    generate: int | None = None  # every shape a prompt; each round one greedy generation of N tokens (KV-cache graphs)
     until_width: float | str | None = None  # adaptive rounds: add rounds until every interval is this narrow
     max_time: str | None = None  # the time budget of until_width, e.g. "120s" (the default)
     max_overhead: float | str | None = None

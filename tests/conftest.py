@@ -165,3 +165,34 @@ def ctrl_c():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="session")
+def robot(tmp_path_factory):
+    """Factory ``robot(kind) -> paths`` for the reference controllers (examples/robot.py):
+    kind "policy" (continuous actions) or "vla" (token bins). Paths: base (.pt), adapter,
+    observations (.npz, 64 rows), obs1 (.npz, the first row), statistics (vla), spec
+    (the factory), merged (lora-deploy merge of base + adapter, statistics carried).
+    Built once per session; treat them as read-only."""
+    import numpy as np
+
+    from lora_deploy.examples import robot as robots
+    from lora_deploy.merge import merge
+
+    root = tmp_path_factory.mktemp("robot")
+    built: dict[str, dict] = {}
+
+    def get(kind):
+        if kind not in built:
+            paths = robots.build_controller(kind, root / kind)
+            with np.load(paths["observations"]) as data:
+                np.savez(root / kind / "obs1.npz", **{k: data[k][:1] for k in data.files})
+            paths["obs1"] = root / kind / "obs1.npz"
+            paths["spec"] = f"lora_deploy.examples.robot:build_{kind}"
+            side = [paths["statistics"]] if "statistics" in paths else []
+            merge(paths["base"], paths["adapter"], root / kind / "merged", side_files=side)
+            paths["merged"] = root / kind / "merged"
+            built[kind] = paths
+        return built[kind]
+
+    return get

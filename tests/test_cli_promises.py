@@ -17,6 +17,9 @@ def commands(tmp_path, missing):
     out = tmp_path / "out"
     return {
         "inspect": ["inspect", missing],
+        "analyze": ["analyze", missing, "--plot", out / "p.png"],
+        "compress": ["compress", missing, "-o", out, "--rank", "2"],
+        "combine": ["combine", missing, missing, "-o", out],
         "merge": ["merge", missing, missing, "-o", out],
         "verify": ["verify", missing, missing, "--merged", missing, "--report", out / "r.json"],
         "export onnx": ["export", "onnx", missing, "-o", out / "m.onnx"],

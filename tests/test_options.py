@@ -14,6 +14,9 @@ from lora_deploy.cli import main
 from lora_deploy.export import export_checkpoint
 from lora_deploy.export.genai import export_genai
 from lora_deploy.merge import merge
+from lora_deploy.merge.combine import METHODS, combine_adapters, compress_adapter
+from lora_deploy.proof.generate import verify_generation
+from lora_deploy.proof.plain import verify_module
 from lora_deploy.proof.verify import verify
 
 CASES = [
@@ -25,6 +28,8 @@ CASES = [
     (options.BenchOptions, ("bench",), run_bench),
     (options.TrtBuildOptions, ("build", "trt"), build_engine),
     (options.TrtRefitOptions, ("refit",), refit_engine),
+    (options.CompressOptions, ("compress",), compress_adapter),
+    (options.CombineOptions, ("combine",), combine_adapters),
 ]
 
 
@@ -55,6 +60,16 @@ def test_every_field_is_a_flag_and_a_keyword(record, path, api):
         assert keywords[name].default == default, (name, keywords[name].default, default)
 
 
+@pytest.mark.parametrize("api", [verify_generation, verify_module], ids=lambda f: f.__name__)
+def test_every_verify_entry_point_takes_the_verify_options(api):
+    """`verify --generate` and `--module` get the same **VerifyOptions.kwargs() as verify
+    (each refuses what it cannot use): their keywords cannot drift from the record."""
+    keywords = inspect.signature(api).parameters
+    for f in fields(options.VerifyOptions):
+        assert f.name in keywords, f"{api.__name__} takes no {f.name}"
+        assert keywords[f.name].default == f.default, (f.name, keywords[f.name].default, f.default)
+
+
 def test_records_are_frozen_and_hashable():
     merge_options = options.MergeOptions(dtype="float16")
     with pytest.raises(AttributeError):
@@ -67,9 +82,18 @@ def test_records_are_frozen_and_hashable():
         "durable": False,
         "sha256": False,
         "rehash": False,
+        "onto": None,
+        "blocksize": 64,
+        "double_quant": False,
+        "skip_modules": (),
+        "requantize": None,
     }
 
 
 def test_from_params_takes_only_its_fields():
     picked = options.VerifyOptions.from_params({"atol": 0.1, "merged": "x", "debug": True})
     assert picked == options.VerifyOptions(atol=0.1)
+
+
+def test_combine_methods_are_the_registry():
+    assert options.COMBINE_METHODS == tuple(METHODS)

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -32,6 +32,8 @@ from lora_deploy.io.staging import check_output, staging_dir
 from lora_deploy.io.stream import BinaryFile, CheckpointStream, OutputTensor, tensor_bytes, write_checkpoint
 from lora_deploy.merge.card import CARD_FILE, merged_card
 from lora_deploy.merge.delta import lora_norm, merged_bias, merged_weight
+from lora_deploy.merge.plain import BaseSource, base_source, check_side_files
+from lora_deploy.merge.quant import QuantTransform, plan_base, quant_transform
 from lora_deploy.util import library_versions
 
 MANIFEST_FILE = "merge-manifest.json"
@@ -72,8 +74,23 @@ def merge(
     sha256: bool = False,
     rehash: bool = False,
     progress: Progress | None = None,
+    side_files: Sequence[str | os.PathLike] = (),
+    onto: str | None = None,
+    blocksize: int = 64,
+    double_quant: bool = False,
+    skip_modules: Sequence[str] = (),
+    requantize: str | None = None,
 ) -> MergeResult:
     """Merge a PEFT LoRA adapter into a safetensors checkpoint directory, shard by shard.
+
+    onto="nf4"|"fp4"|"int8" (with blocksize, double_quant, skip_modules) merges onto the
+    weights bitsandbytes would have trained against; a block-scaled FP8 base is dequantized,
+    or with requantize="fp8" written back as FP8 (merge/quant.py).
+
+    The base may also be one file: a `.safetensors` file or a plain torch state dict
+    (`.pt`/`.pth`/`.bin`, read weights-only; merge/plain.py); `side_files` (dataset
+    statistics, a separately saved head) are copied into the output and hashed in the
+    manifest (`inputs.<algorithm>.side_files`, and the output's).
 
     durable=True fsyncs every file and the directory before the final rename, so the
     output also survives a power loss (at the cost of waiting for the disk). An existing
@@ -90,16 +107,38 @@ def merge(
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
         raise BadInputError(f"unknown dtype {dtype!r} (choose auto, {', '.join(OUTPUT_DTYPES)})")
     shard_bytes = parse_size(max_shard_size)
+    extra = check_side_files(side_files)
+    inputs = [base_dir, Path(adapter_dir), *extra]
+    if not base_dir.is_dir():  # before a pickle base is converted
+        check_output_dir(out_dir, inputs, overwrite)
     # The products are rank-r thin: BLAS threads would gain nothing and, spinning between
     # calls, take the second core from the hashing threads (3 s of CPU on a 2 GB merge).
-    with Checkpoint(base_dir) as base, threadpool_limits(limits=1, user_api="blas"):
+    with (
+        base_source(base_dir) as source,
+        Checkpoint(source.read_dir) as base,
+        threadpool_limits(limits=1, user_api="blas"),
+    ):
         adapter = load_adapter(adapter_dir)
-        inputs = [base_dir, Path(adapter_dir)]
         check_output_dir(out_dir, inputs, overwrite)
-        plan = plan_merge(adapter, base)
+        # --onto / a block-scaled FP8 base: a per-tensor hook (merge/quant.py); None for a plain merge
+        transform = quant_transform(base, onto, blocksize, double_quant, tuple(skip_modules), requantize, dtype)
+        plan = plan_merge(adapter, plan_base(base, transform))
         digests = Hashing(DEFAULT_ALGORITHMS + (("sha256",) if sha256 else ()), DigestMemo(refresh=rehash))
         manifest = write_merged(
-            base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress, overwrite, inputs, digests
+            base,
+            adapter,
+            plan,
+            out_dir,
+            dtype,
+            shard_bytes,
+            durable,
+            progress,
+            overwrite,
+            inputs,
+            digests,
+            source=source,
+            extra=extra,
+            transform=transform,
         )
     return MergeResult(out_dir, manifest, time.perf_counter() - start, sorted(plan.targets))
 
@@ -116,24 +155,52 @@ class Hashing:
 
 
 def write_merged(
-    base, adapter, plan, out_dir, dtype, shard_bytes, durable, progress, overwrite=False, inputs=(), digests=Hashing()
+    base,
+    adapter,
+    plan,
+    out_dir,
+    dtype,
+    shard_bytes,
+    durable,
+    progress,
+    overwrite=False,
+    inputs=(),
+    digests=Hashing(),
+    source: BaseSource | None = None,
+    extra: Sequence[Path] = (),
+    transform: QuantTransform | None = None,
 ) -> dict:
     with staging_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         stream = CheckpointStream(base, digests.algorithms, digests.memo)
         try:
-            tensors = output_tensors(stream, plan, dtype)
+            tensors = output_tensors(stream, plan, dtype, transform)
             hook = progress_hook(tensors, progress)
             out_hashes = write_checkpoint(tmp, tensors, shard_bytes, hook, durable, digests.algorithms)
             in_hashes = input_hashes(base, adapter, stream.digests(), digests)
+            if source is not None and source.file is not None:  # the file given, not its temporary view
+                in_hashes["base"] = {source.file.name: digests.file(source.file)}
+            if extra:
+                in_hashes["side_files"] = {path.name: digests.file(path) for path in extra}
         except BaseException:
             stream.abort()  # stop its helper threads; the original error is what matters
             raise
         out_hashes.update(
             copy_side_files(base.dir, tmp, dtype, bool(plan.untie), in_hashes["base"], adapter, digests.algorithms)
         )
+        for path in extra:  # byte-for-byte copies of files hashed as inputs
+            if path.name in out_hashes:
+                raise BadInputError(f"side file {path}: the base already has a file named {path.name}")
+            copy_file(path, tmp / path.name)
+            out_hashes[path.name] = in_hashes["side_files"][path.name]
+        if transform is not None:
+            transform.fix_config(tmp, out_hashes, digests.algorithms)
         manifest = build_manifest(
             base, adapter, plan, tensors, dtype, shard_bytes, in_hashes, out_hashes, digests.algorithms
         )
+        if transform is not None:
+            manifest["quantization"] = transform.report()
+        if source is not None and source.file is not None:
+            manifest["inputs"]["base"] = str(source.file.resolve())
         write_json(tmp / MANIFEST_FILE, manifest)
         if durable:
             sync_tree(tmp)
@@ -155,13 +222,19 @@ def output_dtype(info: TensorInfo, dtype: str) -> str:
     return BY_NAME[dtype].safetensors
 
 
-def output_tensors(stream: CheckpointStream, plan: MergePlan, dtype: str) -> list[OutputTensor]:
+def output_tensors(
+    stream: CheckpointStream, plan: MergePlan, dtype: str, transform: QuantTransform | None = None
+) -> list[OutputTensor]:
     """Every output tensor, in the base's on-disk order, with how to produce its bytes."""
     base = stream.ckpt
     bias_of = {t.bias_key: t for t in plan.targets.values() if t.bias_key}
     out = []
     for info in sorted(base.tensors.values(), key=lambda i: (base.files.index(i.file), i.start)):
         out_dtype = output_dtype(info, dtype)
+        handled = transform.outputs(stream, info, out_dtype, plan) if transform is not None else None
+        if handled is not None:  # a quantized path's tensor (merge/quant.py)
+            out.extend(handled)
+            continue
         if info.name in plan.targets:
             w0 = plan.replacements.get(info.name)  # PEFT loads a saved base layer before adding the LoRA
             produce = merged_producer(stream, info, plan.targets[info.name], out_dtype, w0)
