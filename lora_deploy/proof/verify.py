@@ -610,10 +610,11 @@ def effect_result(
 
 def quiet_polygraphy():
     """Polygraphy logs to stdout, which must hold only our output (one JSON document with
-    --json); its verdicts and figures are in our checks, so it logs nothing below CRITICAL."""
+    --json); its verdicts and figures are in our checks, so it logs nothing. Its CRITICAL
+    messages come with a PolygraphyException, which we report as our one line."""
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.CRITICAL
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL + 1
     return G_LOGGER
 
 
@@ -680,6 +681,7 @@ def run_onnx_with_polygraphy(path: Path, feeds: list[dict], graphs: Graphs | Non
     on the CPU, or on the GPU provider `graphs.choice` names (where it ran goes into
     `graphs.placement`)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.exception import PolygraphyException
 
     from lora_deploy.backends.onnxrt import gpu
     from lora_deploy.backends.onnxrt.loader import ort_errors
@@ -697,9 +699,9 @@ def run_onnx_with_polygraphy(path: Path, feeds: list[dict], graphs: Graphs | Non
         # polygraphy's runner takes any session loader: ours, so every session is made one way.
         with OnnxrtRunner(load) as runner:
             return [dict(runner.infer(feed).items()) for feed in feeds]
-    except ort_errors() as exc:
+    except (*ort_errors(), PolygraphyException) as exc:  # polygraphy: inputs that do not fit the graph
         raise BadInputError(
-            f"{path}: ONNX Runtime cannot run it on the sample inputs ({str(exc).splitlines()[0]})"
+            f"{path}: ONNX Runtime cannot run it on the sample inputs ({str(exc).strip().splitlines()[0]})"
         ) from None
 
 

@@ -159,6 +159,11 @@ def test_part_bad_input_is_one_line(robot, policy_parts, tmp_path):
             + ["--part", f"patch_embed={policy_parts['blocks.0']}"],
             "takes x; the part receives input",
         ),
+        (  # same input name, another shape: polygraphy refuses it, reported as one line
+            ["verify", paths["base"], paths["adapter"], "--module", paths["spec"]]
+            + ["--part", f"patch_embed={policy_parts['action_head']}"],
+            "cannot run it on the sample inputs .*incompatible shape",
+        ),
     ]
     for args, message in cases:
         result = run_cli(*args)
