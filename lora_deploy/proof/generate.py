@@ -127,10 +127,19 @@ def hf_generate(model, prompts: Sequence[Sequence[int]], n_new: int) -> Generati
         output_logits=True,
         return_dict_in_generate=True,
     )
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), generation_config=settings
-        )
+    # transformers fills every setting left at its default (eos_token_id=None included) from
+    # the model's own generation_config: its end-of-sequence would stop rows early (padded),
+    # its repetition_penalty & co. would change the greedy choice. Plain defaults meanwhile.
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = owner.generation_config
+    owner.generation_config = GenerationConfig()
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), generation_config=settings
+            )
+    finally:
+        owner.generation_config = own
     tokens = out.sequences[:, ids.shape[1] :].numpy()
     logits = torch.stack([step.float() for step in out.logits], dim=1).numpy()
     return Generation(tokens, logits)

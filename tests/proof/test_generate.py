@@ -124,3 +124,26 @@ def test_plain_verify_of_a_kv_graph_points_to_generate(reference, kv_graph):
     result = verify(base_dir, adapter_dir, "--onnx", kv_graph("llama"))
     assert result.exit_code == 2
     assert "a KV-cache graph (past_key_values.* inputs): check it with --generate N" in result.stderr
+
+
+def test_reference_generation_runs_past_the_models_end_of_sequence(reference):
+    """hf_generate gives n_new greedy tokens even where the model's own generation_config
+    would stop the row at its eos token (transformers fills unset settings from it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_deploy.proof.generate import hf_generate
+
+    base, _ = reference("llama")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    prompt = [5, 17, 42, 9]
+    ids, want = torch.tensor([prompt]), []
+    with torch.no_grad():  # greedy by hand: argmax of the forward's last logits
+        for _ in range(4):
+            want.append(int(model(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[want[-1]]])], dim=1)
+    model.generation_config.eos_token_id = want[0]  # the very first token ends the sequence
+    got = hf_generate(model, [prompt, prompt[:2]], 4)
+    assert got.tokens[0].tolist() == want
+    assert got.tokens.shape == (2, 4)
+    assert model.generation_config.eos_token_id == want[0]  # the model's own config is left as it was
