@@ -194,7 +194,12 @@ class QuantTransform:
             if weight_name not in base or base[weight_name].dtype != FP8_CODE:
                 return None
             if self.requantize and weight_name not in plan.targets:
-                return None  # copied with its weight, byte for byte
+                if out_dtype == info.dtype:
+                    return None  # copied with its weight, byte for byte
+                # its weight is copied as it is, so its scales too: never cast by --dtype
+                return [
+                    OutputTensor(info.name, info.dtype, info.shape, lambda f: f.write(tensor_bytes(stream.read(info))))
+                ]
             return []  # dropped (dequantized output), or written right after its weight
         if info.dtype != FP8_CODE:
             return None

@@ -213,6 +213,19 @@ def test_fp8_requantized_no_worse_than_quantizing_the_exact_merge(fp8_model, tmp
     assert entry["rel_error"] == pytest.approx(error / exact.norm().item(), rel=1e-3)
 
 
+def test_fp8_requantized_with_dtype_keeps_untouched_scales_as_they_are(fp8_model, tmp_path):
+    """--dtype casts the float tensors, never the scales of a float8 weight copied as it is
+    (a float16 scale would change what that weight dequantizes to)."""
+    base, adapter, tensors, _ = fp8_model
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "out", "--requantize", "fp8", "--dtype", "float16")
+    assert result.exit_code == 0, result.output
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    for name in (f"{UP}.weight", f"{UP}.weight_scale_inv"):
+        assert merged[name].dtype == tensors[name].dtype, name
+        assert torch.equal(merged[name].view(torch.uint8), tensors[name].view(torch.uint8)), name
+    assert merged["model.norm.weight"].dtype == torch.float16
+
+
 # -- refusals and hints ----------------------------------------------------------------------
 
 
