@@ -136,8 +136,9 @@ def round_to_float16(array: np.ndarray, out: np.ndarray, scratch: tuple[np.ndarr
     np.bitwise_and(c, _EXPONENT, out=c)
     c += _MAGIC_EXPONENT
     magic = c.view(np.float32)
-    mag += magic  # the one rounding
-    mag -= magic
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN/huge take the path below
+        mag += magic  # the one rounding
+        mag -= magic
     mag *= _TWO_MINUS_112
     bits = mag.view(np.uint32)
     bits >>= np.uint32(13)
