@@ -77,6 +77,22 @@ def skipped(module: str, pattern: str) -> bool:
     return by_regex or module.endswith(pattern)
 
 
+def check_skip_modules(base: Checkpoint, skip_modules: tuple[str, ...]) -> None:
+    """Refuses a --skip-modules pattern that is not a valid regex, or that matches no Linear
+    layer --onto would quantize in this base (a typo would otherwise quantize everything)."""
+    if not skip_modules:
+        return
+    modules = [name[: -len(".weight")] for name, info in base.tensors.items() if is_quantized_linear(name, info)]
+    for pattern in skip_modules:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise BadInputError(f"--skip-modules {pattern!r} is not a valid regular expression ({exc})") from None
+        if not any(skipped(module, pattern) for module in modules):
+            example = f" (e.g. {modules[0]!r} or a suffix such as {modules[0].rsplit('.', 1)[-1]!r})" if modules else ""
+            raise BadInputError(f"--skip-modules {pattern!r} matches no quantizable Linear layer of this base{example}")
+
+
 def quant_transform(
     base: Checkpoint,
     onto: str | None = None,
@@ -107,6 +123,7 @@ def quant_transform(
         return None
     if onto == "int8" and (double_quant or blocksize != 64):
         raise BadInputError("--double-quant and --blocksize apply to --onto nf4|fp4 (bitsandbytes' 4-bit)")
+    check_skip_modules(base, skip_modules)
     return QuantTransform(base, BnbSpec(onto, blocksize, double_quant), tuple(skip_modules), None)
 
 

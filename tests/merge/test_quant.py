@@ -277,6 +277,22 @@ def test_quantization_options_that_do_not_fit_are_refused(reference, fp8_model, 
         assert_refused(run_cli("merge", *args, "-o", out), out, word)
 
 
+@pytest.mark.parametrize(
+    "pattern,words",
+    [
+        ("[", ["'['", "not a valid regular expression"]),
+        ("o_projj", ["'o_projj'", "matches no quantizable linear layer", "e.g. 'model.layers."]),
+        ("lm_head", ["'lm_head'", "matches no"]),  # a head --onto leaves alone anyway
+        ("layers.0", ["'layers.0'", "matches no"]),  # anchored at the start, as transformers does
+    ],
+)
+def test_onto_refuses_a_skip_pattern_that_is_invalid_or_matches_nothing(reference, tmp_path, pattern, words):
+    base, adapter = reference("llama", "plain")
+    out = tmp_path / "out"
+    args = ("merge", base, adapter, "-o", out, "--onto", "nf4", "--skip-modules", "o_proj", "--skip-modules", pattern)
+    assert_refused(run_cli(*args), out, "--skip-modules", *words)
+
+
 def test_adapter_trained_on_a_quantized_base_gets_a_hint(reference, tmp_path):
     base, adapter = reference("llama", "plain")
     qlora = tmp_path / "qlora"
