@@ -170,14 +170,20 @@ class Divergence:
 
     @property
     def near_tie(self) -> bool:
-        return self.margin <= self.allowed
+        """The two logits are within what the tolerance allows of each other, either way round;
+        NaN (the candidate's token is outside the reference's vocabulary) is never a near-tie."""
+        return abs(self.margin) <= self.allowed
 
     def describe(self) -> str:
-        tie = (
-            f"near-tie: within the {figure(self.allowed)} the logit tolerance allows"
-            if self.near_tie
-            else f"not a near-tie: tolerance allows {figure(self.allowed)}"
-        )
+        if self.near_tie:
+            tie = f"near-tie: within the {figure(self.allowed)} the logit tolerance allows"
+        elif self.margin < 0:  # the reference's own logits put `got` clearly ahead of its token
+            tie = (
+                f"not a near-tie: the reference's logits favour token {self.got} beyond the "
+                f"{figure(self.allowed)} the tolerance allows, so its token {self.want} was not its top-1"
+            )
+        else:
+            tie = f"not a near-tie: token {self.got} is clearly wrong, tolerance allows {figure(self.allowed)}"
         return (
             f"first divergence: prompt {self.prompt}, step {self.step}: token {self.got} instead of {self.want} "
             f"(reference logit margin {figure(self.margin)}, {tie}); {self.rows} prompt(s) diverge"

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from lora_deploy.cli import main
 from lora_deploy.compare import tolerance
-from lora_deploy.proof.generate import Generation, compare_generation, first_divergence
+from lora_deploy.proof.generate import Divergence, Generation, compare_generation, first_divergence
 
 VOCAB = 6
 
@@ -50,6 +50,30 @@ def test_a_near_tie_is_flagged_as_such():
     check = compare_generation("fp16 graph", got, want, "float16")
     assert check.failed and "step 1: token 3 instead of 2" in check.detail and "near-tie: within" in check.detail
     assert "not a near-tie" in compare_generation("fp32 graph", got, want, "float32").detail
+
+
+@pytest.mark.parametrize(
+    "margin,near",
+    [(0.01, True), (-0.01, True), (0.02, True), (-0.02, True), (1.0, False), (-1.0, False), (float("nan"), False)],
+)
+def test_near_tie_needs_the_margin_within_tolerance_either_way_round(margin, near):
+    found = Divergence(prompt=0, step=1, got=3, want=2, margin=margin, allowed=0.02, rows=1)
+    assert found.near_tie is near
+    text = found.describe()
+    assert ("near-tie: within" in text) is near and ("not a near-tie" in text) is not near
+    if margin == 1.0:
+        assert "token 3 is clearly wrong" in text
+    if margin == -1.0:  # the reference's own logits put token 3 ahead: not called a tie
+        assert "favour token 3" in text and "token 2 was not its top-1" in text
+
+
+def test_a_reference_token_clearly_behind_the_candidates_is_not_a_near_tie():
+    want = generation([[2, 2]])
+    want.logits[0, 1, 3] = 5.0  # the reference chose 2 although its logit for 3 is 4 higher
+    got = generation([[2, 3]])
+    found = first_divergence(got, want, tolerance("float16"))
+    assert found.margin == pytest.approx(-4.0) and not found.near_tie
+    assert "not a near-tie" in compare_generation("fp16 graph", got, want, "float16").detail
 
 
 def test_equal_tokens_with_logits_beyond_tolerance_fail():
