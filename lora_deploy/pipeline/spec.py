@@ -22,9 +22,12 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, model_validator
 
 from lora_deploy import options as records
+from lora_deploy.bench.plan import check_run_counts
+from lora_deploy.bench.stats import check_on_inconclusive, fraction
+from lora_deploy.bench.timing import parse_duration, parse_rate
 from lora_deploy.errors import BadInputError
 
 FORMAT_VERSION = 1
@@ -200,17 +203,63 @@ def field_notes(record: type) -> dict[str, str]:
     return notes
 
 
+# The stage's own checks of a record field's value, run when the pipeline is loaded (not
+# when the step runs, after the steps before it): record -> field -> check (raises BadInputError).
+def limit(value: Any) -> float | None:
+    """A limit written in a pipeline file: a bare YAML number is read as the CLI reads the
+    same text (`max_overhead: 2` is refused with "did you mean '2%'", never taken as 200%)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1:
+        value = format(value, "g")  # the text the user wrote: 2, not 2.0
+    return fraction(value)
+
+
+VALUE_CHECKS: dict[type, dict[str, Any]] = {
+    records.BenchOptions: {
+        "rounds": lambda v: check_run_counts(v, 0, 1, None),
+        "warmup": lambda v: check_run_counts(1, v, 1, None),
+        "inner": lambda v: check_run_counts(1, 0, v, None),
+        "threads": lambda v: check_run_counts(1, 0, 1, v),
+        "until_width": limit,
+        "max_time": lambda v: parse_duration(v, "time budget"),
+        "max_overhead": limit,
+        "max_regression": limit,
+        "run_margin": limit,
+        "on_inconclusive": check_on_inconclusive,
+        "rate": parse_rate,
+        "duration": parse_duration,
+        "max_p99": lambda v: parse_duration(v, "p99 budget"),
+    },
+}
+
+
+def value_check(check: Any) -> AfterValidator:
+    """A stage check as a pydantic validator: its BadInputError becomes the field's error."""
+
+    def validate(value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except BadInputError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    return AfterValidator(validate)
+
+
 def record_fields(record: type, exclude: Iterable[str] = (), *, optional: bool = False) -> dict[str, Any]:
-    """pydantic field definitions for the fields of an options record (its types, defaults
-    and comments); optional=True makes every default None (not set)."""
+    """pydantic field definitions for the fields of an options record (its types, defaults,
+    comments and the stage's value checks); optional=True makes every default None (not set)."""
     hints = get_type_hints(record)
     notes = field_notes(record)
+    checks = VALUE_CHECKS.get(record, {})
     defined = {}
     for f in fields(record):
         if f.name in exclude:
             continue
         default = None if optional else (f.default if f.default is not MISSING else f.default_factory())
         kind = hints[f.name] | None if optional else hints[f.name]
+        if f.name in checks:
+            kind = Annotated[kind, value_check(checks[f.name])]
         defined[f.name] = (kind, Field(default, description=notes.get(f.name)))
     return defined
 

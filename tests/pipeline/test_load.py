@@ -155,3 +155,56 @@ def test_cli_bad_pipeline_is_one_line_exit_2_json_too(dirs):
     assert not (dirs / "bundle").exists()
     missing = CliRunner().invoke(main, ["run", str(dirs / "nope.yaml")])
     assert missing.exit_code == 2 and "no such pipeline file" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "line", "override", "field", "why"),
+    [
+        (("rounds: 3", "rounds: 0"), 9, "steps.bench.rounds=0", "steps[2].bench.rounds", "rounds must be >= 1, got 0"),
+        (
+            ("steps:", "gates:\n  max_overhead: abc\nsteps:"),
+            5,
+            "gates.max_overhead=abc",
+            "gates.max_overhead",
+            "not a percentage: 'abc'",
+        ),
+        (
+            ("steps:", "gates:\n  max_overhead: -1\nsteps:"),
+            5,
+            "gates.max_overhead=-1",
+            "gates.max_overhead",
+            "a limit must be a finite fraction >= 0",
+        ),
+        (
+            ("steps:", "gates:\n  max_overhead: 2\nsteps:"),
+            5,
+            "gates.max_overhead=2",
+            "gates.max_overhead",
+            "fraction above 1: '2'; did you mean '2%'?",
+        ),
+        (
+            ("rounds: 3", "rounds: 3\n      max_time: soon"),
+            10,
+            "steps.bench.max_time=soon",
+            "steps[2].bench.max_time",
+            "bad time budget 'soon'",
+        ),
+    ],
+)
+def test_bench_values_are_checked_at_load_by_the_bench_parsers(dirs, edit, line, override, field, why):
+    """A value bench would refuse is refused before any step runs, in the file or via --set."""
+    in_file = write(dirs, VALID.replace(*edit))
+    assert error(in_file).startswith(f"{in_file}:{line}: {field}: {why}")
+    valid = write(dirs, VALID)
+    assert error(valid, override).startswith(f"{valid} (--set {field}): {why}")
+    result = CliRunner().invoke(main, ["run", str(valid), "--set", override])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and why in lines[0], result.stderr
+    assert sorted(p.name for p in dirs.iterdir()) == ["adapters", "base", "p.yaml"]  # no bundle, no bundle.failed
+
+
+def test_valid_bench_values_still_load(dirs):
+    path = write(dirs, VALID.replace("steps:", "gates:\n  max_overhead: 2%\n  on_inconclusive: fail\nsteps:"))
+    pipeline, _ = load_pipeline(path, ["steps.bench.max_time=30s", "steps.bench.until_width=5%"], {})
+    assert pipeline.gates.max_overhead == "2%" and pipeline.step_options()["bench"].max_time == "30s"
