@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import zipfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,35 +20,10 @@ import numpy as np
 from lora_deploy.arrays import from_torch
 from lora_deploy.backends.base import check_feed
 from lora_deploy.errors import BadInputError
+from lora_deploy.io.npz import read_npz
 from lora_deploy.modeling.factory import example_inputs
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
-
-
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """`--inputs FILE.npz`: {name: array}, never unpickling anything; numeric, rank >= 1.
-    The one reader of such files for export and bench (`bench --inputs`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"--inputs {path}: file not found")
-    try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise BadInputError(f"--inputs {path}: not an .npz archive of named arrays (np.savez)")
-        with archive:
-            arrays = {name: np.ascontiguousarray(archive[name]) for name in archive.files}
-    except ValueError as exc:  # object arrays need pickle, which is never allowed
-        raise BadInputError(f"--inputs {path}: cannot be read without pickle ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInputError(f"--inputs {path}: not a readable .npz file ({type(exc).__name__})") from None
-    if not arrays:
-        raise BadInputError(f"--inputs {path}: holds no arrays")
-    for name, arr in arrays.items():
-        if arr.ndim == 0 or arr.dtype.kind not in "biuf":
-            raise BadInputError(
-                f"--inputs {path}: {name!r} must be a numeric array of rank >= 1, got {arr.dtype} {arr.shape}"
-            )
-    return arrays
 
 
 def forward_arguments(module: Any) -> tuple[list[str], list[str]]:

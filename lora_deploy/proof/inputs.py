@@ -10,7 +10,6 @@ token distribution the model will meet.
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 
 from lora_deploy.backends.base import check_feed
 from lora_deploy.errors import BadInputError
+from lora_deploy.io.npz import read_npz
 from lora_deploy.modeling.samples import check_input_size
 from lora_deploy.modeling.tasks import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS, model_input_names, text_config
 
@@ -41,22 +41,10 @@ def load_golden_inputs(path: str | os.PathLike, config: Any) -> InputSet:
     """Arrays from an .npz file, checked against the model's inputs (names, dtype, rank,
     one batch and sequence size for all) by the feed check every runner uses; token ids
     must be in the vocabulary, every row needs a real token, and the size must fit the
-    model's positions and this machine's memory. Never unpickles."""
+    model's positions and this machine's memory. The file is read by io.npz (never unpickled)."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: file not found")
-    try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array
-            raise BadInputError(f"{path}: not an .npz archive of named arrays (np.savez)")
-        with archive:
-            feed = {name: archive[name] for name in archive.files}
-    except ValueError as exc:  # object arrays need pickle, which is never allowed
-        raise BadInputError(f"{path}: cannot be read without pickle ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     # Tokenizers and users save int32 or int64 alike; the model takes int64.
-    feed = {k: v.astype(np.int64) if v.dtype.kind in "iu" else v for k, v in feed.items()}
+    feed = {k: v.astype(np.int64) if v.dtype.kind in "iu" else v for k, v in read_npz(path).items()}
     metadata = {name: (np.int64, ("batch", "sequence")) for name in model_input_names(config)}
     try:
         check_feed(feed, metadata)
