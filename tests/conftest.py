@@ -101,7 +101,8 @@ def kv_graph(reference, tmp_path_factory):
     """Factory ``kv_graph(family, kind="base") -> Path`` of a KV-cache graph (export --task
     text-generation-with-past) of the family's reference model: "base" exported from the
     float32 base, "dynamic" with LoRA inputs for the plain adapter, "multi" holding it.
-    Memoised: each graph is exported once per session (tens of seconds each)."""
+    Memoised: each graph is exported once per session (tens of seconds each).
+    ``kv_graph.results[family]``: what export_generation returned for a "base" graph."""
     from lora_deploy.export.generation import export_generation, export_generation_adapters
 
     root = tmp_path_factory.mktemp("kv-graphs")
@@ -112,12 +113,13 @@ def kv_graph(reference, tmp_path_factory):
             base_dir, adapter_dir = reference(family)
             path = root / f"{family}-{kind}.onnx"
             if kind == "base":
-                export_generation(base_dir, path)
+                get.results[family] = export_generation(base_dir, path)
             else:
                 export_generation_adapters(base_dir, path, adapters=[adapter_dir], multi=kind == "multi")
             graphs[family, kind] = path
         return graphs[family, kind]
 
+    get.results = {}
     return get
 
 

@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from lora_deploy.adapter.read import load_adapter
 from lora_deploy.adapter.variants import refuse_non_additive
@@ -68,7 +67,7 @@ from lora_deploy.export.dynamic import (
     resolve_slots,
     uncomputed_modules,
 )
-from lora_deploy.export.model import ExportResult, _check_onnx, resolve_dtype
+from lora_deploy.export.model import ExportResult, _check_onnx, export_result, resolve_dtype
 from lora_deploy.export.multi import adapter_names, bank_dims, banked_update, build_banks, example_banks
 from lora_deploy.io.checkpoint import check_checkpoint
 from lora_deploy.modeling.generation import KvCacheWrapper, example_cache_inputs, forward_with_cache, load_decoder
@@ -157,6 +156,19 @@ def export_generation(
         opset=opset,
     )
     ir_model = program.model
+    opset_used = name_kv_graph(ir_model, wrapper, opset)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prove = lambda tmp: prove_kv(tmp, layout, points, expected, dtype)  # noqa: E731
+    max_err = onnx_graph.save_atomic(ir_model, path, prove, overwrite=overwrite, inputs=[model_dir])
+    return export_result(path, wrapper, max_err, torch_dtype, opset_used, dtype_source=dtype_source)
+
+
+def name_kv_graph(ir_model: Any, wrapper: KvCacheWrapper, opset: int | None) -> int:
+    """The traced KV-cache graph's inputs, outputs and initializers named as the checkpoint
+    and KvLayout name them, the layout recorded in its metadata; the opset it has (the
+    requested one, or ExportError)."""
+    layout = wrapper.layout
     onnx_graph.name_values(ir_model.graph, layout.input_names, layout.output_names)
     onnx_graph.rename_tied(ir_model.graph, wrapper)
     onnx_graph.strip_prefix(ir_model.graph, KvCacheWrapper.PARAM_PREFIX)
@@ -164,20 +176,7 @@ def export_generation(
     opset_used = ir_model.opset_imports.get("", 0)
     if opset is not None and opset_used != opset:
         raise ExportError(f"requested opset {opset} but the exporter produced opset {opset_used}")
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prove = lambda tmp: prove_kv(tmp, layout, points, expected, dtype)  # noqa: E731
-    max_err = onnx_graph.save_atomic(ir_model, path, prove, overwrite=overwrite, inputs=[model_dir])
-    return ExportResult(
-        path=path,
-        task=TEXT_GENERATION_WITH_PAST,
-        input_names=tuple(layout.input_names),
-        output_names=tuple(layout.output_names),
-        max_abs_error=max_err,
-        dtype=dtype,
-        opset=opset_used,
-        dtype_source=dtype_source,
-    )
+    return opset_used
 
 
 def proof_points(model, layout: KvLayout, torch_dtype: torch.dtype) -> tuple[list, list]:
@@ -211,7 +210,7 @@ def prove_kv(tmp: Path, layout: KvLayout, points: list, expected: list, dtype: s
 # ---------------------------------------------------------------- streamed ----
 
 
-def trace_fake_kv(config, layout: KvLayout, torch_dtype: torch.dtype, opset: int | None) -> tuple[Any, nn.Module]:
+def trace_fake_kv(config, layout: KvLayout, torch_dtype: torch.dtype, opset: int | None) -> tuple[Any, KvCacheWrapper]:
     """(ONNX program, fake wrapper): the KV-cache function traced on a decoder built from its
     config inside FakeTensorMode (no weights), at the TRACED step. As torch.onnx.export
     traces a real module: non-strict, size-oblivious, deferred runtime asserts."""
@@ -293,18 +292,12 @@ def export_generation_streamed(
     check_checkpoint(model_dir)
     streamed.parity_plan(0, parity_mode)  # an unknown mode is refused before the work
     dtype = of_torch(torch_dtype).name
-    program, wrapper = trace_fake_kv(config, layout, torch_dtype, opset)
+    program, wrapper = trace_fake_kv(config, layout, torch_dtype, opset)  # a fake wrapper: no weights held
     ir_model = program.model
-    onnx_graph.name_values(ir_model.graph, layout.input_names, layout.output_names)
-    onnx_graph.rename_tied(ir_model.graph, wrapper)
-    onnx_graph.strip_prefix(ir_model.graph, KvCacheWrapper.PARAM_PREFIX)
+    opset_used = name_kv_graph(ir_model, wrapper, opset)
     name_cache_dims(ir_model, layout)
-    ir_model.metadata_props[METADATA_KEY] = json.dumps({"format": "kv-cache", "kv_cache": layout.to_dict()})
-    opset_used = ir_model.opset_imports.get("", 0)
-    if opset is not None and opset_used != opset:
-        raise ExportError(f"requested opset {opset} but the exporter produced opset {opset_used}")
     buffers = streamed.real_buffers(config, CAUSAL_LM, torch_dtype)
-    del program, wrapper
+    del program
 
     def parity(tmp: Path) -> float | None:
         model, _ = load_decoder(model_dir, torch_dtype)
@@ -326,17 +319,8 @@ def export_generation_streamed(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     max_err, status = streamed.write_streamed(ir_model, model_dir, path, buffers, parity, proxy, parity_mode, overwrite)
-    return ExportResult(
-        path=path,
-        task=TEXT_GENERATION_WITH_PAST,
-        input_names=tuple(layout.input_names),
-        output_names=tuple(layout.output_names),
-        max_abs_error=max_err,
-        dtype=dtype,
-        opset=opset_used,
-        dtype_source=dtype_source,
-        weights="streamed",
-        parity=status,
+    return export_result(
+        path, wrapper, max_err, torch_dtype, opset_used, dtype_source=dtype_source, weights="streamed", parity=status
     )
 
 

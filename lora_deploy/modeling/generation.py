@@ -24,7 +24,7 @@ from torch import nn
 
 from lora_deploy.errors import ExportError
 from lora_deploy.modeling.hf import load_for_task
-from lora_deploy.modeling.tasks import CAUSAL_LM, KvLayout, kv_layout, load_config
+from lora_deploy.modeling.tasks import CAUSAL_LM, TEXT_GENERATION_WITH_PAST, KvLayout, kv_layout, load_config
 
 
 def forward_with_cache(
@@ -55,6 +55,7 @@ class KvCacheWrapper(nn.Module):
     (the model inputs, then the past key/values in KvLayout order)."""
 
     PARAM_PREFIX = "model."  # the model's attribute: export strips it from initializer names
+    task = TEXT_GENERATION_WITH_PAST
 
     def __init__(self, model: nn.Module, layout: KvLayout):
         super().__init__()

@@ -4,6 +4,7 @@ and PEFT's generate: the oracles are the model itself and PEFT, never our wrappe
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -28,6 +29,18 @@ def run(session, feed):
 def at(cache: np.ndarray, real: np.ndarray) -> np.ndarray:
     """A cache tensor [batch, heads, positions, head_size] at the real (unpadded) positions."""
     return cache.transpose(0, 2, 1, 3)[real]
+
+
+def assert_describes(result, path, weights="loaded") -> None:
+    """An ExportResult of a float32 KV-cache export against the graph it names, read back by onnx."""
+    proto = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in proto.graph.initializer}
+    assert result.path == path and result.task == "text-generation-with-past" and result.weights == weights
+    assert list(result.input_names) == [v.name for v in proto.graph.input if v.name not in initializers]
+    assert list(result.output_names) == [v.name for v in proto.graph.output]
+    assert result.opset == next(o.version for o in proto.opset_import if o.domain == "")
+    assert result.dtype == "float32" and result.dtype_source == "requested"
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
 def layers(model):
@@ -118,6 +131,7 @@ def test_dynamic_kv_graph_switches_between_adapter_and_base(reference, kv_graph,
 def test_kv_graph_of_the_base_generates_the_base(reference, kv_graph):
     base_dir, adapter_dir = reference("gpt2")
     got = onnx_generator(kv_graph("gpt2"))(PROMPTS, N_NEW)
+    assert_describes(kv_graph.results["gpt2"], kv_graph("gpt2"))
     np.testing.assert_array_equal(got.tokens, peft_tokens(base_dir, adapter_dir, PROMPTS, adapter=False))
     assert got.logits.shape == (3, N_NEW, load_model(base_dir).config.vocab_size)
 

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from lora_deploy.cli import main
 from lora_deploy.export.generation import export_generation
+from tests.export.test_generation import assert_describes
 from tests.export.test_generation import test_kv_graph_equals_transformers_cached_forward as cached_forward_check
 
 
@@ -61,4 +62,5 @@ def test_streamed_kv_graph_with_proxy_parity_gpt2(reference, tmp_path):
     result = export_generation(base_dir, out, stream_weights=True, parity="proxy")
     assert result.weights == "streamed" and result.parity.startswith("checked on a 1-layer proxy")
     assert result.max_abs_error is not None and result.max_abs_error < 1e-4
+    assert_describes(result, out, weights="streamed")
     cached_forward_check(reference, lambda family: out, "gpt2")
