@@ -41,3 +41,32 @@ def write_pipeline(tmp_path: Path, text: str, **paths) -> Path:
     path = tmp_path / "pipeline.yaml"
     path.write_text(text.format(**{k: str(v) for k, v in paths.items()}))
     return path
+
+
+# Every step for every adapter, the bench short: the pipeline of test_run and test_fanout.
+EVERY_STEP = """\
+name: test
+base: {base}
+adapters: {adapters}/*
+out: {out}
+cache: {cache}
+gates:
+  max_overhead: 50%
+steps:
+  - inspect
+  - merge
+  - export-onnx
+  - verify
+  - bench:
+      shapes: 1x16
+      rounds: 3
+      warmup: 1
+"""
+
+
+@pytest.fixture
+def pipeline(models, tmp_path, step_cache) -> Path:
+    """EVERY_STEP over `models`, its bundle at tmp_path/bundle (a test module with a pipeline
+    of its own overrides this fixture)."""
+    base, adapters = models
+    return write_pipeline(tmp_path, EVERY_STEP, base=base, adapters=adapters, out=tmp_path / "bundle", cache=step_cache)

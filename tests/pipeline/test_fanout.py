@@ -14,34 +14,14 @@ from click.testing import CliRunner
 
 from lora_deploy.cli import main
 from lora_deploy.pipeline.run import PipelineFailed, run_pipeline
-from tests.pipeline.conftest import write_pipeline
-
-PIPELINE = """\
-name: fanout
-base: {base}
-adapters: {adapters}/*
-out: {out}
-cache: {cache}
-gates:
-  max_overhead: 50%
-steps:
-  - inspect
-  - merge
-  - export-onnx
-  - verify
-  - bench:
-      shapes: 1x16
-      rounds: 3
-      warmup: 1
-"""
 
 
 @pytest.fixture
-def pipeline(models, reference, tmp_path, step_cache) -> Path:
-    base, adapters = models
+def pipeline(pipeline, models, reference) -> Path:
+    """conftest's pipeline (every step) over two adapters: a1 and an rsLoRA one, a2."""
     _, rslora = reference("llama", "rslora")
-    shutil.copytree(rslora, adapters / "a2")
-    return write_pipeline(tmp_path, PIPELINE, base=base, adapters=adapters, out=tmp_path / "bundle", cache=step_cache)
+    shutil.copytree(rslora, models[1] / "a2")
+    return pipeline
 
 
 def intervals(manifest: dict) -> list[tuple[float, float, dict]]:

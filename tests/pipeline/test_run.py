@@ -20,26 +20,7 @@ from click.testing import CliRunner
 from lora_deploy.cli import main
 from lora_deploy.pipeline.run import PipelineFailed, run_pipeline
 from tests import oracle
-from tests.pipeline.conftest import write_pipeline
-
-PIPELINE = """\
-name: test
-base: {base}
-adapters: {adapters}/*
-out: {out}
-cache: {cache}
-gates:
-  max_overhead: 50%
-steps:
-  - inspect
-  - merge
-  - export-onnx
-  - verify
-  - bench:
-      shapes: 1x16
-      rounds: 3
-      warmup: 1
-"""
+from tests.pipeline.conftest import EVERY_STEP, write_pipeline
 
 
 def sha256(path: Path) -> str:
@@ -52,12 +33,6 @@ def bundle_files(bundle: Path) -> dict[str, str]:
 
 def statuses(result) -> dict[str, str]:
     return {r.task.name: "cached" if r.cached else r.status for r in result.records}
-
-
-@pytest.fixture
-def pipeline(models, tmp_path, step_cache) -> Path:
-    base, adapters = models
-    return write_pipeline(tmp_path, PIPELINE, base=base, adapters=adapters, out=tmp_path / "bundle", cache=step_cache)
 
 
 def test_bundle_manifest_and_merged_graph_against_peft(pipeline, models, tmp_path):
@@ -85,7 +60,7 @@ def test_bundle_manifest_and_merged_graph_against_peft(pipeline, models, tmp_pat
     merged_onnx = files["adapters/a1/merged.onnx"]
     assert steps["verify a1"]["result"]["artifacts"]["onnx"]["sha256"] == {"merged.onnx": merged_onnx}
     assert steps["bench a1"]["result"]["artifacts"]["merged"]["sha256"] == {"merged.onnx": merged_onnx}
-    assert steps["bench a1"]["result"]["schema"] == "lora-deploy.bench/2" and steps["bench a1"]["result"]["created"]
+    assert steps["bench a1"]["result"]["schema"] == "lora-deploy.bench/3" and steps["bench a1"]["result"]["created"]
     gates = {g["gate"]: g for g in manifest["gates"]}
     assert gates["verify"]["passed"] and gates["overhead"]["passed"] is True
     verify = json.loads((bundle / "adapters/a1/verify.json").read_text())
@@ -142,7 +117,7 @@ def shutil_copy(src: Path, dest: Path) -> None:
 
 def test_a_damaged_cache_entry_is_rebuilt_and_force_reruns(models, tmp_path, step_cache):
     base, adapters = models
-    text = PIPELINE.split("  - export-onnx")[0]  # inspect and merge only: quick to rerun
+    text = EVERY_STEP.split("  - export-onnx")[0]  # inspect and merge only: quick to rerun
     path = write_pipeline(tmp_path, text, base=base, adapters=adapters, out=tmp_path / "bundle", cache=step_cache)
     first = run_pipeline(path)
     merged = next(r for r in first.records if r.task.step == "merge")
