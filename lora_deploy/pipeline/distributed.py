@@ -15,6 +15,7 @@ from typing import Any
 
 from lora_deploy.errors import BadInputError
 from lora_deploy.pipeline.steps import Inputs, Outcome, Produce
+from lora_deploy.util import first_line
 
 
 def run_step(produce: Produce, out: Path, inputs: Inputs) -> Outcome:
@@ -41,7 +42,7 @@ class RayExecutor:
                     configure_logging=False,
                 )
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise BadInputError(f"--ray {address}: cannot connect ({str(exc).splitlines()[0]})") from None
+                raise BadInputError(f"--ray {address}: cannot connect ({first_line(exc)})") from None
             self.started = True
         self.remote = ray.remote(num_cpus=1, max_retries=0)(run_step)
         self.address = address

@@ -25,6 +25,7 @@ from lora_deploy.pipeline.spec import (
     Target,
     adapter_name,
 )
+from lora_deploy.util import first_line
 
 
 def load_pipeline(
@@ -48,7 +49,7 @@ def load_pipeline(
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise PipelineError(f"{where}: not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: a pipeline file is a mapping (base:, adapters:, steps:, ...)")

@@ -37,6 +37,7 @@ from lora_deploy.io.staging import check_cache_dir
 from lora_deploy.merge.delta import merged_bias, merged_weight
 from lora_deploy.modeling.samples import check_input_size, read_config_dict
 from lora_deploy.proof.inputs import GENERATED, InputSet, load_golden_inputs
+from lora_deploy.util import first_line
 
 SCHEMA = "lora-deploy.verify/1"
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
@@ -700,9 +701,7 @@ def run_onnx_with_polygraphy(path: Path, feeds: list[dict], graphs: Graphs | Non
         with OnnxrtRunner(load) as runner:
             return [dict(runner.infer(feed).items()) for feed in feeds]
     except (*ort_errors(), PolygraphyException) as exc:  # polygraphy: inputs that do not fit the graph
-        raise BadInputError(
-            f"{path}: ONNX Runtime cannot run it on the sample inputs ({str(exc).strip().splitlines()[0]})"
-        ) from None
+        raise BadInputError(f"{path}: ONNX Runtime cannot run it on the sample inputs ({first_line(exc)})") from None
 
 
 def polygraphy_check(

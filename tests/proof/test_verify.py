@@ -166,3 +166,18 @@ def test_a_file_that_is_not_onnx_is_bad_input(merged_llama):
     base, adapter, merged, _ = merged_llama
     result = cli("verify", base, adapter, "--onnx", merged / "config.json")
     assert result.exit_code == 2 and "not an ONNX model" in result.stderr
+
+
+def test_an_ort_error_without_a_message_is_still_one_line(monkeypatch, tmp_path):
+    """ONNX Runtime errors reach the user as their first line; one with no message at all
+    is named by its type (not an IndexError from an empty list of lines)."""
+    from lora_deploy.backends.onnxrt import gpu
+    from lora_deploy.errors import BadInputError
+    from lora_deploy.proof.verify import run_onnx_with_polygraphy
+
+    def failing(choice, path):
+        raise RuntimeError()
+
+    monkeypatch.setattr(gpu, "open_session", failing)
+    with pytest.raises(BadInputError, match=r"cannot run it on the sample inputs \(RuntimeError\)$"):
+        run_onnx_with_polygraphy(tmp_path / "model.onnx", [{}])
