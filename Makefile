@@ -4,8 +4,9 @@
 #   make test   what CI runs (.ci/run): lint, format check, type check of the TensorRT code, tests
 #
 # Each first sets up the virtual environment .venv for its job, and only when it is missing or
-# older than pyproject.toml or this file: a second run installs nothing. The CPU build of
-# PyTorch goes in first, pinned; `pip install -e .` alone would pull torch's multi-GB CUDA build.
+# older than pyproject.toml, setup.py, the C kernels (lora_deploy/_native/*.c) or this file: a
+# second run installs nothing. The CPU build of PyTorch goes in first, pinned; `pip install -e .`
+# alone would pull torch's multi-GB CUDA build.
 # `make -n demo` shows what would run.
 
 PYTHON ?= python3
@@ -20,6 +21,8 @@ TRT_STUBS ?= tensorrt-stubs==10.13.0.35.1
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
+# A change to any of these reinstalls (setup.py and the C files: the optional compiled kernels).
+BUILD_INPUTS := pyproject.toml setup.py Makefile $(wildcard lora_deploy/_native/*.c)
 PIP := $(BIN)/python -m pip
 TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
@@ -41,12 +44,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { echo "'$(PYTHON) -m venv' failed: install Python's venv module (Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }
 
 # The demo trains its adapter with PEFT: the reference extra.
-$(VENV)/.ready-demo: pyproject.toml Makefile | $(BIN)/python
+$(VENV)/.ready-demo: $(BUILD_INPUTS) | $(BIN)/python
 	$(PIP) install $(TORCH_FROM) $(TORCH)
 	$(PIP) install -e '.[reference]'
 	touch $@
 
-$(VENV)/.ready-test: pyproject.toml Makefile | $(BIN)/python
+$(VENV)/.ready-test: $(BUILD_INPUTS) | $(BIN)/python
 	$(PIP) install $(TORCH_FROM) $(TORCH)
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps $(TRT_STUBS)

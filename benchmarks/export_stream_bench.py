@@ -15,7 +15,8 @@ RSS (VmHWM):
 * merge --onnx-like on the streamed float16 graph, against `cp` of the graph's bytes:
   step merge-onnx (the API, in-process; its row also gives the seconds inside
   merge_onnx, imports excluded) and merge-onnx-cli (the command, imports included;
-  merge-onnx-cli-before runs another source tree, --before)
+  merge-onnx-cli-before runs another source tree, --before; merge-onnx-cli-numpy the
+  numpy float16 arithmetic instead of the compiled kernels, LORA_DEPLOY_NATIVE=0)
 
     python benchmarks/export_stream_bench.py --out DIR --layers 18 --hidden 2048 --keep --rounds 6 \
         --steps copy,merge-onnx,merge-onnx-cli --json benchmarks/results/export_like_2g.json
@@ -65,7 +66,8 @@ elif kind == "merge-onnx":
     note = f"{len(r.merged)} merged; {r.seconds:.2f}s in merge_onnx (the rest: imports)"
 elif kind.startswith("merge-onnx-cli"):
     # The command as a user runs it (`lora-deploy merge --onnx-like`), imports included;
-    # merge-onnx-cli-before: the same from the source tree in --before (PYTHONPATH).
+    # merge-onnx-cli-before: the same from the source tree in --before (PYTHONPATH);
+    # merge-onnx-cli-numpy: with LORA_DEPLOY_NATIVE=0 (set by step()).
     from lora_deploy.cli import main
     try:
         main(["merge", str(out / "base"), str(out / "adapter"), "--onnx-like",
@@ -208,6 +210,8 @@ def step(kind: str, out: Path, optimum_python: str | None = None, before: Path |
         if before is None:
             raise SystemExit(f"{kind}: pass --before (another lora-deploy source tree)")
         env = {**os.environ, "PYTHONPATH": str(before.resolve())}
+    if kind.endswith("-numpy"):  # the numpy float16 passes, not the compiled kernels
+        env = {**os.environ, "LORA_DEPLOY_NATIVE": "0"}
     if kind.startswith("optimum"):
         if not optimum_python:
             raise SystemExit(f"{kind}: pass --optimum-python (a Python with optimum-onnx installed)")

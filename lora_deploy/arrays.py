@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora_deploy._native import kernel
 from lora_deploy.dtypes import BY_NAME, of_numpy
 
 
@@ -67,21 +68,45 @@ def is_float(array: np.ndarray) -> bool:
 def all_finite(array: np.ndarray) -> bool:
     """True when no element is NaN or Inf.
 
-    Decided on the bit patterns: integer passes, several times faster than a float check.
+    Decided on the bit patterns: integer passes, several times faster than a float check;
+    one pass without a temporary array by the compiled kernel (16- and 32-bit floats).
     """
     if not is_float(array) or array.size == 0:
         return True
     carrier, pattern = _NON_FINITE[array.dtype.name]
+    f16 = kernel("_f16")
+    if f16 is not None and array.dtype.itemsize in (2, 4) and array.flags.c_contiguous:
+        return f16.max_magnitude(array.view(carrier)) < pattern
     bits = np.ascontiguousarray(array).view(carrier)
     magnitude = np.bitwise_and(bits, carrier((1 << (8 * bits.itemsize - 1)) - 1))
     return bool(magnitude.max() < pattern)
 
 
 # float16 <-> float32 for the merge's blocks. numpy converts float16 one element at a time
-# (~3 ns to widen, 4-5 ns to round, here); these are exact and run as a few whole-array
-# integer and float passes that numpy vectorizes (about 0.2 ns each), 2-4x faster. `out`
-# and `scratch` take preallocated arrays, so a merge's blocks allocate (and fault in)
+# (~3 ns to widen, 4-5 ns to round, here). Two exact ways, with the same results bit for bit
+# (NaN payloads included, see lora_deploy/_native/f16.c):
+# - the compiled kernels (`_f16`: F16C/AVX2 where the CPU has them, else scalar C), one pass
+#   each, without the GIL; the merge's block is one fused pass (add_scaled_to_float16);
+# - numpy: a few whole-array integer and float passes that numpy vectorizes (about 0.2 ns
+#   each), 2-4x faster than its casts: where the kernels are not built, or with
+#   LORA_DEPLOY_NATIVE=0.
+# `out` and `scratch` take preallocated arrays, so a merge's blocks allocate (and fault in)
 # no fresh pages.
+
+
+def float16_kernel() -> str:
+    """Which float16 conversions run: "native (avx2+f16c)", "native (scalar)" or "numpy"."""
+    f16 = kernel("_f16")
+    return f"native ({f16.KERNEL})" if f16 is not None else "numpy"
+
+
+def _native_f16(*pairs: tuple[np.ndarray, type]):
+    """The compiled module when it is on and every array is C-contiguous of its dtype."""
+    f16 = kernel("_f16")
+    if f16 is None or not all(a.dtype == t and a.flags.c_contiguous for a, t in pairs):
+        return None
+    return f16
+
 
 # Widening: every float16 bit pattern looked up in a 256 KB table (Inf and NaN only).
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -97,7 +122,17 @@ _INF_F16 = 0x7C00
 
 
 def widen_float16(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Exact float32 values of a float16 array (into `out`, a float32 array of its size, if given).
+    """Exact float32 values of a float16 array (into `out`, a float32 array of its size, if given)."""
+    f16 = _native_f16((array, np.float16), *([] if out is None else [(out, np.float32)]))
+    if f16 is None:
+        return widen_float16_numpy(array, out)
+    values = np.empty(array.shape, np.float32) if out is None else out.reshape(array.shape)
+    f16.widen(array, values)
+    return values
+
+
+def widen_float16_numpy(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """widen_float16 by numpy passes.
 
     The bits, sign-extended and moved up 13 places, are a float32 whose exponent is 112
     too small; multiplying by 2**112 fixes it exactly, float16 subnormals included. An
@@ -117,13 +152,52 @@ def widen_float16(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
 def round_to_float16(array: np.ndarray, out: np.ndarray, scratch: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Round a native float32 array to the nearest float16, ties to even, into `out`.
 
+    Past float16's largest finite (65504, up to the halfway point to 65536) values become
+    Inf; NaN becomes the quiet NaN 0x7E00 with its sign, payload dropped, on both paths
+    (numpy's and torch's casts keep some payload bits; any NaN stays a NaN everywhere).
+    `scratch` (numpy path only): a float32 and a uint32 array of at least `array.size` elements.
+    """
+    f16 = _native_f16((array, np.float32), (out, np.float16))
+    if f16 is None:
+        round_to_float16_numpy(array, out, scratch)
+    elif array.size:
+        f16.round(array, out)
+
+
+def add_scaled_to_float16(
+    w: np.ndarray,
+    product: np.ndarray,
+    scaling: np.float32,
+    out: np.ndarray,
+    wide: np.ndarray | None = None,
+    scratch: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """out = float16(float32(w) + product * scaling): the merge's block, rounded once.
+
+    The product times the scaling and the sum are each rounded to float32 (no FMA), so it
+    equals those steps done one by one. The numpy path scales `product` in place and
+    takes `wide` (a float32 array of w's size) and `scratch` as round_to_float16 does."""
+    f16 = _native_f16((w, np.float16), (product, np.float32), (out, np.float16))
+    if f16 is not None and w.shape == product.shape == out.shape:
+        if w.size:
+            f16.scaled_add_round(w, product, float(scaling), out)
+        return
+    product *= np.float32(scaling)
+    product += widen_float16_numpy(w, wide)
+    round_to_float16_numpy(product, out, scratch)
+
+
+def round_to_float16_numpy(
+    array: np.ndarray, out: np.ndarray, scratch: tuple[np.ndarray, np.ndarray] | None = None
+) -> None:
+    """round_to_float16 by numpy passes.
+
     The FPU does the rounding: |x| + c - c, with c = 2**13 times x's power of two (2**-1
     below 2**-14), rounds |x| to a multiple of its float16 quantum, ties to even (the sum
     has 23 bits below c's, of which x keeps the top 10). The rounded value times 2**-112
     is a float32 whose bits, shifted down 13 places, are the float16's (float16
     subnormals land on float32 subnormals, exactly). A result past float16's largest
     finite (a value of 2**16 or more, Inf, NaN) takes `round_bits_to_float16` instead.
-    `scratch`: a float32 and a uint32 array of at least `array.size` elements.
     """
     if array.size == 0:
         return

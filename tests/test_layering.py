@@ -12,7 +12,8 @@ import lora_deploy
 ROOT = Path(lora_deploy.__file__).parent
 # Lowest first. Shared modules (errors, util, ...) sit below every stage.
 STAGES = ["io", "adapter", "merge", "modeling", "backends", "export", "proof", "bench", "pipeline", "examples", "cli"]
-SHARED = {"__init__", "errors", "util", "arrays", "dtypes", "compare", "progress", "options"}
+# _native: the optional compiled kernels (C extensions) and their loader, below everything.
+SHARED = {"__init__", "errors", "util", "arrays", "dtypes", "compare", "progress", "options", "_native"}
 
 
 def module_name(path: Path) -> str:

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 
 from lora_deploy.adapter.read import LoraModule, weight_shape
-from lora_deploy.arrays import round_to_float16, widen_float16
+from lora_deploy.arrays import add_scaled_to_float16, round_to_float16, widen_float16
 from lora_deploy.merge.blocks import for_each_block
 
 
@@ -86,6 +86,9 @@ def lora_merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.f
         product, wide, scratch = block_scratch(w.size)
         block = product[: w.size].reshape(w.shape)
         np.matmul(left[i : i + rows], right, out=block)
+        if w.dtype == np.float16 and out.dtype == np.float16:  # one pass where the kernel is built
+            add_scaled_to_float16(w, block, scaling, out[i : i + rows], wide[: w.size], scratch)
+            return
         block *= scaling
         block += widen_float16(w, wide[: w.size]) if w.dtype == np.float16 else w  # numpy casts the others
         if out.dtype == np.float16:
