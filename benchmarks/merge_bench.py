@@ -7,11 +7,15 @@ times, interleaved round by round (--modes picks which):
   ours   - `lora-deploy merge` (the CLI's entry point, interpreter start-up included); the
            digest memo knows the base (an untimed merge before the rounds filled it), as
            when a second adapter is merged into the same base
+  ours-numpy - `lora-deploy merge` with LORA_DEPLOY_NATIVE=0: the numpy float16 passes
+           instead of the compiled kernels (lora_deploy/_native/f16.c)
   ours-rehash - `lora-deploy merge --rehash`: every input hashed again, as for a base
            merged for the first time
   ours-sha256 - `lora-deploy merge --rehash --sha256`: SHA-256 recorded beside BLAKE3
   ours-nf4, ours-nf4-dq - `lora-deploy merge --onto nf4 [--double-quant]`: every Linear weight
            merged onto / written as bitsandbytes' dequantized NF4 (merge/quant.py)
+  ours-nf4-numpy - `lora-deploy merge --onto nf4` with LORA_DEPLOY_NATIVE=0: the numpy
+           NF4 pass instead of the compiled one (lora_deploy/_native/quant4.c)
   before - the merge of another source tree (--before DIR, e.g. `git archive` of an
            older commit), run the same way: the comparison a change is judged by
   copy-fsync, ours-fsync - the same, made durable (fsync; `lora-deploy merge --fsync`)
@@ -43,6 +47,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lora_deploy.arrays import float16_kernel
 from lora_deploy.bench.stats import bootstrap_median_ci
 
 HERE = Path(__file__).resolve().parent
@@ -56,8 +61,12 @@ t = time.perf_counter()
 if mode.startswith("ours") or mode == "before":
     from lora_deploy.cli import main
     extra = {"ours-fsync": ["--fsync"], "ours-rehash": ["--rehash"], "ours-sha256": ["--rehash", "--sha256"],
-             "ours-nf4": ["--onto", "nf4"], "ours-nf4-dq": ["--onto", "nf4", "--double-quant"]}
+             "ours-nf4": ["--onto", "nf4"], "ours-nf4-dq": ["--onto", "nf4", "--double-quant"],
+             "ours-nf4-numpy": ["--onto", "nf4"]}
     extra = extra.get(mode, [])
+    if mode.endswith("-numpy"):
+        import os
+        os.environ["LORA_DEPLOY_NATIVE"] = "0"
     try:
         main(["merge", base, adapter, "-o", out, "--max-shard-size", "500MB"] + extra, standalone_mode=False)
     except SystemExit as exc:
@@ -219,6 +228,7 @@ def machine() -> dict:
         "load_average_at_start": os.getloadavg()[0],
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "float16_kernels": float16_kernel(),  # `ours`; ours-numpy runs the numpy passes
     }
 
 

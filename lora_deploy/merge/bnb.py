@@ -23,6 +23,14 @@ path step by step (tests/merge/test_bnb.py compares every value, bit for bit):
 
 bitsandbytes on a GPU takes the same steps; where CUDA rounds a mean or a division
 differently, its values can differ from these in the last bit.
+
+The 4-bit pass has a compiled twin, lora_deploy/_native/quant4.c (`_quant4`): the same
+float32 steps per block in one pass over the weight (absmax, scale, code, the value
+rounded to the output dtype, the error sums), AVX2 or AVX-512, without the GIL; its
+values are this numpy code's, byte for byte (tests/merge/test_bnb_native.py).
+`fake_quant` takes it where it is built, the CPU has AVX2 (its scalar C is no faster
+than numpy here) and the dtypes are float32/float16/bfloat16. LORA_DEPLOY_NATIVE=0
+forces the numpy code.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lora_deploy._native import kernel
 from lora_deploy.arrays import round_to_float16, widen_float16
 from lora_deploy.errors import BadInputError
 from lora_deploy.merge.blocks import for_each_block
@@ -230,7 +239,7 @@ def nested_absmax(absmax: np.ndarray) -> np.ndarray:
 
     offset = np.float32(torch.from_numpy(absmax).mean().item())
     centred = absmax - offset
-    code = dynamic_map()
+    code, on_grid = dynamic_code()
     scales = absmax_4bit(centred, NESTED_BLOCKSIZE)
     blocks = np.arange(centred.size) // NESTED_BLOCKSIZE
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -239,10 +248,19 @@ def nested_absmax(absmax: np.ndarray) -> np.ndarray:
     # nearest grid point (rounded in float32), then the code value nearest to that point.
     grid = np.floor((normed + np.float32(1)) * np.float32(GRID_SCALE) + np.float32(0.5))
     grid = np.nan_to_num(grid, nan=GRID_SCALE).clip(0, GRID_POINTS - 1).astype(np.intp)  # 0/0: times 0 anyway
-    index = nearest_code_on_grid(code)[grid]
+    index = on_grid[grid]
     out = code[index] * scales[blocks]
     out += offset
     return out.astype(np.float32, copy=False)
+
+
+@functools.cache
+def dynamic_code() -> tuple[np.ndarray, np.ndarray]:
+    """dynamic_map() and its nearest_code_on_grid, built once (read-only)."""
+    code = dynamic_map()
+    on_grid = nearest_code_on_grid(code)
+    code.flags.writeable = on_grid.flags.writeable = False
+    return code, on_grid
 
 
 def nearest_code_on_grid(code: np.ndarray) -> np.ndarray:
@@ -261,6 +279,13 @@ def fake_quant(
     squared distance of what was written from w is summed on the way (no second pass)."""
     if spec.quant_type == "int8":
         return fake_quant_int8(w, out, errors)
+    native = kernel("_quant4")  # None: not built, or LORA_DEPLOY_NATIVE=0
+    out_dtype = np.dtype(np.float32) if out is None else out.dtype
+    # its scalar C (no AVX2 here) is no faster than numpy's vectorized passes: numpy then
+    vectorized = native is not None and native.BEST_ISA > 0
+    if vectorized and w.dtype.name in NATIVE_KINDS and out_dtype.name in NATIVE_KINDS:
+        if out is None or out.flags.c_contiguous:
+            return fake_quant_native(native, w, spec, out, errors)
     flat = w.reshape(-1)
     n, size = flat.size, spec.blocksize
     absmax = absmax_4bit(flat, size)
@@ -307,6 +332,50 @@ def fake_quant(
 
     for_each_block(block, range(0, n, step))
     return result.reshape(w.shape)
+
+
+# The compiled kernel's dtype codes; 16-bit values cross as their uint16 bits.
+NATIVE_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def fake_quant_native(
+    quant4, w: np.ndarray, spec: BnbSpec, out: np.ndarray | None = None, errors: ErrorSums | None = None
+) -> np.ndarray:
+    """fake_quant's 4-bit path by the compiled kernel: chunks of whole blocks spread over
+    the cores, each one pass (with --double-quant, a first pass finds every absmax)."""
+    flat = np.ascontiguousarray(w).reshape(-1)
+    n, size = flat.size, spec.blocksize
+    result = np.empty(n, np.float32) if out is None else out.reshape(-1)
+    src, dst = raw_bits(flat), raw_bits(result)
+    kinds = NATIVE_KINDS[flat.dtype.name], NATIVE_KINDS[result.dtype.name]
+    absmax = np.empty(-(-n // size), np.float32)
+    code, mids = code4(spec.quant_type)
+    step = max(size, CHUNK_4BIT - CHUNK_4BIT % size)
+    starts = range(0, n, step)
+    scale = None
+    if spec.double_quant:
+
+        def find_absmax(start: int) -> None:
+            stop = min(start + step, n)
+            quant4.fake_quant4(src, kinds[0], None, kinds[1], absmax, False, None, code, mids, size, start, stop, False)
+
+        for_each_block(find_absmax, starts)
+        scale = nested_absmax(absmax)
+
+    def block(start: int) -> None:
+        stop = min(start + step, n)
+        given = (absmax, spec.double_quant, scale, code, mids)  # absmax read back when double-quantized
+        sums = quant4.fake_quant4(src, kinds[0], dst, kinds[1], *given, size, start, stop, errors is not None)
+        if errors is not None:
+            errors[start] = sums
+
+    for_each_block(block, starts)
+    return result.reshape(w.shape)
+
+
+def raw_bits(flat: np.ndarray) -> np.ndarray:
+    """A flat float array as the kernel takes it: float32 itself, 16-bit floats as uint16."""
+    return flat.view(np.uint16) if flat.dtype.itemsize == 2 else flat
 
 
 def fake_quant_int8(w: np.ndarray, out: np.ndarray | None = None, errors: ErrorSums | None = None) -> np.ndarray:

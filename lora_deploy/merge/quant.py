@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_deploy._native import kernel
 from lora_deploy.arrays import all_finite
 from lora_deploy.dtypes import BY_NAME
 from lora_deploy.errors import BadInputError, NonFiniteError, OutputError
@@ -41,10 +42,12 @@ from lora_deploy.io.quant import (
     training_quantization_hint,
 )
 from lora_deploy.io.stream import OutputTensor, tensor_bytes
-from lora_deploy.merge.bnb import BnbSpec, ErrorSums, fake_quant, store, widen
+from lora_deploy.merge.blocks import for_each_block
+from lora_deploy.merge.bnb import NATIVE_KINDS, BnbSpec, ErrorSums, fake_quant, raw_bits, store, widen
 from lora_deploy.merge.delta import lora_norm, merged_weight
 
 REQUANTIZE_FORMATS = ("fp8",)
+ERROR_CHUNK = 256 * 1024  # values per chunk of the error sums: float32 chunks stay in cache
 # Module names that are not Linear layers bitsandbytes quantizes: embeddings (any path
 # component naming one) and output heads (transformers leaves the output embedding and
 # the last module unconverted).
@@ -178,7 +181,7 @@ class QuantTransform:
                 out = np.empty(info.shape, np_dtype)
                 if transposed or weight.dtype != np_dtype:
                     store(self._fake_quant(weight, transposed), out)
-                    self._record(info.name, False, out, weight, weight.astype(np_dtype))
+                    self._record(info.name, False, out, weight, onto=True)
                 else:  # rounded and measured block by block: no float32 copy, no second pass
                     errors = ErrorSums()
                     fake_quant(weight, self.spec, out=out, errors=errors)
@@ -192,9 +195,8 @@ class QuantTransform:
                 quantized = self._fake_quant(weight, transposed)
                 out = merged_weight(target.module, target.kind, quantized, np_dtype)
                 exact = merged_weight(target.module, target.kind, weight)
-                plain = merged_weight(target.module, target.kind, weight, np_dtype)
                 set_delta_norm(target, exact, weight)
-                self._record(info.name, True, out, exact, plain)
+                self._record(info.name, True, out, exact, onto=True)
             f.write(tensor_bytes(out if checked else finite(out, info.name)))
 
         return [OutputTensor(info.name, out_dtype, info.shape, produce)]
@@ -242,14 +244,14 @@ class QuantTransform:
             if self.requantize:
                 q, scale = fp8_quantize(exact, block)
                 self._scales[scale_info.name] = scale
-                self._record(info.name, target is not None, fp8_dequantize(q, scale, block), exact, None)
+                self._record(info.name, target is not None, fp8_dequantize(q, scale, block), exact)
                 f.write(tensor_bytes(q))
             else:
                 np_dtype = DTYPES[float_dtype]
                 out = (
                     merged_weight(target.module, target.kind, w, np_dtype) if target is not None else w.astype(np_dtype)
                 )
-                self._record(info.name, target is not None, out, exact, None)
+                self._record(info.name, target is not None, out, exact)
                 f.write(tensor_bytes(finite(out, info.name)))
 
         if not self.requantize:
@@ -263,17 +265,13 @@ class QuantTransform:
             OutputTensor(scale_info.name, "F32", scale_info.shape, produce_scale),
         ]
 
-    def _record(
-        self, name: str, merged: bool, written: np.ndarray, exact: np.ndarray, plain: np.ndarray | None
-    ) -> None:
-        exact32, written = widen(exact), widen(written)  # widened once for both figures
-        norm = float(np.linalg.norm(exact32))
-        entry = {"weight": name, "merged": merged, "rel_error": relative(written, exact32, norm)}
-        if plain is exact:  # W0 as it is: the plain merge is the exact value
-            entry["onto_vs_original"] = entry["rel_error"]
-        elif plain is not None:
-            plain32 = widen(plain)
-            entry["onto_vs_original"] = relative(written, plain32, float(np.linalg.norm(plain32)))
+    def _record(self, name: str, merged: bool, written: np.ndarray, exact: np.ndarray, onto: bool = False) -> None:
+        """The layer's figures; `onto`: onto_vs_original too, against the plain merge as
+        written, which is `exact` rounded once to the output dtype."""
+        sums = distance_sums(written, exact, onto)
+        entry = {"weight": name, "merged": merged, "rel_error": ratio(sums[0], sums[1])}
+        if onto:
+            entry["onto_vs_original"] = ratio(sums[2], sums[3])
         self.layers.append(entry)
 
     def report(self) -> dict:
@@ -340,9 +338,43 @@ def quantized_training_hint(adapter_dir, base_dir) -> str | None:
     return f"the adapter looks trained on a quantized base ({why}); --onto nf4|fp4|int8 merges onto what training saw"
 
 
-def relative(written: np.ndarray, reference: np.ndarray, norm: float) -> float:
-    diff = np.subtract(widen(written), reference)  # a new array: `written` is still to be written
-    return float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff))
+def distance_sums(written: np.ndarray, exact: np.ndarray, onto: bool) -> np.ndarray:
+    """[sum((written - exact)^2), sum(exact^2)] and, with `onto`, [sum((written - plain)^2),
+    sum(plain^2)] where plain is `exact` rounded once to written's dtype (what a plain merge
+    writes): float32 chunk by chunk on every core, no whole-size temporary; float64 totals.
+    Reported figures, not written values: the compiled and numpy sums may differ in the
+    last bits (their order of addition)."""
+    flat, reference = written.reshape(-1), exact.reshape(-1)
+    sums: dict[int, tuple[float, ...]] = {}
+    dtypes = flat.dtype.name in NATIVE_KINDS and reference.dtype.name in NATIVE_KINDS
+    quant4 = kernel("_quant4") if dtypes else None  # one pass per chunk where it is built
+    if quant4 is not None:
+        kinds = NATIVE_KINDS[flat.dtype.name], NATIVE_KINDS[reference.dtype.name]
+        raw = raw_bits(np.ascontiguousarray(flat)), raw_bits(np.ascontiguousarray(reference))
+
+    def chunk(start: int) -> None:
+        stop = start + ERROR_CHUNK
+        if quant4 is not None:
+            sums[start] = quant4.distance_sums(raw[0][start:stop], kinds[0], raw[1][start:stop], kinds[1], onto)
+            return
+        w, e = widen(flat[start:stop]), widen(reference[start:stop])
+        d = w - e
+        figures = [np.dot(d, d), np.dot(e, e)]
+        if onto:
+            rounded = np.empty(e.size, flat.dtype)
+            store(e, rounded)
+            p = widen(rounded)
+            np.subtract(w, p, out=d)
+            figures += [np.dot(d, d), np.dot(p, p)]
+        sums[start] = tuple(float(v) for v in figures)
+
+    for_each_block(chunk, range(0, flat.size, ERROR_CHUNK))
+    return np.sum(list(sums.values()), axis=0) if sums else np.zeros(4)
+
+
+def ratio(distance2: float, norm2: float) -> float:
+    """sqrt(distance2 / norm2), or sqrt(distance2) when the reference is all zeros."""
+    return float(np.sqrt(distance2 / norm2)) if norm2 > 0 else float(np.sqrt(distance2))
 
 
 def set_delta_norm(target, exact: np.ndarray, w0: np.ndarray) -> None:
