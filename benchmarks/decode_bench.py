@@ -1,7 +1,10 @@
 """Decode-step latency of generation-ready graphs (export --task text-generation-with-past).
 
 ONNX Runtime on the CPU, one run, paired and interleaved rounds on identical inputs
-(`lora-deploy bench` itself: run_bench, so every figure carries its bootstrap CI):
+(`lora-deploy bench` itself: run_bench, so every figure carries its bootstrap CI), in
+--sessions K sessions per variant (default 12: every model reopened K times, the rounds split
+between them, the intervals resampling sessions then rounds: stats.session_ratio_ci; one
+session per variant leaves a 2-5% per-session effect out of the intervals):
 
 1. steps: prefill 1x128 and decode steps 1x1+128, 1x1+512, 8x1+512 (one new token per
    row after P cached ones) for base, merged, dynamic (adapter active), dynamic with no
@@ -19,6 +22,9 @@ key/value heads: GQA), the adapters r=8 on q_proj/v_proj with random non-zero fa
 
     python benchmarks/decode_bench.py --work /tmp/decodebench --out benchmarks/results   # the real run
     python benchmarks/decode_bench.py --smoke --out /tmp/decodebench-smoke                 # a quick check
+
+Each pair's "sessions_for_2pct" is the power calculation for the next run: the sessions
+whose interval would be about +-2%, from the spread of this run's per-session ratios.
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ from lora_deploy.bench.machine import machine_info
 from lora_deploy.bench.report import to_markdown
 from lora_deploy.bench.run import run_bench
 from lora_deploy.bench.schema import write_json
-from lora_deploy.bench.stats import bootstrap_median_ci, paired_ratios
+from lora_deploy.bench.stats import paired_ratios, per_session, session_ratio_ci, sessions_for_width
 from lora_deploy.export.generation import export_generation, export_generation_adapters
 from lora_deploy.merge.streaming import merge
 
 SHAPES = "1x128,1x1+128,1x1+512,8x1+512"
+# Sessions per variant of the tokens/s run (`generation`).
+GENERATION_SESSIONS = 6
 # (variant, its reference) pairs reported from the same rounds.
 PAIRS = [("merged", "base"), ("dynamic", "merged"), ("dynamic_off", "base"), ("multi", "merged"), ("merged", "genai")]
 
@@ -148,26 +156,49 @@ def fixed_head_dims(folder: Path) -> Path:
 
 
 def ratios(report: dict) -> dict:
-    """Every PAIRS ratio per shape, from the same interleaved rounds (median, 95% CI)."""
+    """Every PAIRS ratio per shape, from the same interleaved rounds (median, 95% CI: the
+    session interval when the run had several sessions), with the per-session ratios and
+    the sessions a +-2% interval would need."""
     out = {}
     for key, block in report["results"].items():
         variants = block["variants"]
         out[key] = {}
         for name, ref in PAIRS:
             if name in variants and ref in variants:
-                per_round = paired_ratios(variants[ref]["samples_s"], variants[name]["samples_s"])
-                median, low, high = bootstrap_median_ci(per_round)
-                out[key][f"{name}/{ref}"] = {"median": median, "low": low, "high": high}
+                per_round = [paired_ratios(variants[ref]["samples_s"], variants[name]["samples_s"])]
+                labels = variants[ref].get("sample_sessions") or [0] * len(per_round[0])
+                median, low, high = session_ratio_ci(per_round, labels)
+                each = per_session(per_round, labels)
+                out[key][f"{name}/{ref}"] = {
+                    "median": median,
+                    "low": low,
+                    "high": high,
+                    "per_session": each,
+                    "sessions_for_2pct": sessions_for_width(each, 0.02) if len(each) > 1 else None,
+                }
     return out
 
 
-def generation(models: dict[str, Path], adapters: dict[str, Path], threads: int, rounds: int, n_new: int) -> dict:
+def generation(
+    models: dict[str, Path], adapters: dict[str, Path], threads: int, rounds: int, n_new: int, sessions: int
+) -> dict:
     """Tokens/s of a greedy generation of n_new tokens after a 32-token prompt, batch 1:
-    `bench --generate` (run_bench(generate=...)), every variant interleaved round by round."""
+    `bench --generate` (run_bench(generate=...)), every variant interleaved round by round,
+    in at most GENERATION_SESSIONS sessions per variant (tokens/s is a figure, not a goal: a
+    whole generation per round is long, and every session adds its warm-up generations)."""
+    sessions = min(sessions, rounds, GENERATION_SESSIONS)
     report = run_bench(
-        models, adapters=adapters, reference="base", shapes="1x32", generate=n_new, threads=threads, rounds=rounds
+        models,
+        adapters=adapters,
+        reference="base",
+        shapes="1x32",
+        generate=n_new,
+        threads=threads,
+        rounds=rounds,
+        warmup=2,
+        sessions=sessions,
     )
-    result = {"prompt": 32, "new_tokens": n_new, "batch": 1, "rounds": rounds, "variants": {}}
+    result = {"prompt": 32, "new_tokens": n_new, "batch": 1, "rounds": rounds, "sessions": sessions, "variants": {}}
     pairs = ratios(report)["1x32"]
     for name, entry in report["results"]["1x32"]["variants"].items():
         gen = entry["generation"]
@@ -190,14 +221,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=240, help="interleaved rounds in all, split between the sessions")
+    ap.add_argument("--sessions", type=int, default=12, help="sessions per variant (README: power calculation)")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per timed generation")
+    ap.add_argument("--skip-generation", action="store_true", help="decode steps only (no --generate run)")
     ap.add_argument("--genai", action="store_true", help="time onnxruntime-genai's builder output side by side")
     ap.add_argument("--smoke", action="store_true", help="a quick check: tiny model, 3 rounds, short generation")
     args = ap.parse_args()
     if args.smoke:
-        args.hidden, args.layers, args.vocab, args.rounds, args.new_tokens = 128, 2, 512, 3, 8
+        args.hidden, args.layers, args.vocab, args.rounds, args.new_tokens, args.sessions = 128, 2, 512, 6, 8, 3
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     files = prepare(args.work, args.hidden, args.layers, args.vocab, args.genai)
@@ -213,6 +246,7 @@ def main() -> None:
         threads=args.threads,
         rounds=args.rounds,
         warmup=5,
+        sessions=args.sessions,
     )
     report["config"]["model"] = {
         "family": "llama",
@@ -222,12 +256,15 @@ def main() -> None:
         "kv_heads": max(1, args.hidden // 64 // 4),
         "adapters": [{"r": 8, "targets": ["q_proj", "v_proj"]}] * 2,
     }
-    gen, gen_report = generation(
-        models, {"dynamic": files["packed"]}, args.threads, max(3, args.rounds // 5), args.new_tokens
-    )
+    gen = gen_report = None
+    if not args.skip_generation:
+        gen, gen_report = generation(
+            models, {"dynamic": files["packed"]}, args.threads, max(3, args.rounds // 5), args.new_tokens, args.sessions
+        )
     summary = {"pairs": ratios(report), "generation": gen, "machine": machine_info(args.threads)}
     write_json(report, args.out / "decode_latency.json", overwrite=True)  # a rerun replaces its results
-    write_json(gen_report, args.out / "decode_generation.json", overwrite=True)
+    if gen_report is not None:
+        write_json(gen_report, args.out / "decode_generation.json", overwrite=True)
     (args.out / "decode_latency.md").write_text(to_markdown(report))
     (args.out / "decode_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(to_markdown(report))

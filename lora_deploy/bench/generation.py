@@ -15,7 +15,7 @@ from lora_deploy.bench.feeds import draw, first_call
 from lora_deploy.bench.measure import BenchProgress
 from lora_deploy.bench.schema import ms, validate_report
 from lora_deploy.bench.shapes import Shape, shape_key
-from lora_deploy.bench.stats import bootstrap_median_ci, paired_ratios
+from lora_deploy.bench.stats import paired_ratios, session_ratio_ci
 from lora_deploy.errors import BadInputError
 from lora_deploy.modeling.samples import ATTENTION_MASK, INPUT_IDS
 from lora_deploy.modeling.tasks import PAST_PREFIX
@@ -119,12 +119,14 @@ def generation_summary(
     confidence: float = 0.95,
     resamples: int = 10_000,
     seed: int = 0,
+    sessions: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The step figures of a model's timed generations: per round the step seconds
     (prefill first, then each decode step). The prefill's latency per round, every decode
     step's latency pooled over rounds (median and p99), decode tokens/s (rows per median
     step), and with `reference_rounds` the per-round ratio of the median decode step to
-    the reference's (median and CI): a whole generation's ratio is the entry's own."""
+    the reference's (median and CI; with `sessions`, the session of every round, the
+    session is the unit: `stats.session_ratio_ci`): a whole generation's ratio is the entry's own."""
     prefill = [float(r[0]) for r in step_rounds]
     decode = [[float(t) for t in r[1:]] for r in step_rounds]
     pooled = [t for r in decode for t in r]
@@ -149,8 +151,9 @@ def generation_summary(
         if reference_rounds is not None:
             mine = [float(np.median(r)) for r in decode]
             theirs = [float(np.median(r[1:])) for r in reference_rounds]
-            median, low, high = bootstrap_median_ci(
-                paired_ratios(theirs, mine), confidence=confidence, resamples=resamples, seed=seed
+            labels = [0] * len(mine) if sessions is None else sessions
+            median, low, high = session_ratio_ci(
+                [paired_ratios(theirs, mine)], labels, confidence=confidence, resamples=resamples, seed=seed
             )
             out["decode_ratio"] = {"vs": reference, "median": median, "low": low, "high": high}
     return out
@@ -169,5 +172,7 @@ def add_generation(report: dict[str, Any], steps: Mapping[str, Mapping[str, Sequ
             if len(rounds[name]) != entry["n"]:
                 raise RuntimeError(f"{key}/{name}: {len(rounds[name])} recorded generations for {entry['n']} rounds")
             other = None if name == reference else rounds[reference]
-            entry["generation"] = generation_summary(rounds[name], block["batch"], other, reference, **ci)
+            entry["generation"] = generation_summary(
+                rounds[name], block["batch"], other, reference, **ci, sessions=entry.get("sample_sessions")
+            )
     return validate_report(report)

@@ -25,8 +25,8 @@ def _num(x: float | None, fmt: str) -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def _ratio_cell(entry: Mapping[str, Any]) -> str:
-    ratio = entry.get("ratio")
+def _ratio_cell(entry: Mapping[str, Any], key: str = "ratio") -> str:
+    ratio = entry.get(key)
     if ratio is None:
         return "reference"
     return f"{ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"
@@ -45,9 +45,26 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
         f"- {config['rounds']} interleaved rounds (warmup {config.get('warmup')}, "
         f"inner {config.get('inner')}); ratio = per-round variant / {config['reference']}, "
         f"median with {conf:.0%} bootstrap CI",
+        *_session_lines(config),
         *_adaptive_lines(config.get("adaptive")),
         *_noise_lines(report.get("noise")),
         "",
+    ]
+
+
+def _session_lines(config: Mapping[str, Any]) -> list[str]:
+    """How many sessions each variant ran in, and what the intervals therefore cover."""
+    sessions = config.get("sessions")
+    if sessions is None:  # a report from before sessions (schema /2 or /1)
+        return []
+    if sessions == 1:
+        return [
+            "- One session per variant: the intervals exclude session-to-session variation (a few percent "
+            "between two sessions of the same graph); --sessions 3 or more includes it"
+        ]
+    return [
+        f"- {sessions} sessions per variant (the rounds split between them, every model reopened between them); "
+        f"intervals: {config.get('bootstrap')}"
     ]
 
 
@@ -133,9 +150,9 @@ def _loop_lines(report: Mapping[str, Any]) -> list[str]:
         "",
         f"Control loop at {rate:g} Hz (period {1000 / rate:.3g} ms), ticks alternating between variants:",
         "",
-        "| shape | variant | ticks | p50 ms | p99 ms | p99.9 ms | max ms | jitter ms | start lag p99 ms "
-        "| misses | longest miss run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | variant | ticks | p50 ms | p99 ms | p99 ratio [CI] | p99.9 ms | max ms | jitter ms "
+        "| start lag p99 ms | misses | longest miss run |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for key, block in report["results"].items():
         for name, entry in block["variants"].items():
@@ -144,7 +161,8 @@ def _loop_lines(report: Mapping[str, Any]) -> list[str]:
                 continue
             lines.append(
                 f"| {key} | {_cell(name)} | {loop['ticks']} | {entry['p50_ms']:.4g} | {entry['p99_ms']:.4g} "
-                f"| {entry.get('p999_ms', float('nan')):.4g} | {entry.get('max_ms', float('nan')):.4g} "
+                f"| {_ratio_cell(entry, 'p99_ratio')} | {entry.get('p999_ms', float('nan')):.4g} "
+                f"| {entry.get('max_ms', float('nan')):.4g} "
                 f"| {loop['jitter_ms']:.3g} | {loop['lag_p99_ms']:.3g} | {loop['misses']} "
                 f"| {loop['longest_miss_run']} |"
             )

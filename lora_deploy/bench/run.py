@@ -14,7 +14,8 @@ same thread settings. `run_bench` orchestrates; each step lives in its own modul
    --generate);
 4. time the variants: fixed interleaved rounds (`measure`), adaptive rounds
    (`adaptive`, --until-width), repeated runs (`noise`, --noise-runs) or a paced
-   control loop (`control`, --rate); then summarise and gate with
+   control loop (`control`, --rate); the rounds and the loop in K sessions per variant
+   (`sessions`, --sessions: every variant reopened between them); then summarise and gate with
    `summary.build_report` (`gates` for baselines);
 5. `write_outputs` puts JSON / Markdown / PNG on disk (`schema`, `report`) and only
    then `check_gates` raises GateFailed (exit 1), so the evidence for a failed gate
@@ -56,6 +57,7 @@ from lora_deploy.bench.noise import check_noise_runs, measure_repeated
 from lora_deploy.bench.plan import check_plan, check_run_counts, with_previous
 from lora_deploy.bench.report import plot, to_markdown
 from lora_deploy.bench.schema import write_json
+from lora_deploy.bench.sessions import concat_loops, concat_sessions, in_sessions, session_count, split_rounds
 from lora_deploy.bench.shapes import DEFAULT_SHAPES, Shape, as_shapes, shape_key
 from lora_deploy.bench.stats import check_on_inconclusive, fraction
 from lora_deploy.bench.summary import build_report
@@ -112,6 +114,7 @@ def run_bench(
     run_margin: float | str | None = None,
     allow_mismatch: bool = False,
     noise_runs: int | None = None,
+    sessions: int | None = None,
     on_inconclusive: str = "warn",
     rate: str | float | None = None,
     duration: str | float | None = None,
@@ -145,6 +148,11 @@ def run_bench(
     `noise_runs` (>= 3) repeats the whole measurement that many times, every model
     reopened in between, and records the spread of their medians (report["noise"]) so a
     later comparison against this report as a baseline is calibrated by it.
+    `sessions` (K) splits the rounds (or the control loop's duration) between K sessions
+    of every variant, each epoch's sessions closed before the next epoch's open, and the
+    ratios' intervals resample sessions, then rounds (`stats.session_ratio_ci`); default
+    `sessions.DEFAULT_SESSIONS` (3, fewer with fewer rounds; 1 with `until_width` or
+    `noise_runs`). One session leaves session-to-session variation out of the intervals.
     `on_inconclusive` (pass | warn | fail) decides what a gate that cannot decide does.
     `rate` ('100hz') switches to the control-loop mode: each shape paced for `duration`
     ('30s'), gated by `max_p99` ('8ms') and `max_misses`.
@@ -199,6 +207,7 @@ def run_bench(
     rate_hz, duration_s, max_p99_s = loop_settings(rate, duration, max_p99, max_misses)
     width, max_time_s = adaptive_settings(until_width, max_time, rate_hz, noise_runs)
     check_noise_runs(noise_runs, rate_hz)
+    sessions = session_count(sessions, rounds, until_width=until_width, noise_runs=noise_runs, rate=rate_hz)
     machine = machine_info(threads)
     here = {
         "backend": backend,
@@ -246,7 +255,7 @@ def run_bench(
                 return calls, fed
 
             def reopen() -> dict:
-                # --noise-runs: a fresh open of every model: new sessions, new allocations, a later moment.
+                # --noise-runs, --sessions: a fresh open of every model: new sessions, new allocations, a later moment.
                 for variant in opened[-1].values():
                     variant.close()
                 opened.append(_open_variants(models, adapters, backend, device, threads, factory_options))
@@ -258,15 +267,18 @@ def run_bench(
             same_inputs(fed)
             if baseline is not None and not allow_mismatch:
                 check_fed_against(baseline, baseline_path, fed)
-            loop = adaptive = noise = None
+            loop = adaptive = noise = labels = None
             measure = {"rounds": rounds, "warmup": warmup, "inner": inner}
             if generate is not None:
                 progress = closing_rounds(steps, progress)
             if rate_hz is not None:
-                results, shapes_loop = measure_loop(
-                    calls, rate_hz=rate_hz, duration_s=duration_s, warmup=warmup, progress=progress
+                share = duration_s / sessions
+                paced = {"rate_hz": rate_hz, "duration_s": share, "warmup": warmup}
+                parts = in_sessions(
+                    calls, sessions, reopen, lambda c, epoch, tick: measure_loop(c, **paced, progress=tick), progress
                 )
-                loop = {"rate_hz": rate_hz, "shapes": shapes_loop}
+                results, labels = concat_sessions([p[0] for p in parts])
+                loop = {"rate_hz": rate_hz, "shapes": concat_loops([p[1] for p in parts])}
             elif width is not None:
                 own = baseline is not None
                 results, adaptive = measure_adaptive(
@@ -281,7 +293,15 @@ def run_bench(
             elif noise_runs is not None:
                 results, noise = measure_repeated(calls, noise_runs, reopen, **measure, progress=progress)
             else:
-                results = measure_shapes(calls, **measure, progress=progress)
+                counts = split_rounds(rounds, sessions)
+                parts = in_sessions(
+                    calls,
+                    sessions,
+                    reopen,
+                    lambda c, epoch, tick: measure_shapes(c, **{**measure, "rounds": counts[epoch]}, progress=tick),
+                    progress,
+                )
+                results, labels = concat_sessions(parts)
             extra = {
                 "models": {name: str(path) for name, path in models.items()},
                 "adapters": {name: str(path) for name, path in adapters.items()},
@@ -318,6 +338,7 @@ def run_bench(
                 max_misses=max_misses,
                 adaptive=adaptive,
                 noise=noise,
+                sessions=labels,
             )
             if generate is not None:
                 add_generation(report, {k: {n: r.rounds for n, r in v.items()} for k, v in steps.items()}, generate)

@@ -1,4 +1,4 @@
-"""The bench report file: JSON schema "lora-deploy.bench/2", its validation, and
+"""The bench report file: JSON schema "lora-deploy.bench/3", its validation, and
 reading and writing it.
 
 A report keeps the raw per-round samples next to every summary, so any number in it
@@ -20,9 +20,10 @@ from lora_deploy.bench.shapes import SHAPE_RE, as_shape
 from lora_deploy.errors import BadInputError
 from lora_deploy.io.staging import write_file_atomic
 
-SCHEMA = "lora-deploy.bench/2"
-# Reports a baseline may come from: /1 lacks fed shapes, conclusive flags and the baseline block.
-READABLE_SCHEMAS = ("lora-deploy.bench/1", SCHEMA)
+SCHEMA = "lora-deploy.bench/3"
+# Reports a baseline may come from: /1 lacks fed shapes, conclusive flags and the baseline block;
+# /2 lacks sessions (one session per variant, intervals of rounds only: config.sessions 1).
+READABLE_SCHEMAS = ("lora-deploy.bench/1", "lora-deploy.bench/2", SCHEMA)
 
 
 def ms(seconds: float) -> float:
@@ -50,13 +51,23 @@ def _check_entry(entry: Any, where: str) -> None:
     for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms"):
         _need(_is_number(entry.get(key)), f"{where}.{key}", "expected a number")
     _need(isinstance(entry.get("throughput"), dict), f"{where}.throughput", "expected an object")
-    ratio = entry.get("ratio")
-    if ratio is not None:
+    labels = entry.get("sample_sessions")
+    if labels is not None:
         _need(
-            isinstance(ratio, dict) and all(_is_number(ratio.get(k)) for k in ("median", "low", "high")),
-            f"{where}.ratio",
-            "expected null or {median, low, high}",
+            isinstance(labels, list)
+            and len(labels) == len(samples)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels),
+            f"{where}.sample_sessions",
+            "expected one session index (>= 0) per sample",
         )
+    for key in ("ratio", "p99_ratio"):
+        ratio = entry.get(key)
+        if ratio is not None:
+            _need(
+                isinstance(ratio, dict) and all(_is_number(ratio.get(k)) for k in ("median", "low", "high")),
+                f"{where}.{key}",
+                "expected null or {median, low, high}",
+            )
 
 
 def _check_results(results: Any, reference: str) -> None:
@@ -78,7 +89,7 @@ def _check_results(results: Any, reference: str) -> None:
 
 
 def validate_report(report: Any) -> Any:
-    """Return `report` if it follows schema lora-deploy.bench/2 (or /1, for baselines), else BadInputError."""
+    """Return `report` if it follows schema lora-deploy.bench/3 (or /1, /2, for baselines), else BadInputError."""
     _need(isinstance(report, dict), "top level", "expected a JSON object")
     _need(report.get("schema") in READABLE_SCHEMAS, "schema", f"expected {SCHEMA!r}, got {report.get('schema')!r}")
     for key in ("machine", "config", "results"):
@@ -88,6 +99,11 @@ def validate_report(report: Any) -> Any:
         _need(isinstance(config.get(key), str), f"config.{key}", "expected a string")
     _need(isinstance(config.get("shapes"), list), "config.shapes", "expected a list")
     _need(isinstance(config.get("rounds"), int), "config.rounds", "expected an integer")
+    if report["schema"] == SCHEMA:
+        sessions = config.get("sessions")
+        ok = isinstance(sessions, int) and not isinstance(sessions, bool) and sessions >= 1
+        _need(ok, "config.sessions", "expected an integer >= 1")
+        _need(isinstance(config.get("bootstrap"), str), "config.bootstrap", "expected a string")
     _check_results(report["results"], config["reference"])
     gates = report.get("gates")
     _need(isinstance(gates, list), "gates", "expected a list")
@@ -95,7 +111,7 @@ def validate_report(report: Any) -> Any:
         ok = isinstance(gate, dict) and isinstance(gate.get("passed"), bool)
         ok = ok and isinstance(gate.get("message"), str)
         _need(ok, f"gates[{i}]", "expected {passed: bool, message: str, ...}")
-        if report["schema"] == SCHEMA:
+        if report["schema"] != READABLE_SCHEMAS[0]:
             _need(isinstance(gate.get("conclusive"), bool), f"gates[{i}].conclusive", "expected true or false")
     return report
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -262,7 +262,8 @@ def _ratio_gate(
     else:
         conclusive = False
         passed = on_inconclusive != "fail"
-        why = doubts or f"the interval reaches past the {allowed}; more rounds or a quieter machine would settle it"
+        settle = "more rounds, more sessions or a quieter machine would settle it"
+        why = doubts or f"the interval reaches past the {allowed}; {settle}"
         outcome = "FAIL (--on-inconclusive fail)" if not passed else "pass"
         msg = f"{head}: INCONCLUSIVE, {outcome}: {why}."
     return GateResult(passed, msg, gate, subject, median, low, high, limit, conclusive, margin, tuple(notes))
@@ -534,3 +535,143 @@ def fraction(value: float | str | None) -> float | None:
     if not math.isfinite(value) or value < 0:
         raise BadInputError(f"a limit must be a finite fraction >= 0, got {value}")
     return value
+
+
+# ---------------------------------------------------------------- sessions (two-level bootstrap)
+
+# A statistic of one session's samples, vectorised: arrays of shape (rows, n) -> (rows,).
+SessionStatistic = Callable[..., np.ndarray]
+
+# How the report names the interval each number of sessions gets.
+FLAT_BOOTSTRAP = "one-level bootstrap of rounds (one session per variant: excludes session-to-session variation)"
+TWO_LEVEL_BOOTSTRAP = (
+    "two-level bootstrap (sessions with replacement, then rounds within each), geometric mean of the per-session "
+    "statistics, Student's t with sessions - 1 degrees of freedom"
+)
+
+
+def median_of_ratios(ratios: np.ndarray) -> np.ndarray:
+    """Per row, the median of paired per-round ratios (the in-run ratio of `bench`)."""
+    return np.median(ratios, axis=-1)
+
+
+def p99_ratio(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per row, p99(candidate) / p99(reference) (control-loop mode)."""
+    return np.percentile(candidate, 99, axis=-1) / np.percentile(reference, 99, axis=-1)
+
+
+def session_groups(sessions: Sequence[int] | np.ndarray, n: int) -> list[np.ndarray]:
+    """Indices of the samples of each session, in the order sessions first appear."""
+    labels = np.asarray(sessions)
+    if labels.shape != (n,):
+        raise BadInputError(f"sessions: need one label per sample ({n}), got shape {labels.shape}")
+    _, first = np.unique(labels, return_index=True)
+    return [np.flatnonzero(labels == labels[i]) for i in sorted(first)]
+
+
+def _resampled(arrays: Sequence[np.ndarray], statistic: SessionStatistic, rows: int, rng) -> np.ndarray:
+    """`rows` values of `statistic` on `arrays` resampled together (pairs stay pairs)."""
+    n = arrays[0].size
+    chunk = max(1, _CHUNK_ELEMENTS // (n * len(arrays)))
+    out = np.empty(rows)
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        out[start:stop] = statistic(*(a[idx] for a in arrays))
+    return out
+
+
+def _paired(
+    arrays: Sequence[Sequence[float] | np.ndarray], sessions: Sequence[int] | np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    data = [_as_samples(a, f"samples {i}") for i, a in enumerate(arrays)]
+    if not data or any(a.shape != data[0].shape for a in data):
+        raise BadInputError("session ratio: need paired sample lists of one length")
+    return data, session_groups(sessions, data[0].size)
+
+
+def per_session(
+    arrays: Sequence[Sequence[float] | np.ndarray],
+    sessions: Sequence[int] | np.ndarray,
+    statistic: SessionStatistic = median_of_ratios,
+) -> list[float]:
+    """`statistic` of each session's pairs, in the order sessions first appear (all positive)."""
+    data, groups = _paired(arrays, sessions)
+    values = [float(statistic(*(a[None, g] for a in data))[0]) for g in groups]
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise BadInputError(f"session ratio: the statistic must be positive in every session, got {values}")
+    return values
+
+
+def session_ratio_ci(
+    arrays: Sequence[Sequence[float] | np.ndarray],
+    sessions: Sequence[int] | np.ndarray,
+    statistic: SessionStatistic = median_of_ratios,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(ratio, low, high) of a positive statistic of paired samples from several sessions.
+
+    `arrays` are paired sample lists (one per argument of `statistic`: the per-round
+    ratios for `median_of_ratios`, reference and candidate latencies for `p99_ratio`),
+    `sessions` the session each pair came from. Every variant's speed differs a little
+    from one ONNX Runtime session to the next (where its buffers landed, its thread pool),
+    and one session per variant puts that difference into every ratio, unseen by a
+    bootstrap of rounds. So with K >= 2 sessions the session is the unit: the ratio is the
+    geometric mean of the K per-session statistics, and its spread is estimated by a
+    two-level bootstrap (K sessions drawn with replacement, then each drawn session's pairs
+    with replacement, the statistic computed per drawn session). Few sessions make that
+    spread itself uncertain, and a percentile interval of K resampled values can never
+    reach past their range (with 3 sessions it misses the truth a quarter of the time), so
+    the interval is Student's t with K - 1 degrees of freedom on the log scale around the
+    standard error the bootstrap measures (its variance corrected for drawing K of K and
+    for the within-session noise that both levels count).
+    With one session this is the one-level percentile bootstrap of the pairs
+    (`bootstrap_median_ci` of the ratios for the median): its interval excludes
+    session-to-session variation. Deterministic for a given seed.
+    """
+    _check_ci_args(confidence, resamples)
+    data, groups = _paired(arrays, sessions)
+    values = per_session(data, sessions, statistic)
+    rng = np.random.default_rng(seed)
+    k = len(groups)
+    if k == 1:
+        return _interval(values[0], _resampled(data, statistic, resamples, rng), confidence)
+    if not math.isclose(confidence, 0.95):
+        raise BadInputError(f"the session interval is Student's t at 95% (tabulated), got confidence {confidence}")
+    logs = np.log(values)
+    point = float(np.exp(logs.mean()))
+    # Inner level: `resamples` bootstrap values per session; outer: K sessions drawn per row.
+    inner = np.stack([_resampled([a[g] for a in data], statistic, resamples, rng) for g in groups])
+    if not np.all(inner > 0) or not np.all(np.isfinite(inner)):
+        raise BadInputError("session ratio: the statistic must be positive in every resample (zero timings?)")
+    inner = np.log(inner)
+    chosen = rng.integers(0, k, size=(resamples, k))
+    which = rng.integers(0, resamples, size=(resamples, k))
+    boot = inner[chosen, which].mean(axis=1)
+    # var(boot) = (k-1)/k * s^2/k + w/k, with s^2 the spread of the per-session values (their
+    # within-session noise included) and w the mean inner variance, counted twice by the two
+    # levels; s^2/k, the squared standard error of their mean, is recovered from it, and never
+    # taken below the within-session part alone.
+    within = float(inner.var(axis=1, ddof=1).mean()) / k
+    se2 = max((float(boot.var(ddof=1)) - within) * k / (k - 1), within)
+    half = t975(k - 1) * math.sqrt(se2)
+    return point, point * math.exp(-half), point * math.exp(half)
+
+
+def sessions_for_width(per_session_values: Sequence[float], half_width: float, most: int = 100) -> int | None:
+    """The fewest sessions whose `session_ratio_ci` interval would be about +-`half_width`
+    (0.02: +-2%), from the spread of the per-session values a run measured: the smallest
+    K >= 2 with t(K - 1) * s / sqrt(K) <= log(1 + half_width), s their standard deviation on
+    the log scale (a power calculation for planning the next run; None beyond `most`)."""
+    values = _as_samples(per_session_values, "per-session values")
+    if values.size < 2 or np.any(values <= 0):
+        raise BadInputError(f"a power calculation needs at least 2 positive per-session values, got {values.tolist()}")
+    spread = float(np.log(values).std(ddof=1))
+    target = math.log1p(half_width)
+    for k in range(2, most + 1):
+        if t975(k - 1) * spread / math.sqrt(k) <= target:
+            return k
+    return None

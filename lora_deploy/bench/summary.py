@@ -17,7 +17,18 @@ from lora_deploy.bench.gates import add_gates, baseline_summary, configured_marg
 from lora_deploy.bench.machine import machine_info
 from lora_deploy.bench.schema import SCHEMA, ms, validate_report
 from lora_deploy.bench.shapes import Shape, as_shape, shape_key
-from lora_deploy.bench.stats import GateResult, bootstrap_median_ci, overhead_gate, paired_ratios, percentiles
+from lora_deploy.bench.stats import (
+    FLAT_BOOTSTRAP,
+    TWO_LEVEL_BOOTSTRAP,
+    GateResult,
+    bootstrap_median_ci,
+    overhead_gate,
+    p99_ratio,
+    paired_ratios,
+    per_session,
+    percentiles,
+    session_ratio_ci,
+)
 from lora_deploy.errors import BadInputError
 
 
@@ -32,13 +43,16 @@ def variant_entry(
     seed: int = 0,
     fed: Mapping[str, Any] | None = None,
     loop: Mapping[str, Any] | None = None,
+    sessions: Sequence[int] | None = None,
+    per_session_ratios: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Summary of one variant at one shape; `ratio` is (median, low, high) vs reference.
 
     `fed` ({"batch", "seq", "tokens", "inputs"}) is what the variant was really given:
     throughput counts its batch, and tokens only when it takes token inputs. Without it
     the requested shape is assumed to be a token shape. `loop` ({"rate_hz", "lag_s",
-    "miss"}) adds the control-loop figures.
+    "miss"}) adds the control-loop figures. `sessions` is the session (epoch) of every
+    sample (`sample_sessions`); `per_session_ratios` the ratio each session measured.
     """
     stats = percentiles(samples)
     _, ci_low, ci_high = bootstrap_median_ci(samples, confidence=confidence, resamples=resamples, seed=seed)
@@ -65,6 +79,10 @@ def variant_entry(
     if ratio is not None:
         median, low, high = ratio
         entry["ratio"] = {"vs": reference, "median": median, "low": low, "high": high}
+        if per_session_ratios is not None:
+            entry["ratio"]["per_session"] = [float(r) for r in per_session_ratios]
+    if sessions is not None:
+        entry["sample_sessions"] = [int(s) for s in sessions]
     if loop is not None:
         entry["loop"] = loop_summary(samples, loop)
     return entry
@@ -77,8 +95,11 @@ def _shape_results(
     ci: dict[str, Any],
     fed: Mapping[str, Any] | None = None,
     loop: Mapping[str, Any] | None = None,
+    sessions: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, tuple[float, float, float]]]]:
-    """Report block for one shape, plus (variant, ratio CI) for the gates."""
+    """Report block for one shape, plus (variant, ratio CI) for the gates. With `sessions`
+    (the epoch of every round) the ratios are `stats.session_ratio_ci`'s: the session is the
+    unit when there are several; in control-loop mode the p99 ratio too."""
     fed = fed or {}
     if reference not in variants:
         raise BadInputError(
@@ -86,10 +107,14 @@ def _shape_results(
         )
     entries: dict[str, Any] = {}
     ratios: list[tuple[str, tuple[float, float, float]]] = []
+    labels = [0] * len(variants[reference]) if sessions is None else list(sessions)
+    several = len(set(labels)) > 1
     for name, samples in variants.items():
-        ratio = None
+        ratio = by_session = None
         if name != reference:
-            ratio = bootstrap_median_ci(paired_ratios(variants[reference], samples), **ci)
+            pairs = [paired_ratios(variants[reference], samples)]
+            ratio = session_ratio_ci(pairs, labels, **ci)
+            by_session = per_session(pairs, labels) if several else None
             ratios.append((name, ratio))
         entries[name] = variant_entry(
             samples,
@@ -98,8 +123,13 @@ def _shape_results(
             reference=reference,
             fed=fed.get(name),
             loop=None if loop is None else {"rate_hz": loop["rate_hz"], **loop["variants"][name]},
+            sessions=None if sessions is None else labels,
+            per_session_ratios=by_session,
             **ci,
         )
+        if loop is not None and name != reference:
+            median, low, high = session_ratio_ci([variants[reference], samples], labels, p99_ratio, **ci)
+            entries[name]["p99_ratio"] = {"vs": reference, "median": median, "low": low, "high": high}
     # A requested sequence length no variant takes (no token or sequence input): the
     # report says so instead of quoting tokens it never fed.
     seq_used = any((f or {}).get("seq") for f in fed.values()) if fed else True
@@ -137,6 +167,7 @@ def build_report(
     max_misses: int | None = None,
     adaptive: Mapping[str, Any] | None = None,
     noise: Mapping[str, Any] | None = None,
+    sessions: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Assemble a schema-valid report from raw samples.
 
@@ -152,7 +183,10 @@ def build_report(
     control-loop run, gated by `max_p99` (seconds) and `max_misses`. `machine`
     defaults to `machine_info(threads)`. `adaptive` (how many rounds each shape ran and
     why the run stopped adding them) goes into the config; `noise` (`noise.noise_summary`:
-    the medians of N repeated runs) is stored for a later comparison's margin.
+    the medians of N repeated runs) is stored for a later comparison's margin. `sessions`
+    ({shape key: the session of every round}, `sessions.concat_sessions`) makes the session
+    the unit of the ratios' intervals (config `sessions`, `bootstrap`); without it every
+    variant ran in one session and the intervals exclude session-to-session variation.
 
     The between-run margin against `baseline`: `run_margin` when given; else, when the
     baseline recorded a noise floor, per shape the larger of DEFAULT_RUN_MARGIN and the
@@ -173,7 +207,8 @@ def build_report(
         shape_loop = None
         if loop is not None:
             shape_loop = {"rate_hz": loop["rate_hz"], "variants": loop["shapes"][k]}
-        block, ratios = _shape_results(shape, variants, reference, ci, (fed or {}).get(k), shape_loop)
+        labels = (sessions or {}).get(k)
+        block, ratios = _shape_results(shape, variants, reference, ci, (fed or {}).get(k), shape_loop, labels)
         blocks[k] = block
         for name, ratio in ratios:
             subject = f"{k}/{name}"
@@ -190,6 +225,7 @@ def build_report(
         raise BadInputError("no results to report")
     if rounds is None:
         rounds = len(next(iter(results.values()))[reference])
+    count = max((len(set(labels)) for labels in (sessions or {}).values()), default=1)
     config = {
         "backend": backend,
         "device": device,
@@ -209,6 +245,8 @@ def build_report(
         "max_misses": max_misses,
         "adaptive": None if adaptive is None else dict(adaptive),
         "noise_runs": None if noise is None else noise["runs"],
+        "sessions": count,
+        "bootstrap": TWO_LEVEL_BOOTSTRAP if count > 1 else FLAT_BOOTSTRAP,
         **ci,
         **(extra_config or {}),
     }

@@ -26,6 +26,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from lora_deploy import options as records
 from lora_deploy.bench.plan import check_run_counts
+from lora_deploy.bench.sessions import check_sessions
 from lora_deploy.bench.stats import check_on_inconclusive, fraction
 from lora_deploy.bench.timing import parse_duration, parse_rate
 from lora_deploy.errors import BadInputError
@@ -225,6 +226,7 @@ VALUE_CHECKS: dict[type, dict[str, Any]] = {
         "max_regression": limit,
         "run_margin": limit,
         "on_inconclusive": check_on_inconclusive,
+        "sessions": check_sessions,
         "rate": parse_rate,
         "duration": parse_duration,
         "max_p99": lambda v: parse_duration(v, "p99 budget"),

@@ -150,6 +150,11 @@ def test_onnxruntime_bench_end_to_end(llama, tmp_path):
     assert "| 2x8 | merged |" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert seen[-1] == ("2x8", 5, 5) and len(seen) == 10
+    # Three sessions per variant by default: 5 rounds split 2 + 2 + 1, every sample labelled.
+    assert config["sessions"] == 3 and config["bootstrap"].startswith("two-level")
+    merged = loaded["results"]["1x8"]["variants"]["merged"]
+    assert merged["sample_sessions"] == [0, 0, 1, 1, 2] and len(merged["ratio"]["per_session"]) == 3
+    assert "3 sessions per variant" in (tmp_path / "r.md").read_text()
 
 
 def test_torch_bench_with_unmerged_variant(llama):

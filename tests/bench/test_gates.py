@@ -28,7 +28,7 @@ from lora_deploy.errors import BadInputError
 from tests.bench.test_bench import synthetic, tiny_graph
 from tests.bench.test_report import MACHINE, bar_colours, decoded_png
 
-FAST = {"warmup": 0, "rounds": 30}
+FAST = {"warmup": 0, "rounds": 30, "sessions": 1}  # the synthetic timings have no session effect
 
 
 def plain_graph(path, dims, dtype=TensorProto.FLOAT, name="obs"):

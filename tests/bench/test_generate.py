@@ -66,6 +66,9 @@ def test_bench_generate_reports_prefill_decode_and_tokens_per_s(graphs):
     )
     validate_report(report)
     assert report["config"]["generate"] == N_NEW
+    # Three sessions per variant (the default): 4 generations split 2 + 1 + 1, each one's steps kept.
+    assert report["config"]["sessions"] == 3
+    assert report["results"]["1x6"]["variants"]["dynamic"]["sample_sessions"] == [0, 0, 1, 2]
     for key, batch in (("1x6", 1), ("2x3", 2)):
         block = report["results"][key]
         assert block["generate"] == N_NEW

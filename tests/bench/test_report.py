@@ -66,7 +66,7 @@ def report() -> dict:
 
 
 def test_report_has_schema_config_and_results(report):
-    assert report["schema"] == SCHEMA == "lora-deploy.bench/2"
+    assert report["schema"] == SCHEMA == "lora-deploy.bench/3"
     assert report["config"]["shapes"] == ["1x1", "1x128", "8x128"]
     assert report["config"]["rounds"] == 40
     assert report["config"]["reference"] == "base"
@@ -191,7 +191,10 @@ def corrupt(report: dict, edit) -> dict:
 @pytest.mark.parametrize(
     "edit",
     [
-        lambda r: r.update(schema="lora-deploy.bench/3"),
+        lambda r: r.update(schema="lora-deploy.bench/4"),
+        lambda r: r["config"].pop("sessions"),
+        lambda r: r["config"].update(sessions=0),
+        lambda r: r["results"]["1x1"]["variants"]["merged"].update(sample_sessions=[0]),
         lambda r: r.pop("results"),
         lambda r: r.pop("gates"),
         lambda r: r["config"].pop("backend"),

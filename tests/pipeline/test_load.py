@@ -162,6 +162,13 @@ def test_cli_bad_pipeline_is_one_line_exit_2_json_too(dirs):
     [
         (("rounds: 3", "rounds: 0"), 9, "steps.bench.rounds=0", "steps[2].bench.rounds", "rounds must be >= 1, got 0"),
         (
+            ("rounds: 3", "rounds: 3\n      sessions: 0"),
+            10,
+            "steps.bench.sessions=0",
+            "steps[2].bench.sessions",
+            "--sessions must be an integer >= 1, got 0",
+        ),
+        (
             ("steps:", "gates:\n  max_overhead: abc\nsteps:"),
             5,
             "gates.max_overhead=abc",
@@ -208,3 +215,5 @@ def test_valid_bench_values_still_load(dirs):
     path = write(dirs, VALID.replace("steps:", "gates:\n  max_overhead: 2%\n  on_inconclusive: fail\nsteps:"))
     pipeline, _ = load_pipeline(path, ["steps.bench.max_time=30s", "steps.bench.until_width=5%"], {})
     assert pipeline.gates.max_overhead == "2%" and pipeline.step_options()["bench"].max_time == "30s"
+    pipeline, _ = load_pipeline(path, ["steps.bench.sessions=5"], {})
+    assert pipeline.step_options()["bench"].sessions == 5
