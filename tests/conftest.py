@@ -198,3 +198,21 @@ def robot(tmp_path_factory):
         return built[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def policy_skill_r4(robot, tmp_path_factory):
+    """A second skill for robot("policy") of a smaller rank (4; the reference adapter's is
+    16): PEFT LoRA on the same layers with random, non-zero A and B (init_lora_weights=False)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lora_deploy.examples import robot as robots
+
+    base = robots.build_policy()
+    base.load_state_dict(torch.load(robot("policy")["base"], weights_only=True))
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(robots.POLICY_TARGETS), init_lora_weights=False)
+    out = tmp_path_factory.mktemp("skill-r4") / "skill-r4"
+    get_peft_model(base.eval(), config).save_pretrained(out)
+    return out

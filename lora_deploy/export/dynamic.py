@@ -19,9 +19,12 @@ bias): a run that feeds nothing is exactly the base model (a MatMul with K=0 yie
 zeros). `default_rank=1` writes rank-1 zero defaults instead ([in, 1] and [1, out], all
 zero: x @ 0 @ 0 adds exact zeros): for runtimes whose MatMul fails on an inner dim of 0
 (ONNX Runtime's CUDA and DirectML providers have); the inputs keep their symbolic rank,
-so packed adapters load and switch the same way. Inputs with a default are ONNX Runtime's
-"overridable initializers": they are listed by session.get_overridable_initializers(),
-not get_inputs(), and ONNX Runtime never constant-folds them.
+so packed adapters load and switch the same way. A plain module's static graph
+(export/dynamic_module.py) fixes the rank instead (graph.rank: [in, R] and [R, out], zero
+defaults of rank R) and may be float16 (graph.dtype), its proof at float16's tolerance.
+Inputs with a default are ONNX Runtime's "overridable initializers": they are listed by
+session.get_overridable_initializers(), not get_inputs(), and ONNX Runtime never
+constant-folds them.
 
 `pack_adapter` writes a PEFT adapter in ONNX Runtime's adapter format (.onnx_adapter)
 with those names and orientations, the scaling already folded into B. `DynamicSession`
@@ -68,6 +71,7 @@ from lora_deploy.backends.onnxrt.lora_format import (
 )
 from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
 from lora_deploy.compare import require_close
+from lora_deploy.dtypes import dtype as dtype_row
 from lora_deploy.errors import AdapterError, BadInputError, ExportError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.modeling.hf import load_for_task
@@ -126,6 +130,8 @@ class DynamicGraph:
     lora_bias: bool
     adapters: list[str] = field(default_factory=list)  # multi-adapter graphs: names by id
     default_rank: int = 0  # dynamic graphs: the rank of the LoRA inputs' zero defaults
+    dtype: str = "float32"  # the graph's float dtype (plain modules may be float16: LoRA inputs too)
+    rank: int | None = None  # static graphs: the rank every LoRA input fixes (None: symbolic ranks)
     seconds: float = 0.0
     sentence: SentencePooling | None = None  # sentence-transformers pooling: a sentence_embedding output
     uncomputed: list[str] = field(default_factory=list)
@@ -156,6 +162,8 @@ class DynamicGraph:
             "uncomputed": self.uncomputed,
             "adapters": self.adapters,
             "default_rank": self.default_rank,
+            "dtype": self.dtype,
+            "rank": self.rank,
         }
 
 
@@ -344,12 +352,13 @@ def check_fits(lora: LoraModule, slot: LoraSlot, where) -> None:
         )
 
 
-def example_lora(slots: Mapping[str, LoraSlot], with_bias: bool) -> list[list[torch.Tensor]]:
-    """Tracing values for each layer's (A, B[, bias]); random so nothing looks constant."""
+def example_lora(slots: Mapping[str, LoraSlot], with_bias: bool, rank: int = EXAMPLE_RANK) -> list[list[torch.Tensor]]:
+    """Tracing values for each layer's (A, B[, bias]); random so nothing looks constant.
+    `rank`: a static graph's fixed rank (else EXAMPLE_RANK, which the exporter keeps symbolic)."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for s in slots.values():
-        tensors = [small_random((s.in_features, EXAMPLE_RANK), gen), small_random((EXAMPLE_RANK, s.out_features), gen)]
+        tensors = [small_random((s.in_features, rank), gen), small_random((rank, s.out_features), gen)]
         out.append(tensors + ([small_random((s.out_features,), gen)] if with_bias else []))
     return out
 
@@ -359,7 +368,10 @@ def small_random(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * 0.1
 
 
-def lora_dims(slot: LoraSlot, with_bias: bool) -> list:
+def lora_dims(slot: LoraSlot, with_bias: bool, static: bool = False) -> list:
+    """The dynamic dims of a layer's (A, B[, bias]): its own symbolic rank, none when `static`."""
+    if static:
+        return [{}, {}] + ([{}] if with_bias else [])
     rank = torch.export.Dim(slot.rank_dim)
     return [{1: rank}, {0: rank}] + ([{}] if with_bias else [])
 
@@ -443,12 +455,15 @@ def build_graph(
     input_paths: Iterable[str | os.PathLike] = (),
     example: list[torch.Tensor] | None = None,
     input_dims: list[dict] | None = None,
+    extra_dims: list[dict] | None = None,
 ) -> None:
     """Trace, name the graph exactly, prove it against PyTorch on the example, move it into place.
 
     `example` and `input_dims` (the model inputs' tracing values and dynamic dims) default
     to a text model's sample inputs with dynamic batch and sequence; a plain module's
-    graph (export/dynamic_module.py) gives its own observations.
+    graph (export/dynamic_module.py) gives its own observations. `extra_dims`: the extra
+    inputs' dynamic dims (default: a dynamic batch). The proof is at graph.dtype's
+    tolerance (compare.py): a float16 graph against the float16 module in torch.
 
     `lora` are tracing values of the LoRA inputs (in `defaults` order), `defaults` the
     initializers they get; `extra` inputs sit between the model's inputs and the LoRA
@@ -464,7 +479,9 @@ def build_graph(
             expected_fed = output_arrays(wrapper(inputs + list(extra.values()), lora))
             as_default = [torch.from_numpy(a) for a in defaults.values()]
             expected_default = output_arrays(wrapper(inputs + list(extra.values()), as_default))
-        ir_model = export_wrapper(wrapper, inputs, list(extra.values()), lora, lora_shapes, opset, input_dims)
+        ir_model = export_wrapper(
+            wrapper, inputs, list(extra.values()), lora, lora_shapes, opset, input_dims, extra_dims
+        )
     finally:
         wrapper.remove_hooks()
     finish_graph(ir_model, graph, list(defaults), list(defaults.values()), kind, wrapper.base, list(extra))
@@ -478,8 +495,8 @@ def build_graph(
         except BadInputError as exc:  # here a failure of the export, not of the user's input
             raise ExportError(f"ONNX Runtime cannot run the exported graph: {exc}") from None
         for name, want_fed, want_default in zip(graph.outputs, expected_fed, expected_default):
-            require_close(with_fed[name], want_fed, "float32", f"{name} with LoRA inputs fed")
-            require_close(with_default[name], want_default, "float32", f"{name} with default LoRA inputs")
+            require_close(with_fed[name], want_fed, graph.dtype, f"{name} with LoRA inputs fed")
+            require_close(with_default[name], want_default, graph.dtype, f"{name} with default LoRA inputs")
 
     onnx_graph.save_atomic(ir_model, graph.path, prove, overwrite=overwrite, inputs=input_paths)
 
@@ -503,6 +520,7 @@ def export_wrapper(
     lora_shapes: list,
     opset: int | None,
     input_dims: list[dict] | None = None,
+    extra_dims: list[dict] | None = None,
 ):
     """torch.onnx.export (dynamo, non-strict) -> onnx_ir model.
 
@@ -513,7 +531,7 @@ def export_wrapper(
     """
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     dims = list(input_dims) if input_dims is not None else [{0: batch, 1: sequence} for _ in inputs]
-    dims += [{0: batch} for _ in extra]
+    dims += list(extra_dims) if extra_dims is not None else [{0: batch} for _ in extra]
     with torch.no_grad():
         program = onnx_graph.run_exporter(
             wrapper, (inputs + extra, lora), dynamic_shapes=(dims, lora_shapes), opset=opset, optimize=False
@@ -527,16 +545,17 @@ def export_wrapper(
 
 
 def default_value(name: str, graph: DynamicGraph) -> np.ndarray:
-    """The zero default of a dynamic graph's LoRA input (rank graph.default_rank, 0 or 1):
-    the base model, exactly."""
+    """The zero default of a dynamic graph's LoRA input, in graph.dtype: rank
+    graph.default_rank (0 or 1), or a static graph's fixed graph.rank. The base model, exactly."""
     module, suffix = split_lora_name(name)
     slot = graph.slots[module]
-    rank = graph.default_rank
+    rank = graph.default_rank if graph.rank is None else graph.rank
+    dtype = dtype_row(graph.dtype).numpy
     if suffix == A_SUFFIX:
-        return np.zeros((slot.in_features, rank), np.float32)
+        return np.zeros((slot.in_features, rank), dtype)
     if suffix == B_SUFFIX:
-        return np.zeros((rank, slot.out_features), np.float32)
-    return np.zeros((slot.out_features,), np.float32)
+        return np.zeros((rank, slot.out_features), dtype)
+    return np.zeros((slot.out_features,), dtype)
 
 
 def finish_graph(

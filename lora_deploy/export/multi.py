@@ -127,18 +127,19 @@ def adapter_names(adapter_dirs: list) -> list[str]:
 
 
 def build_banks(
-    model: nn.Module, adapters: list[Adapter], slots: Mapping[str, LoraSlot], with_bias: bool
+    model: nn.Module, adapters: list[Adapter], slots: Mapping[str, LoraSlot], with_bias: bool, rank: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Every layer's banks, adapters stacked in order, zero-padded to the layer's largest rank."""
+    """Every layer's banks (float32), adapters stacked in order, zero-padded to the layer's
+    largest rank, or to `rank` for every layer (a static graph's fixed rank, at least that)."""
     modules = dict(model.named_modules())
     per_adapter = [renamed_parameters(a, modules) for a in adapters]
     n = len(adapters)
     banks: dict[str, np.ndarray] = {}
     for slot in slots.values():
         ranks = [p[slot.a_name].shape[1] for p in per_adapter if slot.a_name in p]
-        rank = max(ranks)
-        a_bank = np.zeros((n, slot.in_features, rank), np.float32)
-        b_bank = np.zeros((n, rank, slot.out_features), np.float32)
+        width = rank if rank is not None else max(ranks)
+        a_bank = np.zeros((n, slot.in_features, width), np.float32)
+        b_bank = np.zeros((n, width, slot.out_features), np.float32)
         bias_bank = np.zeros((n, slot.out_features), np.float32)
         for k, params in enumerate(per_adapter):
             if slot.a_name in params:
@@ -175,7 +176,10 @@ def example_banks(slots: Mapping[str, LoraSlot], n: int, with_bias: bool) -> lis
     return out
 
 
-def bank_dims(slot: LoraSlot, with_bias: bool) -> list:
+def bank_dims(slot: LoraSlot, with_bias: bool, static: bool = False) -> list:
+    """The dynamic dims of a layer's banks: its own symbolic rank, none when `static`."""
+    if static:
+        return [{}, {}] + ([{}] if with_bias else [])
     rank = torch.export.Dim(slot.rank_dim)
     return [{2: rank}, {1: rank}] + ([{}] if with_bias else [])
 

@@ -139,7 +139,8 @@ def pack_step(options: dict[str, Any]) -> Produce:
             note=notes.append,
             **options,
         )
-        return Outcome(f"adapter.onnx_adapter, {path.stat().st_size / 1e3:.1f} kB ({options['dtype']})", lines=notes)
+        dtype = options["dtype"] or "the graph's dtype"
+        return Outcome(f"adapter.onnx_adapter, {path.stat().st_size / 1e3:.1f} kB ({dtype})", lines=notes)
 
     return produce
 

@@ -6,9 +6,11 @@ The reference is the base module with the adapter attached unmerged (modeling.un
 float32); candidates are the merged checkpoint loaded into the same module (torch), an
 ONNX graph (ONNX Runtime: a float16 graph gets float16 inputs, a static-batch graph is
 run in slices of its batch), and a dynamic-adapter graph with the adapter active and
-with none. Input sets: generated observations (drawn within the ranges of the module's
-`example_inputs()` or of the `--inputs` file, same dtypes and sizes) and the `--inputs`
-file itself (recorded observations).
+with none (a float16 or fully static one too: the adapter is packed in the graph's dtype,
+zero-padded to its fixed rank; the tolerance is the loosest of the graphs' dtypes). Input
+sets: generated observations (drawn within the ranges of the module's `example_inputs()`
+or of the `--inputs` file, same dtypes and sizes) and the `--inputs` file itself
+(recorded observations).
 
 Besides the output checks every verify runs (and the adapter's effect), the actions:
 the module's `action_kind` attribute says how ("bins": decoded action bins must equal
@@ -146,6 +148,7 @@ def verify_module(
             dtypes.append(stored_dtype(merged_view.read_dir))
     if onnx_path is not None:
         dtypes.append(onnx_dtype(Path(onnx_path)))
+    dtypes += [onnx_dtype(Path(path)) for path in (dynamic_path, multi_path) if path is not None]  # float16 too
     dtypes += [onnx_dtype(path) for path in parts.values()]
     tol = tolerance(loosest(dtypes), atol, rtol)
 
@@ -183,8 +186,8 @@ def verify_module(
         graphs = Graphs(None, None, None, Path(multi_path), Path(adapter_dir))
         multi = MultiSession(graphs.multi)  # loaded once for the per-adapter and mixed-batch checks
         for found, inputs in zip(candidates, sets):
-            slices, _ = fit_feed(graphs.multi, inputs.feed)
-            found.update(multi_outputs(multi, graphs, slices[0]))
+            slices, rows = fit_feed(graphs.multi, inputs.feed)
+            found.update(joined([multi_outputs(multi, graphs, part) for part in slices], rows))
     action_output = list(references[0])[0]
     for inputs, base_out, reference, found, wants in zip(sets, base_outs, references, candidates, part_wants):
         check = effect_check(base_out, reference, tol, inputs, allow_no_effect)
@@ -346,7 +349,11 @@ def dynamic_module_outputs(graphs: Graphs, feed: dict[str, np.ndarray], note: An
                 graphs.adapter_dir, Path(tmp) / "adapter.onnx_adapter", onnx_path=graphs.dynamic, note=note
             )
             graphs = dataclasses.replace(graphs, packed=packed)
-        found = [dynamic_outputs(graphs, part, note) for part in slices]
+        return joined([dynamic_outputs(graphs, part, note) for part in slices], rows)
+
+
+def joined(found: list[dict[str, dict]], rows: int) -> dict[str, dict]:
+    """Per-slice {label: outputs} (fit_feed's slices of a static batch) as one, `rows` long, float32."""
     return {
         label: {k: np.concatenate([f[label][k] for f in found])[:rows].astype(np.float32) for k in found[0][label]}
         for label in found[0]

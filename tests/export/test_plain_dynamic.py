@@ -4,6 +4,8 @@ row), MultiSession and verify --module --multi. PEFT's forward is the oracle."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -94,7 +96,7 @@ def test_a_skill_per_batch_row_on_one_multi_adapter_graph(robot, tmp_path, secon
 
 def test_a_static_batch_skills_graph_switches_like_peft(robot, tmp_path):
     """--dynamic-adapters --static: the observations' dims fixed (batch 1, as a robot runs),
-    the LoRA rank dims symbolic; verify runs it row by row."""
+    the LoRA rank dims too (the adapter's rank); verify runs it row by row."""
     import onnx
 
     paths = robot("policy")
@@ -106,7 +108,8 @@ def test_a_static_batch_skills_graph_switches_like_peft(robot, tmp_path):
     assert [d.dim_value for d in inputs["image"].type.tensor_type.shape.dim] == [1, 3, 32, 32]
     assert [d.dim_value for d in inputs["proprio"].type.tensor_type.shape.dim] == [1, robots.PROPRIO_DIM]
     lora = next(v for name, v in inputs.items() if name.endswith("lora_A.weight"))
-    assert lora.type.tensor_type.shape.dim[1].dim_param  # the rank stays symbolic
+    rank = json.loads((paths["adapter"] / "adapter_config.json").read_text())["r"]
+    assert lora.type.tensor_type.shape.dim[1].dim_value == rank  # the rank is fixed too
 
     packed = tmp_path / "a.onnx_adapter"
     assert run_cli("pack", paths["adapter"], "-o", packed, "--onnx", graph).exit_code == 0
@@ -126,13 +129,13 @@ def test_a_static_batch_skills_graph_switches_like_peft(robot, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--dtype", "float16"], "exported in float32"),
+        (["--dtype", "auto"], "in float32 (a --module's also in float16)"),
         (["--part", "blocks.0"], "adapter graphs take the whole module"),
     ],
 )
-def test_float16_and_part_adapter_graphs_are_refused(robot, tmp_path, kind, extra, message):
-    """Adapter graphs of plain modules are float32 and of the whole module (for now); a
-    multi-adapter graph's batch stays dynamic."""
+def test_other_dtypes_and_part_adapter_graphs_are_refused(robot, tmp_path, kind, extra, message):
+    """Adapter graphs of plain modules are float32 or float16 (tests/export/test_static_skills.py)
+    and of the whole module."""
     paths = robot("policy")
     out = tmp_path / "skills.onnx"
     args = ["export", "onnx", paths["base"], "-o", out, "--module", paths["spec"], kind, "--adapter", paths["adapter"]]
@@ -140,12 +143,3 @@ def test_float16_and_part_adapter_graphs_are_refused(robot, tmp_path, kind, extr
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not out.exists()
-
-
-def test_a_static_multi_adapter_graph_is_refused(robot, tmp_path):
-    paths = robot("policy")
-    out = tmp_path / "multi.onnx"
-    args = ["export", "onnx", paths["base"], "-o", out, "--module", paths["spec"], "--multi-adapter"]
-    result = run_cli(*args, "--adapter", paths["adapter"], "--static")
-    assert result.exit_code == 2 and "batch stays dynamic" in result.output, result.output
-    assert len(result.output.strip().splitlines()) == 1 and not out.exists()

@@ -11,6 +11,12 @@ as overridable initializers: graph inputs with a same-named rank-0 default. `pac
 writes a PEFT adapter in ONNX Runtime's adapter format (.onnx_adapter) under those names,
 scaling folded into B; `check_parameters` is the one check that an adapter fits a graph,
 used when packing, loading into a session, and benchmarking.
+
+A graph exported with a fixed rank (export onnx --module --dynamic-adapters --static:
+every dim a number, for TensorRT) takes A [in, R] and B [R, out] with all-zero defaults
+of rank R. Packed for it, an adapter of a smaller rank r is zero-padded to R (A's extra
+columns and B's extra rows are 0, so x @ A @ B adds exactly the same); a larger rank is
+refused. With a graph, the packed dtype defaults to the graph's LoRA dtype.
 """
 
 from __future__ import annotations
@@ -94,6 +100,11 @@ class GraphInputs:
     def graph_names(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Parameters renamed from our names to the graph's input names."""
         return {self.names.get(name, name): array for name, array in params.items()}
+
+    def lora_dtype(self) -> str:
+        """The dtype of the graph's LoRA inputs (float32 when it has none)."""
+        dtypes = {dtype for name, (_, dtype) in self.overridable.items() if name.endswith(A_SUFFIX)}
+        return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
 def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
@@ -179,9 +190,14 @@ def check_parameters(params: Shapes, graph_inputs: Shapes, where, graph_name: st
         dims, graph_dtype = graph_inputs[name]
         if len(dims) != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(dims, shape)):
             shown = [d if isinstance(d, int) else "rank" for d in dims]
-            raise AdapterError(f"{where}: {name} is {list(shape)} but {graph_name} expects {shown}")
+            raise AdapterError(
+                f"{where}: {name} is {list(shape)} but {graph_name} expects {shown} (pack it with --onnx {graph_name})"
+            )
         if dtype != graph_dtype:
-            raise AdapterError(f"{where}: {name} is {dtype} but {graph_name} expects {graph_dtype}")
+            raise AdapterError(
+                f"{where}: {name} is {dtype} but {graph_name} expects {graph_dtype} "
+                f"(pack it with --dtype {graph_dtype})"
+            )
     for name, (shape, _) in params.items():
         if not name.endswith(A_SUFFIX):
             continue
@@ -199,7 +215,7 @@ def pack_adapter(
     path: str | os.PathLike,
     *,
     onnx_path: str | os.PathLike | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     overwrite: bool = False,
     note: Callable[[str], None] | None = None,
 ) -> Path:
@@ -207,23 +223,28 @@ def pack_adapter(
 
     Layers the adapter does not target are absent and keep their rank-0 defaults. With
     `onnx_path`, every name must be an overridable input of that graph and fit its shape
-    and dtype; adapter module paths are renamed to the graph's (one leading component
-    added or stripped) when needed. Modules of the model that the graph does not compute
-    (BertModel's pooler in a feature-extraction graph) are left out, each reported by one
-    line to `note`. An existing file is replaced only with
+    and dtype (`dtype` None: the graph's LoRA dtype; without a graph, float32); adapter
+    module paths are renamed to the graph's (one leading component added or stripped)
+    when needed; a graph with a fixed rank gets the adapter zero-padded to it. Modules
+    of the model that the graph does not compute (BertModel's pooler in a
+    feature-extraction graph) are left out, each reported by one line to `note`. An
+    existing file is replaced only with
     overwrite=True, and never an input (lora_deploy.io.staging.check_output).
     """
     import onnxruntime as ort
 
     path = Path(path)
-    row = dtype_row(dtype, PACK_DTYPES)
+    if dtype is not None:
+        dtype_row(dtype, PACK_DTYPES)
     inputs = [adapter_dir, onnx_path]
     check_output_file(path, inputs, overwrite)
+    graph = read_graph_inputs(onnx_path) if onnx_path is not None else None
+    dtype = dtype or (graph.lora_dtype() if graph is not None else "float32")
+    row = dtype_row(dtype, PACK_DTYPES, "LoRA input dtype")
     adapter = load_adapter(adapter_dir)
     refuse_non_additive(adapter)
     params = adapter_parameters(adapter, row.numpy)
-    if onnx_path is not None:
-        graph = read_graph_inputs(onnx_path)
+    if graph is not None:
         params = graph.graph_names(fit_to_graph(params, adapter, graph, dtype, note))
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
@@ -308,8 +329,32 @@ def fit_to_graph(
     for module in skipped:
         if note is not None:
             note(f"skipped {module}: {graph.path.name} does not compute it, so its LoRA changes no output")
+    out = pad_to_fixed_rank(out, graph, adapter.path)
     shapes = {n: (list(a.shape), dtype) for n, a in out.items()}
     check_parameters(shapes, graph.overridable, adapter.path, graph.path.name)
+    return out
+
+
+def pad_to_fixed_rank(params: dict[str, np.ndarray], graph: GraphInputs, where) -> dict[str, np.ndarray]:
+    """A and B zero-padded to the rank a static graph fixes (A's extra columns and B's
+    extra rows are zero: x @ A @ B is unchanged); a rank above it is refused."""
+    out = dict(params)
+    for name, a in params.items():
+        if not name.endswith(A_SUFFIX) or name not in graph.overridable:
+            continue
+        fixed = graph.overridable[name][0][-1] if graph.overridable[name][0] else None
+        if not isinstance(fixed, int) or a.ndim != 2 or a.shape[1] == fixed:
+            continue
+        if a.shape[1] > fixed:
+            raise AdapterError(
+                f"{where}: {name[: -len(A_SUFFIX)]} has rank {a.shape[1]} but {graph.path.name} fixes rank {fixed} "
+                "(export the graph with --max-rank at least this)"
+            )
+        b_name = name[: -len(A_SUFFIX)] + B_SUFFIX
+        out[name] = np.pad(a, ((0, 0), (0, fixed - a.shape[1])))
+        if b_name in params:
+            b = params[b_name]
+            out[b_name] = np.pad(b, ((0, fixed - b.shape[0]), (0, 0)))
     return out
 
 
