@@ -21,7 +21,9 @@ zero: x @ 0 @ 0 adds exact zeros): for runtimes whose MatMul fails on an inner d
 (ONNX Runtime's CUDA and DirectML providers have); the inputs keep their symbolic rank,
 so packed adapters load and switch the same way. A plain module's static graph
 (export/dynamic_module.py) fixes the rank instead (graph.rank: [in, R] and [R, out], zero
-defaults of rank R) and may be float16 (graph.dtype), its proof at float16's tolerance.
+defaults of rank R) and may be float16 (graph.dtype), its proof at float16's tolerance;
+with graph.lora_defaults False its A/B are required inputs without defaults (TensorRT's
+ONNX parser takes a defaulted input as a constant weight), the "no adapter" run fed zeros.
 Inputs with a default are ONNX Runtime's "overridable initializers": they are listed by
 session.get_overridable_initializers(), not get_inputs(), and ONNX Runtime never
 constant-folds them.
@@ -132,6 +134,7 @@ class DynamicGraph:
     default_rank: int = 0  # dynamic graphs: the rank of the LoRA inputs' zero defaults
     dtype: str = "float32"  # the graph's float dtype (plain modules may be float16: LoRA inputs too)
     rank: int | None = None  # static graphs: the rank every LoRA input fixes (None: symbolic ranks)
+    lora_defaults: bool = True  # False: LoRA inputs are required (no initializer; TensorRT's reading of a graph)
     seconds: float = 0.0
     sentence: SentencePooling | None = None  # sentence-transformers pooling: a sentence_embedding output
     uncomputed: list[str] = field(default_factory=list)
@@ -164,6 +167,7 @@ class DynamicGraph:
             "default_rank": self.default_rank,
             "dtype": self.dtype,
             "rank": self.rank,
+            "lora_defaults": self.lora_defaults,
         }
 
 
@@ -487,11 +491,12 @@ def build_graph(
     finish_graph(ir_model, graph, list(defaults), list(defaults.values()), kind, wrapper.base, list(extra))
     feeds = {n: t.numpy() for n, t in zip(graph.inputs + list(extra), inputs + list(extra.values()))}
     fed = {**feeds, **{n: t.numpy() for n, t in zip(defaults, lora)}}
+    unfed = feeds if graph.lora_defaults else {**feeds, **defaults}  # required LoRA inputs: zeros fed
 
     def prove(tmp: Path) -> None:
         try:
             with OnnxrtRunner(tmp) as runner:
-                with_fed, with_default = (runner.infer(f) for f in (fed, feeds))
+                with_fed, with_default = (runner.infer(f) for f in (fed, unfed))
         except BadInputError as exc:  # here a failure of the export, not of the user's input
             raise ExportError(f"ONNX Runtime cannot run the exported graph: {exc}") from None
         for name, want_fed, want_default in zip(graph.outputs, expected_fed, expected_default):
@@ -583,6 +588,8 @@ def finish_graph(
             raise ExportError(
                 f"exported graph does not use LoRA input {value.name}, though the model computes that layer"
             )
+        if not graph.lora_defaults:  # a required input (TensorRT would take a defaulted one as a constant)
+            continue
         value.const_value = ir.tensor(array, name=value.name)
         g.register_initializer(value)  # also a graph input: ONNX Runtime may override it
     ir_model.metadata_props[METADATA_KEY] = json.dumps(graph.metadata(kind))

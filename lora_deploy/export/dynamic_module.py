@@ -18,6 +18,12 @@ every layer's A is [in, R] and B [R, out], R the largest rank among the adapters
 `max_rank`), with all-zero defaults of rank R ("no adapter" adds exact zeros, as the
 rank-0 defaults of the other graphs do). `pack` zero-pads a smaller-rank adapter to R
 and refuses a larger one; a session refuses an adapter file of another rank or dtype.
+`lora_defaults="none"` (export onnx --lora-defaults none) writes the static graph
+without those defaults, A/B as required inputs: TensorRT's ONNX parser imports a graph
+input that has an initializer as a constant weight, so only this form builds an engine
+that switches skills. `pack`, `DynamicSession` and `verify --module --dynamic` take it
+(zeros fed for "no adapter", a skill's packed arrays fed for it); `without_lora_defaults`
+converts an already exported graph.
 
 Measured on the reference policy (examples/robot.py, r 16): the float16 graph's LoRA
 math in float16 stays within float16's tolerance of the unmerged float32 reference, as
@@ -66,6 +72,7 @@ from lora_deploy.modeling.unmerged import attach
 
 TASK = "module"
 DTYPES = ("float32", "float16")  # what an adapter graph of a plain module is exported in
+LORA_DEFAULTS = ("zeros", "none")  # export onnx --lora-defaults: zero initializers, or required inputs
 
 
 class ModuleLoraExport(LoraExport):
@@ -97,6 +104,7 @@ def export_dynamic_module(
     static: bool = False,
     dtype: str = "float32",
     max_rank: int | None = None,
+    lora_defaults: str = "zeros",
 ) -> DynamicGraph:
     """Export the plain module (float32 or float16: `dtype`) with LoRA A/B inputs on every
     targeted layer: the layers of `adapters`, plus `targets` (PEFT's target_modules rule).
@@ -104,13 +112,17 @@ def export_dynamic_module(
     Without `static`, the batch and each layer's LoRA rank are symbolic, the defaults of
     rank `default_rank` (ONNX Runtime's multi-LoRA convention). `static` fixes every dim:
     the module's inputs to the example's (the batch too), every LoRA rank to `max_rank`
-    (default: the largest rank among `adapters`), with all-zero defaults of that rank."""
+    (default: the largest rank among `adapters`), with all-zero defaults of that rank.
+    `lora_defaults="none"` (static only) leaves the LoRA inputs without defaults: required
+    inputs, the graph TensorRT needs (its ONNX parser takes a defaulted input as a
+    constant weight); "no adapter" is then zeros fed (DynamicSession does)."""
     start = time.perf_counter()
     if default_rank not in DEFAULT_RANKS:
         raise BadInputError(f"default rank {default_rank!r}: choose {' or '.join(map(str, DEFAULT_RANKS))}")
     _check_dtype(dtype)
     if static and default_rank:
         raise BadInputError("--default-rank is for symbolic ranks; a --static graph's defaults are zeros of its rank")
+    check_lora_defaults(lora_defaults, static)
     path = Path(path)
     adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
     inputs = _check_paths(checkpoint, path, adapters, inputs_path, overwrite)
@@ -122,6 +134,7 @@ def export_dynamic_module(
         checkpoint, path, module, inputs_path, loaded, targets, keep_batch=static, dtype=dtype
     )
     graph.default_rank, graph.rank = default_rank, rank
+    graph.lora_defaults = lora_defaults == "zeros"
     torch_dtype = dtype_row(dtype).torch()
     defaults = {name: default_value(name, graph) for name in graph.lora_inputs()}
     lora = [t.to(torch_dtype) for t in flatten(example_lora(graph.slots, graph.lora_bias, rank or EXAMPLE_RANK))]
@@ -209,6 +222,18 @@ def export_multi_module(
     return graph
 
 
+def check_lora_defaults(lora_defaults: str, static: bool) -> None:
+    """--lora-defaults: zeros (ONNX Runtime's overridable initializers) or none (required
+    inputs, TensorRT), the latter only with every dim fixed (a required input of symbolic
+    rank has no shape an engine could be built for)."""
+    if lora_defaults not in LORA_DEFAULTS:
+        raise BadInputError(f"--lora-defaults {lora_defaults}: choose {' or '.join(LORA_DEFAULTS)}")
+    if lora_defaults == "none" and not static:
+        raise BadInputError(
+            "--lora-defaults none makes the LoRA inputs required inputs of fixed shape (for TensorRT): add --static"
+        )
+
+
 def without_lora_defaults(onnx_path: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """The same dynamic-adapter graph with its LoRA inputs' zero defaults removed: A, B
     (and bias) become plain required inputs, for TensorRT, whose ONNX parser takes a graph
@@ -224,7 +249,7 @@ def without_lora_defaults(onnx_path: str | os.PathLike, path: str | os.PathLike,
     onnx_path, path = Path(onnx_path), Path(path)
     check_output_file(path, [onnx_path], overwrite)
     graph = read_graph_inputs(onnx_path)
-    if graph_metadata_format(onnx_path) != "dynamic" or not graph.overridable:
+    if graph_metadata_format(onnx_path) != "dynamic" or not graph.overridable or graph.required:
         raise BadInputError(f"{onnx_path}: not a dynamic-adapter graph with LoRA defaults (export --dynamic-adapters)")
     model = onnx.load(str(onnx_path))
     kept = [t for t in model.graph.initializer if t.name not in graph.overridable]

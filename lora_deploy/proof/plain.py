@@ -282,6 +282,7 @@ def graph_inputs(path: Path) -> dict[str, tuple[np.dtype, int | None]]:
     """{input name: (numpy dtype, fixed batch or None)} of an ONNX graph's inputs."""
     import onnx
 
+    from lora_deploy.backends.onnxrt.lora_format import is_lora_name
     from lora_deploy.backends.onnxrt.sessions import IDS_INPUT
     from lora_deploy.dtypes import BY_ONNX
 
@@ -289,7 +290,8 @@ def graph_inputs(path: Path) -> dict[str, tuple[np.dtype, int | None]]:
     initializers = {init.name for init in model.graph.initializer}
     out = {}
     for value in model.graph.input:
-        if value.name in initializers or value.name == IDS_INPUT:  # LoRA inputs, adapter ids: not observations
+        # LoRA inputs (with defaults or, for TensorRT, required) and adapter ids: not observations
+        if value.name in initializers or value.name == IDS_INPUT or is_lora_name(value.name):
             continue
         tensor = value.type.tensor_type
         row = BY_ONNX.get(tensor.elem_type)

@@ -96,6 +96,7 @@ class GraphInputs:
     overridable: dict[str, tuple[list, str]]
     uncomputed: tuple[str, ...] = ()
     names: dict[str, str] = field(default_factory=dict)
+    required: tuple[str, ...] = ()  # LoRA inputs without a default (export --lora-defaults none, for TensorRT)
 
     def graph_names(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Parameters renamed from our names to the graph's input names."""
@@ -108,7 +109,8 @@ class GraphInputs:
 
 
 def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
-    """Inputs that have a default initializer, read without loading the weights."""
+    """Inputs that have a default initializer, and LoRA inputs without one (`required`),
+    read without loading the weights."""
     import onnx
 
     onnx_path = Path(onnx_path)
@@ -120,8 +122,11 @@ def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
         raise BadInputError(f"{onnx_path}: not a readable ONNX model ({type(exc).__name__})") from None
     initialized = {t.name for t in proto.graph.initializer}
     overridable = {}
+    required = []
     for value in proto.graph.input:
-        if value.name in initialized:
+        if value.name in initialized or is_lora_name(value.name):
+            if value.name not in initialized:
+                required.append(value.name)
             tensor = value.type.tensor_type
             dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
             row = BY_ONNX.get(tensor.elem_type)
@@ -132,7 +137,12 @@ def read_graph_inputs(onnx_path: str | os.PathLike) -> GraphInputs:
     overridable = {ours: overridable[theirs] for ours, theirs in names.items()} | {
         name: value for name, value in overridable.items() if name not in renamed
     }
-    return GraphInputs(onnx_path, overridable, tuple(info["uncomputed"]), names)
+    return GraphInputs(onnx_path, overridable, tuple(info["uncomputed"]), names, tuple(required))
+
+
+def is_lora_name(name: str) -> bool:
+    """Whether a graph input is named as a LoRA input (<module>.lora_A.weight etc.)."""
+    return name.endswith((A_SUFFIX, B_SUFFIX, BIAS_SUFFIX))
 
 
 def graph_metadata(text: str | None) -> dict:
@@ -152,8 +162,11 @@ def graph_metadata(text: str | None) -> dict:
 
 
 def session_inputs(session) -> dict[str, tuple[list, str]]:
-    """A session's overridable inputs in the same (dims, dtype name) form."""
-    return {a.name: (list(a.shape), _ort_name(a.type)) for a in session.get_overridable_initializers()}
+    """A session's overridable inputs, and its LoRA inputs without a default (a graph for
+    TensorRT, export --lora-defaults none), in the same (dims, dtype name) form."""
+    values = list(session.get_overridable_initializers())
+    values += [a for a in session.get_inputs() if is_lora_name(a.name)]
+    return {a.name: (list(a.shape), _ort_name(a.type)) for a in values}
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, tuple[list, str]], object]:

@@ -20,6 +20,7 @@ from lora_deploy.backends.onnxrt.lora_format import (
     METADATA_KEY,
     check_parameters,
     graph_metadata,
+    is_lora_name,
     read_adapter_file,
     session_inputs,
     split_lora_name,
@@ -46,6 +47,10 @@ class DynamicSession(OnnxrtRunner):
         self.activate()
         self.overridable = session_inputs(self.session)
         self.adapters: dict[str, object] = {}
+        # A graph for TensorRT (export --lora-defaults none): LoRA inputs are required, so
+        # "no adapter" is zeros fed and an adapter is its packed arrays fed (over the zeros).
+        self.zeros = required_zeros(self.session, self.path)
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}
 
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Load a packed adapter (once, memory-mapped) under `name`, after checking it fits the graph."""
@@ -58,6 +63,8 @@ class DynamicSession(OnnxrtRunner):
             )
         check_parameters(shapes, self.overridable, path, self.path.name)
         self.adapters[name] = adapter
+        if self.zeros:
+            self.arrays[name] = adapter_arrays(path)
 
     def uncomputed(self) -> list[str]:
         """Modules the exporter found the graph's outputs do not depend on (its metadata)."""
@@ -65,6 +72,7 @@ class DynamicSession(OnnxrtRunner):
 
     def unload_adapter(self, name: str) -> None:
         self.adapters.pop(name, None)
+        self.arrays.pop(name, None)
 
     def run(self, feeds: Mapping[str, np.ndarray], adapter: str | None = None) -> dict[str, np.ndarray]:
         """One forward pass with `adapter` active (None: the base model). Returns outputs by name."""
@@ -74,7 +82,11 @@ class DynamicSession(OnnxrtRunner):
         if adapter is not None:
             if adapter not in self.adapters:
                 raise BadInputError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self.adapters) or 'none'})")
-            options.add_active_adapter(self.adapters[adapter])
+            if not self.zeros:
+                options.add_active_adapter(self.adapters[adapter])
+        if self.zeros:
+            lora = {**self.zeros, **(self.arrays[adapter] if adapter is not None else {})}
+            return self.infer({**_arrays(feeds), **lora}, run_options=options)
         return self.infer(_arrays(feeds), run_options=options)
 
 
@@ -128,6 +140,29 @@ class MultiSession(OnnxrtRunner):
                 f"adapter id {int(value)} is out of range: use 0..{len(self.adapters) - 1}, or -1 for the base model"
             )
         return int(value)
+
+
+def required_zeros(session, path) -> dict[str, np.ndarray]:
+    """Zeros for each LoRA input without a default ("no adapter"); {} for a graph with defaults."""
+    from lora_deploy.dtypes import BY_ORT
+
+    zeros = {}
+    for value in session.get_inputs():
+        if not is_lora_name(value.name):
+            continue
+        if not all(isinstance(d, int) for d in value.shape) or value.type not in BY_ORT:
+            raise BadInputError(f"{path}: LoRA input {value.name} has no default and no fixed shape and float dtype")
+        zeros[value.name] = np.zeros(value.shape, BY_ORT[value.type].numpy)
+    return zeros
+
+
+def adapter_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A packed adapter's arrays by name (to feed a graph whose LoRA inputs are required)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat.read_adapter(str(path))
+    # Copied while `fmt` lives: the OrtValues' numpy views point into its buffer.
+    return {name: np.array(value.numpy(), copy=True) for name, value in fmt.get_parameters().items()}
 
 
 def _arrays(feeds: Mapping[str, object]) -> dict[str, np.ndarray]:

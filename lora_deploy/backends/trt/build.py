@@ -153,6 +153,7 @@ def build_engine(
     if refittable == "adapter-targets" and not refit_targets:
         raise BadInputError("--refittable adapter-targets needs --refit-targets, e.g. q_proj,v_proj")
     workspace_bytes = parse_workspace(workspace)
+    refuse_lora_defaults(onnx_path)
     trt = versions.require_tensorrt()  # before any work: exit 2 in one line without it
     plan = versions.build_plan(
         versions.major_version(trt.__version__),
@@ -223,6 +224,23 @@ def build_engine(
     path = write_file_atomic(out, writer(bytes(blob)), overwrite=overwrite, inputs=inputs)
     mpath = write_manifest(out, document, overwrite=overwrite, inputs=inputs)
     return EngineBuild(path, mpath, document)
+
+
+def refuse_lora_defaults(onnx_path: Path) -> None:
+    """A dynamic-adapter graph whose LoRA inputs have defaults (ONNX Runtime's overridable
+    initializers) is refused: TensorRT's ONNX parser imports a graph input that has an
+    initializer as a constant weight, so the engine would run the zeros, never a skill.
+    The graph for TensorRT has them as required inputs (export --lora-defaults none); a
+    multi-adapter graph's banks are its weights and are built in as such."""
+    from lora_deploy.backends.onnxrt.lora_format import is_lora_name, read_graph_inputs
+
+    graph = read_graph_inputs(onnx_path)
+    defaulted = [name for name in graph.overridable if is_lora_name(name) and name not in graph.required]
+    if defaulted:
+        raise BadInputError(
+            f"{onnx_path}: LoRA input {defaulted[0]} has a default, which TensorRT builds in as a constant (the "
+            "engine would never run a skill); export with --static --lora-defaults none (LoRA inputs required)"
+        )
 
 
 def write_manifest(engine: Path, document: dict, *, overwrite: bool, inputs=()) -> Path:
