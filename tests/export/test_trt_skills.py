@@ -147,3 +147,26 @@ def test_the_api_refuses_no_defaults_without_static(robot, tmp_path):
             paths["base"], tmp_path / "g.onnx", module=paths["spec"], adapters=[paths["adapter"]], lora_defaults="none"
         )
     assert not (tmp_path / "g.onnx").exists()
+
+
+def test_bench_feeds_zeros_or_the_skill_not_drawn_noise(robot, trt16, tmp_path):
+    """bench on this graph: its required LoRA inputs take zeros ("no adapter") or the packed
+    skill's arrays, never random draws, and the adapter-off check feeds zeros."""
+    from lora_deploy.backends.onnxrt.sessions import adapter_arrays
+    from lora_deploy.backends.onnxrt.timed import timed_model
+
+    paths = robot("policy")
+    packed = tmp_path / "skill.onnx_adapter"
+    assert run_cli("pack", paths["adapter"], "-o", packed, "--onnx", trt16).exit_code == 0
+    skill = adapter_arrays(packed)
+    plain = timed_model("dynamic", trt16, "cpu", 1, None, {})
+    active = timed_model("dynamic", trt16, "cpu", 1, packed, {})
+    try:
+        zeros, fed = plain.extra_inputs(1), active.extra_inputs(1)
+        lora = set(read_graph_inputs(trt16).required)
+        assert set(zeros) == set(fed) == lora and not any(v.any() for v in zeros.values())
+        assert all(np.array_equal(fed[name], skill.get(name, zeros[name])) for name in lora)
+        assert any(fed[name].any() for name in lora)
+    finally:
+        plain.runner.deactivate()
+        active.runner.deactivate()

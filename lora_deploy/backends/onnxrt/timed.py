@@ -15,6 +15,7 @@ from lora_deploy.backends.onnxrt.decode import cache_layout, greedy
 from lora_deploy.backends.onnxrt.lora_format import check_parameters, read_adapter_file, session_inputs
 from lora_deploy.backends.onnxrt.runner import OnnxrtRunner
 from lora_deploy.backends.onnxrt.sessions import IDS_INPUT as ADAPTER_IDS
+from lora_deploy.backends.onnxrt.sessions import adapter_arrays, required_zeros
 from lora_deploy.modeling.tasks import PAST_PREFIX
 
 
@@ -56,9 +57,22 @@ def _adapter_ids_input(runner: Runner, n_adapters: int) -> Callable[[int], Feed]
     return lambda batch: {ADAPTER_IDS: adapter_ids(batch, n_adapters).astype(dtype)}
 
 
-def _ort_binder(runner: OnnxrtRunner, run_options: Any) -> Callable[[Feed], Callable[[], None]]:
+def _lora_feeds(runner: OnnxrtRunner, adapter: Path | None, extra: Callable[[int], Feed]) -> Callable[[int], Feed]:
+    """extra_inputs for a graph whose LoRA inputs are required (export --lora-defaults none):
+    the adapter's packed arrays over zeros, so its layers are timed with the skill's values
+    rather than drawn noise; zeros ("no adapter") without one."""
+    lora = {**runner.lora_zeros, **(adapter_arrays(adapter) if adapter is not None else {})}
+    return lambda batch: {**extra(batch), **lora}
+
+
+def _ort_binder(runner: OnnxrtRunner, run_options: Any, plain: bool = False) -> Callable[[Feed], Callable[[], None]]:
+    """`plain`: the adapter off, i.e. zeros fed to required LoRA inputs (its RunOptions dropped
+    otherwise)."""
+
     def bind(feed: Feed) -> Callable[[], None]:
         session, names = runner.session, runner.output_names()
+        if plain and runner.lora_zeros:
+            feed = {**feed, **runner.lora_zeros}
 
         def call() -> None:
             session.run(names, feed, run_options)
@@ -107,7 +121,12 @@ def timed_model(
     runner.activate()
     try:
         used = placement["providers"]
-        run_options = _ort_run_options(runner, adapter, name) if adapter is not None else None
+        runner.lora_zeros = required_zeros(runner.session, path)
+        # required LoRA inputs take the adapter as fed arrays (extra_inputs), not RunOptions
+        active = adapter is not None and not runner.lora_zeros
+        run_options = _ort_run_options(runner, adapter, name) if active else None
+        if adapter is not None and runner.lora_zeros:
+            _ort_run_options(runner, adapter, name)  # checks the fit; its RunOptions are not used
         runner.run_options = run_options  # so runner.infer() runs with the adapter too
         n_adapters = adapter_bank_size(runner.session)
     except BaseException:
@@ -115,6 +134,8 @@ def timed_model(
         raise
     has_ids = ADAPTER_IDS in runner.input_metadata()
     extra_inputs = _adapter_ids_input(runner, n_adapters)
+    if runner.lora_zeros:
+        extra_inputs = _lora_feeds(runner, adapter, extra_inputs)
     generates = any(name.startswith(PAST_PREFIX) for name in runner.input_metadata())
     return TimedModel(
         name=name,
@@ -122,7 +143,7 @@ def timed_model(
         runner=runner,
         bind=_ort_binder(runner, run_options),
         adapter=adapter,
-        bind_plain=_ort_binder(runner, None) if adapter is not None else None,
+        bind_plain=_ort_binder(runner, None, plain=True) if adapter is not None else None,
         extra_inputs=extra_inputs,
         bind_generation=_ort_generation_binder(runner, run_options, extra_inputs) if generates else None,
         details={
