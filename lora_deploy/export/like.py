@@ -48,7 +48,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -199,11 +199,15 @@ def merge_onnx(
                 "export the merged checkpoint instead"
             )
         changed = changed_tensors(plan)
-        layout, mapped, unmapped = check_graph(inits, ckpt, changed, base_graph, base_dir, full=base_check == "full")
+        layout, mapped, unmapped = check_graph(inits, ckpt, changed, base_graph, base_dir, values=False)
+
+        def check() -> None:  # the values, compared while the kernel copies the data (write_graph)
+            check_values(inits, ckpt, changed, mapped, base_graph, base_dir, full=base_check == "full")
+
         if folder is None:
             with staging_dir(out, rename=False, overwrite=overwrite) as tmp_dir:
                 tmp_path = tmp_dir / out.name
-                merged = write_graph(model, inits, ckpt, plan, changed, mapped, data_file, tmp_path, durable)
+                merged = write_graph(model, inits, ckpt, plan, changed, mapped, data_file, tmp_path, durable, check)
                 try:
                     onnx_files.move_into_place(tmp_path, out, data_file is not None, overwrite)
                 except OSError as exc:
@@ -211,7 +215,7 @@ def merge_onnx(
         else:
             with staging_dir(out, overwrite=overwrite, inputs=inputs) as tmp_dir:
                 tmp_path = tmp_dir / base_graph.name
-                merged = write_graph(model, inits, ckpt, plan, changed, mapped, data_file, tmp_path, durable)
+                merged = write_graph(model, inits, ckpt, plan, changed, mapped, data_file, tmp_path, durable, check)
                 copy_folder(folder, tmp_dir, skip={base_graph, data_file, folder / GENAI_MANIFEST}, durable=durable)
             if durable:
                 sync_path(Path(os.path.abspath(out)).parent)
@@ -245,11 +249,15 @@ def write_graph(
     data_file: Path | None,
     path: Path,
     durable: bool,
+    check: Callable[[], None] | None = None,
 ) -> list[str]:
     """The merged graph at `path` (its data, if any, at `<path>.data`); returns the
-    initializers rewritten."""
+    initializers rewritten. `check()` (the base's values) runs first, while the kernel
+    copies the data; if it raises, the copy is stopped and nothing is merged."""
     data_out = None
     if data_file is None:
+        if check is not None:
+            check()
         merged = write_merged(inits, ckpt, plan, changed, mapped, None)
     else:
         # The kernel copies every byte but the rewritten tensors' while they are computed
@@ -258,7 +266,12 @@ def write_graph(
         rewritten = [(inits[n].offset, inits[n].length) for n in rewritten_names(mapped, changed)]
         copier = Worker(copy_except, data_file, data_out, [r for r in rewritten if r[0] is not None])
         try:
+            if check is not None:
+                check()
             merged = write_merged(inits, ckpt, plan, changed, mapped, data_out, wait=copier.started)
+        except BaseException:
+            copier.stop.set()  # the output is discarded: no need to finish the copy
+            raise
         finally:
             copier.join()
         relocate(inits, data_out.name)
@@ -374,10 +387,10 @@ def check_graph(
     graph_path: Path,
     base_dir: Path,
     full: bool = False,
+    values: bool = True,
 ) -> tuple[Layout, dict[str, Mapping], list[str]]:
     """Refuse a graph that is not BASE's; returns its layout, its mapped initializers and
-    the unmapped ones. Initializers the adapter changes are always compared in full; the
-    others in full or sampled."""
+    the unmapped ones. With `values` (else: check_values, later), the values too."""
     found = detect(list(inits), ckpt.tensors)
     if found is None:
         raise BadInputError(
@@ -413,6 +426,22 @@ def check_graph(
                 raise BadInputError(
                     f"{graph_path}: initializer {name} is {init.dtype}, the checkpoint's {info.name} is {info.np_dtype}"
                 )
+    if values:
+        check_values(inits, ckpt, changed, mapped, graph_path, base_dir, full)
+    return layout, mapped, found.unmapped
+
+
+def check_values(
+    inits: dict[str, Initializer],
+    ckpt: Checkpoint,
+    changed: dict[str, str],
+    mapped: dict[str, Mapping],
+    graph_path: Path,
+    base_dir: Path,
+    full: bool = False,
+) -> None:
+    """Refuse a graph whose mapped initializers do not hold BASE's values. Initializers the
+    adapter changes are always compared in full; the others in full or sampled."""
     for name, mapping in mapped.items():
         whole = full or any(key in changed for key in mapping.sources)
         if not same_values(inits[name], mapping, ckpt, graph_path, None if whole else SAMPLE_BLOCKS):
@@ -420,7 +449,6 @@ def check_graph(
                 f"{graph_path}: initializer {name} differs from {base_dir}'s {mapping.describe()}: "
                 "the graph is not an export of this base"
             )
-    return layout, mapped, found.unmapped
 
 
 def same_values(
@@ -624,11 +652,12 @@ class Worker(threading.Thread):
         super().__init__(daemon=True)
         self.fn, self.args, self.error = fn, args, None
         self.started = threading.Event()
+        self.stop = threading.Event()  # handed to fn: set, it returns early
         self.start()
 
     def run(self) -> None:
         try:
-            self.fn(*self.args, on_open=self.started.set)
+            self.fn(*self.args, on_open=self.started.set, stop=self.stop)
         except BaseException as exc:  # handed to join()
             self.error = exc
         finally:

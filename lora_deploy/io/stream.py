@@ -69,6 +69,8 @@ WINDOW = 64 * 1024 * 1024
 # Deep enough that the kernel copies a layer's untouched tensors while the merge computes
 # the next adapted one, rather than each waiting for the other.
 WRITE_AHEAD = 16
+# copy_except copies at most this much per call, so that it can be stopped in between.
+COPY_STEP = 256 * 1024 * 1024
 
 
 class Worker:
@@ -79,8 +81,9 @@ class Worker:
     the producer is never left blocked on a full queue.
     """
 
-    def __init__(self, work: Callable[[object], None], depth: int = 4):
+    def __init__(self, work: Callable[[object], None], depth: int = 4, dropped: Callable[[object], None] | None = None):
         self.work = work
+        self.dropped = dropped  # told of each item dropped after an error
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -105,6 +108,8 @@ class Worker:
                     self.work(item)
                 except BaseException as exc:
                     self.error = exc
+            elif self.dropped is not None:
+                self.dropped(item)
             del item  # an item may hold a view of a mapping: let it be unmapped now
 
 
@@ -117,11 +122,18 @@ class HashThread:
 
     def __init__(self, algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS):
         self._hash = MultiHash(algorithms)
-        self._worker = Worker(self._hash.update)
+        self._worker = Worker(self._update, dropped=_set_event)
         self._digests: Digests | None = None
 
-    def update(self, data: bytes | memoryview) -> None:
+    def update(self, data: bytes | memoryview | threading.Event) -> None:
+        """Hash `data`; an Event is set once everything before it is hashed."""
         self._worker.put(data)
+
+    def _update(self, data: bytes | memoryview | threading.Event) -> None:
+        if isinstance(data, threading.Event):
+            data.set()
+        else:
+            self._hash.update(data)
 
     def stop(self) -> None:
         self._worker.stop()
@@ -133,6 +145,11 @@ class HashThread:
         if self._digests is None:
             self._digests = self._hash.hexdigests()
         return self._digests
+
+
+def _set_event(item: object) -> None:
+    if isinstance(item, threading.Event):
+        item.set()
 
 
 class ShardReader:
@@ -392,7 +409,7 @@ class BinaryFile:
             raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
         self.size = 0
         self._sha = HashThread(algorithms)
-        self._writer = Worker(self._write_and_hash, depth=WRITE_AHEAD)
+        self._writer = Worker(self._write_and_hash, depth=WRITE_AHEAD, dropped=self._pass_on)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -405,13 +422,29 @@ class BinaryFile:
         self._put((src, offset, piece))
         self.size += len(piece)
 
-    def _put(self, item: tuple) -> None:
+    def done(self) -> threading.Event:
+        """An event set once every piece queued so far is written and hashed (or dropped
+        after an error): the memory they came from may then be reused."""
+        event = threading.Event()
+        self._put(event)
+        return event
+
+    def _put(self, item: tuple | threading.Event) -> None:
         self._check()
         self._writer.put(item)
 
-    def _write_and_hash(self, item: tuple) -> None:
+    def _write_and_hash(self, item: tuple | threading.Event) -> None:
+        if isinstance(item, threading.Event):
+            self._sha.update(item)  # set by the hashing thread, after the pieces before it
+            return
         self._write(*item)
         self._sha.update(item[2])
+
+    def _pass_on(self, item: object) -> None:
+        """After a write error: pieces are dropped, events still go through the hashing
+        thread (which may hold earlier pieces)."""
+        if isinstance(item, threading.Event):
+            self._sha.update(item)
 
     def _write(self, src: io.FileIO | None, offset: int, piece: memoryview) -> None:
         done = 0
@@ -550,17 +583,53 @@ def _write_shard(shard: list[OutputTensor], on_tensor, out: BinaryFile) -> Diges
     return out.close()
 
 
+class OutputBuffers:
+    """Arrays for computed output tensors, reused from tensor to tensor: a fresh array per
+    tensor costs the kernel zeroing (and THP compacting) fresh pages, about as much CPU as
+    writing them. A buffer is handed out again only once the writer and the hashing thread
+    are done with what was queued from it (BinaryFile.done)."""
+
+    def __init__(self, count: int = 2):
+        self._slots: list[tuple[np.ndarray, threading.Event | None]] = [(np.empty(0, np.uint8), None)] * count
+        self._next = 0
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, np.ndarray]:
+        """(slot, an uninitialized C-contiguous array of this shape and dtype)."""
+        slot = self._next
+        self._next = (slot + 1) % len(self._slots)
+        raw, busy = self._slots[slot]
+        if busy is not None:
+            busy.wait()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if raw.size < nbytes:
+            raw = np.empty(nbytes, np.uint8)
+        self._slots[slot] = (raw, None)
+        return slot, raw[:nbytes].view(dtype).reshape(shape)
+
+    def written(self, slot: int, out: BinaryFile) -> None:
+        """The array of `slot` has been queued on `out`: reusable once that is written."""
+        raw, _ = self._slots[slot]
+        self._slots[slot] = (raw, out.done())
+
+
 def tensor_bytes(array: np.ndarray) -> memoryview:
     """Raw little-endian bytes of an array (bfloat16 and float8 included)."""
     flat = np.ascontiguousarray(array).reshape(-1)
     return memoryview(flat.view(np.uint8))
 
 
-def copy_except(source: Path, dest: Path, skip: list[tuple[int, int]], on_open: Callable | None = None) -> None:
+def copy_except(
+    source: Path,
+    dest: Path,
+    skip: list[tuple[int, int]],
+    on_open: Callable | None = None,
+    stop: threading.Event | None = None,
+) -> None:
     """`dest` (created, `source`'s size) holding `source`'s bytes everywhere but the
     (offset, length) ranges in `skip`, which the caller writes itself: in the kernel
     (copy_file_range), or through a buffer where the file system refuses that.
-    `on_open()` is called once `dest` exists at its full size."""
+    `on_open()` is called once `dest` exists at its full size. Once `stop` is set, it
+    returns within a COPY_STEP, `dest` unfinished (the caller is discarding it)."""
     size = source.stat().st_size
     try:
         fd_in = os.open(source, os.O_RDONLY)
@@ -578,7 +647,7 @@ def copy_except(source: Path, dest: Path, skip: list[tuple[int, int]], on_open: 
         start = 0
         for offset, length in sorted(skip) + [(size, 0)]:
             if offset > start:
-                _copy_range(fd_in, fd_out, start, offset - start, source, dest)
+                _copy_range(fd_in, fd_out, start, offset - start, source, dest, stop)
             start = max(start, offset + length)
     except OSError as exc:
         raise OutputError(f"{dest}: cannot write ({exc.strerror or exc})") from None
@@ -587,11 +656,15 @@ def copy_except(source: Path, dest: Path, skip: list[tuple[int, int]], on_open: 
         os.close(fd_out)
 
 
-def _copy_range(fd_in: int, fd_out: int, offset: int, count: int, source: Path, dest: Path) -> None:
+def _copy_range(
+    fd_in: int, fd_out: int, offset: int, count: int, source: Path, dest: Path, stop: threading.Event | None = None
+) -> None:
     end = offset + count
     while offset < end:
+        if stop is not None and stop.is_set():
+            return
         try:
-            done = os.copy_file_range(fd_in, fd_out, end - offset, offset, offset)
+            done = os.copy_file_range(fd_in, fd_out, min(end - offset, COPY_STEP), offset, offset)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise

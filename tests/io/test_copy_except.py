@@ -36,3 +36,27 @@ def test_an_existing_destination_is_refused(tmp_path):
     with pytest.raises(stream.OutputError, match="cannot write"):
         stream.copy_except(tmp_path / "src", tmp_path / "dst", [])
     assert (tmp_path / "dst").read_bytes() == b"keep"
+
+
+def test_a_stopped_copy_returns_between_steps(tmp_path, monkeypatch):
+    # merge --onnx-like stops the copy when the base graph is refused meanwhile
+    import threading
+
+    monkeypatch.setattr(stream, "COPY_STEP", 4096)
+    source = tmp_path / "src"
+    data = os.urandom(64 * 4096)
+    source.write_bytes(data)
+    stop = threading.Event()
+    calls = []
+    real = os.copy_file_range
+
+    def copy_then_stop(*args, **kwargs):
+        calls.append(args[2])
+        stop.set()  # asked to stop during the first step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_then_stop)
+    stream.copy_except(source, tmp_path / "dst", [], stop=stop)
+    assert calls == [4096]  # one step, then it returned
+    got = (tmp_path / "dst").read_bytes()
+    assert len(got) == len(data) and got[:4096] == data[:4096] and got[4096:] == bytes(len(data) - 4096)
