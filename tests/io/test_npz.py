@@ -58,3 +58,25 @@ def test_bad_files_are_one_line_naming_the_file(tmp_path):
             read_npz(path)
         message = str(caught.value)
         assert message.startswith(f"--inputs {path}: ") and "\n" not in message, message
+
+
+def test_empty_and_non_finite_arrays_are_refused(tmp_path):
+    """Nothing to run, or values no output check could compare: refused before any model
+    sees them (verify crashed on NaN inputs, and compared nothing on an empty batch)."""
+    obs = np.ones((2, 3), np.float32)
+    cases = {
+        "empty_batch.npz": ({"obs": obs[:0]}, r"'obs' is empty, shape \(0, 3\)"),
+        "nan.npz": ({"obs": np.where(obs > 0, np.nan, obs)}, "'obs' holds NaN or Inf values"),
+        "inf16.npz": ({"ids": np.ones(2, np.int64), "obs": np.array([1, np.inf], np.float16)}, "'obs' holds NaN"),
+        "big_endian_inf.npz": ({"obs": np.array([1.0, -np.inf], ">f4")}, "'obs' holds NaN or Inf values"),
+    }
+    for name, (arrays, words) in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(BadInputError, match=words) as caught:
+            read_npz(tmp_path / name)
+        assert str(caught.value).startswith(f"--inputs {tmp_path / name}: ")
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(BadInputError, match="a directory, not a file"):
+        read_npz(tmp_path / "folder.npz")
+    np.savez(tmp_path / "big_endian.npz", obs=np.array([1.0, 2.0], ">f4"))
+    assert np.array_equal(read_npz(tmp_path / "big_endian.npz")["obs"], [1.0, 2.0])
