@@ -335,6 +335,13 @@ def test_overwrite_never_removes_an_input(llama, tmp_path):
         ({"rank_pattern": {"v_proj": 0}}, ("adapter_config.json", "rank_pattern must map module patterns")),
         ({"alpha_pattern": {"q_proj": "big"}}, ("adapter_config.json", "alpha_pattern must map module patterns")),
         ({"rank_pattern": ["v_proj"]}, ("adapter_config.json", "rank_pattern must map module patterns")),
+        # a string is truthy: "false" merged with rsLoRA's scaling, exit 0
+        ({"use_rslora": "false"}, ("adapter_config.json", "use_rslora must be true or false", "got 'false'")),
+        ({"fan_in_fan_out": 1}, ("adapter_config.json", "fan_in_fan_out must be true or false", "got 1")),
+        ({"use_dora": "false"}, ("adapter_config.json", "use_dora must be true or false")),
+        # an int target_modules was an internal error (exit 3)
+        ({"target_modules": 123}, ("adapter_config.json", "target_modules must be a regex string", "got 123")),
+        ({"target_modules": ["q_proj", 7]}, ("adapter_config.json", "target_modules must be", "['q_proj', 7]")),
     ],
 )
 def test_malformed_numbers_in_config(llama, tmp_path, changes, words):
@@ -401,6 +408,22 @@ def test_an_interrupt_wrapped_by_python_is_still_an_interrupt(llama, tmp_path, m
     base, adapter = llama
     result = run_cli("merge", base, adapter, "-o", tmp_path / "out")
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted: no partial output left behind"
+
+
+def test_an_interrupt_while_the_line_is_parsed_is_an_interrupt(llama, tmp_path, monkeypatch):
+    """Ctrl-C after the imports but before the command's own guard (the group's callback,
+    the options' parsing): exit 130 and the one line, not click's "Aborted!" and exit 1
+    (which says a verification found a difference)."""
+    import lora_deploy.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.main, "callback", interrupted)
+    base, adapter = llama
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "out")
+    assert result.exit_code == 130 and result.stderr.strip() == "interrupted: no partial output left behind"
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- one checkpoint validator

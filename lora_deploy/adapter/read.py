@@ -151,6 +151,7 @@ def read_config(root: Path) -> AdapterConfig:
         raise AdapterError(f"{path}: not a JSON object")
     check_config(raw, path)
     check_numbers(raw, path)
+    check_kinds(raw, path)
     try:
         return AdapterConfig(
             r=int(raw.get("r", 8)),
@@ -202,6 +203,24 @@ def check_numbers(raw: dict, path: Path) -> None:
                 raise AdapterError(
                     f"{path}: {key} key {short_repr(regex)} is not a valid regular expression ({exc})"
                 ) from None
+
+
+FLAGS = ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias")
+
+
+def check_kinds(raw: dict, path: Path) -> None:
+    """Switches must be JSON booleans: the string "false" is true to Python (and to PEFT),
+    so it would silently turn rsLoRA's scaling on. target_modules: a regex string or a
+    list of names (an int used to end as an internal error)."""
+    for key in FLAGS:
+        if raw.get(key) is not None and not isinstance(raw[key], bool):
+            raise AdapterError(f"{path}: {key} must be true or false, got {short_repr(raw[key])}")
+    targets = raw.get("target_modules")
+    if targets is not None and not isinstance(targets, str):
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise AdapterError(
+                f"{path}: target_modules must be a regex string or a list of module names, got {short_repr(targets)}"
+            )
 
 
 def read_tensors(root: Path) -> tuple[dict[str, np.ndarray], list[Path]]:
