@@ -279,6 +279,11 @@ def fake_quant(
     squared distance of what was written from w is summed on the way (no second pass)."""
     if spec.quant_type == "int8":
         return fake_quant_int8(w, out, errors)
+    if w.dtype.name not in ("float16", "bfloat16", "float32"):  # the 4-bit passes read 16/32-bit floats
+        raise BadInputError(
+            f"--onto {spec.quant_type}: a {w.dtype.name} weight; bitsandbytes quantizes float16, bfloat16 or "
+            "float32 weights (transformers loads the base in one of them first): convert the base"
+        )
     native = kernel("_quant4")  # None: not built, or LORA_DEPLOY_NATIVE=0
     out_dtype = np.dtype(np.float32) if out is None else out.dtype
     # its scalar C (no AVX2 here) is no faster than numpy's vectorized passes: numpy then
@@ -387,7 +392,9 @@ def fake_quant_int8(w: np.ndarray, out: np.ndarray | None = None, errors: ErrorS
     def block(start: int) -> None:
         half = rows[start : start + step].astype(np.float16)
         if not np.isfinite(half).all():
-            raise BadInputError("--onto int8: a weight exceeds float16's range (bitsandbytes casts to float16 first)")
+            raise BadInputError(
+                "--onto int8: a weight is NaN or Inf or exceeds float16's range (bitsandbytes casts to float16 first)"
+            )
         x = half.astype(np.float32)
         stats = np.max(np.abs(x), axis=1, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -406,7 +413,8 @@ class ErrorSums(dict):
     """Per block of work: (sum of (written - w)^2, sum of w^2); the blocks run on several threads."""
 
     def relative(self) -> float:
-        diff, norm = (sum(v[i] for v in self.values()) for i in (0, 1))
+        # in the order of the blocks, not of the threads finishing them: the same figure every run
+        diff, norm = (sum(v[i] for _, v in sorted(self.items())) for i in (0, 1))
         return float(np.sqrt(diff / norm)) if norm > 0 else float(np.sqrt(diff))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_deploy._native import kernel
-from lora_deploy.arrays import all_finite
+from lora_deploy.arrays import all_finite, round_to_float16, widen_float16
 from lora_deploy.dtypes import BY_NAME
 from lora_deploy.errors import BadInputError, NonFiniteError, OutputError
 from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, Checkpoint, TensorInfo
@@ -41,10 +41,10 @@ from lora_deploy.io.quant import (
     quantized_format,
     training_quantization_hint,
 )
-from lora_deploy.io.stream import OutputTensor, tensor_bytes
+from lora_deploy.io.stream import OutputBuffers, OutputTensor, tensor_bytes
 from lora_deploy.merge.blocks import for_each_block
 from lora_deploy.merge.bnb import NATIVE_KINDS, BnbSpec, ErrorSums, fake_quant, raw_bits, store, widen
-from lora_deploy.merge.delta import lora_norm, merged_weight
+from lora_deploy.merge.delta import BLOCK_ELEMENTS, block_scratch, factors, lora_norm, merged_weight
 
 REQUANTIZE_FORMATS = ("fp8",)
 ERROR_CHUNK = 256 * 1024  # values per chunk of the error sums: float32 chunks stay in cache
@@ -156,6 +156,9 @@ class QuantTransform:
         self.transposed_model = base.config.get("model_type") in CONV1D_MODEL_TYPES
         self.layers: list[dict] = []
         self._scales: dict[str, np.ndarray] = {}  # requantized scale_inv by its tensor name
+        self._buffers = OutputBuffers()  # the untargeted layers' outputs, reused
+        self._float32 = np.empty(0, np.float32)  # dequant(quant(W)) before the merge, reused
+        self._exact = np.empty(0, np.float32)  # W0 + dW in float32, for the figures, reused
 
     def outputs(self, stream, info: TensorInfo, out_dtype: str, plan) -> list[OutputTensor] | None:
         """The output tensors for `info` (possibly none), or None to leave it to the plain merge."""
@@ -177,14 +180,15 @@ class QuantTransform:
                 weight = w0
             np_dtype = DTYPES[out_dtype]
             checked = False  # known finite without a pass over `out`
+            slot = None
             if target is None:
-                out = np.empty(info.shape, np_dtype)
+                slot, out = self._buffers.take(info.shape, np_dtype)
                 if transposed or weight.dtype != np_dtype:
-                    store(self._fake_quant(weight, transposed), out)
+                    store(self._fake_quant(weight, transposed, info.name), out)
                     self._record(info.name, False, out, weight, onto=True)
                 else:  # rounded and measured block by block: no float32 copy, no second pass
                     errors = ErrorSums()
-                    fake_quant(weight, self.spec, out=out, errors=errors)
+                    named(info.name, fake_quant, weight, self.spec, out=out, errors=errors)
                     error = errors.relative()  # a plain merge writes W0 itself: both figures are one
                     # finite sums of (written - w)^2: every value written is finite
                     checked = bool(np.isfinite(list(errors.values())).all())
@@ -192,19 +196,30 @@ class QuantTransform:
                         {"weight": info.name, "merged": False, "rel_error": error, "onto_vs_original": error}
                     )
             else:
-                quantized = self._fake_quant(weight, transposed)
-                out = merged_weight(target.module, target.kind, quantized, np_dtype)
-                exact = merged_weight(target.module, target.kind, weight)
+                quantized = self._fake_quant(weight, transposed, info.name)
+                if target.module.variant == "lora":  # one product s B A for both
+                    if self._exact.size < weight.size:
+                        self._exact = np.empty(weight.size, np.float32)
+                    exact = self._exact[: weight.size].reshape(weight.shape)
+                    out = merged_onto(target.module, target.kind, quantized, weight, np_dtype, exact)
+                else:
+                    out = merged_weight(target.module, target.kind, quantized, np_dtype)
+                    exact = merged_weight(target.module, target.kind, weight)
                 set_delta_norm(target, exact, weight)
                 self._record(info.name, True, out, exact, onto=True)
             f.write(tensor_bytes(out if checked else finite(out, info.name)))
+            if slot is not None:
+                self._buffers.written(slot, f)
 
         return [OutputTensor(info.name, out_dtype, info.shape, produce)]
 
-    def _fake_quant(self, weight: np.ndarray, transposed: bool) -> np.ndarray:
+    def _fake_quant(self, weight: np.ndarray, transposed: bool, name: str) -> np.ndarray:
         if transposed:  # Conv1D: transformers hands bitsandbytes the [out, in] transpose
-            return fake_quant(np.ascontiguousarray(weight.T), self.spec).T
-        return fake_quant(weight, self.spec)
+            return named(name, fake_quant, np.ascontiguousarray(weight.T), self.spec).T
+        # into one float32 array reused from tensor to tensor (used up before the next one)
+        if self._float32.size < weight.size:
+            self._float32 = np.empty(weight.size, np.float32)
+        return named(name, fake_quant, weight, self.spec, out=self._float32[: weight.size].reshape(weight.shape))
 
     def _fp8_outputs(self, stream, info: TensorInfo, out_dtype: str, plan) -> list[OutputTensor] | None:
         base = self.base.tensors
@@ -338,6 +353,36 @@ def quantized_training_hint(adapter_dir, base_dir) -> str | None:
     return f"the adapter looks trained on a quantized base ({why}); --onto nf4|fp4|int8 merges onto what training saw"
 
 
+def merged_onto(module, kind: str, quantized: np.ndarray, w0: np.ndarray, dtype, exact: np.ndarray) -> np.ndarray:
+    """merged_weight(module, kind, quantized, dtype), returned, and merged_weight(module,
+    kind, w0) (float32), into `exact`, from one product s B A per block of rows: the same
+    blocks and the same float32 steps as merged_weight's (a LoRA module), so the same bits,
+    at one matrix product instead of two."""
+    left, right = factors(module, kind)
+    scaling = np.float32(module.scaling)
+    shape = left.shape[0], right.shape[1]
+    base, onto, exact_rows = w0.reshape(shape), quantized.reshape(shape), exact.reshape(shape)
+    out = np.empty(shape, dtype)
+    rows = max(1, BLOCK_ELEMENTS // max(1, right.shape[1]))
+
+    def merge_block(i: int) -> None:
+        w = base[i : i + rows]
+        product, wide, scratch = block_scratch(w.size)
+        block = product[: w.size].reshape(w.shape)
+        np.matmul(left[i : i + rows], right, out=block)
+        block *= scaling
+        w32 = widen_float16(w, wide[: w.size]).reshape(w.shape) if w.dtype == np.float16 else w
+        np.add(block, w32, out=exact_rows[i : i + rows])
+        block += onto[i : i + rows]
+        if out.dtype == np.float16:
+            round_to_float16(block, out[i : i + rows], scratch)  # the one rounding
+        else:
+            out[i : i + rows] = block  # the one rounding
+
+    for_each_block(merge_block, range(0, shape[0], rows))
+    return out.reshape(w0.shape)
+
+
 def distance_sums(written: np.ndarray, exact: np.ndarray, onto: bool) -> np.ndarray:
     """[sum((written - exact)^2), sum(exact^2)] and, with `onto`, [sum((written - plain)^2),
     sum(plain^2)] where plain is `exact` rounded once to written's dtype (what a plain merge
@@ -369,12 +414,21 @@ def distance_sums(written: np.ndarray, exact: np.ndarray, onto: bool) -> np.ndar
         sums[start] = tuple(float(v) for v in figures)
 
     for_each_block(chunk, range(0, flat.size, ERROR_CHUNK))
-    return np.sum(list(sums.values()), axis=0) if sums else np.zeros(4)
+    # in the order of the chunks, not of the threads finishing them: the same figures every run
+    return np.sum([sums[start] for start in sorted(sums)], axis=0) if sums else np.zeros(4)
 
 
 def ratio(distance2: float, norm2: float) -> float:
     """sqrt(distance2 / norm2), or sqrt(distance2) when the reference is all zeros."""
     return float(np.sqrt(distance2 / norm2)) if norm2 > 0 else float(np.sqrt(distance2))
+
+
+def named(name: str, fake_quant_fn, *args, **kwargs) -> np.ndarray:
+    """fake_quant, its refusals (LLM.int8's float16 range) naming the tensor they concern."""
+    try:
+        return fake_quant_fn(*args, **kwargs)
+    except BadInputError as exc:
+        raise BadInputError(f"{name}: {exc}") from None
 
 
 def set_delta_norm(target, exact: np.ndarray, w0: np.ndarray) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -275,6 +276,49 @@ def test_quantization_options_that_do_not_fit_are_refused(reference, fp8_model, 
     ]
     for args, word in cases:
         assert_refused(run_cli("merge", *args, "-o", out), out, word)
+
+
+def test_onto_int8_names_the_weight_that_float16_cannot_hold(reference, tmp_path):
+    """LLM.int8 casts to float16 first: a NaN, or a value beyond 65504, in a targeted or an
+    untargeted Linear weight is refused naming that tensor (it was neither named nor said
+    to be NaN before)."""
+    base, adapter = reference("llama", "plain")
+    cases = [("model.layers.1.mlp.up_proj.weight", float("nan")), ("model.layers.0.self_attn.q_proj.weight", 1e6)]
+    for name, value in cases:
+        edited = tmp_path / f"base_{name}"
+        shutil.copytree(base, edited)
+        tensors = load_file(edited / "model.safetensors")
+        tensors[name][1, 2] = value
+        save_file(tensors, edited / "model.safetensors", metadata={"format": "pt"})
+        out = tmp_path / "out"
+        result = run_cli("merge", edited, adapter, "-o", out, "--onto", "int8")
+        assert_refused(result, out, f"{name}: --onto int8", "NaN or Inf or exceeds float16's range")
+
+
+def test_onto_4bit_refuses_a_float64_weight_naming_it(tmp_path):
+    """The 4-bit passes read 16/32-bit floats: a float64 base ended as an internal error
+    (exit 3, an OverflowError); bitsandbytes never sees one (transformers casts first)."""
+    from safetensors.numpy import save_file as save_numpy
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir(), adapter.mkdir()
+    rng = np.random.default_rng(0)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    save_numpy(
+        {name: rng.standard_normal((8, 16)), "model.norm.weight": np.ones(16, np.float32)}, base / "model.safetensors"
+    )
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    factors = {
+        f"{prefix}.lora_A.weight": np.ones((2, 16), np.float32),
+        f"{prefix}.lora_B.weight": np.ones((8, 2), np.float32),
+    }
+    save_numpy(factors, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    out = tmp_path / "out"
+    for quant_type in ("nf4", "fp4"):
+        result = run_cli("merge", base, adapter, "-o", out, "--onto", quant_type)
+        assert_refused(result, out, f"{name}: --onto {quant_type}: a float64 weight", "convert the base")
+    assert run_cli("merge", base, adapter, "-o", out, "--onto", "int8").exit_code == 0  # float16 first, as bitsandbytes
 
 
 @pytest.mark.parametrize(
