@@ -16,10 +16,13 @@ import importlib
 import os
 from types import ModuleType
 
+OFF = ("0", "false", "no", "off")
+
 
 def enabled() -> bool:
-    """False when LORA_DEPLOY_NATIVE=0: the numpy code runs even where the kernels are built."""
-    return os.environ.get("LORA_DEPLOY_NATIVE", "1").strip() != "0"
+    """False when LORA_DEPLOY_NATIVE is 0 (or false, no, off): the numpy code runs even
+    where the kernels are built."""
+    return os.environ.get("LORA_DEPLOY_NATIVE", "1").strip().lower() not in OFF
 
 
 @functools.cache
