@@ -12,7 +12,8 @@ import threading
 import numpy as np
 
 from lora_deploy.adapter.read import LoraModule, weight_shape
-from lora_deploy.arrays import add_scaled_to_float16, round_to_float16, widen_float16
+from lora_deploy.arrays import add_scaled_to_float16, all_finite, round_to_float16, widen_float16
+from lora_deploy.errors import NonFiniteError
 from lora_deploy.merge.blocks import for_each_block
 
 
@@ -155,3 +156,43 @@ def lora_norm(module: LoraModule) -> float:
     b = np.asarray(module.b, dtype=np.float64).reshape(-1, r)
     gram = np.sum((a @ a.T) * (b.T @ b))
     return float(abs(module.scaling) * np.sqrt(max(gram, 0.0)))
+
+
+# -- finite outputs -------------------------------------------------------------------------
+# The rule: the merge never writes a NaN or Inf its input does not hold. A tensor copied
+# (byte for byte, or converted to --dtype) keeps the base's own NaN/Inf where they are, but
+# a conversion that turns a finite value non-finite (beyond float16's range) is refused. A
+# tensor computed from the base (merged, quantized with --onto, dequantized FP8) is refused
+# when its base already holds NaN/Inf: the update cannot be applied there, and DoRA's norms
+# or a quantization block spread it to other values.
+
+
+def checked_finite(array: np.ndarray, name: str, source: np.ndarray | None = None, what: str = "merged") -> np.ndarray:
+    """`array`, or NonFiniteError when it holds NaN or Inf, naming `source` (the base
+    tensor it was computed from) when that is where they come from. Checked after
+    rounding: a float16 output can overflow to Inf even when float32 did not."""
+    if all_finite(array):
+        return array
+    if source is not None and not all_finite(source):
+        raise NonFiniteError(f"base tensor {name} already holds NaN or Inf values (no {what} weight computed from it)")
+    raise NonFiniteError(
+        f"{what} tensor {name} has NaN or Inf values (overflow in the output dtype, {array.dtype.name}?)"
+    )
+
+
+def converted(array: np.ndarray, dtype, name: str) -> np.ndarray:
+    """`array` as `dtype`, its own NaN/Inf kept; NonFiniteError when the conversion turns a
+    finite value into Inf. One finite pass over the result; the input is looked at only
+    when that fails."""
+    with np.errstate(over="ignore"):  # an overflow is refused below, naming the tensor
+        out = array.astype(dtype)
+    if all_finite(out):
+        return out
+    made_up = np.isfinite(array.astype(np.float64)) & ~np.isfinite(out.astype(np.float64))
+    if made_up.any():
+        value = array.reshape(-1)[np.flatnonzero(made_up)[0]]
+        raise NonFiniteError(
+            f"tensor {name}: {float(value):g} is beyond {np.dtype(dtype).name}'s range "
+            f"(converting {array.dtype.name} to {np.dtype(dtype).name} would make it Inf)"
+        )
+    return out

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from lora_deploy._native import kernel
-from lora_deploy.arrays import all_finite, round_to_float16, widen_float16
+from lora_deploy.arrays import round_to_float16, widen_float16
 from lora_deploy.dtypes import BY_NAME
-from lora_deploy.errors import BadInputError, NonFiniteError, OutputError
+from lora_deploy.errors import BadInputError, OutputError
 from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, Checkpoint, TensorInfo
 from lora_deploy.io.digests import file_digests
 from lora_deploy.io.quant import (
@@ -44,7 +44,14 @@ from lora_deploy.io.quant import (
 from lora_deploy.io.stream import OutputBuffers, OutputTensor, tensor_bytes
 from lora_deploy.merge.blocks import for_each_block
 from lora_deploy.merge.bnb import NATIVE_KINDS, BnbSpec, ErrorSums, fake_quant, raw_bits, store, widen
-from lora_deploy.merge.delta import BLOCK_ELEMENTS, block_scratch, factors, lora_norm, merged_weight
+from lora_deploy.merge.delta import (
+    BLOCK_ELEMENTS,
+    block_scratch,
+    checked_finite,
+    factors,
+    lora_norm,
+    merged_weight,
+)
 
 REQUANTIZE_FORMATS = ("fp8",)
 ERROR_CHUNK = 256 * 1024  # values per chunk of the error sums: float32 chunks stay in cache
@@ -180,6 +187,7 @@ class QuantTransform:
                 weight = w0
             np_dtype = DTYPES[out_dtype]
             checked = False  # known finite without a pass over `out`
+            what = "merged" if target is not None else "quantized"
             slot = None
             if target is None:
                 slot, out = self._buffers.take(info.shape, np_dtype)
@@ -207,7 +215,7 @@ class QuantTransform:
                     exact = merged_weight(target.module, target.kind, weight)
                 set_delta_norm(target, exact, weight)
                 self._record(info.name, True, out, exact, onto=True)
-            f.write(tensor_bytes(out if checked else finite(out, info.name)))
+            f.write(tensor_bytes(out if checked else checked_finite(out, info.name, weight, what)))
             if slot is not None:
                 self._buffers.written(slot, f)
 
@@ -267,7 +275,7 @@ class QuantTransform:
                     merged_weight(target.module, target.kind, w, np_dtype) if target is not None else w.astype(np_dtype)
                 )
                 self._record(info.name, target is not None, out, exact)
-                f.write(tensor_bytes(finite(out, info.name)))
+                f.write(tensor_bytes(checked_finite(out, info.name, w)))
 
         if not self.requantize:
             return [OutputTensor(info.name, float_dtype, info.shape, produce)]
@@ -437,9 +445,3 @@ def set_delta_norm(target, exact: np.ndarray, w0: np.ndarray) -> None:
         target.delta_norm = lora_norm(target.module)
     else:
         target.delta_norm = float(np.linalg.norm(exact - w0.astype(np.float32)))
-
-
-def finite(array: np.ndarray, name: str) -> np.ndarray:
-    if not all_finite(array):
-        raise NonFiniteError(f"merged tensor {name} has NaN or Inf values (overflow in the output dtype?)")
-    return array

@@ -23,15 +23,14 @@ from threadpoolctl import threadpool_limits
 from lora_deploy import __version__
 from lora_deploy.adapter.plan import MergePlan, Target, plan_merge
 from lora_deploy.adapter.read import Adapter, load_adapter
-from lora_deploy.arrays import all_finite
 from lora_deploy.dtypes import BY_NAME
-from lora_deploy.errors import BadInputError, CheckpointError, NonFiniteError, OutputError
+from lora_deploy.errors import BadInputError, CheckpointError, OutputError
 from lora_deploy.io.checkpoint import DTYPES, FLOAT_DTYPES, INDEX_FILE, Checkpoint, TensorInfo, parse_size
 from lora_deploy.io.digests import DEFAULT_ALGORITHMS, DigestMemo, Digests, file_digests
 from lora_deploy.io.staging import check_output, staging_dir
 from lora_deploy.io.stream import BinaryFile, CheckpointStream, OutputTensor, tensor_bytes, write_checkpoint
 from lora_deploy.merge.card import CARD_FILE, merged_card
-from lora_deploy.merge.delta import lora_norm, merged_bias, merged_weight
+from lora_deploy.merge.delta import checked_finite, converted, lora_norm, merged_bias, merged_weight
 from lora_deploy.merge.plain import BaseSource, base_source, check_side_files
 from lora_deploy.merge.quant import QuantTransform, plan_base, quant_transform
 from lora_deploy.util import library_versions
@@ -256,7 +255,7 @@ def copy_producer(stream: CheckpointStream, info: TensorInfo, out_dtype: str):
         if out_dtype == info.dtype:
             stream.copy_to(f, info)
         else:
-            f.write(tensor_bytes(stream.read(info).astype(DTYPES[out_dtype])))
+            f.write(tensor_bytes(converted(stream.read(info), DTYPES[out_dtype], info.name)))
 
     return produce
 
@@ -274,15 +273,16 @@ def merged_producer(stream: CheckpointStream, info: TensorInfo, target: Target, 
             exact = merged_weight(module, target.kind, base_weight)
             target.delta_norm = float(np.linalg.norm(exact - base_weight.astype(np.float32)))
             merged = exact.astype(dtype, copy=False)
-        f.write(tensor_bytes(finite(merged, info.name)))
+        f.write(tensor_bytes(checked_finite(merged, info.name, base_weight)))
 
     return produce
 
 
 def bias_producer(stream: CheckpointStream, info: TensorInfo, target: Target, out_dtype: str):
     def produce(f: BinaryFile) -> None:
-        merged = merged_bias(target.module, stream.read(info))
-        f.write(tensor_bytes(finite(merged.astype(DTYPES[out_dtype], copy=False), info.name)))
+        base_bias = stream.read(info)
+        merged = merged_bias(target.module, base_bias)
+        f.write(tensor_bytes(checked_finite(merged.astype(DTYPES[out_dtype], copy=False), info.name, base_bias)))
 
     return produce
 
@@ -290,16 +290,9 @@ def bias_producer(stream: CheckpointStream, info: TensorInfo, target: Target, ou
 def tensor_producer(stream: CheckpointStream, info: TensorInfo, tensor: np.ndarray, out_dtype: str):
     def produce(f: BinaryFile) -> None:
         stream.read(info)  # the base tensor is replaced, but its bytes still go into the input hash
-        f.write(tensor_bytes(finite(tensor.astype(DTYPES[out_dtype]), info.name)))
+        f.write(tensor_bytes(checked_finite(tensor.astype(DTYPES[out_dtype]), info.name)))
 
     return produce
-
-
-def finite(array: np.ndarray, name: str) -> np.ndarray:
-    # Checked after rounding: a float16 output can overflow to Inf even when float32 didn't.
-    if not all_finite(array):
-        raise NonFiniteError(f"merged tensor {name} has NaN or Inf values (overflow in the output dtype?)")
-    return array
 
 
 def progress_hook(tensors: list[OutputTensor], progress: Progress | None):
