@@ -100,6 +100,13 @@ def float16_kernel() -> str:
     return f"native ({f16.KERNEL})" if f16 is not None else "numpy"
 
 
+def quant4_kernel() -> str:
+    """Which NF4/FP4 pass `merge --onto` runs: "native (avx512)" etc., or "numpy" (also when
+    the module is built but only its scalar code fits this CPU: numpy's passes are faster)."""
+    q4 = kernel("_quant4")
+    return f"native ({q4.ISA})" if q4 is not None and q4.BEST_ISA > 0 else "numpy"
+
+
 def _native_f16(*pairs: tuple[np.ndarray, type]):
     """The compiled module when it is on and every array is C-contiguous of its dtype."""
     f16 = kernel("_f16")

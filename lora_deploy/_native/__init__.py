@@ -1,5 +1,5 @@
 """Compiled kernels, optional: built by `pip install` when a C compiler is there (see
-pyproject.toml's ext-modules), else absent, and the callers use their numpy code.
+setup.py, where each is declared optional), else absent, and the callers use their numpy code.
 
 - `_f16` (f16.c): float16 <-> float32 and the merge's fused widen-add-round, for
   lora_deploy.arrays.
