@@ -11,7 +11,7 @@ import numpy as np
 
 from lora_deploy.bench.measure import BenchProgress, gc_paused
 from lora_deploy.bench.schema import ms
-from lora_deploy.bench.stats import GateResult, absolute_gate
+from lora_deploy.bench.stats import GateResult, absolute_gate, tail_percentile
 from lora_deploy.bench.timing import longest_run, measure_paced, parse_duration, parse_rate
 from lora_deploy.errors import BadInputError
 
@@ -75,7 +75,7 @@ def loop_summary(latencies: Sequence[float], loop: Mapping[str, Any]) -> dict[st
         "miss_rate": sum(misses) / len(misses) if misses else 0.0,
         "longest_miss_run": longest_run(misses),
         "jitter_ms": ms(float(done.std())),
-        "lag_p99_ms": ms(float(np.percentile(lag, 99))),
+        "lag_p99_ms": None if (lag_p99 := tail_percentile(lag, "p99")) is None else ms(lag_p99),
         "lag_max_ms": ms(float(lag.max())),
         "lag_s": [float(x) for x in lag],
         "miss": misses,
@@ -90,11 +90,11 @@ def loop_gates(
     for name, entry in block["variants"].items():
         subject = f"{key}/{name}"
         if max_p99 is not None:
-            n = entry["n"]
+            n, p99 = entry["n"], entry.get("p99_ms")
             gates.append(
                 absolute_gate(
                     "p99",
-                    round(entry["p99_ms"], 4),
+                    float("nan") if p99 is None else round(p99, 4),
                     ms(max_p99),
                     subject=subject,
                     unit="ms",

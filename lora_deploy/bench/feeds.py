@@ -148,7 +148,25 @@ def build_feeds(
             "dtypes": {name: str(arr.dtype) for name, arr in feed.items()},
             "source": source if any(n in supplied for n in meta) else "generated",
         }
+    if source == "file":
+        _refuse_unused(supplied, variants, feeds)
     return feeds, fed
+
+
+def _refuse_unused(
+    supplied: Mapping[str, np.ndarray], variants: Mapping[str, TimedModel], feeds: Mapping[str, Feed]
+) -> None:
+    """Refuse --inputs arrays that no variant takes (a misnamed array would otherwise be
+    ignored and its input drawn at random). An array only some variants take (LoRA
+    inputs, adapter_ids) is fine."""
+    taken = {n for feed in feeds.values() for n in feed}
+    taken.update(n for v in variants.values() for n in v.runner.input_metadata())
+    unused = [n for n in supplied if n not in taken]
+    if unused:
+        wants = "; ".join(
+            f"model {n!r} takes {', '.join(map(repr, v.runner.input_metadata()))}" for n, v in variants.items()
+        )
+        raise BadInputError(f"--inputs array(s) {', '.join(map(repr, unused))} fed to no model ({wants})")
 
 
 def past_length(meta: Mapping[str, Any], feed: Feed) -> int | None:

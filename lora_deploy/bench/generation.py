@@ -15,10 +15,16 @@ from lora_deploy.bench.feeds import draw, first_call
 from lora_deploy.bench.measure import BenchProgress
 from lora_deploy.bench.schema import ms, validate_report
 from lora_deploy.bench.shapes import Shape, shape_key
-from lora_deploy.bench.stats import paired_ratios, session_ratio_ci
+from lora_deploy.bench.stats import paired_ratios, session_ratio_ci, tail_percentile
 from lora_deploy.errors import BadInputError
 from lora_deploy.modeling.samples import ATTENTION_MASK, INPUT_IDS
 from lora_deploy.modeling.tasks import PAST_PREFIX
+
+
+def _p99_ms(seconds: list[float]) -> float | None:
+    """The p99 in ms, None from fewer samples than a p99 needs (stats.TAIL_MIN_SAMPLES)."""
+    p99 = tail_percentile(seconds, "p99")
+    return None if p99 is None else ms(p99)
 
 
 def check_generate(
@@ -135,7 +141,7 @@ def generation_summary(
         "prefill_s": prefill,
         "decode_step_s": decode,
         "prefill_p50_ms": ms(float(np.median(prefill))),
-        "prefill_p99_ms": ms(float(np.percentile(prefill, 99))),
+        "prefill_p99_ms": _p99_ms(prefill),
         "decode_p50_ms": None,
         "decode_p99_ms": None,
         "decode_tokens_per_s": None,
@@ -145,7 +151,7 @@ def generation_summary(
         step = float(np.median(pooled))
         out.update(
             decode_p50_ms=ms(step),
-            decode_p99_ms=ms(float(np.percentile(pooled, 99))),
+            decode_p99_ms=_p99_ms(pooled),
             decode_tokens_per_s=batch / step if step > 0 else None,
         )
         if reference_rounds is not None:

@@ -43,8 +43,8 @@ def _header_lines(report: Mapping[str, Any]) -> list[str]:
         f"GPU: {machine.get('gpu') or 'none'}, threads: {config.get('threads') or 'default'}",
         f"- Libraries: {libs or 'unknown'}",
         f"- {config['rounds']} interleaved rounds (warmup {config.get('warmup')}, "
-        f"inner {config.get('inner')}); ratio = per-round variant / {config['reference']}, "
-        f"median with {conf:.0%} bootstrap CI",
+        f"inner {config.get('inner')}); per-round ratio = variant / {config['reference']}"
+        + ("" if config.get("sessions") else f", median with {conf:.0%} bootstrap CI"),
         *_session_lines(config),
         *_adaptive_lines(config.get("adaptive")),
         *_noise_lines(report.get("noise")),
@@ -57,14 +57,21 @@ def _session_lines(config: Mapping[str, Any]) -> list[str]:
     sessions = config.get("sessions")
     if sessions is None:  # a report from before sessions (schema /2 or /1)
         return []
+    conf = config.get("confidence", 0.95)
+    loop = bool(config.get("rate_hz"))
     if sessions == 1:
+        p99 = " (p99 ratio: variant p99 / reference p99)" if loop else ""
         return [
-            "- One session per variant: the intervals exclude session-to-session variation (a few percent "
-            "between two sessions of the same graph); --sessions 3 or more includes it"
+            f"- One session per variant: ratio = median of the per-round ratios{p99}, {conf:.0%} CI a percentile "
+            "bootstrap of the rounds (the intervals exclude session-to-session variation, a few percent between two "
+            "sessions of the same graph: --sessions 3 or more includes it)"
         ]
+    p99 = " (p99 ratio: of the per-session p99 ratios)" if loop else ""
     return [
-        f"- {sessions} sessions per variant (the rounds split between them, every model reopened between them); "
-        f"intervals: {config.get('bootstrap')}"
+        f"- {sessions} sessions per variant (the rounds split between them, every model reopened between them): "
+        f"ratio = geometric mean of the {sessions} per-session medians of the per-round ratios{p99}, {conf:.0%} CI "
+        f"a Student's t interval ({sessions - 1} degree{'s' if sessions > 2 else ''} of freedom) around a "
+        "two-level bootstrap's standard error (sessions, then rounds within each)"
     ]
 
 
@@ -128,8 +135,9 @@ def _table_lines(report: Mapping[str, Any]) -> list[str]:
         for name, entry in block["variants"].items():
             tp = entry["throughput"]
             row = (
-                f"| {key} | {_cell(name)} | {_fed_cell(block, entry)} | {entry['p50_ms']:.4g} | {entry['p90_ms']:.4g} "
-                f"| {entry['p99_ms']:.4g} | {_num(tp.get('samples_per_s'), ',.1f')} "
+                f"| {key} | {_cell(name)} | {_fed_cell(block, entry)} | {entry['p50_ms']:.4g} "
+                f"| {_num(entry.get('p90_ms'), '.4g')} | {_num(entry.get('p99_ms'), '.4g')} "
+                f"| {_num(tp.get('samples_per_s'), ',.1f')} "
                 f"| {_num(tp.get('tokens_per_s'), ',.0f')} | {_ratio_cell(entry)} |"
             )
             if baseline:
@@ -160,10 +168,11 @@ def _loop_lines(report: Mapping[str, Any]) -> list[str]:
             if loop is None:
                 continue
             lines.append(
-                f"| {key} | {_cell(name)} | {loop['ticks']} | {entry['p50_ms']:.4g} | {entry['p99_ms']:.4g} "
-                f"| {_ratio_cell(entry, 'p99_ratio')} | {entry.get('p999_ms', float('nan')):.4g} "
+                f"| {key} | {_cell(name)} | {loop['ticks']} | {entry['p50_ms']:.4g} "
+                f"| {_num(entry.get('p99_ms'), '.4g')} | {_ratio_cell(entry, 'p99_ratio')} "
+                f"| {_num(entry.get('p999_ms'), '.4g')} "
                 f"| {entry.get('max_ms', float('nan')):.4g} "
-                f"| {loop['jitter_ms']:.3g} | {loop['lag_p99_ms']:.3g} | {loop['misses']} "
+                f"| {loop['jitter_ms']:.3g} | {_num(loop.get('lag_p99_ms'), '.3g')} | {loop['misses']} "
                 f"| {loop['longest_miss_run']} |"
             )
     return lines
@@ -281,7 +290,7 @@ def _draw_variant(
     p50 = np.array([e["p50_ms"] if e else nan for e in entries])
     lo = np.array([e["p50_ci_ms"][0] if e and "p50_ci_ms" in e else nan for e in entries])
     hi = np.array([e["p50_ci_ms"][1] if e and "p50_ci_ms" in e else nan for e in entries])
-    p90 = np.array([e["p90_ms"] if e else nan for e in entries])
+    p90 = np.array([e["p90_ms"] if e and e.get("p90_ms") is not None else nan for e in entries])
     yerr = np.nan_to_num(np.vstack([p50 - lo, hi - p50]), nan=0.0).clip(min=0.0)
     ax.bar(xs, p50, width, yerr=yerr, capsize=3, label=name, color=colour)
     ax.plot(xs, p90, linestyle="none", marker="_", markersize=12, color="black", label="p90" if first else None)

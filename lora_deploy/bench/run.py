@@ -207,7 +207,10 @@ def run_bench(
     rate_hz, duration_s, max_p99_s = loop_settings(rate, duration, max_p99, max_misses)
     width, max_time_s = adaptive_settings(until_width, max_time, rate_hz, noise_runs)
     check_noise_runs(noise_runs, rate_hz)
-    sessions = session_count(sessions, rounds, until_width=until_width, noise_runs=noise_runs, rate=rate_hz)
+    ticks = None if rate_hz is None else duration_s * rate_hz / max(1, len(models))
+    sessions = session_count(
+        sessions, rounds, until_width=until_width, noise_runs=noise_runs, rate=rate_hz, ticks=ticks
+    )
     machine = machine_info(threads)
     here = {
         "backend": backend,

@@ -48,8 +48,10 @@ def _check_entry(entry: Any, where: str) -> None:
         f"{where}.samples_s",
         "expected a non-empty list of non-negative seconds",
     )
-    for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms"):
+    for key in ("p50_ms", "mean_ms", "min_ms"):
         _need(_is_number(entry.get(key)), f"{where}.{key}", "expected a number")
+    for key in ("p90_ms", "p99_ms", "p999_ms"):  # null: too few samples for that percentile
+        _need(entry.get(key) is None or _is_number(entry[key]), f"{where}.{key}", "expected null or a number")
     _need(isinstance(entry.get("throughput"), dict), f"{where}.throughput", "expected an object")
     labels = entry.get("sample_sessions")
     if labels is not None:

@@ -36,16 +36,29 @@ def check_sessions(sessions: int | None) -> int | None:
 
 
 def session_count(
-    sessions: int | None, rounds: int, *, until_width: Any = None, noise_runs: int | None = None, rate: Any = None
+    sessions: int | None,
+    rounds: int,
+    *,
+    until_width: Any = None,
+    noise_runs: int | None = None,
+    rate: Any = None,
+    ticks: float | None = None,
 ) -> int:
     """Sessions per variant for a run: the given number, checked against the other options,
-    or the default (DEFAULT_SESSIONS, at most one per round; one with --until-width or
+    or the default (DEFAULT_SESSIONS, at most one per round, or per tick of the control
+    loop: `ticks` is --duration x --rate / variants; one with --until-width or
     --noise-runs, which keep their own single session per run)."""
     check_sessions(sessions)
     if sessions is None:
         if until_width is not None or noise_runs is not None:
             return 1
-        return DEFAULT_SESSIONS if rate is not None else max(1, min(DEFAULT_SESSIONS, rounds))
+        most = rounds if rate is None else (DEFAULT_SESSIONS if ticks is None else int(ticks))
+        return max(1, min(DEFAULT_SESSIONS, most))
+    if rate is not None and ticks is not None and 1 < sessions and ticks < sessions:
+        raise BadInputError(
+            f"--sessions {sessions} splits --duration between them: it holds {ticks:g} tick(s) per variant at that "
+            "rate, fewer than one per session; lengthen --duration or lower --sessions"
+        )
     if sessions > 1 and until_width is not None:
         raise BadInputError(
             "--until-width adds rounds to one session per variant; with several sessions the interval is bounded "

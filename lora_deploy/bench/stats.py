@@ -93,15 +93,28 @@ def _as_samples(values: Sequence[float] | np.ndarray, what: str = "samples") -> 
     return arr
 
 
-def percentiles(samples: Sequence[float] | np.ndarray) -> dict[str, float]:
-    """p50, p90, p99, p99.9 ("p999"), mean, min and max of `samples`, in the samples' own unit."""
+# The fewest samples a tail percentile is reported from: n >= 1/(1 - q), so that at least
+# one sample lies beyond it. Below that it would only be the largest sample (or an
+# interpolation towards it) under another name: it is reported as not measured (None).
+TAIL_MIN_SAMPLES = {"p90": 10, "p99": 100, "p999": 1000}
+
+
+def tail_percentile(samples: Sequence[float] | np.ndarray, name: str) -> float | None:
+    """Percentile `name` ("p90", "p99", "p999") of `samples`, or None when there are fewer
+    samples than TAIL_MIN_SAMPLES asks for."""
+    arr = np.asarray(samples, dtype=np.float64).ravel()
+    if arr.size < TAIL_MIN_SAMPLES[name]:
+        return None
+    return float(np.percentile(arr, {"p90": 90.0, "p99": 99.0, "p999": 99.9}[name]))
+
+
+def percentiles(samples: Sequence[float] | np.ndarray) -> dict[str, float | None]:
+    """p50, p90, p99, p99.9 ("p999"), mean, min and max of `samples`, in the samples' own
+    unit; a tail percentile from too few samples (TAIL_MIN_SAMPLES) is None."""
     arr = _as_samples(samples)
-    p50, p90, p99, p999 = np.percentile(arr, [50, 90, 99, 99.9])
     return {
-        "p50": float(p50),
-        "p90": float(p90),
-        "p99": float(p99),
-        "p999": float(p999),
+        "p50": float(np.percentile(arr, 50)),
+        **{name: tail_percentile(arr, name) for name in TAIL_MIN_SAMPLES},
         "mean": float(arr.mean()),
         "min": float(arr.min()),
         "max": float(arr.max()),
@@ -283,20 +296,22 @@ def absolute_gate(
     """An absolute budget (control-loop p99 in ms, deadline misses): value <= limit.
 
     Absolute figures belong to one machine: the message says so. A gate without enough
-    data (`conclusive` False, `why`) follows `on_inconclusive` like the ratio gates.
+    data (`conclusive` False, `why`) is inconclusive whichever side of the budget its
+    figure lies (too few calls prove a p99 neither within nor over it), and follows
+    `on_inconclusive` like the ratio gates.
     """
     check_on_inconclusive(on_inconclusive)
     within = value <= limit
-    head = f"{_label(subject)}{gate} {value:g}{unit} (budget {limit:g}{unit}, valid on the target machine only)"
-    if not within:
-        passed, msg = False, f"{head}: FAIL."
-    elif conclusive:
-        passed, msg = True, f"{head}: pass."
-    else:
+    shown = "not measured" if math.isnan(value) else f"{value:g}{unit}"
+    head = f"{_label(subject)}{gate} {shown} (budget {limit:g}{unit}, valid on the target machine only)"
+    if not conclusive:
         passed = on_inconclusive != "fail"
         outcome = "FAIL (--on-inconclusive fail)" if not passed else "pass"
         msg = f"{head}: INCONCLUSIVE, {outcome}: {why}."
-    conclusive = conclusive or not within
+    elif not within:
+        passed, msg = False, f"{head}: FAIL."
+    else:
+        passed, msg = True, f"{head}: pass."
     notes = () if conclusive else (why,)
     return GateResult(
         passed, msg, gate, subject, float(value), float(value), float(value), float(limit), conclusive, 0.0, notes
@@ -543,11 +558,23 @@ def fraction(value: float | str | None) -> float | None:
 SessionStatistic = Callable[..., np.ndarray]
 
 # How the report names the interval each number of sessions gets.
-FLAT_BOOTSTRAP = "one-level bootstrap of rounds (one session per variant: excludes session-to-session variation)"
-TWO_LEVEL_BOOTSTRAP = (
-    "two-level bootstrap (sessions with replacement, then rounds within each), geometric mean of the per-session "
-    "statistics, Student's t with sessions - 1 degrees of freedom"
+FLAT_BOOTSTRAP = (
+    "one-level percentile bootstrap of the rounds around the median per-round ratio (one session per variant: "
+    "excludes session-to-session variation)"
 )
+TWO_LEVEL_BOOTSTRAP = (
+    "two-level bootstrap (sessions with replacement, then rounds within each) of the geometric mean of the "
+    "per-session statistics, as a Student's t interval with sessions - 1 degrees of freedom around its standard error"
+)
+# What `ratio.median` / `p99_ratio.median` hold (their `statistic` field; the key keeps
+# its old name so earlier readers still find the point estimate there).
+RATIO_STATISTIC = {
+    False: {"ratio": "median of the per-round ratios", "p99_ratio": "p99 ratio"},
+    True: {
+        "ratio": "geometric mean of the per-session medians",
+        "p99_ratio": "geometric mean of the per-session p99 ratios",
+    },
+}
 
 
 def median_of_ratios(ratios: np.ndarray) -> np.ndarray:

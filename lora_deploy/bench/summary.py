@@ -19,6 +19,7 @@ from lora_deploy.bench.schema import SCHEMA, ms, validate_report
 from lora_deploy.bench.shapes import Shape, as_shape, shape_key
 from lora_deploy.bench.stats import (
     FLAT_BOOTSTRAP,
+    RATIO_STATISTIC,
     TWO_LEVEL_BOOTSTRAP,
     GateResult,
     bootstrap_median_ci,
@@ -62,7 +63,7 @@ def variant_entry(
     entry: dict[str, Any] = {
         "samples_s": [float(x) for x in samples],
         "n": len(samples),
-        **{f"{name}_ms": ms(value) for name, value in stats.items()},
+        **{f"{name}_ms": None if value is None else ms(value) for name, value in stats.items()},
         "p50_ci_ms": [ms(ci_low), ms(ci_high)],
         "fed": fed,
         # Throughput from the median, not the mean: one stall should not
@@ -127,9 +128,17 @@ def _shape_results(
             per_session_ratios=by_session,
             **ci,
         )
+        if ratio is not None:
+            entries[name]["ratio"]["statistic"] = RATIO_STATISTIC[several]["ratio"]
         if loop is not None and name != reference:
             median, low, high = session_ratio_ci([variants[reference], samples], labels, p99_ratio, **ci)
-            entries[name]["p99_ratio"] = {"vs": reference, "median": median, "low": low, "high": high}
+            entries[name]["p99_ratio"] = {
+                "vs": reference,
+                "median": median,
+                "low": low,
+                "high": high,
+                "statistic": RATIO_STATISTIC[several]["p99_ratio"],
+            }
     # A requested sequence length no variant takes (no token or sequence input): the
     # report says so instead of quoting tokens it never fed.
     seq_used = any((f or {}).get("seq") for f in fed.values()) if fed else True

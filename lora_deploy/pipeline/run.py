@@ -21,6 +21,7 @@ import platform
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +256,13 @@ def check_bundle_target(bundle: Path, inputs: list, cache_root: Path) -> None:
 
 DEFAULT_JOBS = min(4, os.cpu_count() or 1)
 SCRATCH = ".uncached"  # in the bundle being built: where steps that are never cached write
+STEP_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # the threads steps run in
+
+
+def steps_running() -> bool:
+    """Whether a step is still running in one of its threads (after an interrupt: it cannot
+    be stopped, and the interpreter's exit would kill it inside torch or ONNX Runtime)."""
+    return any(thread.is_alive() for thread in list(STEP_THREADS))
 
 
 class Runner:
@@ -287,6 +295,7 @@ class Runner:
         self.entries: dict[int, Entry] = {}  # id(task) -> its entry (outputs for later tasks)
         self.input_files: dict[str, dict[str, str]] = {}  # input path -> {file: digest}
         self.scratch = itertools.count(1)
+        self.staging: set[Path] = set()  # cache entries being written (by running steps)
         self.t0 = time.perf_counter()
 
     def run(self, tasks: list[Task], bundle: Path) -> list[StepRecord]:
@@ -336,7 +345,9 @@ class Runner:
                         running[id(task)] = task
                         if task.serial is not None:
                             busy.add(task.serial)
-                        threading.Thread(target=work, args=(task,), name=f"step {task.name}", daemon=True).start()
+                        thread = threading.Thread(target=work, args=(task,), name=f"step {task.name}", daemon=True)
+                        STEP_THREADS.add(thread)
+                        thread.start()
                         started = True
                     if started:
                         break
@@ -350,6 +361,12 @@ class Runner:
                 if isinstance(outcome, BaseException):
                     raise outcome
                 finish(task, outcome)
+        except BaseException:
+            # Steps still running in their threads (an interrupt) cannot be stopped: their
+            # unfinished cache entries go now, not at the next run with the same key.
+            for tmp in list(self.staging):
+                discard(tmp)
+            raise
         finally:
             if (bundle / SCRATCH).exists():
                 discard(bundle / SCRATCH)
@@ -385,10 +402,12 @@ class Runner:
         try:
             if task.cacheable:
                 with self.cache.staging(task.step, key) as tmp:
+                    self.staging.add(tmp)
                     outcome, files = self.produce(task, tmp, inputs, dest)
                     created = report_header("")["created"]
                     seconds = time.perf_counter() - start
                     write_entry(tmp, key, outcome.detail, outcome.result, files, seconds, created, outcome.lines)
+                self.staging.discard(tmp)
                 entry = self.cache.lookup(task.step, key, self.hasher) or missing_entry(task)
             else:  # measured on every run: its outputs go to the bundle, not into the cache
                 tmp = bundle / SCRATCH / str(next(self.scratch))

@@ -214,6 +214,29 @@ def test_multi_adapter_graph_gets_adapter_ids(tmp_path):
     assert set(report["results"]["4x3"]["variants"]) == {"base", "multi"}
 
 
+def test_inputs_array_no_model_takes_is_refused(tmp_path, monkeypatch):
+    """A misnamed --inputs array is refused in one line (it was ignored and its input
+    drawn at random, under "batch 4 (file)"); one only some variants take is fine."""
+    monkeypatch.setattr(measure, "measure_interleaved", synthetic({"base": 1.0, "multi": 1.0}))
+    multi = tiny_graph(tmp_path / "multi.onnx", multi=True)
+    plain = tiny_graph(tmp_path / "plain.onnx")
+    ids = np.ones((4, 3), np.int64)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, input_ids=ids, mask=ids)
+    with pytest.raises(BadInputError, match=r"--inputs array\(s\) 'mask' fed to no model \(model 'base' takes"):
+        bench.run_bench({"base": plain}, inputs_path=wrong, **FEW)
+    from click.testing import CliRunner
+
+    from lora_deploy.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--model", f"base={plain}", "--inputs", str(wrong), "--quiet"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "'mask'" in result.stderr, result.output
+    some = tmp_path / "some.npz"
+    np.savez(some, input_ids=ids, attention_mask=ids, adapter_ids=np.zeros(4, np.int64))
+    report = bench.run_bench({"base": plain, "multi": multi}, inputs_path=some, **FEW)
+    assert report["results"]["4x3"]["variants"]["base"]["fed"]["source"] == "file"
+
+
 # ---------------------------------------------------------------- gates
 
 

@@ -81,7 +81,8 @@ def test_variant_entry_numbers_are_consistent(report):
     assert entry["n"] == len(samples) == 40
     assert entry["p50_ms"] == pytest.approx(np.median(samples) * 1000)
     assert entry["min_ms"] <= entry["p50_ci_ms"][0] <= entry["p50_ms"] <= entry["p50_ci_ms"][1]
-    assert entry["p50_ms"] <= entry["p90_ms"] <= entry["p99_ms"]
+    assert entry["p50_ms"] <= entry["p90_ms"]
+    assert entry["p99_ms"] is None and entry["p999_ms"] is None  # 40 samples: a p99 needs 100
     assert entry["throughput"]["samples_per_s"] == pytest.approx(8 / np.median(samples))
     assert entry["throughput"]["tokens_per_s"] == pytest.approx(8 * 128 / np.median(samples))
     ratio = entry["ratio"]

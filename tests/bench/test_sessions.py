@@ -134,6 +134,11 @@ def test_session_count_defaults_and_refusals():
     assert session_count(None, 50, until_width=0.01) == 1 and session_count(None, 50, noise_runs=3) == 1
     assert session_count(None, 1, rate=100.0) == 3 and session_count(7, 1, rate=100.0) == 7
     assert session_count(1, 50, until_width=0.01) == 1
+    # The control loop: at most one session per tick of each variant by default; more refused.
+    assert session_count(None, 50, rate=200.0, ticks=0.8) == 1 and session_count(None, 50, rate=200.0, ticks=2.4) == 2
+    assert session_count(1, 50, rate=200.0, ticks=0.8) == 1 and session_count(3, 50, rate=200.0, ticks=3.0) == 3
+    with pytest.raises(BadInputError, match=r"--sessions 3 splits --duration .* 0.8 tick\(s\) per variant"):
+        session_count(3, 50, rate=200.0, ticks=0.8)
     for bad, match in [
         ((0, 50), "integer >= 1"),
         ((4, 3), "need rounds >= sessions"),
@@ -213,6 +218,10 @@ def test_run_bench_opens_fresh_sessions_per_epoch_one_set_at_a_time(pair, monkey
     gate = report["gates"][0]
     assert (gate["median"], gate["low"], gate["high"]) == tuple(merged["ratio"][k] for k in ("median", "low", "high"))
     assert "4 sessions per variant" in to_markdown(report)
+    assert merged["ratio"]["statistic"] == "geometric mean of the per-session medians"
+    assert merged["ratio"]["median"] == pytest.approx(np.exp(np.mean(np.log(merged["ratio"]["per_session"]))))
+    header = to_markdown(report).split("| shape |")[0]
+    assert "bootstrap CI" not in header and header.count("Student's t") == 1 and "geometric mean" in header
     path = tmp_path / "r.json"
     bench.write_outputs(report, json_path=path)
     assert load_report(path)["config"]["sessions"] == 4
@@ -223,6 +232,9 @@ def test_one_session_says_its_interval_excludes_the_session_effect(pair):
     assert report["config"]["sessions"] == 1 and report["config"]["bootstrap"].startswith("one-level")
     assert "per_session" not in report["results"]["1x4"]["variants"]["merged"]["ratio"]
     assert "exclude session-to-session variation" in to_markdown(report)
+    assert report["results"]["1x4"]["variants"]["merged"]["ratio"]["statistic"] == "median of the per-round ratios"
+    # One description of the interval, not two (the rounds line no longer adds "median with ... bootstrap CI").
+    assert "bootstrap CI" not in to_markdown(report) and "Student" not in to_markdown(report)
 
 
 def test_the_control_loop_runs_in_sessions_with_a_p99_ratio(pair):
@@ -232,9 +244,19 @@ def test_the_control_loop_runs_in_sessions_with_a_p99_ratio(pair):
     assert len(merged["samples_s"]) == len(merged["loop"]["miss"]) == merged["loop"]["ticks"]
     ratio = merged["p99_ratio"]
     assert ratio["vs"] == "base" and ratio["low"] <= ratio["median"] <= ratio["high"]
+    assert ratio["statistic"] == "geometric mean of the per-session p99 ratios"
+    # 30 ticks per variant: no p99 (needs 100) nor p99.9, null in JSON, n/a in the table.
+    assert merged["p99_ms"] is None and merged["p999_ms"] is None and merged["p90_ms"] is not None
     validate_report(json.loads(json.dumps(report)))
     assert f"| 1x4 | merged | {merged['loop']['ticks']} |" in to_markdown(report)
     assert f"{ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]" in to_markdown(report)
+
+
+def test_a_duration_too_short_for_the_sessions_is_refused(pair):
+    """--duration 0.004s at 200 Hz is 0.8 ticks: three sessions ran one tick each."""
+    args = ["bench", "--model", f"base={pair['base']}", "--shapes", "1x4", "--rate", "200", "--duration", "0.004s"]
+    result = CliRunner().invoke(main, [*args, "--sessions", "3", "--quiet"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--sessions 3" in result.stderr, result.output
 
 
 def test_an_old_report_without_sessions_is_still_read(pair, tmp_path):

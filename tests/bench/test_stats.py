@@ -57,6 +57,38 @@ def test_percentiles_known_values():
     assert p["p90"] == pytest.approx(90.1)
     assert p["p99"] == pytest.approx(99.01)
     assert set(p) == {"p50", "p90", "p99", "p999", "mean", "min", "max"}
+    assert p["p999"] is None  # 100 samples: a p99.9 needs 1000
+
+
+@pytest.mark.parametrize(
+    ("n", "measured"), [(2, {"p50"}), (10, {"p50", "p90"}), (99, {"p50", "p90"}), (1000, {"p50", "p90", "p99", "p999"})]
+)
+def test_tail_percentiles_need_enough_samples(n, measured):
+    """A percentile from fewer than 1/(1-q) samples is not measured (None), not the
+    largest sample under another name: p90 from 10, p99 from 100, p99.9 from 1000."""
+    p = percentiles(np.linspace(1.0, 2.0, n))
+    assert {k for k in ("p50", "p90", "p99", "p999") if p[k] is not None} == measured
+    assert p["max"] == 2.0 and p["min"] == 1.0
+
+
+def test_absolute_gate_with_too_few_samples_is_inconclusive_either_side():
+    """Three calls prove a p99 neither within nor over its budget: both inconclusive;
+    with enough calls the same figures pass and fail."""
+    from lora_deploy.bench.control import loop_gates
+
+    def gates(n, p99s):
+        block = {"variants": {name: {"n": n, "p99_ms": v} for name, v in p99s.items()}}
+        return {g.subject: g for g in loop_gates(block, "4x3", 0.001, None, "warn")}
+
+    few = gates(3, {"a": None, "b": None})
+    assert [g.verdict for g in few.values()] == ["inconclusive", "inconclusive"] and all(g.passed for g in few.values())
+    assert "not measured" in few["4x3/a"].message
+    few = gates(150, {"a": 4.8, "b": 0.98})
+    assert [g.verdict for g in few.values()] == ["inconclusive", "inconclusive"]
+    many = gates(1500, {"a": 4.8, "b": 0.98})
+    assert (many["4x3/a"].verdict, many["4x3/b"].verdict) == ("fail", "pass")
+    strict = loop_gates({"variants": {"a": {"n": 3, "p99_ms": None}}}, "4x3", 0.001, None, "fail")
+    assert not strict[0].passed and strict[0].verdict == "inconclusive"
 
 
 @pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [float("inf")], [[1.0, 2.0]]])
@@ -377,7 +409,8 @@ def test_paired_ratios_are_scale_invariant(data, scale):
 @given(values=positive_times)
 def test_percentiles_are_ordered(values):
     p = percentiles(values)
-    assert p["min"] <= p["p50"] <= p["p90"] <= p["p99"] <= max(values)
+    measured = [p[k] for k in ("p50", "p90", "p99", "p999") if p[k] is not None]
+    assert p["min"] <= measured[0] and measured == sorted(measured) and measured[-1] <= max(values)
     # The mean of equal values can round one ulp outside them.
     assert p["min"] * (1 - 1e-12) <= p["mean"] <= max(values) * (1 + 1e-12)
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,46 @@ def wait_for_line(proc: subprocess.Popen, text: str) -> None:
         if text in line:
             return
     raise AssertionError(f"the run ended before {text!r}: {proc.stderr.read()}")
+
+
+# The export step stands in for a long torch export: it writes half a file, says it started,
+# and computes in torch until the process ends.
+RUN_SPINNING = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import torch
+import lora_deploy.export as export
+
+def spinning(model, path, **options):
+    path.write_bytes(b"half")
+    open(sys.argv[1], "w").close()
+    a = torch.randn(256, 256)
+    while True:
+        torch.mm(a, a)
+
+export.export_checkpoint = spinning
+from lora_deploy.cli import main
+main(["run", *sys.argv[2:]])
+"""
+
+
+def test_ctrl_c_while_a_step_thread_runs_in_torch_exits_130_in_one_line(pipeline, tmp_path, step_cache):
+    """The step thread cannot be stopped; the interpreter's shutdown killed it inside torch
+    ("terminate called without an active exception", exit 134). Now: exit 130, one line,
+    and the step's unfinished cache entry removed."""
+    started = tmp_path / "started"
+    args = [str(started), str(pipeline), "--only", "export-onnx", "--force"]
+    proc = subprocess.Popen([sys.executable, "-c", RUN_SPINNING, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.decode().strip().splitlines() == ["interrupted: no partial output left behind"]
+    assert not [p for p in step_cache.rglob("*") if ".partial-" in p.name]
+    assert not (tmp_path / "bundle").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
