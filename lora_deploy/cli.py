@@ -52,10 +52,17 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
-def exit_interrupted(exc: KeyboardInterrupt) -> None:
+def exit_interrupted(exc: KeyboardInterrupt, *, now: bool = False) -> None:
+    """Exit 130 (SIGINT) or 143 (SIGTERM) with one line. `now`: without the interpreter's
+    shutdown (`lora-deploy run` only, after its cleanup, while a step thread it cannot
+    stop is still inside torch: the shutdown would abort it, exit 134)."""
     code = 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     json_error("interrupted: no partial output left behind", code)
     click.echo("interrupted: no partial output left behind", err=True)
+    if now:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -164,6 +171,8 @@ class OneLineUsageGroup(click.Group):
 def one_line_usage_errors(args):
     try:
         yield
+    except KeyboardInterrupt as exc:  # Ctrl-C while the line is parsed: click would say "Aborted!", exit 1
+        exit_interrupted(exc)
     except click.exceptions.NoArgsIsHelpError:
         raise
     except click.UsageError as exc:
@@ -174,8 +183,21 @@ def one_line_usage_errors(args):
         raise error from exc
 
 
+def show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """--version: the version, and whether the merge's float16 arithmetic runs compiled."""
+    if not value or ctx.resilient_parsing:
+        return
+    from lora_deploy.arrays import float16_kernel, quant4_kernel
+
+    click.echo(f"lora-deploy, version {__version__}\nfloat16 kernels: {float16_kernel()}")
+    click.echo(f"NF4/FP4 kernel (merge --onto): {quant4_kernel()}")
+    ctx.exit()
+
+
 @click.group(cls=OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="lora-deploy")
+@click.option(
+    "--version", is_flag=True, expose_value=False, is_eager=True, callback=show_version, help="Show the version, exit."
+)
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
     """Ship LoRA adapters: inspect, merge, verify, export, benchmark."""
@@ -449,9 +471,6 @@ def merge(
     (with --onnx-like BASE.onnx: the merged ONNX model, from BASE's graph). BASE may be a
     checkpoint directory, a .safetensors file or a plain torch state dict (.pt/.pth/.bin,
     read weights-only)."""
-    from lora_deploy.merge import merge as run_merge
-    from lora_deploy.progress import byte_progress
-
     options = MergeOptions.from_params(click.get_current_context().params)
     if onnx_like is not None:
         if side_files:
@@ -468,6 +487,9 @@ def merge(
         from lora_deploy.errors import BadInputError
 
         raise BadInputError("--base-check applies to --onnx-like only")
+    from lora_deploy.merge import merge as run_merge  # here: --onnx-like does without it
+    from lora_deploy.progress import byte_progress
+
     with byte_progress("merging", enabled=not as_json) as progress:
         result = run_merge(base, adapter, out, **options.kwargs(), progress=progress, side_files=side_files)
     if as_json:
@@ -726,7 +748,17 @@ def export() -> None:
     help="--module: example inputs, an .npz whose array names are forward's arguments (e.g. recorded "
     "observations); default: the module's example_inputs().",
 )
-@click.option("--static", is_flag=True, help="--module: fix every input dim to the example's (no dynamic batch).")
+@click.option(
+    "--static",
+    is_flag=True,
+    help="--module: fix every input dim to the example's (no dynamic batch); adapter graphs fix the LoRA rank too.",
+)
+@click.option(
+    "--max-rank",
+    type=int,
+    help="--module --static adapter graphs: the fixed LoRA rank (default: the adapters' largest; smaller ranks are "
+    "zero-padded by pack).",
+)
 @click.option(
     "--part",
     help="--module: export one part (a submodule path, e.g. blocks.0 or llm.model) on the inputs it receives in the "
@@ -789,6 +821,14 @@ def export() -> None:
     show_default=True,
     help="--dynamic-adapters: rank of the zero LoRA defaults (1 for runtimes failing on a MatMul with K=0).",
 )
+@click.option(
+    "--lora-defaults",
+    type=click.Choice(["zeros", "none"]),
+    default="zeros",
+    show_default=True,
+    help="--module --dynamic-adapters --static: none makes A/B required inputs, for TensorRT (its ONNX parser "
+    "takes an input with a default as a constant weight); 'no adapter' is then zeros fed.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True)
 @run_guarded
@@ -811,6 +851,8 @@ def export_onnx(
     inputs_path=None,
     static=False,
     part=None,
+    max_rank=None,
+    lora_defaults="zeros",
 ) -> None:
     """Export MODEL (an HF checkpoint directory; with --module a plain module's checkpoint) to
     ONNX, checked in ONNX Runtime."""
@@ -822,19 +864,29 @@ def export_onnx(
     if dynamic_adapters or multi_adapter:
         if dynamic_adapters and multi_adapter:
             raise BadInputError("choose one of --dynamic-adapters and --multi-adapter")
-        if dtype != "float32" or stream_weights:
-            raise BadInputError("dynamic and multi-adapter graphs are exported in float32, with their weights")
+        if stream_weights or (dtype != "float32" and (module is None or dtype != "float16")):
+            raise BadInputError(
+                "dynamic and multi-adapter graphs are exported with their weights, in float32 (a --module's also "
+                "in float16)"
+            )
         if default_rank and (multi_adapter or task == "text-generation-with-past"):
             raise BadInputError("--default-rank is for --dynamic-adapters graphs of the full sequence")
         if module is not None and task != "auto":
             raise BadInputError("--module adapter graphs take the module's own inputs: no --task")
-        if static and (module is None or multi_adapter):
-            raise BadInputError(
-                "--static adapter graphs are --dynamic-adapters graphs of a --module (a multi-adapter graph's "
-                "batch stays dynamic)"
-            )
+        if static and module is None:
+            raise BadInputError("--static adapter graphs are graphs of a --module")
         if part is not None:
             raise BadInputError("--part exports a part of a merged module; adapter graphs take the whole module")
+        if lora_defaults != "zeros" and multi_adapter:
+            raise BadInputError(
+                "--lora-defaults none is for --dynamic-adapters: a multi-adapter graph's banks are its weights "
+                "(TensorRT builds them in as such)"
+            )
+        if lora_defaults != "zeros" and (module is None or not static):
+            raise BadInputError(
+                "--lora-defaults none makes the LoRA inputs required inputs of fixed shape (for TensorRT): "
+                "it needs --module and --static"
+            )
         export_adapter_graph(
             model,
             out,
@@ -849,10 +901,17 @@ def export_onnx(
             module,
             inputs_path,
             static,
+            dtype,
+            max_rank,
+            lora_defaults,
         )
         return
     if default_rank:
         raise BadInputError("--default-rank needs --dynamic-adapters")
+    if lora_defaults != "zeros":
+        raise BadInputError("--lora-defaults needs --module --dynamic-adapters --static")
+    if max_rank is not None:
+        raise BadInputError("--max-rank fixes the LoRA rank of a --static --dynamic-adapters/--multi-adapter graph")
     if module is None and model.is_file():
         raise BadInputError(f"{model}: not a checkpoint directory (a plain module's checkpoint file needs --module)")
     if adapters or targets:
@@ -1030,7 +1089,7 @@ def demo(out: Path, family: str, variant: str) -> None:
 @click.option("--max-time", help="Time budget of --until-width, e.g. 120s or 5min.  [default: 120s]")
 @click.option("--cuda-graphs", is_flag=True, help="torch on cuda: replay each shape's forward from a CUDA graph.")
 @ort_gpu_options
-@click.option("--json", "json_path", type=a_file, help="Write the JSON report (schema lora-deploy.bench/2).")
+@click.option("--json", "json_path", type=a_file, help="Write the JSON report (schema lora-deploy.bench/3).")
 @click.option("--markdown", "markdown_path", type=a_file, help="Write a Markdown summary.")
 @click.option("--plot", "plot_path", type=a_file, help="Write a PNG plot of p50 latency.")
 @click.option("--overwrite", is_flag=True, help="Replace existing --json/--markdown/--plot files.")
@@ -1066,6 +1125,13 @@ def demo(out: Path, family: str, variant: str) -> None:
     type=click.IntRange(min=3),
     help="Record a baseline's noise floor: repeat the measurement N times (every model reopened), store the spread "
     "of their medians; a later --baseline comparison against this report calibrates its margin from it.",
+)
+@click.option(
+    "--sessions",
+    type=click.IntRange(min=1),
+    help="Sessions per variant: the rounds (or --duration) split between K fresh opens of every model, the "
+    "intervals resampling sessions, then rounds; 1 leaves session-to-session variation out of them.  "
+    "[default: 3; 1 with --until-width or --noise-runs]",
 )
 @click.option(
     "--on-inconclusive",
@@ -1116,6 +1182,7 @@ def bench_cmd(
     run_margin,
     allow_mismatch,
     noise_runs,
+    sessions,
     on_inconclusive,
     rate,
     duration,
@@ -1163,16 +1230,30 @@ def export_adapter_graph(
     module=None,
     inputs_path=None,
     static=False,
+    dtype="float32",
+    max_rank=None,
+    lora_defaults="zeros",
 ) -> None:
     from lora_deploy.errors import BadInputError
 
+    if max_rank is not None and module is None:
+        raise BadInputError("--max-rank fixes the LoRA rank of a --static adapter graph of a --module")
     if module is not None and multi:
         from lora_deploy.export.dynamic_module import export_multi_module
 
         if not adapters or targets:
             raise BadInputError("--multi-adapter needs at least one --adapter (and takes no --targets)")
         graph = export_multi_module(
-            model, out, list(adapters), module=module, inputs_path=inputs_path, opset=opset, overwrite=overwrite
+            model,
+            out,
+            list(adapters),
+            module=module,
+            inputs_path=inputs_path,
+            opset=opset,
+            overwrite=overwrite,
+            static=static,
+            dtype=dtype,
+            max_rank=max_rank,
         )
     elif module is not None:
         from lora_deploy.export.dynamic_module import export_dynamic_module
@@ -1191,6 +1272,9 @@ def export_adapter_graph(
             default_rank=default_rank,
             overwrite=overwrite,
             static=static,
+            dtype=dtype,
+            max_rank=max_rank,
+            lora_defaults=lora_defaults,
         )
     elif task == "text-generation-with-past":
         from lora_deploy.export.generation import export_generation_adapters
@@ -1230,6 +1314,9 @@ def export_adapter_graph(
         "skipped": graph.skipped,
         "adapters": graph.adapters,
         "lora_inputs": graph.lora_inputs() if not multi else [],
+        "dtype": graph.dtype,
+        "rank": graph.rank,  # a static graph's fixed LoRA rank (null: symbolic)
+        "lora_defaults": "zeros" if graph.lora_defaults else "none",  # none: required LoRA inputs (TensorRT)
     }
     for module in graph.skipped:
         note(f"skipped {module}: the {graph.task} graph does not compute it, so a LoRA there changes no output")
@@ -1239,7 +1326,9 @@ def export_adapter_graph(
     else:
         kind = f"multi-adapter graph ({len(graph.adapters)} adapters)" if multi else "dynamic-adapter graph"
         kind = f"KV-cache {kind}" if task == "text-generation-with-past" else kind
-        click.echo(f"exported {kind} to {graph.path}: {len(graph.slots)} LoRA layers, checked in ONNX Runtime")
+        shape = f", {graph.dtype}" + (f", static (LoRA rank {graph.rank})" if graph.rank is not None else "")
+        shape += "" if graph.lora_defaults else ", LoRA inputs required (no defaults: for TensorRT)"
+        click.echo(f"exported {kind} to {graph.path}: {len(graph.slots)} LoRA layers{shape}, checked in ONNX Runtime")
 
 
 @main.command()
@@ -1262,9 +1351,8 @@ def export_adapter_graph(
 @click.option(
     "--dtype",
     type=click.Choice(list(PACK_DTYPES)),
-    default="float32",
-    show_default=True,
-    help="dtype of the packed A and B (the graph's LoRA inputs must have it).",
+    help="dtype of the packed A and B (the graph's LoRA inputs must have it); default: --onnx's LoRA dtype, "
+    "else float32.",
 )
 @run_guarded
 def pack(adapter, out, onnx_path, overwrite, dtype) -> None:
@@ -1386,7 +1474,7 @@ def run_cmd(pipeline, overrides, out, only, force, jobs, ray_address, schema, as
         return
     if pipeline is None:
         raise BadInputError("give a pipeline file: lora-deploy run PIPELINE.yaml (or --schema)")
-    from lora_deploy.pipeline.run import PipelineFailed, run_pipeline
+    from lora_deploy.pipeline.run import PipelineFailed, run_pipeline, steps_running
 
     def echo(line: str) -> None:
         click.echo(line, err=as_json)
@@ -1398,6 +1486,10 @@ def run_cmd(pipeline, overrides, out, only, force, jobs, ray_address, schema, as
     except PipelineFailed as exc:
         if as_json:
             emit_json(exc.manifest | {"error": str(exc), "exit_code": exc.exit_code})
+        raise
+    except KeyboardInterrupt as exc:  # the run has cleaned up; its step threads cannot be stopped
+        if steps_running():
+            exit_interrupted(exc, now=True)
         raise
     if as_json:
         emit_json(result.manifest)

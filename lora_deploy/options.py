@@ -68,7 +68,7 @@ class ExportOptions(StageOptions):
 class PackOptions(StageOptions):
     """`lora_deploy.backends.onnxrt.lora_format.pack_adapter` (`lora-deploy pack`)."""
 
-    dtype: str = "float32"  # what the packed A and B are stored as (PACK_DTYPES)
+    dtype: str | None = None  # what the packed A and B are stored as (PACK_DTYPES); None: the graph's LoRA dtype
     overwrite: bool = False  # replace an existing output file
 
 
@@ -153,6 +153,7 @@ class BenchOptions(StageOptions):
     run_margin: float | str | None = None  # between-run allowance against a saved report
     allow_mismatch: bool = False  # compare with a baseline of another configuration (gates inconclusive)
     noise_runs: int | None = None  # repeat the run N times (models reopened), store the noise floor for --baseline
+    sessions: int | None = None  # sessions per variant, the rounds split between them (None: 3; 1 with until_width)
     on_inconclusive: str = "warn"  # pass | warn | fail
     rate: str | None = None  # control-loop mode, e.g. "100hz"
     duration: str | None = None  # per shape in control-loop mode, e.g. "30s"

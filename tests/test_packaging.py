@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_a_built_wheel_installs_and_runs_every_command_outside_the_tree(tmp_path
     downloaded again) and run the CLI from a directory outside the repository."""
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):  # setup.py: the C kernels
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "lora_deploy", src / "lora_deploy", ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
@@ -116,6 +117,11 @@ def test_a_built_wheel_installs_and_runs_every_command_outside_the_tree(tmp_path
     assert Path(where.stdout.strip()).is_relative_to(env_dir), where.stdout  # the wheel, not the tree
 
     cli = env_dir / "bin" / "lora-deploy"
+    version = run(str(cli), "--version")  # the optional C kernels: built and loaded where a compiler is
+    assert version.returncode == 0, version.stderr
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler):
+        assert "float16 kernels: native" in version.stdout, version.stdout
     helped = run(str(cli), "--help")
     assert helped.returncode == 0, helped.stderr
     listed = run(str(python), "-c", LIST_COMMANDS)
