@@ -57,3 +57,23 @@ def logits_of(model, batch) -> torch.Tensor:
     with torch.no_grad():
         out = model(**batch)
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+
+
+def policy_base(paths):
+    """The reference continuous policy (examples/robot.py) with its saved base weights, in eval mode."""
+    from lora_deploy.examples import robot as robots
+
+    base = robots.build_policy()
+    base.load_state_dict(torch.load(paths["base"], weights_only=True))
+    return base.eval()
+
+
+def policy_actions(paths, adapter, obs):
+    """Actions of the policy in float32: the base (adapter None) or PEFT's unmerged adapter."""
+    from peft import PeftModel
+
+    model = policy_base(paths)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(v) for k, v in obs.items()}).numpy()

@@ -15,22 +15,11 @@ from peft import PeftModel
 from lora_deploy.backends.onnxrt.sessions import DynamicSession, MultiSession
 from lora_deploy.cli import main
 from lora_deploy.examples import robot as robots
+from tests.oracle import policy_actions, policy_base
 
 
 def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def policy_base(paths):
-    base = robots.build_policy()
-    base.load_state_dict(torch.load(paths["base"], weights_only=True))
-    return base.eval()
-
-
-def peft_actions(paths, adapter, obs):
-    with torch.no_grad():
-        model = PeftModel.from_pretrained(policy_base(paths), adapter).eval()
-        return model(**{k: torch.from_numpy(v) for k, v in obs.items()}).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +75,9 @@ def test_a_skill_per_batch_row_on_one_multi_adapter_graph(robot, tmp_path, secon
     got = MultiSession(graph).run(obs, [0, 1, -1])["actions"]  # skill a, skill b, no skill
     with torch.no_grad():
         want_base = policy_base(paths)(**{k: torch.from_numpy(v) for k, v in obs.items()}).numpy()
-    for row, want in enumerate([peft_actions(paths, paths["adapter"], obs), peft_actions(paths, second_skill, obs)]):
+    for row, want in enumerate(
+        [policy_actions(paths, paths["adapter"], obs), policy_actions(paths, second_skill, obs)]
+    ):
         np.testing.assert_allclose(got[row], want[row], atol=1e-4, rtol=1e-3, err_msg=f"row {row}")
     np.testing.assert_allclose(got[2], want_base[2], atol=1e-4, rtol=1e-3)
 
@@ -116,7 +107,7 @@ def test_a_static_batch_skills_graph_switches_like_peft(robot, tmp_path):
     session = DynamicSession(graph)
     session.load_adapter("a", packed)
     obs = robots.example_observations(batch=1, seed=12)
-    want = peft_actions(paths, paths["adapter"], obs)
+    want = policy_actions(paths, paths["adapter"], obs)
     np.testing.assert_allclose(session.run(obs, adapter="a")["actions"], want, atol=1e-4, rtol=1e-3)
 
     args = ["verify", paths["base"], paths["adapter"], "--module", paths["spec"], "--dynamic", graph, "--json"]

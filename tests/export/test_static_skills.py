@@ -11,9 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from click.testing import CliRunner
-from peft import PeftModel
 
 from lora_deploy.backends.onnxrt.sessions import DynamicSession, MultiSession
 from lora_deploy.cli import main
@@ -21,6 +19,7 @@ from lora_deploy.compare import tolerance
 from lora_deploy.errors import AdapterError, BadInputError
 from lora_deploy.examples import robot as robots
 from lora_deploy.export.dynamic_module import without_lora_defaults
+from tests.oracle import policy_actions
 
 F16 = tolerance("float16")
 ROWS = 4  # observations run one by one (the graph's batch is 1)
@@ -28,20 +27,6 @@ ROWS = 4  # observations run one by one (the graph's batch is 1)
 
 def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def policy_base(paths):
-    base = robots.build_policy()
-    base.load_state_dict(torch.load(paths["base"], weights_only=True))
-    return base.eval()
-
-
-def peft_actions(paths, adapter, obs):
-    tensors = {k: torch.from_numpy(v) for k, v in obs.items()}
-    with torch.no_grad():
-        if adapter is None:
-            return policy_base(paths)(**tensors).numpy()
-        return PeftModel.from_pretrained(policy_base(paths), adapter).eval()(**tensors).numpy()
 
 
 def symbolic_dims(path) -> list[str]:
@@ -92,9 +77,9 @@ def test_float16_static_graph_switches_skills_of_two_ranks_like_peft(robot, poli
         session.load_adapter(name, packed)
 
     obs = robots.example_observations(batch=ROWS, seed=21)
-    want_base = peft_actions(paths, None, obs)
+    want_base = policy_actions(paths, None, obs)
     for name, adapter in (("a", paths["adapter"]), ("b", policy_skill_r4)):
-        want = peft_actions(paths, adapter, obs)
+        want = policy_actions(paths, adapter, obs)
         assert np.abs(want - want_base).max() > 0.1  # the skill really changes the actions
         assert_close(row_by_row(lambda feed: session.run(feed, adapter=name)["actions"], obs), want, name)
     assert_close(row_by_row(lambda feed: session.run(feed)["actions"], obs), want_base, "no adapter")
@@ -160,7 +145,7 @@ def test_float16_static_multi_adapter_graph_serves_each_skill(robot, policy_skil
     obs = robots.example_observations(batch=ROWS, seed=22)
     for adapter_id, adapter in ((0, paths["adapter"]), (1, policy_skill_r4), (-1, None)):
         got = row_by_row(lambda feed, i=adapter_id: session.run(feed, [i])["actions"], obs)
-        assert_close(got, peft_actions(paths, adapter, obs), f"adapter id {adapter_id}")
+        assert_close(got, policy_actions(paths, adapter, obs), f"adapter id {adapter_id}")
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from click.testing import CliRunner
-from peft import PeftModel
 
 from lora_deploy.backends.onnxrt.lora_format import read_graph_inputs
 from lora_deploy.backends.onnxrt.sessions import DynamicSession
@@ -24,22 +22,14 @@ from lora_deploy.backends.trt.build import build_engine
 from lora_deploy.cli import main
 from lora_deploy.compare import tolerance
 from lora_deploy.errors import BadInputError
-from lora_deploy.examples import robot as robots
 from lora_deploy.proof.plain import verify_module
+from tests.oracle import policy_actions
 
 F16 = tolerance("float16")
 
 
 def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def peft_actions(paths, adapter, obs) -> np.ndarray:
-    base = robots.build_policy()
-    base.load_state_dict(torch.load(paths["base"], weights_only=True))
-    model = base.eval() if adapter is None else PeftModel.from_pretrained(base.eval(), adapter).eval()
-    with torch.no_grad():
-        return model(**{k: torch.from_numpy(v) for k, v in obs.items()}).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +59,7 @@ def test_the_graph_has_required_lora_inputs_of_fixed_shape(trt16):
     assert set(graph.required) == {v.name for v in lora} and graph.lora_dtype() == "float16"
 
 
-def test_packed_skills_and_zeros_give_peft_actions(robot, policy_skill_r4, trt16, tmp_path):
+def test_packed_skills_and_zeros_give_policy_actions(robot, policy_skill_r4, trt16, tmp_path):
     paths = robot("policy")
     packed = tmp_path / "r4.onnx_adapter"
     result = run_cli("pack", policy_skill_r4, "-o", packed, "--onnx", trt16)  # rank 4 padded to 16, float16
@@ -82,7 +72,7 @@ def test_packed_skills_and_zeros_give_peft_actions(robot, policy_skill_r4, trt16
     session.load_adapter("r4", packed)
     obs = dict(np.load(paths["obs1"]))
     feed = {k: v.astype(np.float16) for k, v in obs.items()}
-    want, base = peft_actions(paths, policy_skill_r4, obs), peft_actions(paths, None, obs)
+    want, base = policy_actions(paths, policy_skill_r4, obs), policy_actions(paths, None, obs)
     assert np.abs(want - base).max() > 0.1  # the skill really changes the actions
     np.testing.assert_allclose(session.run(feed, adapter="r4")["actions"], want, atol=F16.atol, rtol=F16.rtol)
     np.testing.assert_allclose(session.run(feed)["actions"], base, atol=F16.atol, rtol=F16.rtol)
