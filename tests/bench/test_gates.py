@@ -278,6 +278,23 @@ class FakeClock:
         return run
 
 
+def test_the_paced_loop_runs_with_the_collector_paused_and_restores_it():
+    """A full collection with torch loaded takes tens of ms: inside a tick it would be a
+    miss on the harness's account. Every call sees the collector off; afterwards it is on
+    again (and stays off if it was off)."""
+    import gc
+
+    seen = []
+    measure_paced({"a": lambda: seen.append(gc.isenabled())}, rate_hz=1000, ticks=3, warmup=1)
+    assert seen == [False] * 4 and gc.isenabled()
+    gc.disable()
+    try:
+        measure_paced({"a": lambda: None}, rate_hz=1000, ticks=2, warmup=0)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_paced_loop_accounting_on_a_synthetic_clock():
     clock = FakeClock()
     # 100 Hz: 10 ms per tick, A and B alternate (B A in odd rounds). B overruns twice in a row.
