@@ -9,12 +9,10 @@ or a warm cache hits every variant alike instead of whichever ran last.
 
 from __future__ import annotations
 
-import gc
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 
 from lora_deploy.errors import BadInputError
 
@@ -104,25 +102,6 @@ def _sleep_until(deadline: float, clock: Callable[[], float], sleep: Callable[[f
             sleep(left)  # a synthetic clock: no spinning on a clock that only sleep advances
 
 
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for a paced loop, after one full collection.
-
-    With torch and onnxruntime loaded a process holds ~0.5 M tracked objects, and a full
-    collection of them takes tens to hundreds of milliseconds: triggered inside a tick, it
-    misses the deadline on the harness's account, not the controller's. Real-time Python
-    loops switch it off the same way; reference counting still frees everything the
-    calls allocate."""
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def measure_paced(
     variants: Mapping[str, Callable[[], None]],
     *,
@@ -142,8 +121,7 @@ def measure_paced(
     controller behaves). For every timed call the result holds `latency_s` (call start
     to end), `lag_s` (start minus scheduled start) and `miss` (the call ended after its
     deadline, the next tick's scheduled start). `warmup` paced ticks per variant come
-    first and are not recorded. `ticks` counts timed ticks per variant. The garbage
-    collector is paused for the loop (`collector_paused`).
+    first and are not recorded. `ticks` counts timed ticks per variant.
     """
     _check_args(variants, warmup, ticks, 1)
     if not (isinstance(rate_hz, (int, float)) and math.isfinite(rate_hz) and rate_hz > 0):
@@ -153,22 +131,21 @@ def measure_paced(
     period = 1.0 / rate_hz
     out: dict[str, dict[str, list]] = {name: {"latency_s": [], "lag_s": [], "miss": []} for name in names}
     total = (warmup + ticks) * n
-    with collector_paused():
-        start = clock()
-        for k in range(total):
-            scheduled = start + k * period
-            _sleep_until(scheduled, clock, sleep)
-            name = round_order(names, k // n)[k % n]
-            begin = clock()
-            variants[name]()
-            end = clock()
-            if k >= warmup * n:
-                record = out[name]
-                record["latency_s"].append(end - begin)
-                record["lag_s"].append(begin - scheduled)
-                record["miss"].append(end > scheduled + period)
-                if progress is not None and (k + 1) % n == 0:
-                    progress((k + 1) // n - warmup - 1, ticks)
+    start = clock()
+    for k in range(total):
+        scheduled = start + k * period
+        _sleep_until(scheduled, clock, sleep)
+        name = round_order(names, k // n)[k % n]
+        begin = clock()
+        variants[name]()
+        end = clock()
+        if k >= warmup * n:
+            record = out[name]
+            record["latency_s"].append(end - begin)
+            record["lag_s"].append(begin - scheduled)
+            record["miss"].append(end > scheduled + period)
+            if progress is not None and (k + 1) % n == 0:
+                progress((k + 1) // n - warmup - 1, ticks)
     return out
 
 
