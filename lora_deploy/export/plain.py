@@ -38,13 +38,16 @@ def module_feed(module: Any, inputs_path: str | os.PathLike | None, source: str)
     """The feed a plain module is exported or verified on, in forward's argument order:
     the .npz when given, else the module's example_inputs(). An .npz is checked against
     forward's arguments and, where the module declares example inputs, against their
-    dtypes and sizes (any batch); float64 and int32 arrays are taken as float32 / int64."""
+    dtypes and sizes (any batch). Floats are taken in the declared input's float dtype
+    (else float32: recorded float16 observations feed a float32 module exactly), integers
+    as int64."""
     declared = example_inputs(module, source)
     if inputs_path is None:
         if declared is None:
             raise BadInputError(f"{source} declares no example_inputs(): give --inputs FILE.npz (names = forward's)")
         return _ordered(module, declared)
-    feed = {name: _usual_dtype(arr) for name, arr in read_npz(inputs_path).items()}
+    floats = {name: arr.dtype for name, arr in (declared or {}).items() if arr.dtype.kind == "f"}
+    feed = {name: _usual_dtype(arr, floats.get(name)) for name, arr in read_npz(inputs_path).items()}
     names, required = forward_arguments(module)
     metadata: Mapping[str, Any]
     if declared is not None:
@@ -59,9 +62,9 @@ def module_feed(module: Any, inputs_path: str | os.PathLike | None, source: str)
     return _ordered(module, feed)
 
 
-def _usual_dtype(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == np.float64:
-        return arr.astype(np.float32)
+def _usual_dtype(arr: np.ndarray, float_dtype: np.dtype | None = None) -> np.ndarray:
+    if arr.dtype.kind == "f":
+        return arr.astype(float_dtype or np.float32, copy=False)
     if arr.dtype.kind in "iu" and arr.dtype != np.int64:
         return arr.astype(np.int64)
     return arr

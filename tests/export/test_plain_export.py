@@ -124,3 +124,20 @@ def test_bad_input_is_one_line_and_writes_nothing(robot, tmp_path):
         assert phrase in result.output and len(result.output.strip().splitlines()) == 1, (args, result.output)
         assert not out.exists()
         assert not list(tmp_path.glob(".*out.onnx*"))  # no staging left behind
+
+
+def test_recorded_float16_and_float64_observations_feed_the_float32_module(tmp_path):
+    """A robot logs float16 observations (what its float16 graph takes): the float32
+    module is exported and verified on them, widened exactly; float64 is rounded once."""
+    from lora_deploy.export.plain import module_feed
+
+    module = robots.build_policy()
+    obs = robots.example_observations(batch=2, seed=3)
+    for dtype in (np.float16, np.float64):
+        path = tmp_path / f"obs-{np.dtype(dtype).name}.npz"
+        np.savez(path, **{k: v.astype(dtype) for k, v in obs.items()})
+        feed = module_feed(module, path, POLICY)
+        assert list(feed) == ["image", "proprio"]
+        for name, arr in feed.items():
+            assert arr.dtype == np.float32
+            np.testing.assert_array_equal(arr, obs[name].astype(dtype).astype(np.float32))
