@@ -280,106 +280,104 @@ same_count(Py_buffer *a, Py_buffer *b)
     return 0;
 }
 
+/* Buffers for `count` arguments: objs[i] as items of sizes[i] bytes, the last one
+   writable, all of the same item count. 0 on success; -1 with an exception set and
+   nothing held. */
+static int
+get_buffers(int count, PyObject **objs, Py_buffer *views, const Py_ssize_t *sizes, const char *const *what)
+{
+    for (int i = 0; i < count; i++) {
+        int ok = get_buffer(objs[i], &views[i], sizes[i], i == count - 1, what[i]) == 0;
+        if (ok && i > 0 && !same_count(&views[0], &views[i])) {
+            PyBuffer_Release(&views[i]);
+            ok = 0;
+        }
+        if (!ok) {
+            while (i-- > 0)
+                PyBuffer_Release(&views[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void
+release_buffers(int count, Py_buffer *views)
+{
+    for (int i = 0; i < count; i++)
+        PyBuffer_Release(&views[i]);
+}
+
+typedef void (*convert_fn)(const void *, void *, Py_ssize_t);
+
+/* widen and round: one input array converted item by item into an output array. */
+static PyObject *
+convert(PyObject *args, const char *format, Py_ssize_t in_size, Py_ssize_t out_size, const char *const *what,
+        convert_fn vector, convert_fn scalar)
+{
+    PyObject *objs[2];
+    int simd = 1;
+    Py_buffer views[2];
+    const Py_ssize_t sizes[2] = {in_size, out_size};
+    if (!PyArg_ParseTuple(args, format, &objs[0], &objs[1], &simd))
+        return NULL;
+    if (get_buffers(2, objs, views, sizes, what) < 0)
+        return NULL;
+    Py_ssize_t n = views[0].len / in_size;
+    Py_BEGIN_ALLOW_THREADS
+    if (simd && vector != NULL)
+        vector(views[0].buf, views[1].buf, n);
+    else
+        scalar(views[0].buf, views[1].buf, n);
+    Py_END_ALLOW_THREADS
+    release_buffers(2, views);
+    Py_RETURN_NONE;
+}
+
+#ifdef HAVE_X86_KERNELS
+#define X86_OR_NULL(fn) (use_x86 ? (convert_fn)(fn) : NULL)
+#else
+#define X86_OR_NULL(fn) NULL
+#endif
+
 static PyObject *
 f16_widen(PyObject *self, PyObject *args)
 {
-    PyObject *src_obj, *dst_obj;
-    int simd = 1;
-    Py_buffer src, dst;
-    if (!PyArg_ParseTuple(args, "OO|p:widen", &src_obj, &dst_obj, &simd))
-        return NULL;
-    if (get_buffer(src_obj, &src, 2, 0, "widen input") < 0)
-        return NULL;
-    if (get_buffer(dst_obj, &dst, 4, 1, "widen output") < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    if (same_count(&src, &dst)) {
-        Py_ssize_t n = src.len / 2;
-        Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_X86_KERNELS
-        if (simd && use_x86)
-            widen_x86(src.buf, dst.buf, n);
-        else
-#endif
-            widen_scalar(src.buf, dst.buf, n);
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
+    static const char *const what[2] = {"widen input", "widen output"};
+    return convert(args, "OO|p:widen", 2, 4, what, X86_OR_NULL(widen_x86), (convert_fn)widen_scalar);
 }
 
 static PyObject *
 f16_round(PyObject *self, PyObject *args)
 {
-    PyObject *src_obj, *dst_obj;
-    int simd = 1;
-    Py_buffer src, dst;
-    if (!PyArg_ParseTuple(args, "OO|p:round", &src_obj, &dst_obj, &simd))
-        return NULL;
-    if (get_buffer(src_obj, &src, 4, 0, "round input") < 0)
-        return NULL;
-    if (get_buffer(dst_obj, &dst, 2, 1, "round output") < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    if (same_count(&src, &dst)) {
-        Py_ssize_t n = src.len / 4;
-        Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_X86_KERNELS
-        if (simd && use_x86)
-            round_x86(src.buf, dst.buf, n);
-        else
-#endif
-            round_scalar(src.buf, dst.buf, n);
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
+    static const char *const what[2] = {"round input", "round output"};
+    return convert(args, "OO|p:round", 4, 2, what, X86_OR_NULL(round_x86), (convert_fn)round_scalar);
 }
 
 static PyObject *
 f16_scaled_add_round(PyObject *self, PyObject *args)
 {
-    PyObject *w_obj, *p_obj, *out_obj;
+    static const char *const what[3] = {"scaled_add_round weight", "scaled_add_round product",
+                                        "scaled_add_round output"};
+    static const Py_ssize_t sizes[3] = {2, 4, 2};
+    PyObject *objs[3];
     float scaling;
     int simd = 1;
-    Py_buffer w, p, out;
-    if (!PyArg_ParseTuple(args, "OOfO|p:scaled_add_round", &w_obj, &p_obj, &scaling, &out_obj, &simd))
+    Py_buffer views[3];
+    if (!PyArg_ParseTuple(args, "OOfO|p:scaled_add_round", &objs[0], &objs[1], &scaling, &objs[2], &simd))
         return NULL;
-    if (get_buffer(w_obj, &w, 2, 0, "scaled_add_round weight") < 0)
+    if (get_buffers(3, objs, views, sizes, what) < 0)
         return NULL;
-    if (get_buffer(p_obj, &p, 4, 0, "scaled_add_round product") < 0) {
-        PyBuffer_Release(&w);
-        return NULL;
-    }
-    if (get_buffer(out_obj, &out, 2, 1, "scaled_add_round output") < 0) {
-        PyBuffer_Release(&w);
-        PyBuffer_Release(&p);
-        return NULL;
-    }
-    if (same_count(&w, &p) && same_count(&w, &out)) {
-        Py_ssize_t n = w.len / 2;
-        Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t n = views[0].len / 2;
+    Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_X86_KERNELS
-        if (simd && use_x86)
-            scaled_add_round_x86(w.buf, p.buf, scaling, out.buf, n);
-        else
+    if (simd && use_x86)
+        scaled_add_round_x86(views[0].buf, views[1].buf, scaling, views[2].buf, n);
+    else
 #endif
-            scaled_add_round_scalar(w.buf, p.buf, scaling, out.buf, n);
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&w);
-    PyBuffer_Release(&p);
-    PyBuffer_Release(&out);
-    if (PyErr_Occurred())
-        return NULL;
+        scaled_add_round_scalar(views[0].buf, views[1].buf, scaling, views[2].buf, n);
+    Py_END_ALLOW_THREADS
+    release_buffers(3, views);
     Py_RETURN_NONE;
 }
 
