@@ -19,7 +19,6 @@ from pathlib import Path
 
 import click
 
-from lora_deploy import __version__
 from lora_deploy.backends import registry
 from lora_deploy.errors import InternalError, LoraDeployError
 from lora_deploy.options import (
@@ -187,6 +186,7 @@ def show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> No
     """--version: the version, and whether the merge's float16 arithmetic runs compiled."""
     if not value or ctx.resilient_parsing:
         return
+    from lora_deploy import __version__  # read on use (lora_deploy/__init__.py)
     from lora_deploy.arrays import float16_kernel, quant4_kernel
 
     click.echo(f"lora-deploy, version {__version__}\nfloat16 kernels: {float16_kernel()}")

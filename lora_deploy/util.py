@@ -6,7 +6,6 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from importlib import metadata
 
 
 def first_line(err: BaseException, limit: int | None = None) -> str:
@@ -23,8 +22,11 @@ def first_line(err: BaseException, limit: int | None = None) -> str:
 def library_versions(names: Iterable[str]) -> dict[str, str]:
     """Installed version of each distribution in `names`; ones not installed are left out.
 
-    Read from package metadata, so nothing heavy (torch) is imported.
+    Read from package metadata, so nothing heavy (torch) is imported; importlib.metadata
+    itself is imported here, on first use, as most commands never need it.
     """
+    from importlib import metadata
+
     versions = {}
     for name in names:
         try:

@@ -16,7 +16,8 @@ then rewritten to ONNX Runtime's multi-LoRA convention: graph inputs with a symb
 dimension, each backed by a same-named rank-0 initializer (with none active the graph is the
 base model). Every adapter is packed (lora_format.pack_adapter, the one writer) into
 `<name>.onnx_adapter` under the builder's names, which the graph's metadata maps to ours
-(LORA_NAMES below), so `lora-deploy pack A --onnx DIR/model.onnx` writes the same files.
+(LORA_NAMES, in backends/onnxrt/genai.py), so `lora-deploy pack A --onnx DIR/model.onnx`
+writes the same files.
 At int4 the LoRA MatMuls are kept out of quantization (nodes_to_exclude) so they stay
 overridable float weights. The baked values of the first adapter stay as unreferenced bytes
 in model.onnx.data (rank x (in + out) per layer).
@@ -46,7 +47,14 @@ import numpy as np
 
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.adapter.variants import refuse_non_additive
-from lora_deploy.backends.onnxrt.genai import GENAI_INSTALL, genai_generator, import_genai, read_genai_config
+from lora_deploy.backends.onnxrt.genai import (
+    GENAI_INSTALL,
+    GENAI_MANIFEST,
+    LORA_NAMES,
+    genai_generator,
+    import_genai,
+    read_genai_config,
+)
 from lora_deploy.backends.onnxrt.lora_format import A_SUFFIX, B_SUFFIX, METADATA_KEY, pack_adapter
 from lora_deploy.dtypes import BY_ONNX
 from lora_deploy.errors import AdapterError, BadInputError, ExportError
@@ -57,27 +65,12 @@ from lora_deploy.modeling.tasks import load_config
 from lora_deploy.util import first_line
 
 SCHEMA = "lora-deploy.genai/1"
-MANIFEST = "genai-manifest.json"
+MANIFEST = GENAI_MANIFEST
 BUILDER = "onnxruntime_genai.models.builder"
 # --precision (lora_deploy.options.GENAI_PRECISIONS) -> the builder's execution provider (-e) for it.
 PRECISIONS = {"fp32": "cpu", "fp16": "cuda", "int4": "cpu"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 CACHE = ".builder-cache"  # the builder's -c, inside the staging directory, removed before commit
-
-# Where the builder puts a PEFT LoRA module: PEFT module path (of the *ForCausalLM) -> the
-# builder's MatMul node path. Its weights are the node path, "/" as ".", with lora_A/lora_B
-# before "MatMul" and ".weight" after: /model/layers.0/attn/q_proj/MatMul ->
-# model.layers.0.attn.q_proj.lora_A.MatMul.weight. LLaMA-family decoders (Llama, Mistral,
-# Qwen2/3, ...): their HF module paths are these.
-LORA_NAMES = (
-    ("model.layers.{i}.self_attn.q_proj", "/model/layers.{i}/attn/q_proj"),
-    ("model.layers.{i}.self_attn.k_proj", "/model/layers.{i}/attn/k_proj"),
-    ("model.layers.{i}.self_attn.v_proj", "/model/layers.{i}/attn/v_proj"),
-    ("model.layers.{i}.self_attn.o_proj", "/model/layers.{i}/attn/o_proj"),
-    ("model.layers.{i}.mlp.gate_proj", "/model/layers.{i}/mlp/gate_proj"),
-    ("model.layers.{i}.mlp.up_proj", "/model/layers.{i}/mlp/up_proj"),
-    ("model.layers.{i}.mlp.down_proj", "/model/layers.{i}/mlp/down_proj"),
-)
 
 
 def _pattern(template: str) -> re.Pattern:

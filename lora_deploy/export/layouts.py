@@ -12,7 +12,7 @@ transform, the same for every rule:
   tensor (identity); any other is a buffer or a constant.
 * onnxruntime-genai's model builder (`export genai`, float graphs), for LLaMA-family
   decoders: a Linear weight W [out, in] is its MatMul node's Wᵀ [in, out], named by the node
-  (`model.layers.{i}.attn.o_proj.MatMul.weight`; the nodes are export/genai.py's LORA_NAMES);
+  (`model.layers.{i}.attn.o_proj.MatMul.weight`; the nodes are backends/onnxrt/genai.py's LORA_NAMES);
   q, k and v are packed into one MatMul, concat(Wq, Wk, Wv)ᵀ [in, q+k+v]
   (`...attn.qkv_proj.MatMul.weight`, unpacked only in graphs built with an adapter); biases
   are `<node>.Add.bias`, packed alike (no transpose); norms keep their names except the
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_deploy.export.genai import LORA_NAMES
+from lora_deploy.backends.onnxrt.genai import LORA_NAMES
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,10 @@ from threadpoolctl import threadpool_limits
 from lora_deploy.adapter.plan import MergePlan, plan_merge
 from lora_deploy.adapter.read import load_adapter
 from lora_deploy.arrays import all_finite
-from lora_deploy.backends.onnxrt.genai import GENAI_CONFIG, read_genai_config
+from lora_deploy.backends.onnxrt.genai import GENAI_CONFIG, GENAI_MANIFEST, read_genai_config
 from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
 from lora_deploy.errors import BadInputError, CheckpointError, NonFiniteError, OutputError
 from lora_deploy.export import files as onnx_files
-from lora_deploy.export.genai import MANIFEST as GENAI_MANIFEST
 from lora_deploy.export.layouts import Layout, Mapping, detect
 from lora_deploy.io.checkpoint import DTYPES, Checkpoint, TensorInfo, as_array, pread_all
 from lora_deploy.io.onnx_proto import onnx_protos

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_deploy.backends.onnxrt.genai import genai_generator, read_genai_config
+from lora_deploy.backends.onnxrt.genai import GENAI_MANIFEST, genai_generator, read_genai_config
 from lora_deploy.backends.onnxrt.lora_format import pack_adapter, read_graph_inputs
 from lora_deploy.compare import tolerance
 from lora_deploy.dtypes import BY_ONNX
@@ -29,7 +29,7 @@ from lora_deploy.io.provenance import artifact_hashes
 from lora_deploy.proof.generate import Candidate, verify_generation
 from lora_deploy.proof.verify import VerifyReport, require_cpu
 
-MANIFEST = "genai-manifest.json"  # written by lora_deploy.export.genai
+MANIFEST = GENAI_MANIFEST  # written by lora_deploy.export.genai
 QUANTIZED = "bfloat16"  # the tolerance row for int4 weights: the loosest the table has
 
 

@@ -34,6 +34,21 @@ from lora_deploy.util import first_line
 
 GENAI_INSTALL = "pip install 'lora-deploy[genai]'"
 GENAI_CONFIG = "genai_config.json"
+GENAI_MANIFEST = "genai-manifest.json"  # what `export genai` built, from what (export/genai.py)
+# Where the builder puts a PEFT LoRA module: PEFT module path (of the *ForCausalLM) -> the
+# builder's MatMul node path. Its weights are the node path, "/" as ".", with lora_A/lora_B
+# before "MatMul" and ".weight" after: /model/layers.0/attn/q_proj/MatMul ->
+# model.layers.0.attn.q_proj.lora_A.MatMul.weight. LLaMA-family decoders (Llama, Mistral,
+# Qwen2/3, ...): their HF module paths are these.
+LORA_NAMES = (
+    ("model.layers.{i}.self_attn.q_proj", "/model/layers.{i}/attn/q_proj"),
+    ("model.layers.{i}.self_attn.k_proj", "/model/layers.{i}/attn/k_proj"),
+    ("model.layers.{i}.self_attn.v_proj", "/model/layers.{i}/attn/v_proj"),
+    ("model.layers.{i}.self_attn.o_proj", "/model/layers.{i}/attn/o_proj"),
+    ("model.layers.{i}.mlp.gate_proj", "/model/layers.{i}/mlp/gate_proj"),
+    ("model.layers.{i}.mlp.up_proj", "/model/layers.{i}/mlp/up_proj"),
+    ("model.layers.{i}.mlp.down_proj", "/model/layers.{i}/mlp/down_proj"),
+)
 # Sentinels tried per call before giving up (each retry avoids every token chosen so far).
 SENTINEL_TRIES = 8
 # Greedy, as transformers' generate(do_sample=False) with no logits processors.
