@@ -9,16 +9,21 @@
      m      = max(absmax, 1e-38f)                (NaN stays NaN)
      s      = x * (1.0f / m), the partial last block x / m
      index  = the number of code midpoints below s (a binary search of ordered compares:
-              NaN -> 0, a value on a midpoint stays below it)
+              NaN -> 0, a value on a midpoint stays below it; with AVX-512 and NF4, one
+              compare within s's bucket of width 1/16, `build_buckets`: the same index)
      value  = code[index] * scale                (scale: absmax, or the double-quantized one)
    written as float32, float16 (round to nearest even) or bfloat16 (round to nearest even,
    NaN -> quiet NaN of its sign), with sum((written - x)^2) and sum(x^2) on the way.
-   `distance_sums` gives merge/quant.py's per-layer error figures in one pass.
+   `distance_sums` gives merge/quant.py's per-layer error figures in one pass;
+   `merge_onto` its merge of a LoRA update onto dequantized weights, a block of rows in one
+   pass (the float32 steps of its numpy code, bit for bit: tests/merge/test_merged_onto.py).
 
    Inputs cross as raw buffers (float32, or float16/bfloat16 as uint16) with a kind code;
    the loops run without the GIL. AVX2+F16C and AVX-512 versions are chosen at run time
    (__builtin_cpu_supports; no -march flag needed); the scalar one is the reference they
-   agree with and the fallback elsewhere. */
+   agree with and the fallback elsewhere. A block's absmax of 16-bit values is an integer
+   maximum of their own 16-bit magnitude patterns (no widening first); the AVX-512 loop finds
+   the absmax of 64 blocks before quantizing them (no block waits on its own reduction). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -51,7 +56,38 @@ typedef struct {
     Py_ssize_t start, stop; /* the value range: start a block boundary, stop one or n */
     int errors;
     double diff2, norm2;
+    /* the AVX-512 lookup (build_buckets): the bucket of s is floor(16 s) + 16, s clamped to
+       [-1, 31/32]; bucket k holds at most one midpoint, bucket_mid[k] (NaN: none), and
+       s's index is that of the bucket's lower end, plus one above the midpoint: the code
+       values bucket_lo[k] and bucket_hi[k] */
+    int buckets; /* 0: no such buckets (FP4's midpoints near zero): the binary search */
+    float bucket_mid[32], bucket_lo[32], bucket_hi[32];
 } Job;
+
+/* the bucket of a midpoint m (in (-1, 1)), as the vector code computes it for s */
+static inline int bucket_of(float m) { return (int)floorf(m * 16.0f) + 16; }
+
+/* job->buckets and its tables: possible when no two midpoints share a bucket. Exact for
+   every s: the bucket is a non-decreasing function of s, so the midpoints of lower
+   buckets are below s, those of higher ones above it, and only its own is compared. */
+static void build_buckets(Job *job) {
+    int owner[32];
+    job->buckets = 0;
+    for (int k = 0; k < 32; k++) owner[k] = -1;
+    for (int j = 0; j < 15; j++) {
+        float m = job->mids[j];
+        if (!(m > -1.0f && m < 1.0f) || owner[bucket_of(m)] >= 0) return;
+        owner[bucket_of(m)] = j;
+    }
+    for (int k = 0; k < 32; k++) {
+        int below = 0;
+        for (int j = 0; j < 15; j++) below += bucket_of(job->mids[j]) < k;
+        job->bucket_mid[k] = owner[k] >= 0 ? job->mids[owner[k]] : NAN;
+        job->bucket_lo[k] = job->code[below];
+        job->bucket_hi[k] = job->code[below < 15 ? below + 1 : 15];
+    }
+    job->buckets = 1;
+}
 
 /* Scalar conversions (exact; the vector paths agree with them). */
 
@@ -163,7 +199,52 @@ static void distances_scalar(Distances *job) {
     }
 }
 
+/* merge_onto: p = product * scaling; exact = p + w0; out = p + onto, rounded once to
+   out's kind (float32 steps, in merge/quant.py's merged_onto order). */
+typedef struct {
+    const float *product, *onto;
+    const void *w0;
+    int w0_kind, out_kind;
+    float scaling;
+    void *out;
+    float *exact; /* NULL: the distances instead (sums) */
+    Py_ssize_t n;
+    double sums[4];
+} Onto;
+
+static void onto_scalar(Onto *job, Py_ssize_t from) {
+    double sums[4] = {0.0, 0.0, 0.0, 0.0};
+    for (Py_ssize_t i = from; i < job->n; i++) {
+        float p = job->product[i] * job->scaling;
+        float e = p + load_value(job->w0, job->w0_kind, i);
+        float w = store_value(job->out, job->out_kind, i, p + job->onto[i]);
+        if (job->exact) {
+            job->exact[i] = e;
+            continue;
+        }
+        /* distances_scalar's steps, with e and w as it would read them back */
+        float d = w - e, r = rounded(job->out_kind, e), dp = w - r;
+        sums[0] += (double)d * d;
+        sums[1] += (double)e * e;
+        sums[2] += (double)dp * dp;
+        sums[3] += (double)r * r;
+    }
+    for (int k = 0; k < 4; k++) job->sums[k] += sums[k];
+}
+
 static inline float floor_1e38(float a) { return (a > 1e-38f || a != a) ? a : 1e-38f; } /* np.maximum */
+
+/* the largest 16-bit magnitude pattern of a float16/bfloat16 block (the patterns order
+   like the values they widen to), widened to float32 */
+static inline float widened_magnitude(int kind, uint32_t m) {
+    return bits_f32(kind == KIND_F16 ? f16_to_f32_bits((uint16_t)m) : m << 16);
+}
+
+static inline uint32_t max_magnitude16(const uint16_t *src, Py_ssize_t lo, Py_ssize_t hi, uint32_t m) {
+    for (Py_ssize_t i = lo; i < hi; i++)
+        if ((uint32_t)(src[i] & 0x7FFFu) > m) m = src[i] & 0x7FFFu;
+    return m;
+}
 
 static float block_absmax(const Job *job, Py_ssize_t lo, Py_ssize_t hi) {
     uint32_t best = 0;
@@ -260,10 +341,38 @@ AVX2 static inline __m256 store8(__m256 v, int kind, void *out, Py_ssize_t i) {
     return v;
 }
 
-AVX2 static float block_absmax_avx2(const Job *job, Py_ssize_t lo, Py_ssize_t hi) {
+/* the largest of 8 uint16 lanes */
+AVX2 static inline uint32_t hmax_epu16(__m128i v) {
+    /* phminposuw finds the smallest: of the complements */
+    return 0xFFFFu - (uint32_t)_mm_extract_epi16(_mm_minpos_epu16(_mm_xor_si128(v, _mm_set1_epi16(-1))), 0);
+}
+
+/* The vector loops take the blocks GROUP at a time: every absmax of the group and its
+   reciprocal first, then the values, so no block waits on its own reduction and division. */
+enum { GROUP = 64 };
+
+#define INLINE256 AVX2 __attribute__((always_inline)) static inline
+
+/* What the AVX2 loop reads, copied out of the Job once (as Lookup512). */
+typedef struct {
+    __m256 code_lo, code_hi, mids_lo, mids_hi, middle;
+    const void *src;
+    void *out;
+    int src_kind, out_kind, errors;
+} Lookup256;
+
+INLINE256 float block_absmax_avx2(const Lookup256 *job, Py_ssize_t lo, Py_ssize_t hi) {
     const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
     __m256i best = _mm256_setzero_si256();
     Py_ssize_t i = lo;
+    if (job->src_kind != KIND_F32) { /* 16-bit patterns, 16 at a time, not widened first */
+        const uint16_t *src = job->src;
+        __m256i top = _mm256_setzero_si256();
+        for (; i + 16 <= hi; i += 16)
+            top = _mm256_max_epu16(top, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(src + i)), _mm256_set1_epi16(0x7FFF)));
+        uint32_t m = hmax_epu16(_mm_max_epu16(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1)));
+        return widened_magnitude(job->src_kind, max_magnitude16(src, i, hi, m));
+    }
     for (; i + 8 <= hi; i += 8)
         best = _mm256_max_epi32(best, _mm256_and_si256(_mm256_castps_si256(load8(job->src, job->src_kind, i)), magnitude));
     uint32_t lanes[8];
@@ -279,14 +388,11 @@ AVX2 static float block_absmax_avx2(const Job *job, Py_ssize_t lo, Py_ssize_t hi
 }
 
 /* one whole block (a multiple of 8 values: blocksize >= 32) */
-AVX2 static void block_avx2(Job *job, Py_ssize_t lo, Py_ssize_t hi, float m, float scale_value, __m256d sums[2]) {
-    const __m256 inverse = _mm256_set1_ps(1.0f / m);
+INLINE256 void block_avx2(const Lookup256 *job, Py_ssize_t lo, Py_ssize_t hi, float inverse_value, float scale_value, __m256d sums[2]) {
+    const __m256 inverse = _mm256_set1_ps(inverse_value);
     const __m256 scale = _mm256_set1_ps(scale_value);
-    const __m256 code_lo = _mm256_loadu_ps(job->code), code_hi = _mm256_loadu_ps(job->code + 8);
-    /* midpoints 0..7 and 8..14 (entry 15, zero, is never looked up) */
-    const __m256 mids_lo = _mm256_loadu_ps(job->mids);
-    const __m256 mids_hi = _mm256_maskload_ps(job->mids + 8, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0));
-    const __m256 middle = _mm256_set1_ps(job->mids[7]);
+    const __m256 code_lo = job->code_lo, code_hi = job->code_hi, mids_lo = job->mids_lo, mids_hi = job->mids_hi;
+    const __m256 middle = job->middle;
     const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2), three = _mm256_set1_epi32(3);
     const __m256i four = _mm256_set1_epi32(4), eight = _mm256_set1_epi32(8);
     __m256 d2 = _mm256_setzero_ps(), n2 = _mm256_setzero_ps();
@@ -358,26 +464,77 @@ AVX2 static void distances_avx2(Distances *job) {
     for (int k = 0; k < 4; k++) job->sums[k] += rest.sums[k];
 }
 
+AVX2 static void onto_avx2(Onto *job) {
+    const __m256 scaling = _mm256_set1_ps(job->scaling);
+    Py_ssize_t i = 0;
+    if (job->exact == NULL) { /* the distances, as distances_avx2 sums them over these values */
+        __m256d total[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+        Py_ssize_t whole = job->n - job->n % 8;
+        for (Py_ssize_t lo = 0; lo < whole; lo += 1024) {
+            Py_ssize_t hi = lo + 1024 < whole ? lo + 1024 : whole;
+            __m256 sums[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (i = lo; i < hi; i += 8) {
+                __m256 p = _mm256_mul_ps(_mm256_loadu_ps(job->product + i), scaling);
+                __m256 e = _mm256_add_ps(p, load8(job->w0, job->w0_kind, i));
+                __m256 w = store8(_mm256_add_ps(p, _mm256_loadu_ps(job->onto + i)), job->out_kind, job->out, i);
+                __m256 d = _mm256_sub_ps(w, e);
+                sums[0] = _mm256_add_ps(sums[0], _mm256_mul_ps(d, d));
+                sums[1] = _mm256_add_ps(sums[1], _mm256_mul_ps(e, e));
+                __m256 r = store8(e, job->out_kind, NULL, 0), dp = _mm256_sub_ps(w, r);
+                sums[2] = _mm256_add_ps(sums[2], _mm256_mul_ps(dp, dp));
+                sums[3] = _mm256_add_ps(sums[3], _mm256_mul_ps(r, r));
+            }
+            for (int k = 0; k < 4; k++) total[k] = _mm256_add_pd(total[k], widen_sum(sums[k]));
+        }
+        for (int k = 0; k < 4; k++) {
+            double t[4];
+            _mm256_storeu_pd(t, total[k]);
+            job->sums[k] += (t[0] + t[1]) + (t[2] + t[3]);
+        }
+        onto_scalar(job, whole); /* the last n % 8 values: distances_scalar's sums, added last */
+        return;
+    }
+    for (; i + 8 <= job->n; i += 8) {
+        __m256 p = _mm256_mul_ps(_mm256_loadu_ps(job->product + i), scaling);
+        _mm256_storeu_ps(job->exact + i, _mm256_add_ps(p, load8(job->w0, job->w0_kind, i)));
+        store8(_mm256_add_ps(p, _mm256_loadu_ps(job->onto + i)), job->out_kind, job->out, i);
+    }
+    onto_scalar(job, i);
+}
+
 AVX2 static void run_avx2(Job *job) {
     __m256d sums[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
-    for (Py_ssize_t lo = job->start; lo < job->stop; lo += job->blocksize) {
-        Py_ssize_t b = lo / job->blocksize;
-        Py_ssize_t hi = lo + job->blocksize;
-        int partial = hi > job->n;
-        if (partial) hi = job->n;
-        float a = absmax_of(job, b, lo, hi, block_absmax_avx2);
-        if (job->out == NULL) continue;
-        float scale = job->scale ? job->scale[b] : a;
-        if (partial) /* divided, as bitsandbytes does: the scalar path */
-            block_scalar(job, lo, hi, floor_1e38(a), scale, 1);
-        else
-            block_avx2(job, lo, hi, floor_1e38(a), scale, sums);
+    /* midpoints 0..7 and 8..14 (entry 15, zero, is never looked up) */
+    const Lookup256 t = {_mm256_loadu_ps(job->code), _mm256_loadu_ps(job->code + 8), _mm256_loadu_ps(job->mids),
+                         _mm256_maskload_ps(job->mids + 8, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, -1, 0)),
+                         _mm256_set1_ps(job->mids[7]), job->src, job->out, job->src_kind, job->out_kind, job->errors};
+    const Py_ssize_t size = job->blocksize, n = job->n;
+    float found[GROUP], inverse[GROUP];
+    for (Py_ssize_t first = job->start; first < job->stop; first += GROUP * size) {
+        Py_ssize_t last = first + GROUP * size < job->stop ? first + GROUP * size : job->stop;
+        Py_ssize_t count = (last - first + size - 1) / size, b0 = first / size;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            Py_ssize_t lo = first + k * size, hi = lo + size < n ? lo + size : n;
+            float a = job->have_absmax ? job->absmax[b0 + k] : block_absmax_avx2(&t, lo, hi);
+            if (!job->have_absmax) job->absmax[b0 + k] = a;
+            found[k] = a;
+            inverse[k] = 1.0f / floor_1e38(a);
+        }
+        if (t.out == NULL) continue;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            Py_ssize_t lo = first + k * size, hi = lo + size;
+            float scale = job->scale ? job->scale[b0 + k] : found[k];
+            if (hi > n) /* the last, partial block: divided, as bitsandbytes does */
+                block_scalar(job, lo, n, floor_1e38(found[k]), scale, 1);
+            else
+                block_avx2(&t, lo, hi, inverse[k], scale, sums);
+        }
     }
-    double d[4], n[4];
+    double d[4], x[4];
     _mm256_storeu_pd(d, sums[0]);
-    _mm256_storeu_pd(n, sums[1]);
+    _mm256_storeu_pd(x, sums[1]);
     job->diff2 += (d[0] + d[1]) + (d[2] + d[3]);
-    job->norm2 += (n[0] + n[1]) + (n[2] + n[3]);
+    job->norm2 += (x[0] + x[1]) + (x[2] + x[3]);
 }
 
 /* AVX-512F: 16 values at a time (chosen where BW and VL are there too: Skylake-SP on). */
@@ -393,10 +550,30 @@ AVX512 static inline __m512 load16(const void *src, int kind, Py_ssize_t i) {
     return _mm512_loadu_ps((const float *)src + i);
 }
 
-AVX512 static float block_absmax_avx512(const Job *job, Py_ssize_t lo, Py_ssize_t hi) {
+#define INLINE512 AVX512 __attribute__((always_inline)) static inline
+
+/* What the AVX-512 loop reads, copied out of the Job once: kept in registers, not re-read
+   after every store (the stores' vector types may alias anything). */
+typedef struct {
+    __m512 code, mids, middle, mid_a, mid_b, lo_a, lo_b, hi_a, hi_b;
+    const void *src;
+    void *out;
+    int src_kind, out_kind, errors, buckets;
+} Lookup512;
+
+INLINE512 float block_absmax_avx512(const Lookup512 *job, Py_ssize_t lo, Py_ssize_t hi) {
     const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
     __m512i best = _mm512_setzero_si512();
     Py_ssize_t i = lo;
+    if (job->src_kind != KIND_F32) { /* 16-bit patterns, 32 at a time, not widened first */
+        const uint16_t *src = job->src;
+        __m512i top = _mm512_setzero_si512();
+        for (; i + 32 <= hi; i += 32)
+            top = _mm512_max_epu16(top, _mm512_and_si512(_mm512_loadu_si512(src + i), _mm512_set1_epi16(0x7FFF)));
+        __m256i half = _mm256_max_epu16(_mm512_castsi512_si256(top), _mm512_extracti64x4_epi64(top, 1));
+        uint32_t m = hmax_epu16(_mm_max_epu16(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1)));
+        return widened_magnitude(job->src_kind, max_magnitude16(src, i, hi, m));
+    }
     for (; i + 16 <= hi; i += 16)
         best = _mm512_max_epu32(best, _mm512_and_si512(_mm512_castps_si512(load16(job->src, job->src_kind, i)), magnitude));
     uint32_t m = _mm512_reduce_max_epu32(best);
@@ -407,28 +584,37 @@ AVX512 static float block_absmax_avx512(const Job *job, Py_ssize_t lo, Py_ssize_
     return bits_f32(m);
 }
 
-/* one whole block (a multiple of 16 values: blocksize >= 32) */
-AVX512 static void block_avx512(Job *job, Py_ssize_t lo, Py_ssize_t hi, float m, float scale_value, __m512d sums[2]) {
-    const __m512 inverse = _mm512_set1_ps(1.0f / m);
+/* one whole block (a multiple of 16 values: blocksize >= 32), 1 / max(absmax, 1e-38) given */
+INLINE512 void block_avx512(const Lookup512 *job, Py_ssize_t lo, Py_ssize_t hi, float inverse_value, float scale_value, __m512d sums[2]) {
+    const __m512 inverse = _mm512_set1_ps(inverse_value);
     const __m512 scale = _mm512_set1_ps(scale_value);
-    const __m512 code = _mm512_loadu_ps(job->code);
+    const __m512 code = job->code, mids = job->mids, middle = job->middle;
+    const __m512 mid_a = job->mid_a, mid_b = job->mid_b, lo_a = job->lo_a, lo_b = job->lo_b, hi_a = job->hi_a, hi_b = job->hi_b;
     const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2), three = _mm512_set1_epi32(3);
     const __m512i four = _mm512_set1_epi32(4), eight = _mm512_set1_epi32(8);
-    /* entry 15 (zero) is never looked up: the search reads entries 0..14 */
-    const __m512 mids = _mm512_maskz_loadu_ps(0x7FFF, job->mids), middle = _mm512_set1_ps(job->mids[7]);
+    const __m512 sixteen = _mm512_set1_ps(16.0f), lowest = _mm512_set1_ps(-16.0f), highest = _mm512_set1_ps(15.5f);
+    const __m512i offset = _mm512_set1_epi32(16);
     __m512 d2 = _mm512_setzero_ps(), n2 = _mm512_setzero_ps();
     for (Py_ssize_t i = lo; i < hi; i += 16) {
         __m512 x = load16(job->src, job->src_kind, i);
         __m512 s = _mm512_mul_ps(x, inverse);
-        /* the number of midpoints below s (sorted), by binary search: 8, 4, 2, 1 */
-        __m512i index = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(s, middle, _CMP_GT_OQ), eight);
-        __m512 m4 = _mm512_permutexvar_ps(_mm512_add_epi32(index, three), mids);
-        index = _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(s, m4, _CMP_GT_OQ), index, four);
-        __m512 m2 = _mm512_permutexvar_ps(_mm512_add_epi32(index, one), mids);
-        index = _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(s, m2, _CMP_GT_OQ), index, two);
-        __m512 m1 = _mm512_permutexvar_ps(index, mids);
-        index = _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(s, m1, _CMP_GT_OQ), index, one);
-        __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(index, code), scale), written;
+        __m512 c;
+        if (job->buckets) { /* s's bucket (NaN: -16 by max's rule, so bucket 0, index 0), one compare */
+            __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(s, sixteen), lowest), highest);
+            __m512i k = _mm512_add_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), offset);
+            __mmask16 above = _mm512_cmp_ps_mask(s, _mm512_permutex2var_ps(mid_a, k, mid_b), _CMP_GT_OQ);
+            c = _mm512_mask_blend_ps(above, _mm512_permutex2var_ps(lo_a, k, lo_b), _mm512_permutex2var_ps(hi_a, k, hi_b));
+        } else { /* the number of midpoints below s (sorted), by binary search: 8, 4, 2, 1 */
+            __m512i index = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(s, middle, _CMP_GT_OQ), eight);
+            __m512 m4 = _mm512_permutexvar_ps(_mm512_add_epi32(index, three), mids);
+            index = _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(s, m4, _CMP_GT_OQ), index, four);
+            __m512 m2 = _mm512_permutexvar_ps(_mm512_add_epi32(index, one), mids);
+            index = _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(s, m2, _CMP_GT_OQ), index, two);
+            __m512 m1 = _mm512_permutexvar_ps(index, mids);
+            index = _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(s, m1, _CMP_GT_OQ), index, one);
+            c = _mm512_permutexvar_ps(index, code);
+        }
+        __m512 v = _mm512_mul_ps(c, scale), written;
         if (job->out_kind == KIND_F16) {
             __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             _mm256_storeu_si256((__m256i *)((uint16_t *)job->out + i), h);
@@ -459,20 +645,49 @@ AVX512 static void block_avx512(Job *job, Py_ssize_t lo, Py_ssize_t hi, float m,
     }
 }
 
+AVX512 static void onto_avx512(Onto *job) {
+    const __m512 scaling = _mm512_set1_ps(job->scaling);
+    Py_ssize_t i = 0;
+    for (; i + 16 <= job->n; i += 16) {
+        __m512 p = _mm512_mul_ps(_mm512_loadu_ps(job->product + i), scaling);
+        _mm512_storeu_ps(job->exact + i, _mm512_add_ps(p, load16(job->w0, job->w0_kind, i)));
+        __m512 v = _mm512_add_ps(p, _mm512_loadu_ps(job->onto + i));
+        /* two 8-value halves: store8's rounding, the AVX2 path's bits */
+        store8(_mm512_castps512_ps256(v), job->out_kind, job->out, i);
+        store8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), job->out_kind, job->out, i + 8);
+    }
+    onto_scalar(job, i);
+}
+
 AVX512 static void run_avx512(Job *job) {
     __m512d sums[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
-    for (Py_ssize_t lo = job->start; lo < job->stop; lo += job->blocksize) {
-        Py_ssize_t b = lo / job->blocksize;
-        Py_ssize_t hi = lo + job->blocksize;
-        int partial = hi > job->n;
-        if (partial) hi = job->n;
-        float a = absmax_of(job, b, lo, hi, block_absmax_avx512);
-        if (job->out == NULL) continue;
-        float scale = job->scale ? job->scale[b] : a;
-        if (partial)
-            block_scalar(job, lo, hi, floor_1e38(a), scale, 1);
-        else
-            block_avx512(job, lo, hi, floor_1e38(a), scale, sums);
+    /* entry 15 of mids (zero) is never looked up: the search reads entries 0..14 */
+    const Lookup512 t = {_mm512_loadu_ps(job->code), _mm512_maskz_loadu_ps(0x7FFF, job->mids), _mm512_set1_ps(job->mids[7]),
+                         _mm512_loadu_ps(job->bucket_mid), _mm512_loadu_ps(job->bucket_mid + 16),
+                         _mm512_loadu_ps(job->bucket_lo), _mm512_loadu_ps(job->bucket_lo + 16),
+                         _mm512_loadu_ps(job->bucket_hi), _mm512_loadu_ps(job->bucket_hi + 16),
+                         job->src, job->out, job->src_kind, job->out_kind, job->errors, job->buckets};
+    const Py_ssize_t size = job->blocksize, n = job->n;
+    float found[GROUP], inverse[GROUP];
+    for (Py_ssize_t first = job->start; first < job->stop; first += GROUP * size) {
+        Py_ssize_t last = first + GROUP * size < job->stop ? first + GROUP * size : job->stop;
+        Py_ssize_t count = (last - first + size - 1) / size, b0 = first / size;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            Py_ssize_t lo = first + k * size, hi = lo + size < n ? lo + size : n;
+            float a = job->have_absmax ? job->absmax[b0 + k] : block_absmax_avx512(&t, lo, hi);
+            if (!job->have_absmax) job->absmax[b0 + k] = a;
+            found[k] = a;
+            inverse[k] = 1.0f / floor_1e38(a);
+        }
+        if (t.out == NULL) continue;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            Py_ssize_t lo = first + k * size, hi = lo + size;
+            float scale = job->scale ? job->scale[b0 + k] : found[k];
+            if (hi > n) /* the last, partial block: divided, as bitsandbytes does */
+                block_scalar(job, lo, n, floor_1e38(found[k]), scale, 1);
+            else
+                block_avx512(&t, lo, hi, inverse[k], scale, sums);
+        }
     }
     job->diff2 += _mm512_reduce_add_pd(sums[0]);
     job->norm2 += _mm512_reduce_add_pd(sums[1]);
@@ -574,7 +789,8 @@ static PyObject *fake_quant4(PyObject *self, PyObject *args, PyObject *kwargs) {
         goto done;
     }
     Job job = {src.buf, src_kind, out.buf, out_kind, absmax.buf, have_absmax, scale.buf, code.buf, mids.buf,
-               n,       blocksize, start, stop, errors, 0.0, 0.0};
+               n,       blocksize, start, stop, errors, 0.0, 0.0, 0, {0}, {0}, {0}};
+    build_buckets(&job);
     Py_BEGIN_ALLOW_THREADS run(&job, isa);
     Py_END_ALLOW_THREADS result = Py_BuildValue("(dd)", job.diff2, job.norm2);
 done:
@@ -631,9 +847,74 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(merge_onto_doc,
+             "merge_onto(product, w0, w0_kind, onto, scaling, out, out_kind, exact, isa=-1) -> None or sums\n\n"
+             "p = product * scaling; exact = p + w0; out = p + onto rounded once to out_kind: float32 "
+             "steps, as merge/quant.py's merged_onto takes them. product, onto, exact: float32; w0 and out "
+             "raw buffers of their kinds (as fake_quant4's), all of one size. exact None: instead of "
+             "writing it, return distance_sums(out, exact, onto=True) over these values, the same float32 "
+             "and float64 steps. isa: -1 the best, 0 scalar, 1 AVX2, 2 AVX-512.");
+
+static PyObject *merge_onto(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    static char *keywords[] = {"product", "w0", "w0_kind", "onto", "scaling", "out", "out_kind", "exact", "isa", NULL};
+    PyObject *product_obj, *w0_obj, *onto_obj, *out_obj, *exact_obj;
+    int w0_kind, out_kind, isa = -1;
+    float scaling;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOiOfOiO|i", keywords, &product_obj, &w0_obj, &w0_kind,
+                                     &onto_obj, &scaling, &out_obj, &out_kind, &exact_obj, &isa))
+        return NULL;
+    if (w0_kind < 0 || w0_kind > 2 || out_kind < 0 || out_kind > 2) {
+        PyErr_SetString(PyExc_ValueError, "kind: 0 float32, 1 float16, 2 bfloat16");
+        return NULL;
+    }
+    if (isa < 0) isa = best_isa;
+    if (isa > best_isa) {
+        PyErr_Format(PyExc_ValueError, "isa %d: this CPU runs at most %s", isa, ISA_NAMES[best_isa]);
+        return NULL;
+    }
+    Py_buffer product = {0}, w0 = {0}, onto = {0}, out = {0}, exact = {0};
+    PyObject *result = NULL;
+    if (get_buffer(product_obj, &product, 0, "product") < 0 || get_buffer(w0_obj, &w0, 0, "w0") < 0 ||
+        get_buffer(onto_obj, &onto, 0, "onto") < 0 || get_buffer(out_obj, &out, 1, "out") < 0 ||
+        (exact_obj != Py_None && get_buffer(exact_obj, &exact, 1, "exact") < 0))
+        goto done;
+    Py_ssize_t n = product.len / 4;
+    if (product.len % 4 || w0.len != n * kind_size(w0_kind) || onto.len != n * 4 || out.len != n * kind_size(out_kind) ||
+        (exact.buf && exact.len != n * 4)) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match");
+        goto done;
+    }
+    Onto job = {product.buf, onto.buf, w0.buf, w0_kind, out_kind, scaling, out.buf, exact.buf, n, {0.0, 0.0, 0.0, 0.0}};
+    Py_BEGIN_ALLOW_THREADS
+#ifdef QUANT4_X86
+    if (isa == ISA_AVX512 && exact.buf)
+        onto_avx512(&job);
+    else if (isa >= ISA_AVX2) /* the distances: distance_sums' AVX2 order on AVX-512 too */
+        onto_avx2(&job);
+    else
+#endif
+        onto_scalar(&job, 0);
+    Py_END_ALLOW_THREADS
+    if (exact.buf) {
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        result = Py_BuildValue("(dddd)", job.sums[0], job.sums[1], job.sums[2], job.sums[3]);
+    }
+done:
+    if (product.obj) PyBuffer_Release(&product);
+    if (w0.obj) PyBuffer_Release(&w0);
+    if (onto.obj) PyBuffer_Release(&onto);
+    if (out.obj) PyBuffer_Release(&out);
+    if (exact.obj) PyBuffer_Release(&exact);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"distance_sums", (PyCFunction)(void (*)(void))distance_sums, METH_VARARGS | METH_KEYWORDS, distance_sums_doc},
     {"fake_quant4", (PyCFunction)(void (*)(void))fake_quant4, METH_VARARGS | METH_KEYWORDS, fake_quant4_doc},
+    {"merge_onto", (PyCFunction)(void (*)(void))merge_onto, METH_VARARGS | METH_KEYWORDS, merge_onto_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,8 +16,10 @@ path step by step (tests/merge/test_bnb.py compares every value, bit for bit):
 * double quantization (bnb_4bit_use_double_quant): the absmax values minus their mean,
   quantized in blocks of 256 with bitsandbytes' 8-bit dynamic map (nearest code, a tie to
   the lower one), dequantized and the mean added back. The mean is torch's float32 mean,
-  as bitsandbytes takes it; its last bit depends on the reduction order, so this one
-  value is computed by torch (imported for --double-quant only).
+  as bitsandbytes takes it (`torch_mean`): its last bit depends on the order of the
+  additions, so torch's CPU order is reproduced, without importing torch (seconds of
+  CPU): the sum split among torch's threads, each part summed by its cascade (tests
+  compare it with torch at several thread counts and sizes).
 * LLM.int8 (Int8Params): the weight cast to float16, absmax per row, round(x * (127 /
   absmax)) to int8, dequantized as q * absmax * (1/127) in float32.
 
@@ -36,8 +38,11 @@ forces the numpy code.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -235,23 +240,141 @@ def absmax_4bit(flat: np.ndarray, blocksize: int) -> np.ndarray:
 
 def nested_absmax(absmax: np.ndarray) -> np.ndarray:
     """absmax as double quantization leaves it: offset + dequant(quant(absmax - offset))."""
-    import torch  # the offset is torch's float32 mean, as bitsandbytes takes it
-
-    offset = np.float32(torch.from_numpy(absmax).mean().item())
+    offset = torch_mean(absmax)  # torch's float32 mean, as bitsandbytes takes it
     centred = absmax - offset
-    code, on_grid = dynamic_code()
     scales = absmax_4bit(centred, NESTED_BLOCKSIZE)
-    blocks = np.arange(centred.size) // NESTED_BLOCKSIZE
+    per_value = np.repeat(scales, NESTED_BLOCKSIZE)[: centred.size]  # each value's block scale
     with np.errstate(divide="ignore", invalid="ignore"):
-        normed = centred / scales[blocks]  # bitsandbytes' CPU kernel divides
+        normed = centred / per_value  # bitsandbytes' CPU kernel divides
     # Its CPU kernel looks the code up on a grid of 65536 points over [-1, 1]: the
     # nearest grid point (rounded in float32), then the code value nearest to that point.
     grid = np.floor((normed + np.float32(1)) * np.float32(GRID_SCALE) + np.float32(0.5))
-    grid = np.nan_to_num(grid, nan=GRID_SCALE).clip(0, GRID_POINTS - 1).astype(np.intp)  # 0/0: times 0 anyway
-    index = on_grid[grid]
-    out = code[index] * scales[blocks]
+    np.nan_to_num(grid, copy=False, nan=GRID_SCALE)  # 0/0: times 0 anyway
+    np.clip(grid, 0, GRID_POINTS - 1, out=grid)
+    out = np.take(grid_code(), grid.astype(np.int32))
+    out *= per_value
     out += offset
     return out.astype(np.float32, copy=False)
+
+
+# torch's CPU sum (aten/src/ATen/native/cpu/SumKernel.cpp, cascade_sum), as it orders the
+# float32 additions of a contiguous 1-D tensor; checked against torch itself in
+# tests/merge/test_bnb.py.
+TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: below it, or with one thread, one serial pass
+TORCH_LANES = 8  # Vectorized<float> lanes its sum runs with (the AVX2 and AVX-512 builds alike)
+TORCH_ILP = 4  # row_sum's independent accumulators
+
+
+def torch_mean(values: np.ndarray, threads: int | None = None) -> np.float32:
+    """torch.from_numpy(values).mean() (float32, 1-D), bit for bit, on `threads` threads
+    (default: as many as torch would use in this process, `torch_threads`)."""
+    x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    n = x.size
+    threads = torch_threads() if threads is None else threads
+    if n < TORCH_GRAIN or threads == 1:
+        total = _cascade(x)
+    else:  # two passes: at::parallel_for's parts (one per thread used), then their sum
+        used = min(threads, -(-n // TORCH_GRAIN))
+        part = -(-n // used)
+        partial = np.zeros(threads, np.float32)
+        for t in range(used):
+            partial[t] = _cascade(x[t * part : min(n, (t + 1) * part)])
+        total = _cascade(partial)
+    total = np.float32(np.float32(0) + total)  # stored into a zero-filled output
+    with np.errstate(invalid="ignore", divide="ignore"):  # no values: 0 / 0, NaN as torch gives
+        return np.float32(total / np.float32(n))  # sum, then div_ by the count, in float32
+
+
+def torch_threads() -> int:
+    """torch.get_num_threads() as this process has it: torch's own where it is loaded,
+    else its default (OMP_NUM_THREADS, else MKL_NUM_THREADS, else the physical cores)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        return int(torch.get_num_threads())
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        try:
+            value = int(os.environ.get(name, ""))
+        except ValueError:
+            continue
+        if value > 0:
+            return value
+    return physical_cores()
+
+
+@functools.cache
+def physical_cores() -> int:
+    """Cores, not hardware threads, of the machine (what torch's default thread count
+    counts: every core present, whatever this process's affinity)."""
+    cores = set()
+    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
+
+
+def _cascade(x: np.ndarray) -> np.float32:
+    """One thread's sum of x: vectors of TORCH_LANES summed by row_sum, then the leftover
+    values and the vector's lanes one by one (vectorized_inner_sum); fewer values than
+    a vector: row_sum over the values themselves."""
+    lanes = TORCH_LANES if x.size >= TORCH_LANES else 1
+    vectors = x.size // lanes
+    acc = _row_sum(x[: vectors * lanes].reshape(vectors, lanes))
+    if lanes == 1:
+        return np.float32(acc[0])
+    total = np.float32(0)
+    for value in (*x[vectors * lanes :], *acc):
+        total = np.float32(total + value)
+    return total
+
+
+def _row_sum(units: np.ndarray) -> np.ndarray:
+    """row_sum: TORCH_ILP accumulators (multi_row_sum), the leftover units into the first,
+    then the others added to it in order. A unit is a row of `units` (lanes side by side)."""
+    n, width = units.shape
+    rows = n // TORCH_ILP
+    parts = _multi_row_sum(units[: rows * TORCH_ILP].reshape(rows, TORCH_ILP * width)).reshape(TORCH_ILP, width)
+    for i in range(rows * TORCH_ILP, n):
+        parts[0] += units[i]
+    for k in range(1, TORCH_ILP):
+        parts[0] += parts[k]
+    return parts[0]
+
+
+def _multi_row_sum(rows: np.ndarray) -> np.ndarray:
+    """multi_row_sum per column: four levels of accumulators; level 0 sums `step` rows at a
+    time, each level passes its sum up after `step` of the level below; the leftover
+    rows go to level 0, and the levels are added together at the end."""
+    power = max(4, _ceil_log2(rows.shape[0]) // 4)
+    step = 1 << power
+    level0, rest0 = _grouped_sums(rows, step)
+    level1, rest1 = _grouped_sums(level0, step)
+    level2, rest2 = _grouped_sums(level1, step)
+    _, rest3 = _grouped_sums(level2, max(1, level2.shape[0] + 1))  # the top level keeps adding
+    total = rest0
+    for rest in (rest1, rest2, rest3):
+        total += rest
+    return total
+
+
+def _grouped_sums(rows: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sums of each whole group of `step` consecutive rows, sum of the rows after them),
+    each added up in order from zero, in float32."""
+    groups = rows.shape[0] // step
+    whole = rows[: groups * step].reshape(groups, step, rows.shape[1])
+    sums = np.zeros((groups, rows.shape[1]), np.float32)
+    for j in range(step):
+        sums += whole[:, j]
+    rest = np.zeros(rows.shape[1], np.float32)
+    for row in rows[groups * step :]:
+        rest += row
+    return sums, rest
+
+
+def _ceil_log2(x: int) -> int:
+    """ATen's utils::CeilLog2 (1 for x <= 2)."""
+    return 1 if x <= 2 else (x - 1).bit_length()
 
 
 @functools.cache
@@ -261,6 +384,15 @@ def dynamic_code() -> tuple[np.ndarray, np.ndarray]:
     on_grid = nearest_code_on_grid(code)
     code.flags.writeable = on_grid.flags.writeable = False
     return code, on_grid
+
+
+@functools.cache
+def grid_code() -> np.ndarray:
+    """For each grid point, the dynamic map's value nearest to it (read-only)."""
+    code, on_grid = dynamic_code()
+    values = code[on_grid]
+    values.flags.writeable = False
+    return values
 
 
 def nearest_code_on_grid(code: np.ndarray) -> np.ndarray:

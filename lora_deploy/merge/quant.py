@@ -209,12 +209,18 @@ class QuantTransform:
                     if self._exact.size < weight.size:
                         self._exact = np.empty(weight.size, np.float32)
                     exact = self._exact[: weight.size].reshape(weight.shape)
-                    out = merged_onto(target.module, target.kind, quantized, weight, np_dtype, exact)
+                    distances: dict[int, tuple[float, ...]] = {}
+                    out = merged_onto(target.module, target.kind, quantized, weight, np_dtype, exact, distances)
+                    target.delta_norm = lora_norm(target.module)  # set_delta_norm's, without `exact`
+                    if distances:  # summed on the way, `exact` left unwritten
+                        self._record_sums(info.name, True, chunk_totals(distances), onto=True)
+                    else:
+                        self._record(info.name, True, out, exact, onto=True)
                 else:
                     out = merged_weight(target.module, target.kind, quantized, np_dtype)
                     exact = merged_weight(target.module, target.kind, weight)
-                set_delta_norm(target, exact, weight)
-                self._record(info.name, True, out, exact, onto=True)
+                    set_delta_norm(target, exact, weight)
+                    self._record(info.name, True, out, exact, onto=True)
             f.write(tensor_bytes(out if checked else checked_finite(out, info.name, weight, what)))
             if slot is not None:
                 self._buffers.written(slot, f)
@@ -291,7 +297,9 @@ class QuantTransform:
     def _record(self, name: str, merged: bool, written: np.ndarray, exact: np.ndarray, onto: bool = False) -> None:
         """The layer's figures; `onto`: onto_vs_original too, against the plain merge as
         written, which is `exact` rounded once to the output dtype."""
-        sums = distance_sums(written, exact, onto)
+        self._record_sums(name, merged, distance_sums(written, exact, onto), onto)
+
+    def _record_sums(self, name: str, merged: bool, sums: np.ndarray, onto: bool = False) -> None:
         entry = {"weight": name, "merged": merged, "rel_error": ratio(sums[0], sums[1])}
         if onto:
             entry["onto_vs_original"] = ratio(sums[2], sums[3])
@@ -361,23 +369,45 @@ def quantized_training_hint(adapter_dir, base_dir) -> str | None:
     return f"the adapter looks trained on a quantized base ({why}); --onto nf4|fp4|int8 merges onto what training saw"
 
 
-def merged_onto(module, kind: str, quantized: np.ndarray, w0: np.ndarray, dtype, exact: np.ndarray) -> np.ndarray:
+def merged_onto(
+    module, kind: str, quantized: np.ndarray, w0: np.ndarray, dtype, exact: np.ndarray, distances: dict | None = None
+) -> np.ndarray:
     """merged_weight(module, kind, quantized, dtype), returned, and merged_weight(module,
     kind, w0) (float32), into `exact`, from one product s B A per block of rows: the same
     blocks and the same float32 steps as merged_weight's (a LoRA module), so the same bits,
-    at one matrix product instead of two."""
+    at one matrix product instead of two. Each block is one pass of the compiled kernel
+    where it is built (merge_onto).
+
+    With `distances` (a dict), the kernel, and blocks of rows that are distance_sums'
+    chunks (a row length dividing ERROR_CHUNK, or a single block): `exact` is not written;
+    instead distances[chunk start] = distance_sums' figures of that chunk (onto=True),
+    summed on the way by the same float32/float64 steps, so chunk_totals(distances) is
+    distance_sums(out, exact, True). Otherwise `distances` stays empty."""
     left, right = factors(module, kind)
     scaling = np.float32(module.scaling)
     shape = left.shape[0], right.shape[1]
     base, onto, exact_rows = w0.reshape(shape), quantized.reshape(shape), exact.reshape(shape)
     out = np.empty(shape, dtype)
     rows = max(1, BLOCK_ELEMENTS // max(1, right.shape[1]))
+    quant4 = kernel("_quant4")  # the steps below in one pass per block, where it is built
+    kinds = NATIVE_KINDS.get(base.dtype.name), NATIVE_KINDS.get(out.dtype.name)
+    fused = quant4 is not None and hasattr(quant4, "merge_onto") and None not in kinds and onto.dtype == np.float32
+    fused = fused and all(a.flags.c_contiguous for a in (base, onto, exact_rows))
+    chunks = rows * shape[1] == ERROR_CHUNK or base.size <= ERROR_CHUNK  # each block one chunk
+    measured = fused and distances is not None and chunks
 
     def merge_block(i: int) -> None:
         w = base[i : i + rows]
         product, wide, scratch = block_scratch(w.size)
         block = product[: w.size].reshape(w.shape)
         np.matmul(left[i : i + rows], right, out=block)
+        if fused:
+            raw = raw_bits(w.reshape(-1)), raw_bits(out[i : i + rows].reshape(-1))
+            into = None if measured else exact_rows[i : i + rows]
+            sums = quant4.merge_onto(block, raw[0], kinds[0], onto[i : i + rows], scaling, raw[1], kinds[1], into)
+            if measured:
+                distances[i * shape[1]] = sums
+            return
         block *= scaling
         w32 = widen_float16(w, wide[: w.size]).reshape(w.shape) if w.dtype == np.float16 else w
         np.add(block, w32, out=exact_rows[i : i + rows])
@@ -422,7 +452,12 @@ def distance_sums(written: np.ndarray, exact: np.ndarray, onto: bool) -> np.ndar
         sums[start] = tuple(float(v) for v in figures)
 
     for_each_block(chunk, range(0, flat.size, ERROR_CHUNK))
-    # in the order of the chunks, not of the threads finishing them: the same figures every run
+    return chunk_totals(sums)
+
+
+def chunk_totals(sums: dict[int, tuple[float, ...]]) -> np.ndarray:
+    """distance_sums' figures from its chunks' (by chunk start), added in the order of the
+    chunks, not of the threads finishing them: the same figures every run."""
     return np.sum([sums[start] for start in sorted(sums)], axis=0) if sums else np.zeros(4)
 
 

@@ -5,12 +5,26 @@ of a zero, not the quantization."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from lora_deploy.arrays import from_torch
-from lora_deploy.merge.bnb import BnbSpec, ErrorSums, code4, code_index, dynamic_map, fake_quant, order_bits
+from lora_deploy.merge.bnb import (
+    BnbSpec,
+    ErrorSums,
+    code4,
+    code_index,
+    dynamic_map,
+    fake_quant,
+    order_bits,
+    torch_mean,
+    torch_threads,
+)
 
 F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the oracle")
 reference_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
@@ -125,3 +139,46 @@ def test_index_table_counts_midpoints_like_the_comparisons(quant_type):
     assert np.array_equal(code_index(values, quant_type), counted)
     nan = np.array([np.nan, -np.nan], np.float32)  # the NaNs arithmetic produces: no midpoint below
     assert np.array_equal(code_index(nan, quant_type), [0, 0])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 16])
+def test_double_quant_mean_is_torchs_at_every_thread_count(threads):
+    """The offset of double quantization is torch's float32 mean, computed without torch:
+    the same bits as torch's CPU sum / count, on one serial pass (fewer than 32768
+    values) and split among `threads` threads (more), whose last bit differs between
+    thread counts (sizes around every boundary of the cascade: lanes, groups, levels)."""
+    rng = np.random.default_rng(threads)
+    sizes = [0, 1, 7, 8, 9, 31, 33, 64, 100, 511, 4097, 32767, 32768, 32769, 65537, 180224, 300001]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch_threads() == threads  # what bitsandbytes would use in this process
+        for n in sizes:
+            absmax = (np.abs(rng.standard_normal(n)) * 0.05 + 0.01).astype(np.float16).astype(np.float32)
+            spread = rng.standard_normal(n).astype(np.float32) * np.float32(1e3)
+            for values in (absmax, spread):
+                expected = torch.from_numpy(values).mean().numpy()
+                assert bits(torch_mean(values)) == bits(expected) or (n == 0 and np.isnan(torch_mean(values)))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_threads_without_torch(monkeypatch):
+    """Without torch loaded: torch's default, OMP_NUM_THREADS first; and in a fresh process
+    the default equals what torch then takes."""
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert torch_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")  # not a count: the next in line
+    monkeypatch.setenv("MKL_NUM_THREADS", "5")
+    assert torch_threads() == 5
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("MKL_NUM_THREADS")
+    code = (
+        "from lora_deploy.merge.bnb import torch_threads; ours = torch_threads(); "
+        "import torch; print(ours, torch.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    ours, theirs = done.stdout.split()
+    assert ours == theirs

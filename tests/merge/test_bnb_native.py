@@ -159,3 +159,51 @@ def test_native_distance_sums_are_float64_sums(isa, monkeypatch):
             assert distance_sums(written, reference, True) == pytest.approx(expected, rel=1e-5)
             monkeypatch.delenv("LORA_DEPLOY_NATIVE")
             assert quant4.distance_sums(raw[0], kinds[0], raw[1], kinds[1], False, isa=isa)[2:] == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_merge_onto_is_the_numpy_steps(isa):
+    """merge_onto (merged_onto's block in one pass) on each instruction set: exact = p + w0
+    and out = p + onto rounded once, p = product * scaling, float32 steps in numpy's order;
+    every kind in and out, sizes with a tail past the last whole vector, values that
+    round to float16 subnormals and overflow to Inf."""
+    rng = np.random.default_rng(isa)
+    for w_dtype in FLOATS:
+        for out_dtype in FLOATS:
+            for n in (1, 15, 16, 17, 1000):
+                product = rng.standard_normal(n).astype(np.float32)
+                product[::7] *= np.float32(1e-5)
+                product[5::11] = np.float32(4e4)  # past float16's range once scaled
+                w0 = rng.standard_normal(n).astype(w_dtype)
+                onto = rng.standard_normal(n).astype(np.float32)
+                scaling = np.float32(1.75)
+                out, exact = np.empty(n, out_dtype), np.full(n, np.nan, np.float32)
+                with np.errstate(over="ignore"):
+                    quant4.merge_onto(
+                        product,
+                        bnb.raw_bits(w0),
+                        bnb.NATIVE_KINDS[w_dtype.name],
+                        onto,
+                        scaling,
+                        bnb.raw_bits(out),
+                        bnb.NATIVE_KINDS[out_dtype.name],
+                        exact,
+                        isa=isa,
+                    )
+                    p = product * scaling
+                    assert exact.tobytes() == (p + w0.astype(np.float32)).tobytes(), (w_dtype, out_dtype, n)
+                    assert out.tobytes() == (p + onto).astype(out_dtype).tobytes(), (w_dtype, out_dtype, n)
+                    # exact None: distance_sums' figures (its order on this instruction set) instead
+                    again = np.empty(n, out_dtype)
+                    raw = bnb.raw_bits(again), bnb.NATIVE_KINDS[out_dtype.name]
+                    kind = bnb.NATIVE_KINDS[w_dtype.name]
+                    sums = quant4.merge_onto(product, bnb.raw_bits(w0), kind, onto, scaling, *raw, None, isa=isa)
+                    assert again.tobytes() == out.tobytes()
+                    expected = quant4.distance_sums(raw[0], raw[1], exact, 0, True, isa=isa)  # Inf, NaN sums too
+                    assert np.array(sums).tobytes() == np.array(expected).tobytes(), (
+                        w_dtype,
+                        out_dtype,
+                        n,
+                    )
+    with pytest.raises(ValueError, match="sizes"):
+        quant4.merge_onto(product, bnb.raw_bits(w0[:-1]), 0, onto, scaling, bnb.raw_bits(out), 0, exact)
