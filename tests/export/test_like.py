@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -224,19 +225,21 @@ def graph_with_one_value_changed(root, tmp_path, name, pick):
     return graph
 
 
+def outside_the_samples(count):
+    """A flat index in the second half that no sampled block compares (float32 graph)."""
+    from lora_deploy.export.like import SAMPLE_BLOCKS, compared_blocks
+
+    sampled = set()
+    for first, n in compared_blocks(count, 4, SAMPLE_BLOCKS):
+        sampled.update(range(first, first + n))
+    return next(i for i in range(count // 2, count) if i not in sampled)
+
+
 def test_sampled_check_compares_blocks_full_check_every_value(case, tmp_path, monkeypatch):
     from lora_deploy.export import like
-    from lora_deploy.export.like import SAMPLE_BLOCKS, compared_blocks
 
     monkeypatch.setattr(like, "SAMPLE_VALUES", 64)  # the tiny model's tensors are sampled too
     base, adapter, root = case
-
-    def outside_the_samples(count):
-        sampled = set()
-        for first, n in compared_blocks(count, 4, SAMPLE_BLOCKS):
-            sampled.update(range(first, first + n))
-        return next(i for i in range(count // 2, count) if i not in sampled)
-
     graph = graph_with_one_value_changed(root, tmp_path, "model.embed_tokens.weight", outside_the_samples)
     (tmp_path / "a").mkdir()
     sampled = cli("merge", base, adapter, "--onnx-like", graph, "-o", tmp_path / "a" / "m.onnx", "--json")
@@ -248,13 +251,26 @@ def test_sampled_check_compares_blocks_full_check_every_value(case, tmp_path, mo
     assert list((tmp_path / "b").iterdir()) == []
 
 
-def test_sampled_check_compares_the_adapters_targets_in_full(case, tmp_path):
+def test_the_adapters_targets_are_sampled_too(case, tmp_path, monkeypatch):
+    """The targets are rewritten from the checkpoint: an edit of the graph's value there
+    never reaches the output, so they are sampled like the rest; a graph with the adapter
+    already merged in differs at almost every target value, and the samples see it."""
+    from lora_deploy.export import like
+
+    monkeypatch.setattr(like, "SAMPLE_VALUES", 64)  # the tiny model's tensors are sampled too
     base, adapter, root = case
     name = "model.layers.0.self_attn.q_proj.weight"
-    graph = graph_with_one_value_changed(root, tmp_path, name, lambda count: count // 2 + 1)
-    result = cli("merge", base, adapter, "--onnx-like", graph, "-o", tmp_path / "m.onnx")
-    assert result.exit_code == 2 and f"{name} differs from" in result.output
-    assert cli("merge", base, adapter, "-o", tmp_path / "ck", "--base-check", "full").exit_code == 2
+    outs = {label: tmp_path / label / "m.onnx" for label in ("clean", "edited", "again")}
+    for out in outs.values():
+        out.parent.mkdir()
+    assert cli("merge", base, adapter, "--onnx-like", root / "base.onnx", "-o", outs["clean"]).exit_code == 0
+    graph = graph_with_one_value_changed(root, tmp_path, name, outside_the_samples)
+    edited = cli("merge", base, adapter, "--onnx-like", graph, "-o", outs["edited"])
+    assert edited.exit_code == 0, edited.output
+    assert Path(f"{outs['edited']}.data").read_bytes() == Path(f"{outs['clean']}.data").read_bytes()
+    again = cli("merge", base, adapter, "--onnx-like", outs["clean"], "-o", outs["again"])
+    assert again.exit_code == 2 and "differs from" in again.output and "not an export of this base" in again.output
+    assert list(outs["again"].parent.iterdir()) == []
 
 
 def test_compared_blocks_cover_every_value_or_spaced_samples():
