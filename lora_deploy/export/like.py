@@ -734,8 +734,9 @@ def merged_tensor(ckpt: Checkpoint, info: TensorInfo, plan: MergePlan, bias_of: 
         return merged_bias(bias_of[info.name].module, ckpt.read(info.name)).astype(dtype, copy=False)
     target = plan.targets[info.name]
     w0 = plan.replacements.get(info.name)
-    # Read-only over one read of its bytes (Checkpoint.read would copy them once more).
-    base_weight = as_array(ckpt.read_bytes(info), info) if w0 is None else w0
+    # Read-only over the mapped bytes (a pread into fresh memory costs page faults and a
+    # copy; Checkpoint.read would copy them once more).
+    base_weight = as_array(ckpt_block(ckpt, info, 0, info.nbytes), info) if w0 is None else w0
     module = target.module
     if module.magnitude is None:
         return merged_weight(module, target.kind, base_weight, dtype)
