@@ -42,7 +42,7 @@ class MergeOptions(StageOptions):
     sha256: bool = False  # record SHA-256 beside BLAKE3 in the manifest
     rehash: bool = False  # hash every input again, whatever the digest memo knows
     onto: str | None = None  # nf4 | fp4 | int8: merge onto dequant(quant(W)) as bitsandbytes computes it (merge/bnb.py)
-    blocksize: int = 64  # --onto nf4|fp4: bitsandbytes' block size
+    blocksize: int | None = None  # --onto nf4|fp4: bitsandbytes' block size (None: 64)
     double_quant: bool = False  # --onto nf4|fp4: the absmax scales double-quantized (bnb_4bit_use_double_quant)
     skip_modules: tuple[str, ...] = ()  # --onto: modules left unquantized (llm_int8_skip_modules)
     requantize: str | None = None  # fp8: a block-scaled FP8 base written back as FP8 with fresh block scales

@@ -83,7 +83,7 @@ def test_records_are_frozen_and_hashable():
         "sha256": False,
         "rehash": False,
         "onto": None,
-        "blocksize": 64,
+        "blocksize": None,
         "double_quant": False,
         "skip_modules": (),
         "requantize": None,

@@ -2,7 +2,9 @@
 
 Every function computes in float32 and returns float32; the caller rounds once to the
 output dtype. (PEFT instead rounds the delta to the weight's dtype and adds there, which
-in float16/bfloat16 can land one ulp away from the correctly rounded sum.)
+in float16/bfloat16 can land one ulp away from the correctly rounded sum.) The exception:
+a float64 weight, or a float64 output, is merged in float64 (A and B widened, the product
+in float64), as PEFT does it, so its merge keeps float64's precision.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ def f32(array: np.ndarray) -> np.ndarray:
 BLOCK_ELEMENTS = 256 * 1024
 
 
-def factors(module: LoraModule, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """(left, right), float32, with left @ right = B A in the weight's layout, as 2-D.
+def factors(module: LoraModule, kind: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right), float32 (or `dtype`), with left @ right = B A in the weight's layout,
+    as 2-D.
 
     Rows of `left` are rows of the weight (convolution kernels flattened), so any block
     of weight rows is a block of `left` times all of `right`.
     """
-    a, b = f32(module.a), f32(module.b)
+    a, b = np.asarray(module.a).astype(dtype, copy=False), np.asarray(module.b).astype(dtype, copy=False)
     if kind == "linear":
         return b, a
     if kind in ("transposed", "embedding"):
@@ -52,10 +55,34 @@ def delta_weight(module: LoraModule, kind: str) -> np.ndarray:
     return product.reshape(weight_shape(module, kind))
 
 
-def merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=np.float32) -> np.ndarray:
+def working_dtype(w0: np.ndarray, dtype=None) -> type:
+    """The merge's working precision: float64 when the weight or the output is float64,
+    else float32."""
+    wide = np.asarray(w0).dtype == np.float64 or (dtype is not None and np.dtype(dtype) == np.float64)
+    return np.float64 if wide else np.float32
+
+
+def merged_weight(module: LoraModule, kind: str, w0: np.ndarray, dtype=None) -> np.ndarray:
     """W0 merged with the module's update, by the math of its variant (`LoraModule.variant`),
-    computed in float32 and rounded once to `dtype`."""
+    computed in float32 (float64 for a float64 weight or output, see `working_dtype`) and
+    rounded once to `dtype` (default: that working dtype)."""
+    work = working_dtype(w0, dtype)
+    dtype = work if dtype is None else dtype
+    if work == np.float64:
+        return merged_weight_float64(module, kind, w0, dtype)
     return MERGED_WEIGHT[module.variant](module, kind, w0, dtype)
+
+
+def merged_weight_float64(module: LoraModule, kind: str, w0: np.ndarray, dtype) -> np.ndarray:
+    """W0 + s B A (DoRA: rescaled to the magnitudes) in float64, rounded once to `dtype`."""
+    left, right = factors(module, kind, np.float64)
+    w = left @ right
+    w *= np.float64(module.scaling)
+    w = w.reshape(weight_shape(module, kind))
+    w += np.asarray(w0, dtype=np.float64)
+    if module.variant == "dora":
+        w = dora_rescale(w, np.asarray(module.magnitude, dtype=np.float64).reshape(-1), kind)
+    return w.astype(dtype, copy=False)
 
 
 _scratch = threading.local()
@@ -137,7 +164,10 @@ def feature_axis(scale: np.ndarray, kind: str, ndim: int) -> np.ndarray:
 
 
 def merged_bias(module: LoraModule, b0: np.ndarray) -> np.ndarray:
-    """Base bias plus the scaled lora_B bias (PEFT's lora_bias), float32."""
+    """Base bias plus the scaled lora_B bias (PEFT's lora_bias), float32 (float64 for a
+    float64 bias)."""
+    if np.asarray(b0).dtype == np.float64:
+        return b0 + np.asarray(module.bias, dtype=np.float64) * np.float64(module.scaling)
     return f32(b0) + f32(module.bias) * np.float32(module.scaling)
 
 

@@ -97,16 +97,44 @@ def check_skip_modules(base: Checkpoint, skip_modules: tuple[str, ...]) -> None:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise BadInputError(f"--skip-modules {pattern!r} is not a valid regular expression ({exc})") from None
+            raise BadInputError(f"--skip-modules '{pattern}' is not a valid regular expression ({exc})") from None
         if not any(skipped(module, pattern) for module in modules):
             example = f" (e.g. {modules[0]!r} or a suffix such as {modules[0].rsplit('.', 1)[-1]!r})" if modules else ""
-            raise BadInputError(f"--skip-modules {pattern!r} matches no quantizable Linear layer of this base{example}")
+            raise BadInputError(f"--skip-modules '{pattern}' matches no quantizable Linear layer of this base{example}")
+
+
+def split_patterns(entry: str) -> list[str]:
+    """A --skip-modules value cut at its commas, but not at those inside (), [] or {}
+    (a regex such as `layers\\.[0-9]{1,2}\\.mlp` stays one pattern); empty parts dropped."""
+    parts, depth, start, i, in_class = [], 0, 0, 0, False
+    while i < len(entry):
+        char = entry[i]
+        if char == "\\":
+            i += 2  # an escaped character never opens, closes or separates
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            i += 1 + (entry[i + 1 : i + 2] == "^")
+            i += entry[i : i + 1] == "]"  # `[]...]`: a leading ] is a member
+            continue
+        elif char in "({":
+            depth += 1
+        elif char in ")}":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            parts.append(entry[start:i])
+            start = i + 1
+        i += 1
+    parts.append(entry[start:])
+    return [part for part in parts if part]
 
 
 def quant_transform(
     base: Checkpoint,
     onto: str | None = None,
-    blocksize: int = 64,
+    blocksize: int | None = None,
     double_quant: bool = False,
     skip_modules: tuple[str, ...] = (),
     requantize: str | None = None,
@@ -115,11 +143,11 @@ def quant_transform(
     """The hook for this base and these options, or None for a plain merge. Refuses
     quantized formats other than block-scaled FP8, and options that do not fit the base."""
     fmt = quantized_format(base.tensors, base.config)
-    skip_modules = tuple(part for entry in skip_modules for part in entry.split(",") if part)
+    skip_modules = tuple(part for entry in skip_modules for part in split_patterns(entry))
     if requantize is not None and requantize not in REQUANTIZE_FORMATS:
         raise BadInputError(f"unknown --requantize {requantize!r} (choose {', '.join(REQUANTIZE_FORMATS)})")
     if fmt == "fp8-block":
-        if onto is not None or double_quant or skip_modules or blocksize != 64:
+        if onto is not None or double_quant or skip_modules or blocksize is not None:
             raise BadInputError(
                 "--onto (--blocksize, --double-quant, --skip-modules) applies to float checkpoints; "
                 "this base is block-scaled FP8"
@@ -128,13 +156,14 @@ def quant_transform(
     if requantize is not None:
         raise BadInputError("--requantize fp8 needs a block-scaled FP8 base (float8 weights with weight_scale_inv)")
     if onto is None:
-        if double_quant or skip_modules or blocksize != 64:
+        if double_quant or skip_modules or blocksize is not None:
             raise BadInputError("--blocksize, --double-quant and --skip-modules apply with --onto only")
         return None
-    if onto == "int8" and (double_quant or blocksize != 64):
+    if onto == "int8" and (double_quant or blocksize is not None):
         raise BadInputError("--double-quant and --blocksize apply to --onto nf4|fp4 (bitsandbytes' 4-bit)")
     check_skip_modules(base, skip_modules)
-    return QuantTransform(base, BnbSpec(onto, blocksize, double_quant), tuple(skip_modules), None)
+    spec = BnbSpec(onto, 64 if blocksize is None else blocksize, double_quant)
+    return QuantTransform(base, spec, tuple(skip_modules), None)
 
 
 def plan_base(base: Checkpoint, transform: QuantTransform | None):
@@ -205,7 +234,7 @@ class QuantTransform:
                     )
             else:
                 quantized = self._fake_quant(weight, transposed, info.name)
-                if target.module.variant == "lora":  # one product s B A for both
+                if target.module.variant == "lora" and np_dtype != np.float64:  # one product s B A for both
                     if self._exact.size < weight.size:
                         self._exact = np.empty(weight.size, np.float32)
                     exact = self._exact[: weight.size].reshape(weight.shape)
@@ -479,4 +508,4 @@ def set_delta_norm(target, exact: np.ndarray, w0: np.ndarray) -> None:
     if target.module.magnitude is None:
         target.delta_norm = lora_norm(target.module)
     else:
-        target.delta_norm = float(np.linalg.norm(exact - w0.astype(np.float32)))
+        target.delta_norm = float(np.linalg.norm(exact - w0.astype(exact.dtype)))  # float64 for a float64 base

@@ -10,6 +10,7 @@ a half-written model behind. Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import shutil
 import time
@@ -61,6 +62,14 @@ class MergeResult:
         )
 
 
+def as_items(value) -> tuple:
+    """A sequence argument as a tuple; one string or path alone is one item, not its
+    characters; None is none."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, (str, bytes, os.PathLike)) else tuple(value)
+
+
 def merge(
     base_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -75,7 +84,7 @@ def merge(
     progress: Progress | None = None,
     side_files: Sequence[str | os.PathLike] = (),
     onto: str | None = None,
-    blocksize: int = 64,
+    blocksize: int | None = None,
     double_quant: bool = False,
     skip_modules: Sequence[str] = (),
     requantize: str | None = None,
@@ -84,12 +93,15 @@ def merge(
 
     onto="nf4"|"fp4"|"int8" (with blocksize, double_quant, skip_modules) merges onto the
     weights bitsandbytes would have trained against; a block-scaled FP8 base is dequantized,
-    or with requantize="fp8" written back as FP8 (merge/quant.py).
+    or with requantize="fp8" written back as FP8 (merge/quant.py). blocksize is an int
+    (nf4/fp4 only; None: 64); skip_modules a list of patterns, or one string (one pattern,
+    or several separated by commas outside (), [] and {}, as --skip-modules takes them).
 
     The base may also be one file: a `.safetensors` file or a plain torch state dict
     (`.pt`/`.pth`/`.bin`, read weights-only; merge/plain.py); `side_files` (dataset
     statistics, a separately saved head) are copied into the output and hashed in the
-    manifest (`inputs.<algorithm>.side_files`, and the output's).
+    manifest (`inputs.<algorithm>.side_files`, and the output's); one path may be given
+    alone, not in a list.
 
     durable=True fsyncs every file and the directory before the final rename, so the
     output also survives a power loss (at the cost of waiting for the disk). An existing
@@ -106,6 +118,12 @@ def merge(
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
         raise BadInputError(f"unknown dtype {dtype!r} (choose auto, {', '.join(OUTPUT_DTYPES)})")
     shard_bytes = parse_size(max_shard_size)
+    side_files, skip_modules = as_items(side_files), as_items(skip_modules)
+    if not all(isinstance(pattern, str) for pattern in skip_modules):
+        raise BadInputError(f"skip_modules takes strings (names, suffixes or regexes), not {skip_modules!r}")
+    if blocksize is not None and (isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral)):
+        raise BadInputError(f"blocksize must be an int such as 64, not {type(blocksize).__name__} {blocksize!r}")
+    blocksize = None if blocksize is None else int(blocksize)
     extra = check_side_files(side_files)
     inputs = [base_dir, Path(adapter_dir), *extra]
     if not base_dir.is_dir():  # before a pickle base is converted
@@ -271,7 +289,7 @@ def merged_producer(stream: CheckpointStream, info: TensorInfo, target: Target, 
             target.delta_norm = lora_norm(module)
         else:  # DoRA also rescales W0: measure the whole change
             exact = merged_weight(module, target.kind, base_weight)
-            target.delta_norm = float(np.linalg.norm(exact - base_weight.astype(np.float32)))
+            target.delta_norm = float(np.linalg.norm(exact - base_weight.astype(exact.dtype)))
             merged = exact.astype(dtype, copy=False)
         f.write(tensor_bytes(checked_finite(merged, info.name, base_weight)))
 

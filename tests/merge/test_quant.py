@@ -4,6 +4,7 @@ and the refusals."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -14,7 +15,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from lora_deploy.cli import main
+from lora_deploy.errors import BadInputError
 from lora_deploy.merge import merge
+from lora_deploy.merge.quant import split_patterns
 from lora_deploy.merge.streaming import MANIFEST_FILE
 from tests.oracle import peft_merged_state, read_checkpoint, ulp
 
@@ -43,7 +46,8 @@ def test_onto_merges_onto_bitsandbytes_dequantized_weights(reference, tmp_path, 
     delta = {k: peft[k] - w32[k] for k in w32 if k in peft and not torch.equal(peft[k], w32[k])}
     assert delta and all(is_linear(k) for k in delta)
 
-    result = merge(base16, adapter, tmp_path / "out", onto=quant_type, blocksize=64, double_quant=double_quant)
+    blocksize = None if quant_type == "int8" else 64  # int8 has no blocks: a blocksize is refused
+    result = merge(base16, adapter, tmp_path / "out", onto=quant_type, blocksize=blocksize, double_quant=double_quant)
     merged, base = read_checkpoint(tmp_path / "out"), read_checkpoint(base16)
     for name, w0 in base.items():
         if not is_linear(name):
@@ -271,6 +275,9 @@ def test_quantization_options_that_do_not_fit_are_refused(reference, fp8_model, 
         ((base, adapter, "--double-quant"), "--onto"),
         ((base, adapter, "--onto", "nf4", "--blocksize", "100"), "blocksize"),
         ((base, adapter, "--onto", "int8", "--double-quant"), "double-quant"),
+        ((base, adapter, "--onto", "int8", "--blocksize", "64"), "blocksize"),  # the default, given: still refused
+        ((base, adapter, "--blocksize", "64"), "--onto"),
+        ((base, adapter, "--onnx-like", base / "config.json", "--skip-modules", "o_proj"), "--onnx-like"),
         ((base, adapter, "--requantize", "fp8"), "FP8"),
         ((fp8_base, fp8_adapter, "--onto", "nf4"), "FP8"),
     ]
@@ -335,6 +342,58 @@ def test_onto_refuses_a_skip_pattern_that_is_invalid_or_matches_nothing(referenc
     out = tmp_path / "out"
     args = ("merge", base, adapter, "-o", out, "--onto", "nf4", "--skip-modules", "o_proj", "--skip-modules", pattern)
     assert_refused(run_cli(*args), out, "--skip-modules", *words)
+
+
+def test_a_skip_pattern_keeps_its_commas_inside_braces_and_is_shown_as_typed(reference, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    base, adapter = reference("llama", "plain")
+    out = tmp_path / "out"
+    pattern = r"model\.layers\.[0-9]{1,2}\.mlp\.(down_proj|up_proj)"
+    result = run_cli("merge", base, adapter, "-o", out, "--onto", "nf4", "--skip-modules", f"o_proj,{pattern}")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["quantization"]["skip_modules"] == ["o_proj", pattern]
+    merged, w0 = read_checkpoint(out), read_checkpoint(base)
+    skipped = [n for n in w0 if n.endswith((".down_proj.weight", ".up_proj.weight", ".o_proj.weight"))]
+    targeted = {m["weight"] for m in manifest["modules"]}
+    assert skipped and all(torch.equal(merged[n], w0[n]) for n in skipped if n not in targeted)
+    quantized = {e["weight"] for e in manifest["quantization"]["layers"]}
+    assert not quantized & set(skipped) and any(".gate_proj." in n for n in quantized)
+
+    out2 = tmp_path / "out2"
+    typo = r"model\.layers\.[0-9]{3}\.mlp"
+    result = run_cli("merge", base, adapter, "-o", out2, "--onto", "nf4", "--skip-modules", typo)
+    assert_refused(result, out2, f"'{typo}' matches no")
+
+
+@pytest.mark.parametrize(
+    "entry, parts",
+    [
+        ("o_proj,down_proj", ["o_proj", "down_proj"]),
+        (r"layers\.[0-9]{1,2}\.mlp", [r"layers\.[0-9]{1,2}\.mlp"]),
+        ("(q|k)_proj,v_proj", ["(q|k)_proj", "v_proj"]),
+        ("[,x]_proj,o", ["[,x]_proj", "o"]),
+        (r"a\,b", [r"a\,b"]),
+        ("a,,b,", ["a", "b"]),
+    ],
+)
+def test_skip_modules_values_split_at_commas_outside_brackets(entry, parts):
+    assert split_patterns(entry) == parts
+
+
+def test_api_takes_one_string_as_one_item_and_refuses_a_string_blocksize(reference, robot, tmp_path):
+    base, adapter = reference("llama", "plain")
+    out = tmp_path / "out"
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        result = merge(base, adapter, out, onto="nf4", skip_modules="o_proj")
+        assert result.manifest["quantization"]["skip_modules"] == ["o_proj"]
+        shutil.rmtree(out)
+    with pytest.raises(BadInputError, match=r"^blocksize must be an int such as 64, not str '64'$"):
+        merge(base, adapter, out, onto="nf4", blocksize="64")
+    assert not out.exists()
+    paths = robot("vla")
+    result = merge(paths["base"], paths["adapter"], out, side_files=str(paths["statistics"]))
+    assert (out / paths["statistics"].name).read_bytes() == paths["statistics"].read_bytes()
 
 
 def test_adapter_trained_on_a_quantized_base_gets_a_hint(reference, tmp_path):
