@@ -3,7 +3,8 @@
 An adapter is adapter_config.json plus adapter_model.safetensors (or a pickle .bin, read
 weights-only). This module turns them into plain data: one `LoraModule` per adapted layer
 with its factors, rank, alpha and scaling resolved the way PEFT resolves them, plus the
-whole tensors that replace base tensors (modules_to_save, trained biases). No model is
+whole tensors that replace base tensors (modules_to_save, trained biases, and the base
+weight PEFT saves beside an adapted embedding: `saved_base`, not trained). No model is
 built and nothing is merged here.
 """
 
@@ -115,9 +116,21 @@ class Adapter:
     # (modules_to_save, and biases trained with bias="all" / "lora_only").
     replacements: dict[str, np.ndarray]
     files: list[Path]
+    # Which replacements are PEFT's saved copy of an adapted layer's base weight
+    # (`<module>.base_layer.weight`, written by save_embedding_layers when an embedding or
+    # lm_head is targeted): PEFT loads them as that layer's base, so the merge uses them as
+    # W0, but nothing trained them.
+    saved_base: frozenset[str] = frozenset()
+
+    @property
+    def trained_replacements(self) -> dict[str, np.ndarray]:
+        """The replacements training produced: modules_to_save and trained biases."""
+        return {name: t for name, t in self.replacements.items() if name not in self.saved_base}
 
     def num_parameters(self) -> int:
-        return sum(m.num_parameters() for m in self.modules.values()) + sum(t.size for t in self.replacements.values())
+        """Trainable parameters, as PEFT counts them (saved base copies are not)."""
+        trained = sum(t.size for t in self.trained_replacements.values())
+        return sum(m.num_parameters() for m in self.modules.values()) + trained
 
     @property
     def variant(self) -> str:
@@ -132,9 +145,9 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         raise AdapterError(f"{root}: adapter directory not found")
     config = read_config(root)
     tensors, files = read_tensors(root)
-    modules, replacements = group_tensors(tensors, config, root)
+    modules, replacements, saved_base = group_tensors(tensors, config, root)
     check_finite(modules, replacements, root)
-    return Adapter(root, config, modules, replacements, files)
+    return Adapter(root, config, modules, replacements, files, saved_base)
 
 
 def read_config(root: Path) -> AdapterConfig:
@@ -285,9 +298,10 @@ PARTS = {
 
 def group_tensors(
     tensors: dict[str, np.ndarray], config: AdapterConfig, root: Path
-) -> tuple[dict[str, LoraModule], dict[str, np.ndarray]]:
+) -> tuple[dict[str, LoraModule], dict[str, np.ndarray], frozenset[str]]:
     parts: dict[str, dict[str, np.ndarray]] = {}
     replacements: dict[str, np.ndarray] = {}
+    saved_base: set[str] = set()
     for key, tensor in tensors.items():
         name = key[len(SAVED_PREFIX) :] if key.startswith(SAVED_PREFIX) else key
         module, part = split_part(name)
@@ -299,10 +313,12 @@ def group_tensors(
             # modules_to_save copies and saved base embeddings carry a wrapper segment.
             base_name = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
             replacements[base_name] = tensor
+            if name.endswith(".base_layer.weight"):  # a base_layer.bias is trained (bias="all")
+                saved_base.add(base_name)
     if not parts:
         raise AdapterError(f"{root}: the adapter contains no LoRA weights")
     modules = {name: build_module(name, p, config, root) for name, p in parts.items()}
-    return modules, replacements
+    return modules, replacements, frozenset(saved_base)
 
 
 def split_part(name: str) -> tuple[str, str | None]:

@@ -44,7 +44,10 @@ def describe_adapter(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike
             }
             for m in adapter.modules.values()
         ],
-        "replaced_tensors": sorted(adapter.replacements),
+        "replaced_tensors": sorted(adapter.trained_replacements),
+        # PEFT's saved copies of a targeted layer's base weight: loaded (and merged) as the
+        # base, not trained, so not in trainable_parameters
+        "saved_base_tensors": sorted(adapter.saved_base),
         "trainable_parameters": adapter.num_parameters(),
     }
     base_config = None

@@ -54,10 +54,19 @@ def embedding_refusal(adapter: Adapter) -> str:
 
 
 def replacement_refusal(adapter: Adapter) -> str:
-    first = min(adapter.replacements)
+    first = min(adapter.trained_replacements)
     return (
         f"{adapter.path}: the adapter replaces base tensors ({first}, modules_to_save or trained bias); "
         "that cannot be expressed as an additive low-rank input (merge it instead)"
+    )
+
+
+def saved_base_refusal(adapter: Adapter) -> str:
+    first = min(adapter.saved_base)
+    return (
+        f"{adapter.path}: the adapter carries PEFT's saved copy of base tensor {first} (save_embedding_layers), "
+        "which PEFT loads in place of the base's; that cannot be expressed as an additive low-rank input "
+        "(merge it instead, or save the adapter with save_embedding_layers=False)"
     )
 
 
@@ -82,7 +91,12 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant("embedding", (), lambda a: any(m.embedding for m in a.modules.values()), embedding_refusal),
         # bias="all" / "lora_only" saves trained base biases, which replace the base ones.
-        Variant("modules_to_save", ("modules_to_save", "bias"), lambda a: bool(a.replacements), replacement_refusal),
+        Variant(
+            "modules_to_save",
+            ("modules_to_save", "bias"),
+            lambda a: bool(a.trained_replacements),
+            replacement_refusal,
+        ),
     )
 }
 
@@ -198,3 +212,7 @@ def refuse_non_additive(adapter: Adapter) -> None:
     for variant in used_by(adapter):
         if variant.refusal is not None:
             raise AdapterError(variant.refusal(adapter))
+    # Not a variant (nothing trained it, so `describe` leaves it out), but the graph would
+    # still run the base's tensor where PEFT runs the saved copy.
+    if adapter.saved_base:
+        raise AdapterError(saved_base_refusal(adapter))
