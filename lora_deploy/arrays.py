@@ -82,6 +82,21 @@ def all_finite(array: np.ndarray) -> bool:
     return bool(magnitude.max() < pattern)
 
 
+def int_range(array: np.ndarray) -> tuple[int, int] | None:
+    """(smallest, largest) value of an integer array as Python ints (never wrapped through
+    a narrower type: a uint64 2**63+5 stays itself); None when it is empty."""
+    if not array.size:
+        return None
+    return int(array.min()), int(array.max())
+
+
+def ints_fit(array: np.ndarray, dtype) -> bool:
+    """True when every value of the integer `array` is exact in the integer `dtype`."""
+    span = int_range(array)
+    info = np.iinfo(dtype)
+    return span is None or (info.min <= span[0] and span[1] <= info.max)
+
+
 # float16 <-> float32 for the merge's blocks. numpy converts float16 one element at a time
 # (~3 ns to widen, 4-5 ns to round, here). Two exact ways, with the same results bit for bit
 # (NaN payloads included, see lora_deploy/_native/f16.c):

@@ -13,6 +13,8 @@ ExportError, verify records it as a failed check. The typed errors follow Optimu
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -62,8 +64,22 @@ def tolerance(dtype_name: str, atol: float | None = None, rtol: float | None = N
     """The table's row for a dtype name, with atol and/or rtol overridden when given."""
     if dtype_name not in TOLERANCES:
         raise BadInputError(f"no output tolerance for dtype {dtype_name!r} (choose {', '.join(TOLERANCES)})")
+    check_tolerances(atol, rtol)
     row = TOLERANCES[dtype_name]
     return replace(row, atol=row.atol if atol is None else atol, rtol=row.rtol if rtol is None else rtol)
+
+
+def check_tolerances(atol: float | None = None, rtol: float | None = None) -> None:
+    """Refuse a tolerance override that is no tolerance: negative, NaN (every comparison
+    with it fails), infinite (none does) or not a number. None keeps the table's value.
+    tolerance() calls it; entry points call it first, so a typo costs no model load."""
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise BadInputError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 <= value < math.inf:  # NaN fails both
+            raise BadInputError(f"{name} must be a finite number >= 0, got {value}")
 
 
 # ------------------------------------------------------------------ errors ----

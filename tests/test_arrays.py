@@ -14,6 +14,8 @@ from lora_deploy.arrays import (
     all_finite,
     float16_kernel,
     from_torch,
+    int_range,
+    ints_fit,
     round_bits_to_float16,
     round_to_float16,
     to_torch,
@@ -63,6 +65,15 @@ def test_finite_check_agrees_with_torch(dtype, special, float16_path):
 def test_scalars_stay_scalars():
     assert to_torch(np.float32(2.5).reshape(())).shape == ()
     assert from_torch(torch.tensor(1.5, dtype=torch.bfloat16)).shape == ()
+
+
+def test_integer_ranges_are_exact_and_fit_only_where_every_value_does():
+    big = np.array([5, 2**63 + 5], np.uint64)
+    assert int_range(big) == (5, 2**63 + 5)  # not wrapped through int64
+    assert not ints_fit(big, np.int64) and ints_fit(big[:1], np.int64)
+    assert ints_fit(np.array([0, 255]), np.uint8) and not ints_fit(np.array([-1, 3]), np.uint8)
+    assert not ints_fit(np.array([256]), np.uint8)
+    assert int_range(np.zeros(0, np.int8)) is None and ints_fit(np.zeros(0, np.int64), np.uint8)
 
 
 def test_reads_larger_than_one_pread(tmp_path, monkeypatch):

@@ -208,6 +208,7 @@ def export_dynamic(
     inputs = [model_dir, *adapters]
     check_output_file(path, inputs, overwrite)
     onnx_graph.check_output(path, inputs, overwrite)
+    onnx_graph.check_opset(opset)
     loaded = [load_adapter(d) for d in adapters]
     for adapter in loaded:
         refuse_non_additive(adapter)

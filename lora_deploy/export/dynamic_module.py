@@ -126,6 +126,7 @@ def export_dynamic_module(
     path = Path(path)
     adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)
     inputs = _check_paths(checkpoint, path, adapters, inputs_path, overwrite)
+    onnx_graph.check_opset(opset)
     loaded = _adapters(adapters)
     if not loaded and not targets:
         raise BadInputError("nothing to target: give adapters or targets (e.g. ['q', 'v'])")
@@ -178,6 +179,7 @@ def export_multi_module(
     path = Path(path)
     adapter_dirs = [adapter_dirs] if isinstance(adapter_dirs, (str, os.PathLike)) else list(adapter_dirs)
     inputs = _check_paths(checkpoint, path, adapter_dirs, inputs_path, overwrite)
+    onnx_graph.check_opset(opset)
     if not adapter_dirs:
         raise BadInputError("a multi-adapter graph needs at least one adapter")
     loaded = _adapters(adapter_dirs)

@@ -138,6 +138,7 @@ def export_generation(
     if module is not None or inputs_path is not None or static or part is not None:
         raise BadInputError(f"--module, --inputs, --static and --part export plain modules, not --task {task}")
     onnx_graph.check_output(path, [model_dir], overwrite)
+    onnx_graph.check_opset(opset)
     dtype, dtype_source = resolve_dtype(model_dir, dtype)
     torch_dtype = parse_dtype(dtype)
     if stream_weights:
@@ -396,6 +397,7 @@ def export_generation_adapters(
     paths = [model_dir, *adapters]
     check_output_file(path, paths, overwrite)
     onnx_graph.check_output(path, paths, overwrite)
+    onnx_graph.check_opset(opset)
     if multi and (not adapters or targets):
         raise BadInputError("a multi-adapter graph needs --adapter (one or more) and no --targets")
     if not adapters and not targets:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_deploy.errors import ExportError
+from lora_deploy.errors import BadInputError, ExportError
 from lora_deploy.export.files import check_output, move_into_place
 from lora_deploy.io import staging
 from lora_deploy.io.staging import staging_dir
@@ -35,6 +35,22 @@ MESSAGE_LIMIT = 300
 
 
 # ------------------------------------------------------------- exporter ----
+
+# torch 2.13's dynamo exporter implements opset 18 and up (torchlib's TORCHLIB_OPSET); a
+# lower one goes through a version converter that fails on real models (Llama: Squeeze /
+# Unsqueeze axes) after the whole trace, leaving opset 18. Up: what the onnx package knows.
+MIN_OPSET = 18
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the exporter cannot write, before any model is loaded or traced."""
+    if opset is None:
+        return
+    import onnx
+
+    top = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise BadInputError(f"opset {opset} is not supported: the exporter writes opsets {MIN_OPSET}..{top}")
 
 
 def run_exporter(
@@ -53,6 +69,7 @@ def run_exporter(
     many exception types, and the user needs the reason, not the traceback (which
     stays chained).
     """
+    check_opset(opset)
     options: dict[str, Any] = {}
     if opset is not None:
         options["opset_version"] = opset

@@ -48,8 +48,9 @@ Facts about the torch 2.13 dynamo exporter this module relies on
   a FutureWarning about ``LeafSpec`` from torch's own pytree code.
 * Opset: the default is 20 (torch's ONNX_DEFAULT_OPSET); torchlib implements
   >= 18. A lower opset goes through a version converter that failed on Llama
-  (Squeeze/Unsqueeze axes), after which the exporter silently keeps 18, so we
-  raise ExportError whenever the written opset is not the requested one.
+  (Squeeze/Unsqueeze axes), after which the exporter silently keeps 18, so
+  graph.check_opset refuses one below 18 before the trace, and we raise
+  ExportError whenever the written opset is not the requested one.
 * A size-1 dim in the example inputs is still exported as dynamic
   (``Dim.DYNAMIC`` is not 0/1-specialised here), but the graph is only proven
   at the example shape, so prefer batch >= 2.
@@ -142,6 +143,7 @@ def export_checkpoint(
     of its config (``parity``: auto, full, proxy or skip; without streaming the loaded
     model is always checked).
     """
+    onnx_graph.check_opset(opset)  # before the model is loaded and traced
     if module is not None or inputs_path is not None or static or part is not None:
         if module is None:
             raise BadInputError(
@@ -233,6 +235,7 @@ def export_plain(
     if dtype not in ("float32", "float16", "auto"):
         raise BadInputError(f"--dtype {dtype}: a plain module exports as float32 or float16")
     check_module_checkpoint(checkpoint)
+    onnx_graph.check_opset(opset)
     onnx_graph.check_output(Path(path), [checkpoint, *([inputs_path] if inputs_path else [])], overwrite)
     model = load_module(module, checkpoint)
     feed = module_feed(model, inputs_path, f"the module from {module}")
@@ -486,8 +489,6 @@ def _check_arguments(
     opset: int | None,
 ) -> list[str]:
     """Fail early, with one line, on arguments the exporter would choke on."""
-    import onnx
-
     if not isinstance(module, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(example_inputs, Mapping) or not example_inputs:
@@ -511,8 +512,7 @@ def _check_arguments(
         for axis in axes:
             if not isinstance(axis, int) or not 0 <= axis < rank:
                 raise BadInputError(f"dynamic axis {axis} of input {name!r} is out of range for rank {rank}")
-    if opset is not None and not 7 <= opset <= onnx.defs.onnx_opset_version():
-        raise BadInputError(f"opset {opset} is outside 7..{onnx.defs.onnx_opset_version()}")
+    onnx_graph.check_opset(opset)
     return output_names
 
 

@@ -84,6 +84,7 @@ def export_multi(
     inputs = [model_dir, *adapter_dirs]
     check_output_file(path, inputs, overwrite)
     onnx_graph.check_output(path, inputs, overwrite)
+    onnx_graph.check_opset(opset)
     if not adapter_dirs:
         raise BadInputError("export_multi needs at least one adapter")
     adapters = [load_adapter(d) for d in adapter_dirs]

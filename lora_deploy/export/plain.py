@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_deploy.arrays import from_torch
+from lora_deploy.arrays import from_torch, int_range, ints_fit
 from lora_deploy.backends.base import check_feed
 from lora_deploy.errors import BadInputError
 from lora_deploy.io.npz import read_npz
@@ -40,14 +40,19 @@ def module_feed(module: Any, inputs_path: str | os.PathLike | None, source: str)
     forward's arguments and, where the module declares example inputs, against their
     dtypes and sizes (any batch). Floats are taken in the declared input's float dtype
     (else float32: recorded float16 observations feed a float32 module exactly), integers
-    as int64."""
+    in the declared integer dtype when their values fit it (uint8 camera frames saved as
+    int64), else int64. An array of another kind keeps its dtype, so a refusal names the
+    dtype that was saved."""
     declared = example_inputs(module, source)
     if inputs_path is None:
         if declared is None:
             raise BadInputError(f"{source} declares no example_inputs(): give --inputs FILE.npz (names = forward's)")
         return _ordered(module, declared)
-    floats = {name: arr.dtype for name, arr in (declared or {}).items() if arr.dtype.kind == "f"}
-    feed = {name: _usual_dtype(arr, floats.get(name)) for name, arr in read_npz(inputs_path).items()}
+    dtypes = {name: arr.dtype for name, arr in (declared or {}).items()}
+    try:
+        feed = {name: _usual_dtype(name, arr, dtypes.get(name)) for name, arr in read_npz(inputs_path).items()}
+    except BadInputError as err:
+        raise BadInputError(f"--inputs {inputs_path} does not fit {source}: {err}") from None
     names, required = forward_arguments(module)
     metadata: Mapping[str, Any]
     if declared is not None:
@@ -62,11 +67,17 @@ def module_feed(module: Any, inputs_path: str | os.PathLike | None, source: str)
     return _ordered(module, feed)
 
 
-def _usual_dtype(arr: np.ndarray, float_dtype: np.dtype | None = None) -> np.ndarray:
-    if arr.dtype.kind == "f":
-        return arr.astype(float_dtype or np.float32, copy=False)
-    if arr.dtype.kind in "iu" and arr.dtype != np.int64:
-        return arr.astype(np.int64)
+def _usual_dtype(name: str, arr: np.ndarray, declared: np.dtype | None) -> np.ndarray:
+    """`arr` in the dtype its input is taken in (module_feed's rules); an array of another
+    kind than the declared input's is returned as saved, for check_feed to refuse."""
+    if arr.dtype.kind == "f" and (declared is None or declared.kind == "f"):
+        return arr.astype(declared or np.float32, copy=False)
+    if arr.dtype.kind in "iu" and (declared is None or declared.kind in "iu"):
+        target = np.dtype(declared or np.int64)
+        if not ints_fit(arr, target):
+            low, high = int_range(arr)
+            raise BadInputError(f"input {name!r} holds {arr.dtype} values {low}..{high}, which do not fit {target}")
+        return arr.astype(target, copy=False)
     return arr
 
 

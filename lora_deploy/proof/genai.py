@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lora_deploy.backends.onnxrt.genai import GENAI_MANIFEST, genai_generator, read_genai_config
 from lora_deploy.backends.onnxrt.lora_format import pack_adapter, read_graph_inputs
-from lora_deploy.compare import tolerance
+from lora_deploy.compare import check_tolerances, tolerance
 from lora_deploy.dtypes import BY_ONNX
 from lora_deploy.errors import BadInputError
 from lora_deploy.io.provenance import artifact_hashes
@@ -112,6 +112,7 @@ def verify_genai(
     """verify_generation with the genai folder's candidates (and any other artifact in
     `others`), at the folder's tolerances unless atol/rtol are given."""
     require_cpu("--genai", **others)  # before the folder is opened
+    check_tolerances(atol, rtol)
     dtype = genai_dtype(genai_dir)
     row = tolerance(dtype)
     atol = row.atol if atol is None and dtype != "float32" else atol

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_deploy.backends.generation import Generation, Generator, check_prompts, left_pad
-from lora_deploy.compare import Tolerance, compare_array, tolerance
+from lora_deploy.compare import Tolerance, check_tolerances, compare_array, tolerance
 from lora_deploy.errors import BadInputError
 from lora_deploy.proof.verify import (
     FAILED,
@@ -409,6 +409,7 @@ def verify_generation(
     from lora_deploy.modeling.tasks import CAUSAL_LM, TEXT_GENERATION_WITH_PAST, load_config
 
     require_cpu("--generate", device, provider, trt_fp16, trt_cache)
+    check_tolerances(atol, rtol)
     if task not in ("auto", CAUSAL_LM, TEXT_GENERATION_WITH_PAST):
         raise BadInputError(
             f"--generate checks decoders: --task must be auto, {CAUSAL_LM} or {TEXT_GENERATION_WITH_PAST}"

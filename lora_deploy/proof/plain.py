@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from lora_deploy.adapter.read import load_adapter
-from lora_deploy.compare import Tolerance, tolerance
+from lora_deploy.compare import Tolerance, check_tolerances, tolerance
 from lora_deploy.errors import BadInputError
 from lora_deploy.io.provenance import artifact_hashes
 from lora_deploy.merge.plain import base_source
@@ -96,6 +96,7 @@ def verify_module(
     from lora_deploy.modeling.unmerged import attach
 
     require_cpu("--module", device, provider, trt_fp16, trt_cache)
+    check_tolerances(atol, rtol)
     if task != "auto" or seq != 16:
         raise BadInputError("--task and --seq apply to text models; a plain module's inputs are its observations")
     parts = {str(name): Path(path) for name, path in (parts or {}).items()}

@@ -28,7 +28,16 @@ from lora_deploy.adapter.plan import plan_merge
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.arrays import all_finite
 from lora_deploy.backends.onnxrt.gpu import GpuChoice
-from lora_deploy.compare import TOLERANCES, Comparison, OutputMatchError, Tolerance, compare, compare_array, tolerance
+from lora_deploy.compare import (
+    TOLERANCES,
+    Comparison,
+    OutputMatchError,
+    Tolerance,
+    check_tolerances,
+    compare,
+    compare_array,
+    tolerance,
+)
 from lora_deploy.dtypes import BY_ONNX, BY_SAFETENSORS
 from lora_deploy.errors import BadInputError, NotEquivalentError
 from lora_deploy.io.checkpoint import Checkpoint
@@ -192,6 +201,7 @@ def verify(
     writes into: never an input, nor inside or containing one (io.staging.check_cache_dir)."""
     from lora_deploy.backends.onnxrt import gpu
 
+    check_tolerances(atol, rtol)  # a negative or NaN --atol: one line, before any work
     choice = gpu.choose(device, provider, trt_fp16, trt_cache)
     if trt_cache is not None:  # before the providers are needed: a wrong path is one line on any machine
         artifacts = [merged_dir, onnx_path, dynamic_path, packed_path, multi_path, engine_path, inputs_path]

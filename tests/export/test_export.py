@@ -307,6 +307,34 @@ def test_export_module_bad_arguments(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_opset_below_18_is_refused_before_the_model_is_loaded(reference, tmp_path, monkeypatch):
+    """torch 2.13's exporter writes opset 18 and up: a lower one (or one past onnx's) is one
+    line up front, not a failure after the trace (the exporter is never called)."""
+    from click.testing import CliRunner
+
+    from lora_deploy.cli import main
+
+    base, adapter = reference("llama", "plain")
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("the exporter ran")
+
+    monkeypatch.setattr(torch.onnx, "export", no_trace)
+    top = onnx.defs.onnx_opset_version()
+    for opset in (9, 17, top + 1):
+        kinds = ([], ["--dynamic-adapters", "--adapter", adapter], ["--task", "text-generation-with-past"])
+        for extra in kinds:
+            args = ["export", "onnx", base, "-o", tmp_path / "m.onnx", "--opset", opset, *extra]
+            result = CliRunner().invoke(main, [str(a) for a in args])
+            assert result.exit_code == 2, result.output
+            assert result.stderr == f"error: opset {opset} is not supported: the exporter writes opsets 18..{top}\n"
+    with pytest.raises(BadInputError, match="opsets 18"):
+        export_module(
+            Controller().eval(), {"obs": torch.randn(2, 6)}, tmp_path / "a.onnx", output_names=["action"], opset=17
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------ tasks, inputs ----
 
 

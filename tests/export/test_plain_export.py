@@ -9,11 +9,13 @@ import textwrap
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from click.testing import CliRunner
 from peft import PeftModel
 
 from lora_deploy.cli import main
+from lora_deploy.errors import BadInputError
 from lora_deploy.examples import robot as robots
 
 POLICY = "lora_deploy.examples.robot:build_policy"
@@ -141,3 +143,84 @@ def test_recorded_float16_and_float64_observations_feed_the_float32_module(tmp_p
         for name, arr in feed.items():
             assert arr.dtype == np.float32
             np.testing.assert_array_equal(arr, obs[name].astype(dtype).astype(np.float32))
+
+
+CAMERA = """
+import torch
+from torch import nn
+
+
+class Camera(nn.Module):
+    output_names = ["action"]
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(12, 4)
+
+    def forward(self, image):
+        return self.enc(image.float() / 255.0)
+
+    def example_inputs(self):
+        return {"image": torch.arange(12, dtype=torch.uint8).reshape(1, 12) * 20}
+
+
+def build():
+    return Camera()
+"""
+
+
+def test_a_module_declaring_uint8_frames_is_exported_and_verified_on_uint8_inputs(tmp_path):
+    """Camera frames stay uint8 (saved as int64 too, when every value fits uint8): the
+    graph takes uint8 and matches PEFT's unmerged module on them. Values past uint8, or a
+    float array, are refused naming what was saved; so is a uint8 array for a float input."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_deploy.export.plain import module_feed
+
+    (tmp_path / "camera.py").write_text(textwrap.dedent(CAMERA))
+    spec = f"{tmp_path / 'camera.py'}:build"
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(CAMERA, namespace)  # the same class the CLI loads from camera.py
+    model = namespace["build"]().eval()
+    torch.save(model.state_dict(), tmp_path / "base.pt")
+    lora = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["enc"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    frames = np.random.default_rng(0).integers(0, 256, (3, 12)).astype(np.uint8)
+    np.savez(tmp_path / "frames.npz", image=frames)
+    np.savez(tmp_path / "frames-int64.npz", image=frames.astype(np.int64))
+
+    assert run_cli("merge", tmp_path / "base.pt", tmp_path / "adapter", "-o", tmp_path / "merged").exit_code == 0
+    out = tmp_path / "camera.onnx"
+    frames_npz = tmp_path / "frames.npz"
+    result = run_cli("export", "onnx", tmp_path / "merged", "-o", out, "--module", spec, "--inputs", frames_npz)
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    (got,) = session.run(None, {"image": frames})
+    with torch.no_grad():
+        want = lora(torch.from_numpy(frames)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for inputs in ("frames.npz", "frames-int64.npz"):
+        result = run_cli(
+            "verify", tmp_path / "base.pt", tmp_path / "adapter", "--module", spec, "--onnx", out,
+            "--merged", tmp_path / "merged", "--inputs", tmp_path / inputs,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+
+    camera = namespace["build"]()
+    feed = module_feed(camera, tmp_path / "frames-int64.npz", spec)
+    assert feed["image"].dtype == np.uint8 and np.array_equal(feed["image"], frames)
+    refusals = {
+        "image.npz": (np.arange(24).reshape(2, 12) * 13, "holds int64 values 0..299, which do not fit uint8"),
+        "float.npz": (np.zeros((2, 12)), "has dtype float64, expected uint8"),
+    }
+    for name, (array, words) in refusals.items():
+        np.savez(tmp_path / name, image=array)
+        result = run_cli("export", "onnx", tmp_path / "merged", "-o", tmp_path / "x.onnx", "--module", spec,
+                         "--inputs", tmp_path / name)  # fmt: skip
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.output
+    assert not (tmp_path / "x.onnx").exists()
+    np.savez(tmp_path / "obs-u8.npz", image=np.zeros((2, 3, 32, 32), np.uint8), proprio=np.zeros((2, 8), np.uint8))
+    with pytest.raises(BadInputError, match="'image' has dtype uint8, expected float32"):
+        module_feed(robots.build_policy(), tmp_path / "obs-u8.npz", POLICY)

@@ -168,6 +168,15 @@ def test_a_file_that_is_not_onnx_is_bad_input(merged_llama):
     assert result.exit_code == 2 and "not an ONNX model" in result.stderr
 
 
+def test_a_merged_graph_given_as_dynamic_names_the_cli_export(merged_llama):
+    """A graph without LoRA inputs is not a dynamic-adapter graph: the one line names the
+    command that makes one, not a Python function."""
+    base, adapter, _, onnx_path = merged_llama
+    result = cli("verify", base, adapter, "--dynamic", onnx_path)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "not a dynamic-adapter graph (export one with lora-deploy export onnx --dynamic-adapters)" in result.stderr
+
+
 def test_an_ort_error_without_a_message_is_still_one_line(monkeypatch, tmp_path):
     """ONNX Runtime errors reach the user as their first line; one with no message at all
     is named by its type (not an IndexError from an empty list of lines)."""

@@ -296,6 +296,8 @@ def test_golden_inputs_are_checked_against_the_model_inputs(llama, tmp_path):
         "unexpected input 'input_idz'": dict(input_idz=ids),
         "missing input 'attention_mask'": None,
         "outside the model's": dict(input_ids=ids + 10_000),
+        # an unsigned id past int64 is named as saved, not wrapped negative by the int64 cast
+        "ids from 9223372036854775813 to 9223372036854775813": dict(input_ids=np.full(ids.shape, 2**63 + 5, np.uint64)),
         "row 1 has no real token": dict(attention_mask=np.array([[1] * ids.shape[1], [0] * ids.shape[1]])),
         "dim 1": dict(attention_mask=np.ones((2, 3), np.int64)),
         "longer than the model's 128 positions": dict(
@@ -319,6 +321,25 @@ def test_golden_inputs_are_checked_against_the_model_inputs(llama, tmp_path):
 
     result = cli("verify", base, adapter, "--merged", merged, "--inputs", tmp_path / "pickled.npz")
     assert result.exit_code == 2 and "pickle" in result.stderr and result.stderr.count("\n") == 1
+    np.savez(tmp_path / "u32.npz", **{k: v.astype(np.uint32) for k, v in np.load(good).items()})
+    np.testing.assert_array_equal(load_golden_inputs(tmp_path / "u32.npz", config).feed["input_ids"], ids)
+
+
+def test_a_negative_nan_or_infinite_tolerance_is_bad_input_before_any_work(llama, tmp_path):
+    """Not a verification that fails (exit 1): a tolerance no comparison can use (exit 2)."""
+    base, adapter, merged = llama
+    report = tmp_path / "report.json"
+    for flag, value in (("--atol", "-1"), ("--atol", "nan"), ("--rtol", "-0.5"), ("--rtol", "inf")):
+        result = cli("verify", base, adapter, "--merged", merged, flag, value, "--report", report)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == f"error: {flag[2:]} must be a finite number >= 0, got {float(value)}\n"
+        assert not report.exists()
+    for keywords in (dict(atol=-1), dict(rtol=float("nan")), dict(atol="1e-3")):
+        with pytest.raises(BadInputError, match="must be a finite number >= 0"):
+            verify(base, adapter, merged_dir=merged, **keywords)
+    with pytest.raises(BadInputError, match="atol must be"):
+        tolerance("float32", atol=-1e-3)
+    assert tolerance("float32", atol=0, rtol=0).atol == 0  # exact comparison stays allowed
 
 
 # ------------------------------------------------------------------- effect ----

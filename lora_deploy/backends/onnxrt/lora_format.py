@@ -315,7 +315,10 @@ def fit_to_graph(
     """
     modules = {split_lora_name(n)[0]: None for n in graph.overridable if n.endswith(A_SUFFIX)}
     if not modules:
-        raise AdapterError(f"{graph.path}: the graph has no LoRA inputs (export it with export_dynamic)")
+        raise AdapterError(
+            f"{graph.path}: the graph has no LoRA inputs, so it is not a dynamic-adapter graph (export one with "
+            "lora-deploy export onnx --dynamic-adapters)"
+        )
     idle = {m: None for m in graph.uncomputed if m not in modules}
     known = {**modules, **idle}
     try:
