@@ -25,11 +25,15 @@ from typing import Annotated, Any, Literal, Union, get_type_hints
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, model_validator
 
 from lora_deploy import options as records
+from lora_deploy.bench.control import loop_settings
+from lora_deploy.bench.generation import check_generate
 from lora_deploy.bench.plan import check_run_counts
 from lora_deploy.bench.sessions import check_sessions
 from lora_deploy.bench.stats import check_on_inconclusive, fraction
 from lora_deploy.bench.timing import parse_duration, parse_rate
 from lora_deploy.errors import BadInputError
+from lora_deploy.io.checkpoint import parse_size
+from lora_deploy.modeling.factory import parse_factory
 
 FORMAT_VERSION = 1
 
@@ -206,6 +210,9 @@ def field_notes(record: type) -> dict[str, str]:
 
 # The stage's own checks of a record field's value, run when the pipeline is loaded (not
 # when the step runs, after the steps before it): record -> field -> check (raises BadInputError).
+# Each reuses the stage's parser or its tuple of choices, so the two cannot drift apart;
+# tests/pipeline/test_load.py checks that every CLI choice and range of a step's options loads
+# and that values outside them do not.
 def limit(value: Any) -> float | None:
     """A limit written in a pipeline file: a bare YAML number is read as the CLI reads the
     same text (`max_overhead: 2` is refused with "did you mean '2%'", never taken as 200%)."""
@@ -214,7 +221,146 @@ def limit(value: Any) -> float | None:
     return fraction(value)
 
 
+def one_of(choices: Sequence[str], what: str) -> Any:
+    """A check that a value is one of a stage's own choices (the tuple its API checks)."""
+
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise BadInputError(f"unknown {what} {value!r} (choose {', '.join(map(str, choices))})")
+
+    return check
+
+
+def at_least(low: int, what: str) -> Any:
+    def check(value: int) -> None:
+        if value < low:
+            raise BadInputError(f"{what} must be >= {low}, got {value}")
+
+    return check
+
+
+# Checks that need a heavier module import it when a file sets the field, not at start-up.
+def merge_dtype(value: str) -> None:
+    from lora_deploy.merge.streaming import OUTPUT_DTYPES
+
+    one_of(("auto", *OUTPUT_DTYPES), "dtype")(value)
+
+
+def onto(value: str) -> None:
+    from lora_deploy.merge.bnb import BnbSpec
+
+    BnbSpec(value)
+
+
+def blocksize(value: int) -> None:
+    from lora_deploy.merge.bnb import BnbSpec
+
+    BnbSpec("nf4", value)  # the 4-bit block sizes (int8 takes none: the merge says so)
+
+
+def requantize(value: str) -> None:
+    from lora_deploy.merge.quant import REQUANTIZE_FORMATS
+
+    one_of(REQUANTIZE_FORMATS, "--requantize")(value)
+
+
+def export_dtype(value: str) -> None:
+    from lora_deploy.modeling.hf import EXPORT_DTYPES  # imports torch
+
+    one_of(("auto", *EXPORT_DTYPES), "dtype")(value)
+
+
+def export_task(value: str) -> None:
+    from lora_deploy.modeling.tasks import AUTO, EXPORT_TASKS
+
+    one_of((AUTO, *EXPORT_TASKS), "task")(value)
+
+
+def verify_task(value: str) -> None:
+    from lora_deploy.modeling.tasks import AUTO, resolve_task
+
+    if value != AUTO:
+        resolve_task(value, None)  # a named task is checked without the config
+
+
+def parity(value: str) -> None:
+    from lora_deploy.export.streamed import PARITY_MODES  # imports torch
+
+    one_of(PARITY_MODES, "parity")(value)
+
+
+def refit_mode(value: str) -> None:
+    from lora_deploy.backends.trt.versions import REFIT_MODES
+
+    one_of(REFIT_MODES, "refit mode")(value)
+
+
+def hardware_compat(value: str) -> None:
+    from lora_deploy.backends.trt.versions import HARDWARE_COMPAT
+
+    one_of(HARDWARE_COMPAT, "hardware compatibility")(value)
+
+
+def converter(value: str) -> None:
+    from lora_deploy.backends.trt.convert import CONVERTERS
+
+    one_of(CONVERTERS, "converter")(value)
+
+
+def workspace(value: Any) -> None:
+    from lora_deploy.backends.trt.build import parse_workspace
+
+    parse_workspace(value)
+
+
+def trt_shapes(value: Any) -> None:
+    from lora_deploy.backends.trt.profiles import parse_shape_specs
+
+    parse_shape_specs([value] if isinstance(value, str) else value)
+
+
+def tolerance(name: str) -> Any:
+    from lora_deploy.compare import check_tolerances
+
+    return lambda value: check_tolerances(**{name: value})
+
+
+def noise_runs(value: int) -> None:
+    from lora_deploy.bench.noise import check_noise_runs
+
+    check_noise_runs(value, None)
+
+
 VALUE_CHECKS: dict[type, dict[str, Any]] = {
+    records.MergeOptions: {
+        "dtype": merge_dtype,
+        "max_shard_size": parse_size,
+        "onto": onto,
+        "blocksize": blocksize,
+        "requantize": requantize,
+    },
+    records.ExportOptions: {
+        "task": export_task,
+        "dtype": export_dtype,
+        "parity": parity,
+        "module": parse_factory,
+    },
+    records.PackOptions: {"dtype": one_of(records.PACK_DTYPES, "dtype")},
+    records.GenaiExportOptions: {"precision": one_of(records.GENAI_PRECISIONS, "precision")},
+    records.TrtBuildOptions: {
+        "shapes": trt_shapes,
+        "refittable": refit_mode,
+        "hardware_compat": hardware_compat,
+        "converter": converter,
+        "workspace": workspace,
+    },
+    records.VerifyOptions: {
+        "atol": tolerance("atol"),
+        "rtol": tolerance("rtol"),
+        "batch": at_least(1, "batch"),
+        "seq": at_least(1, "seq"),
+        "task": verify_task,
+    },
     records.BenchOptions: {
         "rounds": lambda v: check_run_counts(v, 0, 1, None),
         "warmup": lambda v: check_run_counts(1, v, 1, None),
@@ -230,6 +376,9 @@ VALUE_CHECKS: dict[type, dict[str, Any]] = {
         "rate": parse_rate,
         "duration": parse_duration,
         "max_p99": lambda v: parse_duration(v, "p99 budget"),
+        "noise_runs": noise_runs,
+        "max_misses": lambda v: loop_settings("1hz", None, None, v),
+        "generate": lambda v: check_generate(v, None, 1, None, None, None),
     },
 }
 

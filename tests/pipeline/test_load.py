@@ -217,3 +217,89 @@ def test_valid_bench_values_still_load(dirs):
     assert pipeline.gates.max_overhead == "2%" and pipeline.step_options()["bench"].max_time == "30s"
     pipeline, _ = load_pipeline(path, ["steps.bench.sessions=5"], {})
     assert pipeline.step_options()["bench"].sessions == 5
+
+
+def step_fields():
+    """(step or "gates", field, its CLI option) for every stage option a pipeline file sets."""
+    from tests.test_options import CASES, command
+
+    paths = {record: path for record, path, _ in CASES}
+    for name, kind in STEP_KINDS.items():
+        if kind.record is None:
+            continue
+        params = {p.name: p for p in command(paths[kind.record]).params}
+        gates = GATE_FIELDS.get(name, ())
+        for f in fields(kind.record):
+            if f.name in gates:
+                yield "gates", f.name, params[f.name]
+            elif f.name not in kind.owned:
+                yield name, f.name, params[f.name]
+
+
+def field_error(where: str, field: str, value) -> str | None:
+    """The one-line error for this value of a step option (or gate), None when it loads."""
+    from pydantic import ValidationError
+
+    from lora_deploy.pipeline.spec import STEP_OPTIONS, Gates
+
+    model = Gates if where == "gates" else STEP_OPTIONS[where]
+    try:
+        model.model_validate({field: value})
+    except ValidationError as exc:
+        return str(exc.errors()[0]["msg"])
+    return None
+
+
+def test_every_cli_choice_and_range_is_checked_at_load():
+    """Whatever a stage's CLI option refuses by its type (a choice, a range), a pipeline
+    file refuses when it is loaded, and whatever the CLI accepts, it loads."""
+    import click
+
+    checked = 0
+    for where, field, param in step_fields():
+        if isinstance(param.type, click.Choice):
+            for choice in param.type.choices:
+                assert field_error(where, field, choice) is None, (where, field, choice)
+            assert field_error(where, field, "bogus") is not None, (where, field)
+            checked += 1
+        elif isinstance(param.type, click.IntRange) and param.type.min is not None:
+            low = param.type.min + (1 if param.type.min_open else 0)
+            assert field_error(where, field, low) is None, (where, field, low)
+            assert field_error(where, field, low - 1) is not None, (where, field, low - 1)
+            checked += 1
+    assert checked >= 15
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "why"),
+    [
+        ("steps.merge.dtype=float17", "steps[1].merge.dtype", "unknown dtype 'float17'"),
+        ("steps.merge.onto=nf5", "steps[1].merge.onto", "unknown --onto 'nf5'"),
+        ("steps.merge.blocksize=65", "steps[1].merge.blocksize", "--blocksize 65 is not one bitsandbytes accepts"),
+        ("steps.merge.max_shard_size=1", "steps[1].merge.max_shard_size", "shard size 1 is 1 bytes"),
+        ("steps.export-onnx.module=nope", "steps[3].export-onnx.module", "bad --module 'nope'"),
+        ("gates.atol=nan", "gates.atol", "atol must be a finite number >= 0, got nan"),
+        ("gates.atol=-1", "gates.atol", "atol must be a finite number >= 0, got -1"),
+        ("gates.rtol=.inf", "gates.rtol", "rtol must be a finite number >= 0, got inf"),
+    ],
+)
+def test_step_values_are_refused_at_load_with_the_stage_s_message(dirs, override, field, why):
+    """A bad option value of any step fails the load (file, field, the stage's own words),
+    exit 2 in one line, nothing written: not the step, after the steps before it."""
+    valid = write(dirs, VALID)
+    assert error(valid, override).startswith(f"{valid} (--set {field}): {why}")
+    result = CliRunner().invoke(main, ["run", str(valid), "--set", override])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and why in lines[0], result.stderr
+    assert sorted(p.name for p in dirs.iterdir()) == ["adapters", "base", "p.yaml"]  # no bundle, no bundle.failed
+
+
+def test_a_bad_merge_dtype_in_the_file_names_its_line_as_merge_says_it(dirs):
+    from lora_deploy.errors import BadInputError
+    from lora_deploy.merge import merge
+
+    with pytest.raises(BadInputError) as api:
+        merge(dirs / "base", dirs / "adapters/a1", dirs / "out", dtype="float17")
+    path = write(dirs, VALID.replace("dtype: float16", "dtype: float17"))
+    assert error(path) == f"{path}:7: steps[1].merge.dtype: {api.value}"
