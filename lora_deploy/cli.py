@@ -272,6 +272,8 @@ def inspect_cmd(adapter: Path, base: Path | None, as_json: bool) -> None:
     console.print(line)
     if info["replaced_tensors"]:
         console.print(f"replaces base tensors: {', '.join(info['replaced_tensors'])}")
+    if info.get("saved_base_tensors"):
+        console.print(f"carries saved base tensors (not trained): {', '.join(info['saved_base_tensors'])}")
     if info.get("quantized_base_hint"):
         console.print(f"trained on a quantized base? {info['quantized_base_hint']} (merge --onto nf4|fp4|int8)")
 
@@ -429,7 +431,7 @@ def combine_cmd(adapters: tuple[Path, ...], out: Path, as_json: bool, **params) 
     help="Merge onto dequant(quant(W)) as bitsandbytes computes it (what a QLoRA adapter was trained against), "
     "for every Linear layer but the output head; untargeted ones are written dequantized too.",
 )
-@click.option("--blocksize", type=int, default=64, show_default=True, help="--onto nf4|fp4: bitsandbytes' block size.")
+@click.option("--blocksize", type=int, default=None, help="--onto nf4|fp4: bitsandbytes' block size.  [default: 64]")
 @click.option(
     "--double-quant", is_flag=True, help="--onto nf4|fp4: the scales were double-quantized (bnb_4bit_use_double_quant)."
 )
@@ -438,7 +440,7 @@ def combine_cmd(adapters: tuple[Path, ...], out: Path, as_json: bool, **params) 
     multiple=True,
     default=(),
     help="--onto: modules bitsandbytes left unquantized (llm_int8_skip_modules; name, suffix or regex); repeatable "
-    "or comma-separated.",
+    "or comma-separated (a comma inside (), [] or {} is the regex's).",
 )
 @click.option(
     "--requantize",
@@ -462,7 +464,7 @@ def merge(
     as_json: bool,
     side_files: tuple[Path, ...] = (),
     onto: str | None = None,
-    blocksize: int = 64,
+    blocksize: int | None = None,
     double_quant: bool = False,
     skip_modules: tuple[str, ...] = (),
     requantize: str | None = None,
@@ -477,10 +479,13 @@ def merge(
             from lora_deploy.errors import BadInputError
 
             raise BadInputError("--side-file applies to checkpoint merges, not --onnx-like")
-        if onto or requantize:
+        if onto or requantize or blocksize is not None or double_quant or skip_modules:
             from lora_deploy.errors import BadInputError
 
-            raise BadInputError("--onto and --requantize apply to checkpoint merges, not --onnx-like")
+            raise BadInputError(
+                "--onto (--blocksize, --double-quant, --skip-modules) and --requantize apply to checkpoint merges, "
+                "not --onnx-like"
+            )
         merge_onnx_like(base, adapter, onnx_like, out, options, base_check, as_json)
         return
     if click.get_current_context().get_parameter_source("base_check") is not click.core.ParameterSource.DEFAULT:
