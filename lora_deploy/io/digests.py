@@ -54,11 +54,11 @@ RACY_NS = 2_000_000_000
 Digests = dict[str, str]  # algorithm -> hex digest
 
 
-def new_hash(algorithm: str) -> Any:
-    """A fresh hash object (update / hexdigest). BLAKE3 spreads each large update over every
-    core (its own thread pool); both release the GIL while they hash."""
+def new_hash(algorithm: str, parallel: bool = True) -> Any:
+    """A fresh hash object (update / hexdigest). With `parallel`, BLAKE3 spreads each large
+    update over every core (its own thread pool); both release the GIL while they hash."""
     if algorithm == "blake3":
-        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+        return blake3.blake3(max_threads=blake3.blake3.AUTO if parallel else 1)
     if algorithm == "sha256":
         return hashlib.sha256()
     raise ValueError(f"unknown digest algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
@@ -67,8 +67,8 @@ def new_hash(algorithm: str) -> Any:
 class MultiHash:
     """Several algorithms fed the same bytes."""
 
-    def __init__(self, algorithms: Iterable[str]):
-        self._hashes = {name: new_hash(name) for name in algorithms}
+    def __init__(self, algorithms: Iterable[str], parallel: bool = True):
+        self._hashes = {name: new_hash(name, parallel) for name in algorithms}
 
     def update(self, data: bytes | memoryview) -> None:
         for h in self._hashes.values():
