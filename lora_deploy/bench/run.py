@@ -76,17 +76,28 @@ def _open_variants(
     device: str,
     threads: int | None,
     options: Mapping[str, Any],
+    epoch: int = 0,
 ) -> dict[str, TimedModel]:
-    """Open every variant, closing the ones already open if one fails."""
+    """Open every variant, closing the ones already open if one fails; returned in the
+    models' order.
+
+    The opening order turns by one every epoch: the session opened last ran faster here
+    (ONNX Runtime CPU, 100 Hz loop, 20 sessions: the same graph opened again after the
+    others gave a p50 ratio of 0.978 [0.964, 0.993] and a p99 ratio of 0.968 against
+    itself), so a fixed order would put that into every ratio."""
+    names = list(models)
+    turn = epoch % len(names) if names else 0
     variants: dict[str, TimedModel] = {}
     try:
-        for name, path in models.items():
-            variants[name] = registry.open_timed(name, path, backend, device, threads, adapters.get(name), **options)
+        for name in names[turn:] + names[:turn]:
+            variants[name] = registry.open_timed(
+                name, models[name], backend, device, threads, adapters.get(name), **options
+            )
     except BaseException:
         for variant in variants.values():
             variant.close()
         raise
-    return variants
+    return {name: variants[name] for name in names}
 
 
 def run_bench(
@@ -261,7 +272,7 @@ def run_bench(
                 # --noise-runs, --sessions: a fresh open of every model: new sessions, new allocations, a later moment.
                 for variant in opened[-1].values():
                     variant.close()
-                opened.append(_open_variants(models, adapters, backend, device, threads, factory_options))
+                opened.append(_open_variants(models, adapters, backend, device, threads, factory_options, len(opened)))
                 return prepare(opened[-1])[0]
 
             steps: dict[str, dict[str, StepRecorder]] = {}

@@ -227,6 +227,22 @@ def test_run_bench_opens_fresh_sessions_per_epoch_one_set_at_a_time(pair, monkey
     assert load_report(path)["config"]["sessions"] == 4
 
 
+def test_the_opening_order_turns_every_epoch(pair, monkeypatch):
+    """The session opened last ran faster (a measured effect): no variant may always be it."""
+    opened = []
+    open_timed = registry.open_timed
+
+    def recording(name, *args, **kwargs):
+        opened.append(name)
+        return open_timed(name, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "open_timed", recording)
+    report = bench.run_bench(pair, shapes="1x4", rounds=8, warmup=1, sessions=4)
+    names = list(pair)
+    assert len(names) == 2 and opened == names + names[::-1] + names + names[::-1]
+    assert list(report["results"]["1x4"]["variants"]) == names  # reports keep the models' order
+
+
 def test_one_session_says_its_interval_excludes_the_session_effect(pair):
     report = bench.run_bench(pair, shapes="1x4", rounds=4, warmup=0, sessions=1)
     assert report["config"]["sessions"] == 1 and report["config"]["bootstrap"].startswith("one-level")
