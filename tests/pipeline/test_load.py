@@ -157,6 +157,17 @@ def test_cli_bad_pipeline_is_one_line_exit_2_json_too(dirs):
     assert missing.exit_code == 2 and "no such pipeline file" in missing.stderr
 
 
+def refused_at_load(dirs, valid, override, field, why):
+    """`run VALID --set OVERRIDE` fails the load: exit 2, one line naming the field and why,
+    nothing written."""
+    assert error(valid, override).startswith(f"{valid} (--set {field}): {why}")
+    result = CliRunner().invoke(main, ["run", str(valid), "--set", override])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and field in lines[0] and why in lines[0], result.stderr
+    assert sorted(p.name for p in dirs.iterdir()) == ["adapters", "base", "p.yaml"]  # no bundle, no bundle.failed
+
+
 @pytest.mark.parametrize(
     ("edit", "line", "override", "field", "why"),
     [
@@ -203,12 +214,7 @@ def test_bench_values_are_checked_at_load_by_the_bench_parsers(dirs, edit, line,
     in_file = write(dirs, VALID.replace(*edit))
     assert error(in_file).startswith(f"{in_file}:{line}: {field}: {why}")
     valid = write(dirs, VALID)
-    assert error(valid, override).startswith(f"{valid} (--set {field}): {why}")
-    result = CliRunner().invoke(main, ["run", str(valid), "--set", override])
-    assert result.exit_code == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and field in lines[0] and why in lines[0], result.stderr
-    assert sorted(p.name for p in dirs.iterdir()) == ["adapters", "base", "p.yaml"]  # no bundle, no bundle.failed
+    refused_at_load(dirs, valid, override, field, why)
 
 
 def test_valid_bench_values_still_load(dirs):
@@ -287,12 +293,7 @@ def test_step_values_are_refused_at_load_with_the_stage_s_message(dirs, override
     """A bad option value of any step fails the load (file, field, the stage's own words),
     exit 2 in one line, nothing written: not the step, after the steps before it."""
     valid = write(dirs, VALID)
-    assert error(valid, override).startswith(f"{valid} (--set {field}): {why}")
-    result = CliRunner().invoke(main, ["run", str(valid), "--set", override])
-    assert result.exit_code == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and field in lines[0] and why in lines[0], result.stderr
-    assert sorted(p.name for p in dirs.iterdir()) == ["adapters", "base", "p.yaml"]  # no bundle, no bundle.failed
+    refused_at_load(dirs, valid, override, field, why)
 
 
 def test_a_bad_merge_dtype_in_the_file_names_its_line_as_merge_says_it(dirs):
