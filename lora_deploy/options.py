@@ -17,6 +17,8 @@ from typing import Any
 # stored as. Here, not in backends/onnxrt/lora_format.py (which re-exports it), so the CLI
 # lists the choices without importing torch.
 PACK_DTYPES = ("float32", "float16")
+EXPORT_DTYPES = ("float32", "float16")  # what `export onnx` writes a Hugging Face model in
+PARITY_MODES = ("auto", "full", "proxy", "skip")  # export onnx --parity
 
 
 @dataclass(frozen=True)

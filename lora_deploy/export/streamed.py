@@ -42,6 +42,7 @@ from lora_deploy.io.stream import write_at
 from lora_deploy.modeling.hf import HFExportWrapper
 from lora_deploy.modeling.sentence import pooling_for_task
 from lora_deploy.modeling.tasks import AUTO_CLASS, load_config, model_input_names, resolve_task
+from lora_deploy.options import PARITY_MODES
 from lora_deploy.util import first_line
 
 # Offsets in the data file are aligned like onnx-ir's (so ORT can map large tensors).
@@ -192,7 +193,6 @@ def memory_available() -> int | None:
 
 # The most memory the parity check may take on the real model with parity="auto".
 PARITY_BUDGET = 1 << 30
-PARITY_MODES = ("auto", "full", "proxy", "skip")
 
 
 def parity_plan(weight_bytes: int, mode: str = "auto") -> tuple[str, str]:

@@ -28,9 +28,8 @@ from lora_deploy.modeling.tasks import (
     model_input_names,
     resolve_task,
 )
+from lora_deploy.options import EXPORT_DTYPES
 from lora_deploy.util import first_line
-
-EXPORT_DTYPES = ("float32", "float16")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -265,9 +265,7 @@ def requantize(value: str) -> None:
 
 
 def export_dtype(value: str) -> None:
-    from lora_deploy.modeling.hf import EXPORT_DTYPES  # imports torch
-
-    one_of(("auto", *EXPORT_DTYPES), "dtype")(value)
+    one_of(("auto", *records.EXPORT_DTYPES), "dtype")(value)
 
 
 def export_task(value: str) -> None:
@@ -284,9 +282,7 @@ def verify_task(value: str) -> None:
 
 
 def parity(value: str) -> None:
-    from lora_deploy.export.streamed import PARITY_MODES  # imports torch
-
-    one_of(PARITY_MODES, "parity")(value)
+    one_of(records.PARITY_MODES, "parity")(value)
 
 
 def refit_mode(value: str) -> None:
