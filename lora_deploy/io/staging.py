@@ -48,7 +48,7 @@ from lora_deploy.errors import (
     LoraDeployError,
     OutputError,
 )
-from lora_deploy.io.onnx_proto import read_model
+from lora_deploy.io.onnx_proto import external_locations
 from lora_deploy.util import signal_handlers
 
 try:
@@ -205,11 +205,9 @@ def onnx_external_data(path: Path) -> list[Path]:
 
 def onnx_locations(path: Path) -> set[str]:
     try:
-        model = read_model(path)
+        return set(external_locations(path))
     except Exception:  # not readable as ONNX: the command reading it will say so
         return set()
-    tensors = list(model.graph.initializer)
-    return {e.value for t in tensors for e in t.external_data if e.key == "location"}
 
 
 def links_under(root: Path) -> Iterator[Path]:

@@ -507,6 +507,28 @@ def test_the_external_data_of_an_input_model_is_an_input(reference, tmp_path, co
     assert data.read_bytes() == before
 
 
+def test_a_graph_rewritten_since_it_was_parsed_is_read_again(tmp_path, monkeypatch):
+    """The policy reuses the external data locations of a graph the command parsed
+    (io/onnx_proto.py); a graph rewritten since, naming another data file, is parsed again."""
+    import onnx
+
+    from lora_deploy.io import onnx_proto
+
+    model = onnx_with_external_data(tmp_path / "ext")
+    parses = []
+    real = onnx_proto.locations_of
+    monkeypatch.setattr(onnx_proto, "locations_of", lambda m: parses.append(1) or real(m))
+    onnx_proto.read_model(model)
+    with pytest.raises(BadInputError, match="external data of input"):
+        check_output(tmp_path / "ext" / "weights.bin", [model], overwrite=True)
+    assert len(parses) == 1  # parsed once, by the command
+    loaded = onnx.load(str(model))
+    onnx.save(loaded, str(model), save_as_external_data=True, location="other.bin", size_threshold=0)
+    with pytest.raises(BadInputError, match="external data of input"):
+        check_output(tmp_path / "ext" / "other.bin", [model], overwrite=True)
+    assert len(parses) == 2
+
+
 def test_the_current_directory_is_never_replaced(llama, tmp_path, monkeypatch):
     """Renaming onto the working directory (even an empty one) would unlink it under the user."""
     base, adapter = llama
