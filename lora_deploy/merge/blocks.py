@@ -140,16 +140,30 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_pool.__init__)
 
 
+@contextlib.contextmanager
+def on_this_thread() -> Iterator[None]:
+    """for_each_block runs its blocks serially on the calling thread meanwhile: for a
+    caller whose other core is busy with its own work (merge --onnx-like's kernel copy),
+    which more threads would only take turns with."""
+    previous = getattr(_pool.local, "serial", False)
+    _pool.local.serial = True
+    try:
+        yield
+    finally:
+        _pool.local.serial = previous
+
+
 def for_each_block(work: Callable[[int], None], starts: range) -> None:
     """Run work(start) for every start, on all cores when there are several; the first
     error is raised here. Called from a block itself it runs serially (waiting on the
-    pool from inside it could deadlock).
+    pool from inside it could deadlock), and so it does inside on_this_thread().
 
     BLAS is held to one thread either way, before any block starts: a product's rounding
     depends on how many threads BLAS splits it over, and every block must round alike.
     """
     with _pool.one_blas_thread():
-        if len(starts) < 2 or worker_count() < 2 or getattr(_pool.local, "inside", False):
+        serial = getattr(_pool.local, "inside", False) or getattr(_pool.local, "serial", False)
+        if len(starts) < 2 or worker_count() < 2 or serial:
             for start in starts:
                 work(start)
         else:

@@ -61,6 +61,21 @@ def test_called_from_a_block_it_runs_serially():
     assert not done.is_alive() and len(inner) == 32
 
 
+def test_on_this_thread_keeps_the_blocks_on_the_caller():
+    """merge --onnx-like's math stays on its thread while the kernel copy has the other core."""
+    names = []
+
+    def work(i):
+        names.append(threading.current_thread().name)
+
+    with blocks.on_this_thread():
+        for_each_block(work, range(8))
+    assert names == [threading.current_thread().name] * 8
+    names.clear()
+    for_each_block(work, range(8))  # and back on the pool after
+    assert all(n.startswith("lora-deploy-block-") for n in names)
+
+
 def test_the_callers_numpy_error_state_holds_in_blocks():
     def work(i):
         np.float32(3e38) * np.float32(10)  # overflows
