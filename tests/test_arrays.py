@@ -80,16 +80,16 @@ def test_reads_larger_than_one_pread(tmp_path, monkeypatch):
     """Linux returns at most ~2 GiB per pread: a larger tensor takes several."""
     import os
 
-    from lora_deploy.io import checkpoint as checkpoint
+    from lora_deploy.io import fileio
 
     data = os.urandom(10_000)
     path = tmp_path / "blob"
     path.write_bytes(data)
     real = os.pread
-    monkeypatch.setattr(checkpoint.os, "pread", lambda fd, n, off: real(fd, min(n, 777), off))
+    monkeypatch.setattr(fileio.os, "pread", lambda fd, n, off: real(fd, min(n, 777), off))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert checkpoint.pread_all(fd, 9_000, 500, path) == data[500:9_500]
+        assert fileio.pread_all(fd, 9_000, 500, path) == data[500:9_500]
     finally:
         os.close(fd)
 

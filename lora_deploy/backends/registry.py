@@ -10,15 +10,17 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lora_deploy.backends.base import TimedModel
 from lora_deploy.errors import BadInputError
+
+if TYPE_CHECKING:  # base.py imports numpy, which the CLI's start-up does without
+    from lora_deploy.backends.base import TimedModel
 
 DEVICES = ("cpu", "cuda")
 
 # make(name, model path, device, threads, adapter path or None, options) -> an active TimedModel
-TimedModelFactory = Callable[[str, Path, str, int | None, Path | None, Mapping[str, Any]], TimedModel]
+TimedModelFactory = Callable[[str, Path, str, "int | None", "Path | None", Mapping[str, Any]], "TimedModel"]
 
 
 @dataclass(frozen=True)

@@ -47,14 +47,8 @@ import numpy as np
 
 from lora_deploy.adapter.read import Adapter, load_adapter
 from lora_deploy.adapter.variants import refuse_non_additive
-from lora_deploy.backends.onnxrt.genai import (
-    GENAI_INSTALL,
-    GENAI_MANIFEST,
-    LORA_NAMES,
-    genai_generator,
-    import_genai,
-    read_genai_config,
-)
+from lora_deploy.backends.onnxrt.genai import GENAI_INSTALL, LORA_NAMES, genai_generator, import_genai
+from lora_deploy.backends.onnxrt.genai_folder import GENAI_MANIFEST, read_genai_config
 from lora_deploy.backends.onnxrt.lora_format import A_SUFFIX, B_SUFFIX, METADATA_KEY, pack_adapter
 from lora_deploy.dtypes import BY_ONNX
 from lora_deploy.errors import AdapterError, BadInputError, ExportError

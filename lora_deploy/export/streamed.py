@@ -37,8 +37,8 @@ from lora_deploy.dtypes import BY_ONNX
 from lora_deploy.errors import BadInputError, ExportError, OutputError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.io.checkpoint import Checkpoint, check_checkpoint
+from lora_deploy.io.fileio import write_at
 from lora_deploy.io.staging import output_error, staging_dir
-from lora_deploy.io.stream import write_at
 from lora_deploy.modeling.hf import HFExportWrapper
 from lora_deploy.modeling.sentence import pooling_for_task
 from lora_deploy.modeling.tasks import AUTO_CLASS, load_config, model_input_names, resolve_task

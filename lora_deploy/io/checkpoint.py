@@ -29,6 +29,7 @@ import numpy as np
 
 from lora_deploy.dtypes import BY_NAME, FLOATS, NUMPY_BY_SAFETENSORS
 from lora_deploy.errors import CheckpointError
+from lora_deploy.io.fileio import pread_all
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -370,19 +371,3 @@ def _size_in_bytes(text: str) -> int:
 def as_array(data: bytes | bytearray | memoryview, info: TensorInfo) -> np.ndarray:
     """A tensor's bytes as an array (writable only over a writable buffer)."""
     return np.frombuffer(data, dtype=info.np_dtype).reshape(info.shape)
-
-
-def pread_all(fd: int, n: int, offset: int, path: Path) -> bytes:
-    """n bytes at offset (one pread returns at most ~2 GiB on Linux, a large tensor more)."""
-    parts = []
-    while n > 0:
-        try:
-            data = os.pread(fd, min(n, 1 << 30), offset)
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
-        if not data:
-            raise CheckpointError(f"{path}: truncated while reading")
-        parts.append(data)
-        n -= len(data)
-        offset += len(data)
-    return parts[0] if len(parts) == 1 else b"".join(parts)

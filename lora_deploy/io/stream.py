@@ -30,8 +30,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from lora_deploy.errors import CheckpointError, InternalError, OutputError
-from lora_deploy.io.checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array, pread_all
+from lora_deploy.io.checkpoint import DTYPES, INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo, as_array
 from lora_deploy.io.digests import DEFAULT_ALGORITHMS, DigestMemo, Digests, MultiHash, file_digests
+from lora_deploy.io.fileio import pread_all
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,6 @@ WINDOW = 64 * 1024 * 1024
 # Deep enough that the kernel copies a layer's untouched tensors while the merge computes
 # the next adapted one, rather than each waiting for the other.
 WRITE_AHEAD = 16
-# copy_except copies at most this much per call, so that it can be stopped in between.
-COPY_STEP = 256 * 1024 * 1024
 
 
 class Worker:
@@ -499,18 +498,6 @@ def write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data) :]
 
 
-def write_at(fd: int, path: Path, data: memoryview | np.ndarray, offset: int) -> None:
-    """Write all of `data` at `offset` of an open file (short writes retried); a failure is
-    an OutputError naming `path`. Arrays are written as their raw bytes."""
-    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if isinstance(data, np.ndarray) else data
-    try:
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-
-
 def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
     """Group tensors into shards in order, starting a new shard when one would overflow."""
     shards: list[list[OutputTensor]] = [[]]
@@ -618,61 +605,3 @@ def tensor_bytes(array: np.ndarray) -> memoryview:
     """Raw little-endian bytes of an array (bfloat16 and float8 included)."""
     flat = np.ascontiguousarray(array).reshape(-1)
     return memoryview(flat.view(np.uint8))
-
-
-def copy_except(
-    source: Path,
-    dest: Path,
-    skip: list[tuple[int, int]],
-    on_open: Callable | None = None,
-    stop: threading.Event | None = None,
-) -> None:
-    """`dest` (created, `source`'s size) holding `source`'s bytes everywhere but the
-    (offset, length) ranges in `skip`, which the caller writes itself: in the kernel
-    (copy_file_range), or through a buffer where the file system refuses that.
-    `on_open()` is called once `dest` exists at its full size. Once `stop` is set, it
-    returns within a COPY_STEP, `dest` unfinished (the caller is discarding it)."""
-    size = source.stat().st_size
-    try:
-        fd_in = os.open(source, os.O_RDONLY)
-    except OSError as exc:
-        raise CheckpointError(f"{source}: cannot read ({exc.strerror})") from None
-    try:
-        fd_out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError as exc:
-        os.close(fd_in)
-        raise OutputError(f"{dest}: cannot write ({exc.strerror})") from None
-    try:
-        os.ftruncate(fd_out, size)
-        if on_open is not None:
-            on_open()
-        start = 0
-        for offset, length in sorted(skip) + [(size, 0)]:
-            if offset > start:
-                _copy_range(fd_in, fd_out, start, offset - start, source, dest, stop)
-            start = max(start, offset + length)
-    except OSError as exc:
-        raise OutputError(f"{dest}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        os.close(fd_in)
-        os.close(fd_out)
-
-
-def _copy_range(
-    fd_in: int, fd_out: int, offset: int, count: int, source: Path, dest: Path, stop: threading.Event | None = None
-) -> None:
-    end = offset + count
-    while offset < end:
-        if stop is not None and stop.is_set():
-            return
-        try:
-            done = os.copy_file_range(fd_in, fd_out, min(end - offset, COPY_STEP), offset, offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            done = 0
-        if done == 0:  # refused, or nothing copied: through a buffer
-            block = pread_all(fd_in, min(end - offset, 16 << 20), offset, source)
-            write_at(fd_out, dest, memoryview(block), offset)
-            done = len(block)
-        offset += done

@@ -20,7 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_deploy.backends.onnxrt.genai import GENAI_MANIFEST, genai_generator, read_genai_config
+from lora_deploy.backends.onnxrt.genai import genai_generator
+from lora_deploy.backends.onnxrt.genai_folder import GENAI_MANIFEST, read_genai_config
 from lora_deploy.backends.onnxrt.lora_format import pack_adapter, read_graph_inputs
 from lora_deploy.compare import check_tolerances, tolerance
 from lora_deploy.dtypes import BY_ONNX

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from lora_deploy.backends.onnxrt.genai import genai_generator, import_genai, read_genai_config
+from lora_deploy.backends.onnxrt.genai import genai_generator, import_genai
+from lora_deploy.backends.onnxrt.genai_folder import read_genai_config
 from lora_deploy.compare import tolerance
 from lora_deploy.errors import BadInputError
 from lora_deploy.proof.generate import reference_generation

@@ -84,8 +84,19 @@ def test_equals_a_fresh_export_of_the_merged_checkpoint(case, graph, tmp_path):
 STARTS_BARE = """
 import sys
 from lora_deploy.cli import main
+from lora_deploy.io import fileio
 base, adapter, graph, out = sys.argv[1:5]
+# The copy of the data, most of the command's time, starts before numpy's import (~0.1 s).
+imported_at_copy = []
+class Watched(fileio.FileCopy):
+    def __init__(self, *args, **kwargs):
+        imported_at_copy.append("numpy" in sys.modules)
+        super().__init__(*args, **kwargs)
+fileio.FileCopy = Watched
+import lora_deploy.export.like as like
+like.FileCopy = Watched
 main(["merge", base, adapter, "--onnx-like", graph, "-o", out], standalone_mode=False)
+assert imported_at_copy == ([False] if graph.endswith("base.onnx") else []), imported_at_copy
 # Nor what only other paths need: export genai's module, importlib.metadata (the version).
 unneeded = ("torch", "onnx", "ml_dtypes", "transformers", "lora_deploy.export.genai", "importlib.metadata")
 heavy = sorted(m for m in unneeded if m in sys.modules)
@@ -208,12 +219,15 @@ def graph_with_one_value_changed(root, tmp_path, name, pick):
     data, at the flat index `pick(count)`."""
     import shutil
 
-    from lora_deploy.export.like import read_initializers
+    from lora_deploy.export.initializers import read_initializers
+    from lora_deploy.export.like import external_data_file
 
     for suffix in ("", ".data"):
         shutil.copyfile(root / f"base.onnx{suffix}", tmp_path / f"base.onnx{suffix}")
     graph = tmp_path / "base.onnx"
-    data_file, inits = read_initializers(onnx.load(str(graph), load_external_data=False), graph)
+    model = onnx.load(str(graph), load_external_data=False)
+    data_file = external_data_file(model, graph)
+    inits = read_initializers(model, graph, data_file)
     init = inits[name]
     count = int(np.prod(init.shape))
     index = pick(count)
@@ -227,7 +241,7 @@ def graph_with_one_value_changed(root, tmp_path, name, pick):
 
 def outside_the_samples(count):
     """A flat index in the second half that no sampled block compares (float32 graph)."""
-    from lora_deploy.export.like import SAMPLE_BLOCKS, compared_blocks
+    from lora_deploy.export.initializers import SAMPLE_BLOCKS, compared_blocks
 
     sampled = set()
     for first, n in compared_blocks(count, 4, SAMPLE_BLOCKS):
@@ -236,9 +250,9 @@ def outside_the_samples(count):
 
 
 def test_sampled_check_compares_blocks_full_check_every_value(case, tmp_path, monkeypatch):
-    from lora_deploy.export import like
+    from lora_deploy.export import initializers
 
-    monkeypatch.setattr(like, "SAMPLE_VALUES", 64)  # the tiny model's tensors are sampled too
+    monkeypatch.setattr(initializers, "SAMPLE_VALUES", 64)  # the tiny model's tensors are sampled too
     base, adapter, root = case
     graph = graph_with_one_value_changed(root, tmp_path, "model.embed_tokens.weight", outside_the_samples)
     (tmp_path / "a").mkdir()
@@ -255,9 +269,9 @@ def test_the_adapters_targets_are_sampled_too(case, tmp_path, monkeypatch):
     """The targets are rewritten from the checkpoint: an edit of the graph's value there
     never reaches the output, so they are sampled like the rest; a graph with the adapter
     already merged in differs at almost every target value, and the samples see it."""
-    from lora_deploy.export import like
+    from lora_deploy.export import initializers
 
-    monkeypatch.setattr(like, "SAMPLE_VALUES", 64)  # the tiny model's tensors are sampled too
+    monkeypatch.setattr(initializers, "SAMPLE_VALUES", 64)  # the tiny model's tensors are sampled too
     base, adapter, root = case
     name = "model.layers.0.self_attn.q_proj.weight"
     outs = {label: tmp_path / label / "m.onnx" for label in ("clean", "edited", "again")}
@@ -274,7 +288,7 @@ def test_the_adapters_targets_are_sampled_too(case, tmp_path, monkeypatch):
 
 
 def test_compared_blocks_cover_every_value_or_spaced_samples():
-    from lora_deploy.export.like import SAMPLE_VALUES, compared_blocks
+    from lora_deploy.export.initializers import SAMPLE_VALUES, compared_blocks
 
     full = compared_blocks(10_000_000, 4, None)
     assert sum(n for _, n in full) == 10_000_000 and full[0][0] == 0

@@ -20,9 +20,10 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from lora_deploy.cli import main
-from lora_deploy.export import like
+from lora_deploy.export import initializers as graph_initializers
+from lora_deploy.export.initializers import read_initializers
 from lora_deploy.export.layouts import GENAI, OURS, Mapping, detect, resolve
-from lora_deploy.export.like import merge_onnx, read_initializers
+from lora_deploy.export.like import external_data_file, merge_onnx
 from lora_deploy.proof.genai import verify_genai
 
 
@@ -190,16 +191,18 @@ def test_output_folder_policy(folders, tmp_path):
 
 def test_sampled_check_tiles_full_check_every_value(folders, tmp_path, monkeypatch):
     """A transposed tensor the adapter leaves alone is compared in tiles (sampled) or in full."""
-    monkeypatch.setattr(like, "SAMPLE_VALUES", 64)  # 8x8 tiles: the tiny model's tensors are sampled too
+    monkeypatch.setattr(graph_initializers, "SAMPLE_VALUES", 64)  # 8x8 tiles: the tiny model's tensors are sampled too
     base_folder, base, plain, _ = folders
     for name in ("model.onnx", "model.onnx.data"):
         shutil.copyfile(base_folder / name, tmp_path / name)
     graph = tmp_path / "model.onnx"
-    data_file, inits = read_initializers(onnx.load(str(graph), load_external_data=False), graph)
+    model = onnx.load(str(graph), load_external_data=False)
+    data_file = external_data_file(model, graph)
+    inits = read_initializers(model, graph, data_file)
     target = inits["model.layers.0.mlp.down_proj.MatMul.weight"]  # [128, 64] = down_proj.weight [64, 128]ᵀ
     rows, cols = 64, 128  # the checkpoint's
     tiled = set()
-    for (r0, r1), (c0, c1) in like.transposed_windows(rows, cols, 4, like.SAMPLE_BLOCKS):
+    for (r0, r1), (c0, c1) in graph_initializers.transposed_windows(rows, cols, 4, graph_initializers.SAMPLE_BLOCKS):
         tiled.update((r, c) for r in range(r0, r1) for c in range(c0, c1))
     r, c = next((r, c) for r in range(rows) for c in range(cols) if (r, c) not in tiled)
     with open(data_file, "r+b") as f:  # the graph's [c, r] is the checkpoint's [r, c]

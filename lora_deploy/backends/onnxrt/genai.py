@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from lora_deploy.backends.generation import Generation, check_prompts
+from lora_deploy.backends.onnxrt.genai_folder import GENAI_CONFIG, read_genai_config
 from lora_deploy.errors import AdapterError, BadInputError, InternalError
 from lora_deploy.util import first_line
 
 GENAI_INSTALL = "pip install 'lora-deploy[genai]'"
-GENAI_CONFIG = "genai_config.json"
-GENAI_MANIFEST = "genai-manifest.json"  # what `export genai` built, from what (export/genai.py)
 # Where the builder puts a PEFT LoRA module: PEFT module path (of the *ForCausalLM) -> the
 # builder's MatMul node path. Its weights are the node path, "/" as ".", with lora_A/lora_B
 # before "MatMul" and ".weight" after: /model/layers.0/attn/q_proj/MatMul ->
@@ -71,20 +70,6 @@ def import_genai():
     except ImportError as exc:
         raise BadInputError(f"onnxruntime-genai is not installed: {GENAI_INSTALL} ({first_line(exc, 120)})") from None
     return onnxruntime_genai
-
-
-def read_genai_config(model_dir: str | os.PathLike) -> dict:
-    """A folder's genai_config.json; BadInputError when it is not a genai model folder."""
-    path = Path(model_dir) / GENAI_CONFIG
-    if not path.is_file():
-        raise BadInputError(f"{model_dir}: no {GENAI_CONFIG}: not an onnxruntime-genai model folder")
-    try:
-        config = json.loads(path.read_text())
-        model = config["model"]
-        int(model["vocab_size"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BadInputError(f"{path}: not a readable onnxruntime-genai config ({first_line(exc, 120)})") from None
-    return config
 
 
 def token_ids(value) -> set[int]:
