@@ -531,6 +531,7 @@ def merge_onnx_like(
         raise BadInputError("--max-shard-size does not apply to --onnx-like (one ONNX file and its data)")
     if options.sha256 or options.rehash:
         raise BadInputError("--sha256 and --rehash apply to checkpoint merges; --onnx-like --json records SHA-256")
+    without_blas_workers()
     result = merge_onnx(
         base, adapter, graph, out, overwrite=options.overwrite, durable=options.durable, base_check=base_check
     )
@@ -541,6 +542,15 @@ def merge_onnx_like(
 
 
 MERGE_ONNX_SCHEMA = "lora-deploy.merge-onnx/1"
+
+
+def without_blas_workers() -> None:
+    """For a command whose BLAS calls run on one thread by design (the merge's rank-r
+    products, merge/blocks.py), asked before numpy is imported: OpenBLAS then starts no
+    worker threads. An idle worker spins after each call (measured here: most of a core
+    for tens of ms) on the core the kernel copy or the hashing runs on."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 @main.command()
