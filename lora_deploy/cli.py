@@ -65,6 +65,17 @@ def exit_interrupted(exc: KeyboardInterrupt, *, now: bool = False) -> None:
     sys.exit(code)
 
 
+def exit_reader_gone() -> None:
+    """stdout's reader went away (`lora-deploy ... | head -0`): nothing is wrong with the
+    command (its outputs are in place, or were staged and removed, as on Ctrl-C). Exit
+    quietly, with the status of a process SIGPIPE stopped; stdout goes to /dev/null so
+    the interpreter's last flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(128 + signal.SIGPIPE)
+
+
 JSON_PRINTED = "lora_deploy.json_printed"  # ctx.meta key: the command printed its JSON document
 
 
@@ -99,6 +110,8 @@ def run_guarded(fn):
             sys.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             exit_interrupted(exc)
+        except BrokenPipeError:
+            exit_reader_gone()
         except Exception as exc:  # a bug: keep the promise of one line, point at --debug
             if isinstance(exc.__cause__, KeyboardInterrupt):  # Python 3.11 wraps one raised while a class is built
                 exit_interrupted(exc.__cause__)

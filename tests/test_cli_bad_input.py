@@ -318,6 +318,24 @@ def test_console_script_reports_one_line(llama, tmp_path):
     assert not out.exists()
 
 
+def test_a_closed_stdout_exits_quietly_with_the_output_in_place(llama, tmp_path):
+    """`lora-deploy merge ... | head -0`: the report cannot be printed, but the merge is
+    done; not an "unexpected error" (exit 3), but SIGPIPE's status, nothing on stderr."""
+    base, adapter = llama
+    out = tmp_path / "out"
+    exe = shutil.which("lora-deploy") or pytest.skip("console script not installed")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes
+    try:
+        done = subprocess.run(
+            [exe, "merge", str(base), str(adapter), "-o", str(out)], stdout=write_end, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
+    assert (out / "merge-manifest.json").is_file()
+
+
 def test_overwrite_never_removes_an_input(llama, tmp_path):
     base, adapter = llama  # both live under tmp_path / "in"
     result = run_cli("merge", base, adapter, "-o", tmp_path / "in", "--overwrite")
