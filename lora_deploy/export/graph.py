@@ -77,7 +77,7 @@ def run_exporter(
         options["output_names"] = list(output_names)
     try:
         with quiet_exporter():
-            return torch.onnx.export(
+            program = torch.onnx.export(
                 module,
                 tuple(args),
                 kwargs=dict(kwargs) if kwargs is not None else None,
@@ -89,6 +89,25 @@ def run_exporter(
             )
     except Exception as err:
         raise ExportError(f"torch.onnx.export failed: {exporter_summary(err)}") from err
+    drop_stack_traces(program.model)
+    return program
+
+
+# The exporter records on every node the Python stack that made it: absolute paths of the
+# exporting machine (its home directory, virtualenv, source tree) in every shipped graph.
+# The module names (namespace, class hierarchy, fx node) stay; without the stacks, the
+# same export gives the same bytes on any machine, and a LLaMA graph is 40% smaller to
+# read (8.3 -> 4.8 MB at 18 layers: `merge --onnx-like` parses it before its copy starts).
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def drop_stack_traces(ir_model: Any) -> None:
+    import onnx_ir as ir
+
+    graphs = [ir_model.graph, *ir_model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.pop(STACK_TRACE_KEY, None)
 
 
 @contextlib.contextmanager

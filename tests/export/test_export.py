@@ -182,6 +182,19 @@ def test_initializers_keep_checkpoint_names(checkpoints, exported):
     assert "lm_head.weight" not in gpt2_names
 
 
+def test_the_graph_names_no_path_of_this_machine(exported):
+    """The exporter's per-node stack traces (absolute paths of the exporting machine) are
+    dropped: the same export gives the same bytes anywhere; module names stay."""
+    import lora_deploy
+
+    raw = exported("llama").path.read_bytes()
+    for path in (Path(lora_deploy.__file__).parent.parent, Path(transformers.__file__).parent, Path.home()):
+        assert str(path).encode() not in raw, path
+    nodes = onnx.load(exported("llama").path).graph.node
+    assert all("pkg.torch.onnx.stack_trace" not in {p.key for p in n.metadata_props} for n in nodes)
+    assert any(p.key == "namespace" and "LlamaModel" in p.value for n in nodes for p in n.metadata_props)
+
+
 def test_float16_export(checkpoints, tmp_path):
     result = export_checkpoint(checkpoints["gpt2"], tmp_path / "gpt2-fp16.onnx", dtype="float16")
     assert result.dtype == "float16"
