@@ -23,6 +23,11 @@ RSS (VmHWM):
 
   (--keep reuses DIR's checkpoint and graph; --rounds interleaves the steps, their order
   reversed every other round, and reports medians and per-round ratios to copy.)
+* the same as a user times it from the shell, whole processes (interpreter start-up
+  included), timed by this script around each one: steps cp-process (coreutils `cp` of
+  the graph and its data) and merge-onnx-process (the installed `lora-deploy` console
+  script; -before: from --before's tree); their ratios are to cp-process. No peak RSS
+  for these (not measured per process).
 * optimum-onnx's exporter (steps optimum, optimum-novalidate; `--optimum-python` names a
   Python where `pip install optimum-onnx` went, as it needs transformers 4.x)
 
@@ -215,7 +220,36 @@ print(seconds, hwm, "optimum-onnx main_export, float32, validation " + ("on" if 
 
 def compiled(kind: str) -> bool:
     """Steps timed with bytecode written and read (see above)."""
-    return kind == "copy" or kind.startswith("merge-onnx")
+    return kind in ("copy", "cp-process") or kind.startswith("merge-onnx")
+
+
+def baseline(kind: str) -> str:
+    """The step a step's per-round ratio is taken to."""
+    return "cp-process" if kind.endswith("-process") or "-process-" in kind else "copy"
+
+
+GRAPH = "export-stream-auto-noparity.onnx"
+
+
+def process_step(kind: str, out: Path, env: dict) -> dict:
+    """A whole process timed from here: `cp` of the graph's files, or the console script."""
+    copies = out / "cp-process"
+    shutil.rmtree(copies, ignore_errors=True)  # earlier outputs, untimed (see STEP)
+    for old in ("merged.onnx", "merged.onnx.data"):
+        (out / old).unlink(missing_ok=True)
+    if kind == "cp-process":
+        copies.mkdir()
+        command = ["cp", str(out / GRAPH), str(out / f"{GRAPH}.data"), str(copies)]
+    else:
+        script = Path(sys.executable).with_name("lora-deploy")
+        command = [str(script), "merge", "base", "adapter", "--onnx-like", GRAPH, "-o", "merged.onnx"]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=out)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+    note = "cp" if kind == "cp-process" else "lora-deploy merge --onnx-like (console script, whole process)"
+    return {"step": kind, "seconds": round(seconds, 2), "note": note}
 
 
 def bytecode_env(out: Path) -> dict:
@@ -234,6 +268,8 @@ def step(kind: str, out: Path, optimum_python: str | None = None, before: Path |
         env["PYTHONPATH"] = str(before.resolve())
     if kind.endswith("-numpy"):  # the numpy float16 passes, not the compiled kernels
         env["LORA_DEPLOY_NATIVE"] = "0"
+    if "-process" in kind:
+        return process_step(kind, out, env)
     if kind.startswith("optimum"):
         if not optimum_python:
             raise SystemExit(f"{kind}: pass --optimum-python (a Python with optimum-onnx installed)")
@@ -252,21 +288,21 @@ def step(kind: str, out: Path, optimum_python: str | None = None, before: Path |
 
 
 def paired_medians(rows: list[dict]) -> dict:
-    """Per step: median seconds and peak RSS, and the median of its per-round ratio to
-    that round's copy (when copy ran)."""
+    """Per step: median seconds and peak RSS (where measured), and the median of its
+    per-round ratio to that round's baseline step (copy, or cp-process; when it ran)."""
     by_step: dict[str, dict[int, dict]] = {}
     for row in rows:
         by_step.setdefault(row["step"], {})[row["round"]] = row
-    copy = by_step.get("copy", {})
     out = {}
     for name, runs in by_step.items():
+        copy = by_step.get(baseline(name), {})
         ratios = [runs[r]["seconds"] / copy[r]["seconds"] for r in runs if r in copy and copy[r]["seconds"] > 0]
-        out[name] = {
-            "seconds": statistics.median(run["seconds"] for run in runs.values()),
-            "peak_rss_gb": max(run["peak_rss_gb"] for run in runs.values()),
-            "over_copy": statistics.median(ratios) if ratios else None,
-            "over_copy_per_round": [round(x, 2) for x in ratios],
-        }
+        out[name] = {"seconds": statistics.median(run["seconds"] for run in runs.values())}
+        if all("peak_rss_gb" in run for run in runs.values()):
+            out[name]["peak_rss_gb"] = max(run["peak_rss_gb"] for run in runs.values())
+        if ratios:
+            out[name][f"over_{baseline(name).replace('-', '_')}"] = statistics.median(ratios)
+            out[name]["per_round"] = [round(x, 2) for x in ratios]
         work = [
             runs[r]["work_seconds"] / copy[r]["seconds"]
             for r in runs
