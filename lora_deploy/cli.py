@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from lora_deploy.backends import registry
-from lora_deploy.errors import InternalError, LoraDeployError
+from lora_deploy.errors import InternalError, LoraDeployError, OutputError
 from lora_deploy.options import (
     COMBINE_METHODS,
     GENAI_PRECISIONS,
@@ -56,8 +56,14 @@ def exit_interrupted(exc: KeyboardInterrupt, *, now: bool = False) -> None:
     shutdown (`lora-deploy run` only, after its cleanup, while a step thread it cannot
     stop is still inside torch: the shutdown would abort it, exit 134)."""
     code = 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
-    json_error("interrupted: no partial output left behind", code)
-    click.echo("interrupted: no partial output left behind", err=True)
+    ctx = click.get_current_context(silent=True)
+    written = ctx.meta.get(OUTPUT_WRITTEN) if ctx is not None else None
+    if written is not None:  # the work was done: only its report was cut short
+        message = f"interrupted after {written} was written in full: the report was not printed"
+    else:
+        message = "interrupted: no partial output left behind"
+    json_error(message, code)
+    click.echo(message, err=True)
     if now:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -77,6 +83,25 @@ def exit_reader_gone() -> None:
 
 
 JSON_PRINTED = "lora_deploy.json_printed"  # ctx.meta key: the command printed its JSON document
+OUTPUT_WRITTEN = "lora_deploy.output_written"  # ctx.meta key: the command's output is in place
+
+
+def output_written(path: str | os.PathLike) -> None:
+    """Say that the command's output is complete and in place: an interrupt from now on
+    (while the report is hashed or printed) says so, rather than "no partial output"."""
+    click.get_current_context().meta[OUTPUT_WRITTEN] = str(path)
+
+
+def from_echo(exc: BaseException) -> bool:
+    """Whether the error came from writing to stdout/stderr (click.echo): a full disk
+    behind `> file`, say, not a bug of the command."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "echo" and Path(code.co_filename).parent.name == "click":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def json_error(message: str, exit_code: int) -> None:
@@ -84,7 +109,10 @@ def json_error(message: str, exit_code: int) -> None:
     the command already printed its document (which then carries the error itself)."""
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.params.get("as_json") is True and not ctx.meta.get(JSON_PRINTED):
-        click.echo(json.dumps({"error": message, "exit_code": exit_code}))
+        try:
+            click.echo(json.dumps({"error": message, "exit_code": exit_code}))
+        except OSError:  # stdout is gone or full: stderr still gets the line
+            pass
 
 
 def run_guarded(fn):
@@ -117,6 +145,9 @@ def run_guarded(fn):
                 exit_interrupted(exc.__cause__)
             if debug:
                 raise
+            if isinstance(exc, OSError) and from_echo(exc):  # `--json > /dev/full`: a write failed, exit 3
+                click.echo(f"error: cannot write the report to standard output ({exc.strerror or exc})", err=True)
+                sys.exit(OutputError.exit_code)
             first = str(exc).splitlines()[0] if str(exc) else ""
             message = f"unexpected {type(exc).__name__}: {first[:300]} (rerun with --debug)"
             json_error(message, InternalError.exit_code)
@@ -510,6 +541,7 @@ def merge(
 
     with byte_progress("merging", enabled=not as_json) as progress:
         result = run_merge(base, adapter, out, **options.kwargs(), progress=progress, side_files=side_files)
+    output_written(out)
     if as_json:
         emit_json(result.manifest)
     else:
@@ -548,6 +580,7 @@ def merge_onnx_like(
     result = merge_onnx(
         base, adapter, graph, out, overwrite=options.overwrite, durable=options.durable, base_check=base_check
     )
+    output_written(out)
     if as_json:
         emit_json(stamped(MERGE_ONNX_SCHEMA, result.to_dict(), {"base": base, "adapter": adapter, "onnx": out}))
     else:
@@ -949,6 +982,7 @@ def export_onnx(
     if task == "text-generation-with-past":
         from lora_deploy.export.generation import export_generation as run_export
     result = run_export(model, out, **options.kwargs())
+    output_written(result.path)
     if as_json:
         emit_json(stamped(EXPORT_SCHEMA, asdict(result), {"model": model, "onnx": result.path}))
     else:
@@ -1333,6 +1367,7 @@ def export_adapter_graph(
             default_rank=default_rank,
             overwrite=overwrite,
         )
+    output_written(graph.path)
     info = {
         "path": str(graph.path),
         "task": graph.task,
@@ -1431,6 +1466,7 @@ def build_trt(model, out, as_json, **params) -> None:
 
     options = TrtBuildOptions.from_params(click.get_current_context().params)
     result = build_engine(model, out, **options.kwargs())
+    output_written(out)
     if as_json:
         emit_json(result.manifest)
     else:

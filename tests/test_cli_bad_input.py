@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -442,6 +443,74 @@ def test_an_interrupt_while_the_line_is_parsed_is_an_interrupt(llama, tmp_path, 
     result = run_cli("merge", base, adapter, "-o", tmp_path / "out")
     assert result.exit_code == 130 and result.stderr.strip() == "interrupted: no partial output left behind"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupt_after_the_output_is_written_says_so(llama, tmp_path, monkeypatch):
+    """Ctrl-C while the report is made (--json hashes the output: seconds at 13 GB): the
+    output is complete and stays; the line says that, not "no partial output"."""
+    import lora_deploy.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "emit_json", interrupted)
+    base, adapter = llama
+    out = tmp_path / "out"
+    result = run_cli("merge", base, adapter, "-o", out, "--json")
+    assert result.exit_code == 130
+    assert result.stderr.strip() == f"interrupted after {out} was written in full: the report was not printed"
+    assert (out / "merge-manifest.json").is_file()
+
+
+INTERRUPTED_IMPORT = """
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "lora_deploy.cli":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["lora-deploy", "--help"]
+from lora_deploy.__main__ import main
+main()
+"""
+
+
+def test_an_interrupt_during_the_imports_is_one_line():
+    """The console script's entry (lora_deploy/__main__.py) imports the CLI itself, so a
+    Ctrl-C in the first tenth of a second is exit 130 and one line, not a traceback."""
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT], capture_output=True, text=True)
+    assert done.returncode == 130 and done.stderr == "interrupted: no partial output left behind\n", done.stderr
+
+
+def test_a_json_error_with_stdout_gone_keeps_its_exit_code_and_line(llama, tmp_path):
+    """--json writes its error to stdout too; with stdout's reader gone the line on stderr
+    and exit 2 remain (not exit 1 and silence)."""
+    base, _ = llama
+    exe = shutil.which("lora-deploy") or pytest.skip("console script not installed")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        command = [exe, "merge", str(base), str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--json"]
+        done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_full_stdout_is_a_failed_write_not_a_bug(llama, tmp_path, as_json):
+    """`lora-deploy merge ... > full-disk`: the merge is done, the report cannot be written:
+    exit 3 (a write failed) with one line, no traceback, no "unexpected"."""
+    base, adapter = llama
+    exe = shutil.which("lora-deploy") or pytest.skip("console script not installed")
+    out = tmp_path / "out"
+    with open("/dev/full", "w") as full:
+        command = [exe, "merge", str(base), str(adapter), "-o", str(out)] + (["--json"] if as_json else [])
+        done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == "error: cannot write the report to standard output (No space left on device)\n"
+    assert (out / "merge-manifest.json").is_file()
 
 
 # ---------------------------------------------------------------- one checkpoint validator
