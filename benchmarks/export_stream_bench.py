@@ -26,7 +26,8 @@ RSS (VmHWM):
 * the same as a user times it from the shell, whole processes (interpreter start-up
   included), timed by this script around each one: steps cp-process (coreutils `cp` of
   the graph and its data) and merge-onnx-process (the installed `lora-deploy` console
-  script; -before: from --before's tree); their ratios are to cp-process. No peak RSS
+  script; -before: from --before's tree, entered as its console script did); their
+  ratios are to cp-process. No peak RSS
   for these (not measured per process).
 * optimum-onnx's exporter (steps optimum, optimum-novalidate; `--optimum-python` names a
   Python where `pip install optimum-onnx` went, as it needs transformers 4.x)
@@ -241,8 +242,10 @@ def process_step(kind: str, out: Path, env: dict) -> dict:
         copies.mkdir()
         command = ["cp", str(out / GRAPH), str(out / f"{GRAPH}.data"), str(copies)]
     else:
-        script = Path(sys.executable).with_name("lora-deploy")
-        command = [str(script), "merge", "base", "adapter", "--onnx-like", GRAPH, "-o", "merged.onnx"]
+        script = [str(Path(sys.executable).with_name("lora-deploy"))]
+        if kind.endswith("-before"):  # what the console script ran before lora_deploy/__main__.py
+            script = [sys.executable, "-c", "import sys; from lora_deploy.cli import main; sys.exit(main())"]
+        command = [*script, "merge", "base", "adapter", "--onnx-like", GRAPH, "-o", "merged.onnx"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=out)
     seconds = time.perf_counter() - start
