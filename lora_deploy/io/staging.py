@@ -61,6 +61,11 @@ except ImportError:  # no flock (Windows): leftovers cannot be told from live ru
 # lives; "old" is a replaced output on its way out, locked until removed.
 STAGING, SWAPPED_OUT, CREATING = "partial", "old", "new"
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# The longest name a directory entry may have, in bytes (Linux and macOS file systems).
+# A target name too long to fit in a sibling's name with the rest is shortened there
+# (sibling_stem).
+NAME_MAX = 255
+SIBLING_STEM_MAX = NAME_MAX - len(f"..{max(STAGING, SWAPPED_OUT, CREATING, key=len)}-{HOST}-{0:08x}")
 # A "new" directory is unlocked for the instant between mkdir and flock: only older ones
 # are taken for leftovers.
 CREATING_GRACE_S = 60.0
@@ -97,14 +102,23 @@ def check_output(
     """
     out = Path(out)
     refuse_input_overlap(out, inputs)
-    if directory:
-        if os.path.lexists(out) and not out.is_dir():
-            raise BadInputError(f"{out}: exists and is not a directory")
-        exists = os.path.lexists(out) and not is_empty_dir(out)
-    else:
-        if out.is_dir():
-            raise BadInputError(f"{out}: is a directory; give a file path")
-        exists = os.path.lexists(out)
+    try:
+        os.lstat(out)  # a name too long, a loop, a parent that cannot be searched: no output can be there
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # absent, or under a file (refused as bad input when it is created)
+    except OSError as exc:
+        raise cannot_be_output(out, exc) from exc
+    try:
+        if directory:
+            if os.path.lexists(out) and not out.is_dir():
+                raise BadInputError(f"{out}: exists and is not a directory")
+            exists = os.path.lexists(out) and not is_empty_dir(out)
+        else:
+            if out.is_dir():
+                raise BadInputError(f"{out}: is a directory; give a file path")
+            exists = os.path.lexists(out)
+    except OSError as exc:  # a symlink to such a path
+        raise cannot_be_output(out, exc) from exc
     if exists and not overwrite:
         raise exists_error(out)
     if os.path.lexists(out) and holds_cwd(out):  # even empty: the rename would unlink it
@@ -112,6 +126,10 @@ def check_output(
             f"{out}: is or contains the current directory; replacing it would pull it out from under you"
         )
     return out
+
+
+def cannot_be_output(out: Path, exc: OSError) -> BadInputError:
+    return BadInputError(f"{out}: cannot be an output ({exc.strerror or exc})")
 
 
 def check_cache_dir(cache: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
@@ -386,6 +404,8 @@ class staging_dir:
                 return
             shutil.rmtree(self.tmp, ignore_errors=True)
             if isinstance(exc, LoraDeployError):
+                if not self.rename:  # a scratch directory: its files are named for their places beside target
+                    rename_in_message(exc, os.path.join(self.tmp, ""), os.path.join(self.target.parent, ""))
                 rename_in_message(exc, self.tmp, self.target)
         finally:
             unlock(self._lock)
@@ -496,7 +516,7 @@ def output_error(path: Path, exc: OSError, doing: str) -> LoraDeployError:
     return kind(f"{path}: {doing} ({exc.strerror or exc})")
 
 
-def rename_in_message(exc: LoraDeployError, hidden: Path, shown: Path) -> None:
+def rename_in_message(exc: LoraDeployError, hidden: str | Path, shown: str | Path) -> None:
     """Name `shown` instead of the hidden staging path in an error on its way out.
 
     The message is edited in place, so the error keeps its type and traceback.
@@ -506,7 +526,20 @@ def rename_in_message(exc: LoraDeployError, hidden: Path, shown: Path) -> None:
 
 
 def sibling(target: Path, kind: str) -> Path:
-    return target.parent / f".{target.name}.{kind}-{HOST}-{uuid.uuid4().hex[:8]}"
+    return target.parent / f".{sibling_stem(target.name)}.{kind}-{HOST}-{uuid.uuid4().hex[:8]}"
+
+
+def sibling_stem(name: str) -> str:
+    """The part of a hidden sibling's name that says whose it is: the target's name, or,
+    where that would make the sibling's name too long (NAME_MAX) for a target whose own
+    name fits, the name's start and a hash of all of it (`{start}~{16 hex}`)."""
+    if len(os.fsencode(name)) <= SIBLING_STEM_MAX:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    start = name
+    while len(os.fsencode(f"{start}~{digest}")) > SIBLING_STEM_MAX:
+        start = start[:-1]
+    return f"{start}~{digest}"
 
 
 def replace_dir(src: Path, target: Path) -> None:
@@ -564,7 +597,8 @@ def remove_dead_siblings(target: Path) -> list[Path]:
     """Remove staging and swapped-out siblings of `target` left by this machine's dead runs."""
     if fcntl is None or not target.parent.is_dir():
         return []
-    name = re.compile(rf"\.{re.escape(target.name)}\.({STAGING}|{SWAPPED_OUT}|{CREATING})-{HOST}-[0-9a-f]{{8}}")
+    stem = re.escape(sibling_stem(target.name))
+    name = re.compile(rf"\.{stem}\.({STAGING}|{SWAPPED_OUT}|{CREATING})-{HOST}-[0-9a-f]{{8}}")
     removed = []
     for path in target.parent.iterdir():
         found = name.fullmatch(path.name)

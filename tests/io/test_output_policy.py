@@ -302,6 +302,44 @@ def test_export_refuses_an_existing_external_data_file(work, tmp_path):
     assert (tmp_path / "m.onnx.data").read_text() == "someone's weights"
 
 
+def test_outputs_with_long_names_are_written(work, tmp_path):
+    """The hidden staging siblings borrow OUT's name: for a long one they must still fit
+    in a directory entry (255 bytes), so every OUT whose own name fits works."""
+    graph = tmp_path / ("g" * 230 + ".onnx")
+    result = run_cli("export", "onnx", work["base"], "-o", graph)
+    assert result.exit_code == 0, result.output
+    merged = tmp_path / ("m" * 225 + ".onnx")
+    result = run_cli("merge", work["base"], work["adapter"], "--onnx-like", graph, "-o", merged)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / ("d" * 240)
+    result = run_cli("merge", work["base"], work["adapter"], "-o", folder)
+    assert result.exit_code == 0, result.output
+    assert (folder / "merge-manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (graph, merged, folder))
+
+
+@pytest.mark.parametrize(
+    "command, name, refused",
+    [
+        ("merge", "d" * 256, "d" * 256),
+        ("merge --onnx-like", "m" * 256 + ".onnx", "m" * 256 + ".onnx"),
+        ("merge --onnx-like", "m" * 250 + ".onnx", "m" * 250 + ".onnx.data"),  # OUT fits, OUT.data cannot
+        ("export onnx", "e" * 250 + ".onnx", "e" * 250 + ".onnx.data"),
+    ],
+    ids=["merge", "merge-onnx-like", "merge-onnx-like-data", "export-onnx-data"],
+)
+def test_an_output_that_cannot_exist_is_bad_input(work, tmp_path, command, name, refused):
+    out = tmp_path / name
+    args = {
+        "merge": ["merge", work["base"], work["adapter"]],
+        "merge --onnx-like": ["merge", work["base"], work["adapter"], "--onnx-like", work["onnx"]],
+        "export onnx": ["export", "onnx", work["base"]],
+    }[command]
+    result = run_cli(*args, "-o", out)
+    assert_refused(result, f"{tmp_path / refused}: cannot be an output (File name too long)")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------- racing runs: create-if-absent
 
 

@@ -18,7 +18,10 @@ import pytest
 import lora_deploy.io.staging as staging
 from lora_deploy.errors import BadInputError, InternalError, OutputError
 from lora_deploy.io.staging import (
+    CREATING,
     HOST,
+    STAGING,
+    SWAPPED_OUT,
     lock,
     remove_dead_siblings,
     staging_dir,
@@ -160,6 +163,81 @@ def test_scratch_directory_is_never_renamed(tmp_path):
         (tmp / "model.onnx").write_text("graph")
         os.replace(tmp / "model.onnx", target)
     assert target.read_text() == "graph" and not hidden_siblings(target)
+
+
+@pytest.mark.parametrize("kind", [STAGING, CREATING])
+def test_an_error_in_a_scratch_directory_names_the_file_beside_the_target(tmp_path, kind):
+    """With rename=False the staged files are named for their places beside the target
+    (OUT and OUT.data): a path inside the scratch directory maps there, not under OUT."""
+    target = tmp_path / "m.onnx"
+    with pytest.raises(OutputError) as raised:
+        with staging_dir(target, rename=False) as tmp:
+            raise OutputError(f"{tmp / 'm.onnx.data'}: cannot write (No space left on device)")
+    assert str(raised.value) == f"{tmp_path / 'm.onnx.data'}: cannot write (No space left on device)"
+    with pytest.raises(OutputError) as raised:
+        with staging_dir(target, rename=False) as tmp:
+            raise OutputError(f"{tmp}: cannot sync")
+    assert str(raised.value) == f"{target}: cannot sync"
+    with pytest.raises(OutputError) as raised:  # a directory output: its files end up inside it
+        with staging_dir(tmp_path / "out") as tmp:
+            raise OutputError(f"{tmp / 'model.safetensors'}: cannot write")
+    assert str(raised.value) == f"{tmp_path / 'out' / 'model.safetensors'}: cannot write"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def name_bytes(path: Path) -> int:
+    return len(os.fsencode(path.name))
+
+
+@pytest.mark.parametrize("name", ["x" * 255, "é" * 127 + "x", "m" * 226 + ".onnx"], ids=["255", "utf8", "onnx"])
+@pytest.mark.parametrize("rename", [True, False], ids=["dir", "file"])
+def test_a_target_whose_name_fits_gets_hidden_siblings_that_fit(tmp_path, name, rename):
+    target = tmp_path / name
+    assert name_bytes(target) <= staging.NAME_MAX
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst, *args, **kwargs):
+        seen.extend(Path(p) for p in (src, dst) if Path(p).parent == tmp_path and Path(p).name.startswith("."))
+        return real_replace(src, dst, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(staging.os, "replace", spy)
+        for overwrite in (False, True):  # the second swaps the first out ("old")
+            with staging_dir(target, rename=rename, overwrite=overwrite) as tmp:
+                seen.append(tmp)
+                if rename:
+                    (tmp / "file").write_text(str(overwrite))
+                else:
+                    (tmp / name).write_text(str(overwrite))
+                    staging.place_file(tmp / name, target, overwrite)
+    kinds = {p.name.split(".")[-1].split("-")[0] for p in seen}
+    assert kinds == ({STAGING, CREATING, SWAPPED_OUT} if rename else {STAGING, CREATING})
+    assert all(name_bytes(p) <= staging.NAME_MAX for p in seen)
+    assert (target / "file" if rename else target).read_text() == "True"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_leftovers_of_a_long_named_target_are_found_and_only_its_own(tmp_path):
+    target = tmp_path / ("x" * 240)
+    other = tmp_path / ("x" * 239 + "y")  # the same shortened start: told apart by the hash
+    target.mkdir()
+    dead, swapped, live = (staging.sibling(target, kind) for kind in (STAGING, SWAPPED_OUT, STAGING))
+    others = staging.sibling(other, STAGING)
+    for d in (dead, swapped, live, others):
+        d.mkdir()
+        (d / "shard").write_bytes(b"x")
+    assert len({d.name.split(".")[1] for d in (dead, swapped, live)}) == 1
+    held = lock(live)
+    try:
+        assert sorted(remove_dead_siblings(target)) == sorted([dead, swapped])
+        assert live.exists() and others.exists()
+    finally:
+        unlock(held)
+    with staging_dir(target, overwrite=True) as tmp:  # a run's start-up removes them too
+        (tmp / "file").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, others.name])
+    assert remove_dead_siblings(other) == [others]
 
 
 # Slows one merge block on the pool's threads, so the signal lands while the main thread
