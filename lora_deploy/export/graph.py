@@ -225,7 +225,9 @@ def write_model(ir_model: Any, path: Path, external_data: bool | None) -> bool:
             ir.save(ir_model, path, external_data=f"{path.name}.data")
         else:
             ir.save(ir_model, path)
-    except (OSError, ValueError) as err:
+    except OSError as err:  # a full disk, an I/O error: a write failed (exit 3), not the export
+        raise staging.output_error(Path(err.filename or path), err, "cannot write") from err
+    except ValueError as err:
         raise ExportError(f"cannot write {path.name}: {first_line(err)}") from err
     return external
 

@@ -275,6 +275,26 @@ def test_external_data_is_one_file_next_to_model(tmp_path):
     assert session.run(None, {"obs": np.zeros((2, 6), np.float32)})[0].shape == (2, 2)
 
 
+def test_a_full_disk_is_a_failed_write_naming_the_output(tmp_path, monkeypatch):
+    """A write error while saving is exit 3 (OutputError) naming the path the user gave,
+    not exit 2 (ExportError: "the model cannot be exported") naming a file name."""
+    import errno
+
+    import onnx_ir as ir
+
+    from lora_deploy.errors import OutputError
+
+    def full(model, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ir, "save", full)
+    target = tmp_path / "c.onnx"
+    with pytest.raises(OutputError, match="No space left on device") as caught:
+        export_module(Controller().eval(), {"obs": torch.randn(2, 6)}, target, output_names=["action"])
+    assert str(caught.value).startswith(f"{target}: cannot write")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
     def reject(path):
         raise ExportError("forced failure")
