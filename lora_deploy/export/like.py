@@ -39,6 +39,9 @@ changes, computed by the merge's math (lora_deploy.merge.delta) from the checkpo
 * An onnxruntime-genai folder (its genai_config.json) as the base graph gives a whole
   folder: the merged decoder and every other file of the folder but its
   genai-manifest.json (which describes the base's build), staged and renamed into place.
+  An entry the copy cannot read (a dangling symlink, a symlink loop, a pipe, socket or
+  device) is refused as bad input before anything is copied.
+* BASE is a checkpoint directory or, as for `merge`, a single file (merge/plain.py).
 * Refused (exit 2, nothing written): another model's graph, names that map in no layout,
   shapes that differ, a quantized graph (int4 MatMulNBits blocks), a builder graph with an
   adapter baked in, an adapter that changes the graph itself (an embedding LoRA on tied
@@ -47,19 +50,22 @@ changes, computed by the merge's math (lora_deploy.merge.delta) from the checkpo
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterator
 
 from lora_deploy.backends.onnxrt.genai_folder import GENAI_CONFIG, GENAI_MANIFEST, read_genai_config
-from lora_deploy.errors import BadInputError, CheckpointError, OutputError
+from lora_deploy.errors import BadInputError, CheckpointError, LoraDeployError, OutputError
 from lora_deploy.export import files as onnx_files
 from lora_deploy.io.fileio import FileCopy
 from lora_deploy.io.onnx_proto import onnx_protos
-from lora_deploy.io.staging import check_output, output_error, staging_dir, sync_path
+from lora_deploy.io.staging import check_output, output_error, rename_in_message, staging_dir, sync_path
 
 BASE_CHECKS = ("sampled", "full")
 # Nodes of graphs whose weights are stored quantized: a merge cannot rewrite them exactly.
@@ -131,6 +137,7 @@ def merge_onnx(
 ) -> MergedGraph:
     """Write ADAPTER merged into BASE as an ONNX model with ``base_graph``'s graph.
 
+    ``base_dir`` is a checkpoint directory or a file base (checkpoint_dir).
     ``base_graph`` is an ONNX graph of ``base_dir`` in a known layout (export/layouts.py:
     ``export onnx``'s, or onnxruntime-genai's builder's), or an onnxruntime-genai folder:
     then ``out`` is a folder too (the merged decoder and the folder's other files).
@@ -158,22 +165,24 @@ def merge_onnx(
     inputs = [base_dir, adapter_dir, folder, base_graph, data_file]
     if folder is None:
         onnx_files.check_output(out, inputs, overwrite)
-    else:
+    else:  # the folder's other files are checked before anything is written or copied
+        entries = folder_entries(folder, skip={base_graph, data_file, folder / GENAI_MANIFEST})
         check_output(out, inputs, overwrite, directory=True)
-    job = (model, base_dir, adapter_dir, base_graph, data_file, base_check, durable)
-    if folder is None:
-        with staging_dir(out, rename=False, overwrite=overwrite) as tmp_dir:
-            fields = write_graph(*job, tmp_dir / out.name)
-            try:
-                onnx_files.move_into_place(tmp_dir / out.name, out, data_file is not None, overwrite)
-            except OSError as exc:
-                raise output_error(out, exc, "cannot move the output into place") from exc
-    else:
-        with staging_dir(out, overwrite=overwrite, inputs=inputs) as tmp_dir:
-            fields = write_graph(*job, tmp_dir / base_graph.name)
-            copy_folder(folder, tmp_dir, skip={base_graph, data_file, folder / GENAI_MANIFEST}, durable=durable)
-        if durable:
-            sync_path(Path(os.path.abspath(out)).parent)
+    with checkpoint_dir(base_dir) as read_dir:
+        job = (model, read_dir, adapter_dir, base_graph, data_file, base_check, durable)
+        if folder is None:
+            with staging_dir(out, rename=False, overwrite=overwrite) as tmp_dir:
+                fields = write_graph(*job, tmp_dir / out.name)
+                try:
+                    onnx_files.move_into_place(tmp_dir / out.name, out, data_file is not None, overwrite)
+                except OSError as exc:
+                    raise output_error(out, exc, "cannot move the output into place") from exc
+        else:
+            with staging_dir(out, overwrite=overwrite, inputs=inputs) as tmp_dir:
+                fields = write_graph(*job, tmp_dir / base_graph.name)
+                copy_folder(folder, entries, tmp_dir, durable=durable)
+    if folder is not None and durable:
+        sync_path(Path(os.path.abspath(out)).parent)
     return MergedGraph(
         path=out,
         base_graph=base_graph,
@@ -182,6 +191,28 @@ def merge_onnx(
         folder=folder is not None,
         **fields,
     )
+
+
+@contextmanager
+def checkpoint_dir(base: Path) -> Iterator[Path]:
+    """BASE as the checkpoint directory the merge's math reads: a directory as it is, a
+    file base (a .safetensors file, a .pt/.pth/.bin state dict) as plain `merge` presents
+    it (merge/plain.py's base_source), with messages naming the file."""
+    if base.is_dir():
+        yield base
+        return
+    # Here, not at the top: io.checkpoint imports numpy, which a directory base imports
+    # only once the copy has started (write_graph).
+    from lora_deploy.io.checkpoint import SINGLE_FILE
+    from lora_deploy.merge.plain import base_source
+
+    with base_source(base) as source:
+        try:
+            yield source.read_dir
+        except LoraDeployError as exc:
+            rename_in_message(exc, source.read_dir / SINGLE_FILE, base)
+            rename_in_message(exc, source.read_dir, base)
+            raise
 
 
 def write_graph(
@@ -254,19 +285,93 @@ def refuse_quantized(model: Any, path: Path) -> None:
         )
 
 
-def copy_folder(source: Path, dest: Path, skip: set[Path | None], durable: bool) -> None:
-    """Every file and directory of `source` but `skip` (and but what `dest` already holds:
-    the merged decoder and its data), copied (by the kernel) into `dest`."""
-    for entry in sorted(source.iterdir()):
-        if entry in skip or os.path.lexists(dest / entry.name):
+def folder_entries(source: Path, skip: set[Path | None]) -> list[tuple[Path, bool]]:
+    """What copy_folder copies of `source`: (path, is a directory) for every entry at any
+    depth but `skip`, parents before children, symlinks followed as the copy follows them.
+
+    Whatever the copy could not read is refused here, before any copying (BadInputError,
+    naming the entry): a dangling symlink, a symlink loop, a named pipe, socket or device,
+    an entry that cannot be read."""
+    entries: list[tuple[Path, bool]] = []
+
+    def walk(directory: Path, ancestors: dict[tuple[int, int], Path]) -> None:
+        try:
+            children = sorted(directory.iterdir())
+        except OSError as exc:
+            raise BadInputError(f"{directory}: cannot read ({exc.strerror or exc})") from exc
+        for path in children:
+            if path in skip:
+                continue
+            info = entry_stat(path)
+            if stat.S_ISDIR(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if key in ancestors:
+                    raise BadInputError(f"{path}: a symlink loop (it leads back to {ancestors[key]})")
+                entries.append((path, True))
+                walk(path, {**ancestors, key: path})
+            else:
+                check_readable(path)
+                entries.append((path, False))
+
+    root = entry_stat(source)
+    walk(source, {(root.st_dev, root.st_ino): source})
+    return entries
+
+
+# File types a folder copy cannot take: what each is called in the refusal.
+SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def entry_stat(path: Path) -> os.stat_result:
+    """stat() of an input entry, through symlinks; a dangling or looping symlink, a special
+    file or an entry that cannot be read is bad input (one line naming it)."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadInputError(f"{path}: a symlink loop") from None
+        if exc.errno == errno.ENOENT and path.is_symlink():
+            try:
+                target = f" (to {os.readlink(path)})"
+            except OSError:
+                target = ""
+            raise BadInputError(f"{path}: a dangling symlink{target}") from None
+        raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    for test, kind in SPECIAL_FILES:
+        if test(info.st_mode):
+            raise BadInputError(f"{path}: {kind}, not a file or directory (the folder's files are copied)")
+    return info
+
+
+def check_readable(path: Path) -> None:
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def copy_folder(source: Path, entries: list[tuple[Path, bool]], dest: Path, durable: bool) -> None:
+    """`entries` of `source` (folder_entries: checked already) copied into `dest`, files by
+    the kernel, but those under a name `dest` already holds (the merged decoder and its
+    data). A failure names the first file or directory that could not be made."""
+    taken = {path.name for path in dest.iterdir()}
+    for path, is_dir in entries:
+        relative = path.relative_to(source)
+        if relative.parts[0] in taken:
             continue
-        if not entry.is_dir():
-            copy_data(entry, dest / entry.name)
+        target = dest / relative
+        if not is_dir:
+            copy_data(path, target)
             continue
         try:
-            shutil.copytree(entry, dest / entry.name)
+            target.mkdir()
         except OSError as exc:
-            raise OutputError(f"{dest / entry.name}: cannot copy {entry} ({exc.strerror or exc})") from exc
+            raise OutputError(f"{target}: cannot create the directory ({exc.strerror or exc})") from exc
     if durable:
         for path in sorted(dest.rglob("*")):
             if path.is_file():
@@ -304,6 +409,8 @@ def copy_data(source: Path, dest: Path) -> None:
     """The external data, copied by the kernel (copy_file_range / sendfile)."""
     try:
         shutil.copyfile(source, dest)
+    except shutil.SpecialFileError as exc:  # a named pipe or socket: an input, not the output, is wrong
+        raise BadInputError(f"{source}: not a regular file (a named pipe or socket)") from exc
     except OSError as exc:
         if exc.filename == str(source):
             raise CheckpointError(f"{source}: cannot read ({exc.strerror or exc})") from exc

@@ -38,7 +38,7 @@ from lora_deploy.errors import BadInputError, ExportError, OutputError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.io.checkpoint import Checkpoint, check_checkpoint
 from lora_deploy.io.fileio import write_at
-from lora_deploy.io.staging import output_error, staging_dir
+from lora_deploy.io.staging import make_parent, output_error, staging_dir
 from lora_deploy.modeling.hf import HFExportWrapper
 from lora_deploy.modeling.sentence import pooling_for_task
 from lora_deploy.modeling.tasks import AUTO_CLASS, load_config, model_input_names, resolve_task
@@ -235,6 +235,7 @@ def export_streamed(
         raise BadInputError(f"encoder-decoder models ({config.model_type}) are not supported")
     task = resolve_task(task, config)
     parity_plan(0, parity_mode)  # an unknown mode is refused before the work
+    check_parent(path)
     if pooling_for_task(model_dir, task) is not None:
         raise BadInputError("--stream-weights does not export sentence-transformers pooling; export without it")
     example = {name: torch.from_numpy(np.asarray(feed[name])) for name in model_input_names(config)}
@@ -254,6 +255,19 @@ def export_streamed(
     return wrapper, max_err, opset_used, status
 
 
+def check_parent(path: Path) -> None:
+    """Refuse before the trace an output whose missing parent directories could not be
+    made (write_streamed makes them once the graph is ready): a file in the way, or a
+    directory where nothing can be created."""
+    ancestor = Path(path).parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BadInputError(f"{ancestor}: not a directory (the output {path} would be inside it)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{ancestor}: cannot create the output in it (permission denied)")
+
+
 def write_streamed(
     model: Any,
     model_dir: Path,
@@ -270,6 +284,7 @@ def write_streamed(
     `parity_plan` decides) and moved into place. Returns (max abs error or None, status)."""
     import onnx_ir as ir
 
+    make_parent(path)  # missing parent directories are made, as the loaded model's export makes them
     with Checkpoint(model_dir) as ckpt, staging_dir(path, rename=False, overwrite=overwrite) as tmp_dir:
         tmp_path = tmp_dir / path.name
         data_path = tmp_dir / f"{path.name}.data"

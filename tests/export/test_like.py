@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
+from safetensors.numpy import load_file, save_file
 
 from lora_deploy.cli import main
 from lora_deploy.compare import TOLERANCES
@@ -152,6 +153,25 @@ def test_output_policy(case, tmp_path):
     assert not (base / "x.onnx").exists()
     assert "must end in .onnx" in cli(*args, root / "base.onnx.data", "--overwrite").output
     assert cli(*args, tmp_path / "d.onnx", "--dtype", "float16").exit_code == 2
+
+
+def test_a_single_safetensors_file_as_base_gives_the_directorys_bytes(case, tmp_path):
+    """BASE may be one .safetensors file, as for plain `merge`; errors name that file."""
+    base, adapter, root = case
+    for label, given in (("dir", base), ("file", base / "model.safetensors")):
+        (tmp_path / label).mkdir()
+        result = cli("merge", given, adapter, "--onnx-like", root / "base.onnx", "-o", tmp_path / label / "m.onnx")
+        assert result.exit_code == 0, result.output
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / "file" / name).read_bytes() == (tmp_path / "dir" / name).read_bytes(), name
+    other = tmp_path / "other.safetensors"
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+    save_file(tensors, str(other))
+    (tmp_path / "refused").mkdir()
+    refused = cli("merge", other, adapter, "--onnx-like", root / "base.onnx", "-o", tmp_path / "refused" / "m.onnx")
+    assert refused.exit_code == 2 and f"differs from {other}'s model.norm.weight" in refused.output, refused.output
+    assert list((tmp_path / "refused").iterdir()) == []
 
 
 def edited(root, tmp_path, edit):

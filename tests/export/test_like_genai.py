@@ -10,8 +10,12 @@ projection. Bad graphs are built by editing a copy of the base folder's graph.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import shutil
+import socket
 
 import numpy as np
 import onnx
@@ -20,10 +24,12 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from lora_deploy.cli import main
+from lora_deploy.errors import BadInputError, OutputError
 from lora_deploy.export import initializers as graph_initializers
+from lora_deploy.export import like
 from lora_deploy.export.initializers import read_initializers
 from lora_deploy.export.layouts import GENAI, OURS, Mapping, detect, resolve
-from lora_deploy.export.like import external_data_file, merge_onnx
+from lora_deploy.export.like import copy_folder, external_data_file, folder_entries, merge_onnx
 from lora_deploy.proof.genai import verify_genai
 
 
@@ -187,6 +193,91 @@ def test_output_folder_policy(folders, tmp_path):
     again = cli("merge", base, plain, "--onnx-like", base_folder, "-o", out)
     assert again.exit_code == 2 and "exists; pass --overwrite" in again.output
     assert cli("merge", base, plain, "--onnx-like", base_folder, "-o", out, "--overwrite").exit_code == 0
+
+
+def bad_entries(folder):
+    """Ways an entry of an input folder cannot be copied: (what is made, the refusal)."""
+    yield lambda: (folder / "sub" / "dang").symlink_to("/nonexistent"), "sub/dang: a dangling symlink"
+    yield lambda: (folder / "dangling").symlink_to(folder / "nowhere"), "dangling: a dangling symlink"
+    yield lambda: (folder / "sub" / "self").symlink_to("."), "sub/self: a symlink loop"
+    yield lambda: (folder / "sub" / "me").symlink_to("me"), "sub/me: a symlink loop"
+    yield lambda: os.mkfifo(folder / "pipe"), "pipe: a named pipe"
+    yield lambda: os.mkfifo(folder / "sub" / "pipe"), "sub/pipe: a named pipe"
+    yield lambda: bind_socket(folder / "sub", "sock"), "sub/sock: a socket"
+
+
+def bind_socket(directory, name):
+    with contextlib.chdir(directory), socket.socket(socket.AF_UNIX) as sock:  # relative: paths have a length limit
+        sock.bind(name)
+
+
+def test_bad_entries_of_the_folder_are_bad_input_and_nothing_is_written(folders, tmp_path):
+    """A dangling symlink, a symlink loop, a pipe or a socket anywhere in the folder: exit 2,
+    one line naming the input entry (not the output), before anything is written."""
+    base_folder, base, plain, _ = folders
+    folder = tmp_path / "folder"
+    out = tmp_path / "out" / "merged"
+    out.parent.mkdir()
+    for make, message in bad_entries(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(base_folder, folder)
+        (folder / "sub").mkdir()
+        (folder / "sub" / "notes.txt").write_text("kept")
+        make()
+        before = sorted(os.listdir(folder)) + sorted(os.listdir(folder / "sub"))
+        result = cli("merge", base, plain, "--onnx-like", folder, "-o", out)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(f"error: {folder}/{message}"), result.output
+        assert len(result.output.strip().splitlines()) == 1 and len(result.output) < 200, result.output
+        assert_nothing_written(out)
+        assert sorted(os.listdir(folder)) + sorted(os.listdir(folder / "sub")) == before
+    shutil.rmtree(folder)
+    shutil.copytree(base_folder, folder)
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    (folder / "sub" / "deeper" / "notes.txt").write_text("kept")
+    (folder / "sub" / "linked").symlink_to(folder / "tokenizer.json")
+    fine = cli("merge", base, plain, "--onnx-like", folder, "-o", out)
+    assert fine.exit_code == 0, fine.output
+    assert (out / "sub" / "deeper" / "notes.txt").read_text() == "kept"
+    assert (out / "sub" / "linked").read_bytes() == (folder / "tokenizer.json").read_bytes()
+
+
+def test_folder_copy_follows_symlinks_and_names_the_first_file_it_cannot_write(tmp_path, monkeypatch):
+    """A plain directory tree (no onnxruntime-genai needed): folder_entries checks it,
+    copy_folder copies all but `skip` and what the destination holds already."""
+    source, dest, outside = tmp_path / "source", tmp_path / "dest", tmp_path / "outside"
+    (source / "a" / "b").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "o.txt").write_text("outside")
+    (source / "model.onnx").write_text("the base's")
+    (source / "skipped.json").write_text("skip me")
+    (source / "a" / "b" / "c.txt").write_text("c")
+    (source / "a" / "f.txt").write_text("f")
+    (source / "link.txt").symlink_to(source / "a" / "f.txt")
+    (source / "a" / "out").symlink_to(outside)
+    entries = folder_entries(source, skip={source / "skipped.json"})
+    dest.mkdir()
+    (dest / "model.onnx").write_text("merged")
+    copy_folder(source, entries, dest, durable=True)
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
+    assert copied == ["a", "a/b", "a/b/c.txt", "a/f.txt", "a/out", "a/out/o.txt", "link.txt", "model.onnx"]
+    assert (dest / "model.onnx").read_text() == "merged" and (dest / "a" / "out" / "o.txt").read_text() == "outside"
+    assert not (dest / "link.txt").is_symlink() and (dest / "link.txt").read_text() == "f"
+
+    (source / "a" / "b" / "loop").symlink_to("../..")
+    with pytest.raises(BadInputError, match=r"a/b/loop: a symlink loop \(it leads back to .*source\)$"):
+        folder_entries(source, skip=set())
+    (source / "a" / "b" / "loop").unlink()
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(like.shutil, "copyfile", disk_full)
+    shutil.rmtree(dest)
+    dest.mkdir()
+    with pytest.raises(OutputError) as raised:
+        copy_folder(source, folder_entries(source, skip=set()), dest, durable=False)
+    assert str(raised.value) == f"{dest / 'a' / 'b' / 'c.txt'}: cannot write (No space left on device)"
 
 
 def test_sampled_check_tiles_full_check_every_value(folders, tmp_path, monkeypatch):

@@ -65,6 +65,21 @@ def test_proxy_parity_exports_a_one_layer_copy_of_the_config_and_checks_it(refer
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # the proxy left nothing
 
 
+def test_missing_parent_directories_are_made_as_for_a_loaded_export(reference, tmp_path, monkeypatch):
+    base, _ = reference("llama", "plain", dtype="float16")
+    out = tmp_path / "new" / "deeper" / "m.onnx"
+    result = export_checkpoint(base, out, dtype="auto", stream_weights=True, parity="skip")
+    assert result.path == out and sorted(p.name for p in out.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
+    (tmp_path / "a-file").write_text("")
+
+    def trace_fake(*args, **kwargs):
+        raise AssertionError("traced before the output's parent was checked")
+
+    monkeypatch.setattr(streamed, "trace_fake", trace_fake)
+    with pytest.raises(BadInputError, match=r"a-file: not a directory \(the output .* would be inside it\)"):
+        export_checkpoint(base, tmp_path / "a-file" / "sub" / "m.onnx", dtype="auto", stream_weights=True)
+
+
 def test_proxy_config_keeps_the_architecture_and_a_vocabulary_its_token_ids_need():
     from transformers import GPT2Config, LlamaConfig
 
