@@ -18,6 +18,7 @@ from lora_deploy.io.onnx_proto import read_model
 def check_output(path: Path, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False) -> None:
     """The output policy (lora_deploy.io.staging.check_output) for an ONNX file and the
     ``<name>.data`` file that may come with it; call it before the export's work."""
+    staging.check_parent(path)
     for output in (path, path.with_name(f"{path.name}.data")):
         staging.check_output(output, inputs, overwrite)
 

@@ -70,6 +70,7 @@ from lora_deploy.export.dynamic import (
 from lora_deploy.export.model import ExportResult, _check_onnx, export_result, resolve_dtype
 from lora_deploy.export.multi import adapter_names, bank_dims, banked_update, build_banks, example_banks
 from lora_deploy.io.checkpoint import check_checkpoint
+from lora_deploy.io.staging import make_parent
 from lora_deploy.modeling.generation import KvCacheWrapper, example_cache_inputs, forward_with_cache, load_decoder
 from lora_deploy.modeling.hf import parse_dtype
 from lora_deploy.modeling.tasks import (
@@ -159,7 +160,7 @@ def export_generation(
     ir_model = program.model
     opset_used = name_kv_graph(ir_model, wrapper, opset)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     prove = lambda tmp: prove_kv(tmp, layout, points, expected, dtype)  # noqa: E731
     max_err = onnx_graph.save_atomic(ir_model, path, prove, overwrite=overwrite, inputs=[model_dir])
     return export_result(path, wrapper, max_err, torch_dtype, opset_used, dtype_source=dtype_source)
@@ -318,7 +319,7 @@ def export_generation_streamed(
             result = export_generation_streamed(tmp, Path(tmp) / "proxy.onnx", torch_dtype, "", opset, False, "full")
         return result.max_abs_error, f"checked on a 1-layer proxy of the config, vocab {small.vocab_size}"
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     max_err, status = streamed.write_streamed(ir_model, model_dir, path, buffers, parity, proxy, parity_mode, overwrite)
     return export_result(
         path, wrapper, max_err, torch_dtype, opset_used, dtype_source=dtype_source, weights="streamed", parity=status

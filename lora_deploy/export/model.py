@@ -76,6 +76,7 @@ from lora_deploy.dtypes import BY_SAFETENSORS, of_torch
 from lora_deploy.errors import BadInputError, ExportError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.export.graph import EXTERNAL_DATA_BYTES  # noqa: F401  (re-exported)
+from lora_deploy.io.staging import make_parent
 from lora_deploy.modeling.hf import HFExportWrapper, flatten_outputs, parse_dtype, wrap_checkpoint
 from lora_deploy.modeling.samples import sample_inputs
 from lora_deploy.modeling.tasks import AUTO
@@ -475,7 +476,7 @@ def _export_verified(
         outputs = _ort_outputs(tmp_path, feed, output_names)
         return _compare(output_names, reference, outputs, atol, rtol)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     max_err = onnx_graph.save_atomic(model, path, prove, external_data, overwrite=overwrite, inputs=inputs)
     return path, max_err, opset_used
 

@@ -38,7 +38,7 @@ from lora_deploy.errors import BadInputError, ExportError, OutputError
 from lora_deploy.export import graph as onnx_graph
 from lora_deploy.io.checkpoint import Checkpoint, check_checkpoint
 from lora_deploy.io.fileio import write_at
-from lora_deploy.io.staging import make_parent, output_error, staging_dir
+from lora_deploy.io.staging import check_parent, make_parent, output_error, staging_dir
 from lora_deploy.modeling.hf import HFExportWrapper
 from lora_deploy.modeling.sentence import pooling_for_task
 from lora_deploy.modeling.tasks import AUTO_CLASS, load_config, model_input_names, resolve_task
@@ -253,19 +253,6 @@ def export_streamed(
         model, model_dir, path, buffers, lambda tmp: parity(tmp, wrapper.output_names), proxy, parity_mode, overwrite
     )
     return wrapper, max_err, opset_used, status
-
-
-def check_parent(path: Path) -> None:
-    """Refuse before the trace an output whose missing parent directories could not be
-    made (write_streamed makes them once the graph is ready): a file in the way, or a
-    directory where nothing can be created."""
-    ancestor = Path(path).parent
-    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise BadInputError(f"{ancestor}: not a directory (the output {path} would be inside it)")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OutputError(f"{ancestor}: cannot create the output in it (permission denied)")
 
 
 def write_streamed(

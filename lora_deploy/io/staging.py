@@ -199,7 +199,10 @@ def protected_paths(inputs: Iterable[str | os.PathLike | None]) -> Iterator[tupl
             continue
         yield real, True, f"input {given}"
         for link in links_under(real):
-            target = link.resolve()
+            try:
+                target = link.resolve()
+            except (RuntimeError, OSError):  # a symlink loop leads to no file: nothing to keep clear of
+                continue
             yield target, target.is_dir(), f"{target}, linked from input {given} ({link})"
             if target.is_file():  # a Hugging Face cache's blob directory: nothing goes inside it
                 yield target.parent, True, f"{target.parent}, holding {target.name} linked from input {given}"
@@ -477,6 +480,20 @@ def write_path_atomic(
             raise
         move_file(staged, target, overwrite)
     return target
+
+
+def check_parent(path: str | os.PathLike) -> None:
+    """Refuse, before the work, an output whose missing parent directories could not be
+    made (make_parent makes them once the output is ready): a file in the way, or a
+    directory where nothing can be created."""
+    path = Path(path)
+    ancestor = path.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BadInputError(f"{ancestor}: not a directory (the output {path} would be inside it)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{ancestor}: cannot create the output in it (permission denied)")
 
 
 def make_parent(target: Path) -> None:

@@ -586,3 +586,28 @@ def test_an_output_spelled_with_a_trailing_slash_is_staged_beside_it(llama, tmp_
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "merge-manifest.json").is_file()
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())
+
+
+def test_a_symlink_loop_inside_an_input_is_no_crash(tmp_path):
+    """Path.resolve raises on a loop: the policy skips it (it leads to no file) rather than
+    failing every command with 'unexpected RuntimeError'."""
+    (tmp_path / "in").mkdir()
+    os.symlink("self", tmp_path / "in" / "self")
+    assert check_output(tmp_path / "out", [tmp_path / "in"]) == tmp_path / "out"
+    with pytest.raises(BadInputError, match="lies inside"):
+        check_output(tmp_path / "in" / "out", [tmp_path / "in"])
+
+
+def test_an_export_under_a_file_is_refused_before_the_trace(tmp_path, monkeypatch):
+    """export onnx -o afile/x/m.onnx: one line, exit 2, before any tracing (was 'unexpected
+    NotADirectoryError', exit 3, after it)."""
+    import lora_deploy.export.graph as graph
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced")
+
+    monkeypatch.setattr(graph, "run_exporter", no_trace)
+    (tmp_path / "afile").write_text("x")
+    result = run_cli("export", "onnx", tmp_path / "missing-model", "-o", tmp_path / "afile" / "x" / "m.onnx")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "not a directory" in result.stderr
