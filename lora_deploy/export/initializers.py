@@ -71,7 +71,7 @@ def merge_initializers(
                 "export the merged checkpoint instead"
             )
         changed = changed_tensors(plan)
-        layout, mapped, unmapped = check_graph(inits, ckpt, changed, graph_path, base_dir, values=False)
+        layout, mapped, unmapped = check_graph(inits, ckpt, changed, graph_path, base_dir)
         if holes is not None:
             rewritten = (inits[name] for name in rewritten_names(mapped, changed))
             holes([(init.offset, init.length) for init in rewritten if init.offset is not None])
@@ -147,16 +147,10 @@ def changed_tensors(plan: MergePlan) -> dict[str, str]:
 
 
 def check_graph(
-    inits: dict[str, Initializer],
-    ckpt: Checkpoint,
-    changed: dict[str, str],
-    graph_path: Path,
-    base_dir: Path,
-    full: bool = False,
-    values: bool = True,
+    inits: dict[str, Initializer], ckpt: Checkpoint, changed: dict[str, str], graph_path: Path, base_dir: Path
 ) -> tuple[Layout, dict[str, Mapping], list[str]]:
-    """Refuse a graph that is not BASE's; returns its layout, its mapped initializers and
-    the unmapped ones. With `values` (else: check_values, later), the values too."""
+    """Refuse a graph that is not BASE's by its names, shapes and dtype kinds (its values:
+    check_values); returns its layout, its mapped initializers and the unmapped ones."""
     found = detect(list(inits), ckpt.tensors)
     if found is None:
         raise BadInputError(
@@ -192,8 +186,6 @@ def check_graph(
                 raise BadInputError(
                     f"{graph_path}: initializer {name} is {init.dtype}, the checkpoint's {info.name} is {info.np_dtype}"
                 )
-    if values:
-        check_values(inits, ckpt, mapped, graph_path, base_dir, full)
     return layout, mapped, found.unmapped
 
 
